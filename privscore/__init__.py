@@ -1,0 +1,1 @@
+"""Generated wire contracts of privscore (see protos/ and scripts/generate_protos.py)."""

@@ -1,0 +1,1 @@
+"""privscore: a privacy-aware credit-scoring gRPC service and its client SDK."""

@@ -1,0 +1,1 @@
+"""One thin servicer per service: validate -> decide -> audit -> reply."""

@@ -1,0 +1,1 @@
+"""Client SDK for privscore. Imports the generated stubs only, never the model runtime."""

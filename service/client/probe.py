@@ -1,0 +1,23 @@
+"""Operator probes of a running server: health status and the services it exposes."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+
+def health_status(target: str, service: str = "", timeout: float = 5.0) -> str:
+    """The health status name (SERVING, NOT_SERVING, ...) of `service` at `target`."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def list_services(target: str) -> list[str]:
+    """The fully qualified names of the services `target` lists through server reflection."""
+    with grpc.insecure_channel(target) as channel:
+        return sorted(ProtoReflectionDescriptorDatabase(channel).get_services())

@@ -1,0 +1,1 @@
+"""Decision policies and their state: limit policy, alert rules, the alert stream."""

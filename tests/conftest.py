@@ -1,0 +1,114 @@
+"""Shared fixtures: a real privscore server on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT_S = 30.0
+
+
+class ServerProcess:
+    """`privscore serve` in a child process; collects its JSON log lines as they arrive."""
+
+    def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.lines: list[str] = []
+        self._events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--bind",
+                LOOPBACK,
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                "--log-format",
+                "json",
+                *extra_args,
+            ],
+            cwd=REPO_ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._reader.start()
+        ready = self.wait_for("server.ready", START_TIMEOUT_S)
+        self.port = int(ready["port"])
+        self.target = f"{LOOPBACK}:{self.port}"
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            with contextlib.suppress(json.JSONDecodeError):
+                self._events.put(json.loads(line))
+
+    def wait_for(self, event: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                record = self._events.get(timeout=0.1)
+            except queue.Empty:
+                if self.process.poll() is not None and self._events.empty():
+                    stderr = self.process.stderr.read() if self.process.stderr else ""
+                    raise AssertionError(f"server exited early: {stderr}") from None
+                continue
+            if record.get("event") == event:
+                return record
+        raise AssertionError(f"no {event!r} log line within {timeout}s")
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(tmp_path / "var")
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for a module's read-only tests: starting a process per test costs seconds."""
+    server = ServerProcess(tmp_path_factory.mktemp("shared") / "var")
+    try:
+        yield server
+    finally:
+        server.terminate()

@@ -1,0 +1,358 @@
+"""The server over a real loopback socket: health, reflection, errors, request ids, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from privscore.v1 import (
+    alert_service_pb2,
+    alert_service_pb2_grpc,
+    common_pb2,
+    limit_service_pb2,
+    limit_service_pb2_grpc,
+    scoring_service_pb2,
+    scoring_service_pb2_grpc,
+)
+from service.client.probe import health_status, list_services
+from service.config import ServerSettings
+from service.server import SERVICE_NAMES, PrivscoreServer
+from tests.conftest import LOOPBACK, REPO_ROOT, ServerProcess
+
+PSEUDONYM = "ab" * 32
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def valid_features() -> common_pb2.EncryptedFeatures:
+    return common_pb2.EncryptedFeatures(
+        schema_version="german-credit-1",
+        data_key=common_pb2.SealedDataKey(
+            key_id="k1", encapsulated_key=bytes(32), sealed_key=bytes(48)
+        ),
+        fields=[
+            common_pb2.EncryptedField(
+                name="age", key_id="k1", nonce=bytes(12), ciphertext=bytes(20)
+            )
+        ],
+    )
+
+
+def violations(error: grpc.RpcError) -> dict[str, str]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "error carries no google.rpc.Status details"
+    found: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            found.update({v.field: v.description for v in bad_request.field_violations})
+    return found
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            assert info.domain == "privscore.v1"
+            return str(info.reason)
+    raise AssertionError("no ErrorInfo detail")
+
+
+def test_health_is_serving_for_the_server_and_each_service(shared_server: ServerProcess) -> None:
+    for name in ("", *SERVICE_NAMES):
+        assert health_status(shared_server.target, name) == "SERVING"
+
+
+def test_reflection_lists_the_three_services(shared_server: ServerProcess) -> None:
+    names = list_services(shared_server.target)
+    for name in (
+        "privscore.v1.ScoringService",
+        "privscore.v1.LimitService",
+        "privscore.v1.AlertService",
+        "grpc.health.v1.Health",
+    ):
+        assert name in names
+
+
+def test_malformed_request_names_the_field_never_the_value(shared_server: ServerProcess) -> None:
+    secret_looking = "CANARY-raw-customer-4711"
+    request = scoring_service_pb2.ScoreRequest(
+        request_id="req-1",
+        subject=common_pb2.SubjectRef(tenant="baitiao", pseudonym=secret_looking),
+        features=valid_features(),
+    )
+    with shared_server.channel() as channel, pytest.raises(grpc.RpcError) as caught:
+        scoring_service_pb2_grpc.ScoringServiceStub(channel).Score(request, timeout=5)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(error)
+    assert set(found) == {"subject.pseudonym"}
+    assert "64 lowercase hex" in found["subject.pseudonym"]
+    assert error_reason(error) == "INVALID_ARGUMENT"
+    assert secret_looking not in str(error.details()) and "Traceback" not in str(error.details())
+    assert not any(secret_looking in line for line in shared_server.lines)
+
+
+def test_every_violation_of_a_request_is_reported_at_once(shared_server: ServerProcess) -> None:
+    features = valid_features()
+    features.fields.append(
+        common_pb2.EncryptedField(name="age", key_id="other", nonce=b"short", ciphertext=b"")
+    )
+    request = limit_service_pb2.AdjustLimitRequest(
+        request_id="has space",
+        subject=common_pb2.SubjectRef(tenant="Bad_Tenant", pseudonym=PSEUDONYM),
+        account=limit_service_pb2.AccountState(
+            current_limit=common_pb2.Money(currency_code="CNY", minor_units=-5),
+            balance=common_pb2.Money(currency_code="usd", minor_units=100),
+        ),
+        features=features,
+    )
+    with shared_server.channel() as channel, pytest.raises(grpc.RpcError) as caught:
+        limit_service_pb2_grpc.LimitServiceStub(channel).AdjustLimit(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(caught.value)) == {
+        "request_id",
+        "subject.tenant",
+        "account.current_limit.minor_units",
+        "account.current_limit.currency_code",
+        "account.balance.currency_code",
+        "features.fields[1].name",
+        "features.fields[1].key_id",
+        "features.fields[1].nonce",
+        "features.fields[1].ciphertext",
+    }
+
+
+def test_unknown_enum_value_and_missing_oneof_are_invalid(shared_server: ServerProcess) -> None:
+    with shared_server.channel() as channel:
+        alerts = alert_service_pb2_grpc.AlertServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            next(
+                iter(
+                    alerts.WatchAlerts(
+                        alert_service_pb2.WatchAlertsRequest(
+                            min_severity=alert_service_pb2.Severity.ValueType(99)
+                        ),
+                        timeout=5,
+                    )
+                )
+            )
+        assert violations(caught.value) == {"min_severity": "is not a known Severity value"}
+
+        event = alert_service_pb2.EvaluateEventRequest(
+            request_id="r",
+            subject=common_pb2.SubjectRef(tenant="t", pseudonym=PSEUDONYM),
+            event=alert_service_pb2.BehaviourEvent(event_id="e1"),
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            alerts.EvaluateEvent(event, timeout=5)
+        assert set(violations(caught.value)) == {"event.occurred_at", "event.kind"}
+
+
+def test_valid_requests_reach_the_servicer(shared_server: ServerProcess) -> None:
+    """Validation passes; the decision core is not served yet, and says so with a reason."""
+    request = scoring_service_pb2.ScoreRequest(
+        request_id="req-2",
+        subject=common_pb2.SubjectRef(tenant="baitiao", pseudonym=PSEUDONYM),
+        features=valid_features(),
+    )
+    with shared_server.channel() as channel, pytest.raises(grpc.RpcError) as caught:
+        scoring_service_pb2_grpc.ScoringServiceStub(channel).Score(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert error_reason(caught.value) == "NOT_YET_IMPLEMENTED"
+
+
+def test_oversized_batch_is_refused(shared_server: ServerProcess) -> None:
+    item = scoring_service_pb2.ScoreBatchItem(
+        subject=common_pb2.SubjectRef(tenant="t", pseudonym=PSEUDONYM), features=valid_features()
+    )
+    request = scoring_service_pb2.ScoreBatchRequest(request_id="b", items=[item] * 257)
+    with shared_server.channel() as channel, pytest.raises(grpc.RpcError) as caught:
+        scoring_service_pb2_grpc.ScoringServiceStub(channel).ScoreBatch(request, timeout=5)
+    assert violations(caught.value) == {"items": "must hold at most 256 items"}
+
+
+def test_request_id_is_echoed_and_bound_to_the_log_line(shared_server: ServerProcess) -> None:
+    request = scoring_service_pb2.ScoreRequest(request_id="x")  # invalid: no subject/features
+    with shared_server.channel() as channel:
+        stub = scoring_service_pb2_grpc.ScoringServiceStub(channel)
+        call = stub.Score.future(request, metadata=(("x-request-id", "trace-abc.123"),), timeout=5)
+        with pytest.raises(grpc.RpcError):
+            call.result()
+        assert ("x-request-id", "trace-abc.123") in call.initial_metadata()
+    shared_server_records = [
+        r for r in shared_server.records() if r.get("request_id") == "trace-abc.123"
+    ]
+    assert shared_server_records, "no log line carries the request id"
+    line = shared_server_records[-1]
+    assert line["event"] == "rpc.finished"
+    assert line["method"] == "/privscore.v1.ScoringService/Score"
+    assert line["code"] == "INVALID_ARGUMENT"
+
+
+def test_health_moves_from_not_serving_to_serving(tmp_path: Path) -> None:
+    settings = ServerSettings(
+        bind=LOOPBACK,
+        port=0,
+        data_dir=tmp_path,
+        grace_seconds=1.0,
+        log_format="json",
+        log_level="warning",
+        reflection=True,
+    )
+
+    async def scenario() -> list[int]:
+        server = PrivscoreServer(settings)
+        await server.listen()
+        seen = []
+        async with grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="privscore.v1.ScoringService")
+            seen.append((await health.Check(check, timeout=5)).status)
+            await server.become_ready()
+            seen.append((await health.Check(check, timeout=5)).status)
+            await server.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == [NOT_SERVING, SERVING]
+
+
+def test_alert_stream_resumes_from_a_cursor_over_grpc(tmp_path: Path) -> None:
+    settings = ServerSettings(
+        bind=LOOPBACK,
+        port=0,
+        data_dir=tmp_path,
+        grace_seconds=1.0,
+        log_format="json",
+        log_level="warning",
+        reflection=True,
+    )
+    subject = common_pb2.SubjectRef(tenant="t", pseudonym=PSEUDONYM)
+
+    def alert(severity: alert_service_pb2.Severity.ValueType) -> alert_service_pb2.Alert:
+        return alert_service_pb2.Alert(subject=subject, rule="test.rule", severity=severity)
+
+    async def first_sequences(call: Any, count: int) -> list[int]:
+        sequences = []
+        async for response in call:
+            sequences.append(response.alert.sequence)
+            if len(sequences) == count:
+                break
+        return sequences
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        server = PrivscoreServer(settings)
+        await server.start()
+        async with grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}") as channel:
+            stub = alert_service_pb2_grpc.AlertServiceStub(channel)
+            for severity in (
+                alert_service_pb2.SEVERITY_LOW,
+                alert_service_pb2.SEVERITY_HIGH,
+                alert_service_pb2.SEVERITY_MEDIUM,
+                alert_service_pb2.SEVERITY_CRITICAL,
+            ):
+                server.alert_stream.publish(alert(severity))
+            resumed = stub.WatchAlerts(
+                alert_service_pb2.WatchAlertsRequest(
+                    min_severity=alert_service_pb2.SEVERITY_MEDIUM, after_sequence=1
+                ),
+                timeout=5,
+            )
+            got = await first_sequences(resumed, 3)
+            live = stub.WatchAlerts(alert_service_pb2.WatchAlertsRequest(), timeout=5)
+            await asyncio.sleep(0.2)  # let the subscription start before publishing
+            server.alert_stream.publish(alert(alert_service_pb2.SEVERITY_LOW))
+            got_live = await first_sequences(live, 1)
+            resumed.cancel()
+            live.cancel()
+            await server.stop()
+        return got, got_live
+
+    resumed, live = asyncio.run(scenario())
+    assert resumed == [2, 3, 4]
+    assert live == [5]
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_zero(server_process: ServerProcess) -> None:
+    outcome: dict[str, object] = {}
+    with server_process.channel() as channel:
+        stub = alert_service_pb2_grpc.AlertServiceStub(channel)
+        stream = stub.WatchAlerts(alert_service_pb2.WatchAlertsRequest(), timeout=30)
+
+        def consume() -> None:
+            outcome["received"] = list(stream)  # ends when the server closes the stream
+            outcome["code"] = stream.code()
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == SERVING
+        server_process.process.send_signal(signal.SIGTERM)
+        assert next(watch).status == NOT_SERVING
+        consumer.join(timeout=15)
+        assert not consumer.is_alive()
+    assert outcome == {"received": [], "code": grpc.StatusCode.OK}
+    assert server_process.terminate() == 0
+    records = server_process.records()
+    events = [r["event"] for r in records]
+    assert events[-1] == "server.stopped"
+    after_stop_began = records[events.index("server.stopping") :]
+    assert {
+        "event": "rpc.finished",
+        "method": "/privscore.v1.AlertService/WatchAlerts",
+        "code": "OK",
+    }.items() <= next(r for r in after_stop_began if r["event"] == "rpc.finished").items()
+    with grpc.insecure_channel(server_process.target) as channel, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--port", "70000"], {}, "--port must be between 0 and 65535"),
+        (["--bind", "example.com"], {}, "--bind must be an IP address literal"),
+        ([], {"PRIVSCORE_GRACE_SECONDS": "nan"}, "--grace-seconds must be between"),
+        ([], {"PRIVSCORE_PORT": "http"}, "--port must be an integer"),
+    ],
+)
+def test_invalid_settings_fail_fast_with_a_clear_error(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--data-dir", str(tmp_path), *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("args", "expected"), [([], 2.0), (["--grace-seconds", "3"], 3.0)])
+def test_flag_beats_environment_beats_default(
+    tmp_path: Path, args: list[str], expected: float
+) -> None:
+    server = ServerProcess(tmp_path / "var", *args, env={"PRIVSCORE_GRACE_SECONDS": "2"})
+    assert server.terminate() == 0
+    stopping = next(r for r in server.records() if r["event"] == "server.stopping")
+    assert stopping["grace_seconds"] == expected
