@@ -3,7 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint protos install dev clean
+MODEL_DIR := service/model/default_artifact
+MODEL_DATA := model_export/data/german_credit.csv
+# The model team's Ed25519 signing key; never in the repository.
+MODEL_KEY ?= $(HOME)/.privscore/model-team.key
+
+.PHONY: serve test lint protos install dev clean model model-sign model-verify
 
 # Stamps re-run an install only when its inputs change.
 $(VENV)/.installed: pyproject.toml
@@ -29,6 +34,18 @@ lint: dev
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Retrain the bundled model (unsigned until `make model-sign`), then verify it.
+model: dev
+	$(BIN)/privscore-model train --data $(MODEL_DATA) --label creditability --bad bad \
+		--schema model_export/data/german_credit.schema.json --seed 42 --out $(MODEL_DIR) \
+		--citation "Hofmann, H. (1994). Statlog (German Credit Data). UCI Machine Learning Repository. https://doi.org/10.24432/C5NC77 (CC BY 4.0)."
+
+model-sign: dev
+	$(BIN)/privscore-model sign $(MODEL_DIR) --key $(MODEL_KEY)
+
+model-verify: dev
+	$(BIN)/privscore-model verify $(MODEL_DIR) --data $(MODEL_DATA)
 
 protos: dev
 	$(BIN)/python scripts/generate_protos.py

@@ -1,0 +1,214 @@
+"""`privscore-model`: the model team's command line.
+
+    privscore-model train --data CSV --label COLUMN --bad VALUE --out DIR
+                          [--exclude COL ...] [--schema FILE] [--seed N]
+    privscore-model verify DIR --data CSV [--public-key FILE]
+    privscore-model sign DIR --key KEYFILE
+    privscore-model keygen --out PRIVATE --public-out PUBLIC
+    privscore-model infer-schema --data CSV --label COLUMN --bad VALUE --out FILE
+
+Exit status: 0 success, 1 a check or step failed (message on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # before onnxruntime is first imported
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from model_export.dataset import DataError
+from service.model.manifest import ArtifactError, ScorecardScaling
+from service.model.schema import SchemaError
+
+DEFAULT_SEED = 42
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except (ArtifactError, SchemaError, DataError, ValueError, OSError) as error:
+        print(f"privscore-model {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return code
+
+
+def _train(args: argparse.Namespace) -> int:
+    # Imported here: scikit-learn and skl2onnx load slowly and only train needs all of them.
+    from model_export.progress import Progress
+    from model_export.train import TrainingError, TrainOptions, train
+
+    options = TrainOptions(
+        data=args.data,
+        label=args.label,
+        bad_value=args.bad,
+        out=args.out,
+        exclude=tuple(args.exclude),
+        sensitive=tuple(args.sensitive),
+        schema_path=args.schema,
+        seed=args.seed,
+        folds=args.folds,
+        repeats=args.cv_repeats,
+        holdout=args.holdout,
+        families=tuple(args.families.split(",")),
+        approval_cutoff=args.approval_cutoff,
+        jobs=args.jobs,
+        citation=args.citation,
+        scaling=ScorecardScaling(args.base_score, args.base_odds, args.pdo),
+    )
+    try:
+        manifest = train(options, Progress(enabled=not args.quiet))
+    except TrainingError as error:
+        print(f"privscore-model train: {error}", file=sys.stderr)
+        return 1
+    families = manifest.metrics["families"]
+    for family, values in families.items():
+        marker = "*" if family == manifest.champion else " "
+        print(
+            f"{marker} {family:<20} cv_auc {values['cv_auc_mean']:.4f} +/- "
+            f"{values['cv_auc_std']:.4f}  holdout auc {values['holdout_auc']:.4f} "
+            f"ks {values['holdout_ks']:.4f} brier {values['holdout_brier']:.4f}"
+        )
+    print(f"{manifest.model_version} -> {args.out} (unsigned)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from model_export.verify import DEFAULT_PUBLIC_KEY, verify_artifact
+
+    report = verify_artifact(
+        args.artifact, args.data, args.public_key or DEFAULT_PUBLIC_KEY, args.tolerance
+    )
+    print(f"signature and hashes: {'ok' if report.signature_ok else 'FAILED'}")
+    if report.max_abs_diff is not None:
+        print(
+            f"parity: {'ok' if report.parity_ok else 'FAILED'} - max |onnxruntime - "
+            f"scikit-learn| = {report.max_abs_diff:.3g} over {report.rows} rows "
+            f"(tolerance {args.tolerance:g})"
+        )
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"privscore-model verify: FAILED: {problem}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from model_export.sign import sign_artifact
+
+    signer = sign_artifact(args.artifact, args.key)
+    print(f"signed {args.artifact}/manifest.json with key {signer}")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from model_export.sign import generate_keypair
+
+    identifier = generate_keypair(args.out, args.public_out)
+    print(f"key {identifier}: private {args.out} (keep secret), public {args.public_out}")
+    return 0
+
+
+def _infer_schema(args: argparse.Namespace) -> int:
+    from model_export.dataset import read_csv
+    from model_export.schema_infer import apply_flags, infer_schema, schema_name_for
+
+    schema = infer_schema(
+        read_csv(args.data), label=args.label, bad_value=args.bad, name=schema_name_for(args.data)
+    )
+    schema = apply_flags(schema, exclude=args.exclude, sensitive=args.sensitive)
+    schema.dump(args.out)
+    print(f"wrote {args.out} ({schema.version}); review ranges and categories before use")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="privscore-model", description="Train, export, sign and verify privscore models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train the model families and write an artifact")
+    _data_arguments(train)
+    train.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    train.add_argument("--schema", type=Path, help="schema JSON (default: inferred from the CSV)")
+    train.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for every random step")
+    train.add_argument("--folds", type=int, default=5, help="CV folds (default 5)")
+    train.add_argument("--cv-repeats", type=int, default=3, help="CV repeats (default 3)")
+    train.add_argument("--holdout", type=float, default=0.25, help="holdout fraction")
+    train.add_argument(
+        "--families",
+        default="logistic_regression,random_forest,gradient_boosting",
+        help="comma-separated model families to compare",
+    )
+    train.add_argument(
+        "--approval-cutoff",
+        type=float,
+        help="fairness report: approve when P(bad) < this (default: the development bad rate)",
+    )
+    train.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="parallel CV workers (results do not depend on it)",
+    )
+    train.add_argument("--citation", default="", help="data source citation for the model card")
+    train.add_argument("--base-score", type=float, default=600.0, help="points at base odds")
+    train.add_argument("--base-odds", type=float, default=50.0, help="good:bad odds at base score")
+    train.add_argument("--pdo", type=float, default=20.0, help="points to double the odds")
+    train.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    train.set_defaults(run=_train)
+
+    verify = commands.add_parser("verify", help="check signature, hashes and ONNX parity")
+    verify.add_argument("artifact", type=Path, metavar="DIR")
+    verify.add_argument("--data", type=Path, required=True, help="CSV to check parity on")
+    verify.add_argument("--public-key", type=Path, help="trusted key (default: the bundled one)")
+    verify.add_argument("--tolerance", type=float, default=1e-5, help="max |P difference|")
+    verify.set_defaults(run=_verify)
+
+    sign = commands.add_parser("sign", help="sign an artifact's manifest with an Ed25519 key")
+    sign.add_argument("artifact", type=Path, metavar="DIR")
+    sign.add_argument("--key", type=Path, required=True, help="private key (PEM)")
+    sign.set_defaults(run=_sign)
+
+    keygen = commands.add_parser("keygen", help="generate an Ed25519 key pair (PEM)")
+    keygen.add_argument("--out", type=Path, required=True, help="private key file to create")
+    keygen.add_argument("--public-out", type=Path, required=True, help="public key file")
+    keygen.set_defaults(run=_keygen)
+
+    infer = commands.add_parser("infer-schema", help="write the schema inferred from a CSV")
+    _data_arguments(infer)
+    infer.add_argument("--out", type=Path, required=True, help="schema JSON to write")
+    infer.set_defaults(run=_infer_schema)
+    return parser
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="training data (CSV, header)")
+    parser.add_argument("--label", required=True, help="label column")
+    parser.add_argument("--bad", required=True, help="label value of the bad (default) class")
+    parser.add_argument(
+        "--exclude",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="COL",
+        help="exclude features from the model (adds to the schema's exclusions)",
+    )
+    parser.add_argument(
+        "--sensitive",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="COL",
+        help="mark features sensitive: they get a fairness report",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""`privscore-model train`: data -> schema -> CV per family -> calibrated champion -> artifact.
+
+Method, in order (all randomness from one seed, so the same data and seed give the same
+metrics):
+1. Stratified split: a development sample and a holdout (default 25%) touched only at the end.
+2. Repeated stratified k-fold CV AUC on the development sample for each family, uncalibrated;
+   the champion is the highest mean (ties: the earlier family in FAMILIES).
+3. Each family is refit on the whole development sample with sigmoid calibration and scored once
+   on the holdout (AUC, KS, Brier, calibration deciles). The champion's calibrated fit is the
+   shipped model, so its holdout metrics describe exactly what the service runs.
+4. Fairness at an approval cut-off, reference values, ONNX export, a parity check on every row,
+   then manifest, model card and plots. The artifact is left unsigned: `privscore-model sign`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import numpy.typing as npt
+from joblib import Parallel, delayed
+from sklearn.base import clone
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
+
+from model_export.card import CARD_FILE, render_card
+from model_export.dataset import Table, feature_matrix, labels, onnx_feeds, read_csv
+from model_export.evaluation import (
+    calibration_table,
+    fairness_report,
+    holdout_metrics,
+    rounded,
+)
+from model_export.export import ONNX_ML_OPSET, ONNX_OPSET, ExportedModel, export_onnx
+from model_export.families import (
+    CALIBRATION_FOLDS,
+    FAMILIES,
+    HYPERPARAMETERS,
+    build,
+    build_calibrated,
+)
+from model_export.plots import CALIBRATION_FILE, ROC_FILE, calibration_plot, roc_plot
+from model_export.progress import Progress
+from model_export.reference import METHOD as REFERENCE_METHOD
+from model_export.reference import reference_values
+from model_export.schema_infer import apply_flags, infer_schema, schema_name_for
+from model_export.verify import (
+    PARITY_TOLERANCE,
+    PIPELINE_KEY,
+    onnx_bad_probability,
+    sklearn_bad_probability,
+)
+from service.model.manifest import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    DatasetInfo,
+    Manifest,
+    OnnxModelInfo,
+    ScorecardScaling,
+    file_sha256,
+)
+from service.model.schema import FeatureSchema, FeatureSpec, SchemaError
+
+ONNX_FILE = "model.onnx"
+PIPELINE_FILE = "pipeline.joblib"
+
+
+class TrainingError(RuntimeError):
+    """Training finished but the result must not be shipped (e.g. ONNX parity failed)."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    data: Path
+    label: str
+    bad_value: str
+    out: Path
+    exclude: tuple[str, ...] = ()
+    sensitive: tuple[str, ...] = ()
+    schema_path: Path | None = None
+    seed: int = 42
+    folds: int = 5
+    repeats: int = 3
+    holdout: float = 0.25
+    families: tuple[str, ...] = FAMILIES
+    approval_cutoff: float | None = None
+    jobs: int = 1
+    citation: str = ""
+    scaling: ScorecardScaling = field(default_factory=ScorecardScaling)
+
+
+def resolve_schema(options: TrainOptions, table: Table) -> FeatureSchema:
+    """The schema file when given (checked against --label/--bad), else one inferred from data."""
+    if options.schema_path is None:
+        schema = infer_schema(
+            table,
+            label=options.label,
+            bad_value=options.bad_value,
+            name=schema_name_for(options.data),
+        )
+    else:
+        schema = FeatureSchema.load(options.schema_path)
+        if (schema.label, schema.bad_value) != (options.label, options.bad_value):
+            raise SchemaError(
+                f"--label/--bad ({options.label!r}, {options.bad_value!r}) disagree with the "
+                f"schema file ({schema.label!r}, {schema.bad_value!r})"
+            )
+    return apply_flags(schema, exclude=options.exclude, sensitive=options.sensitive)
+
+
+def train(options: TrainOptions, progress: Progress | None = None) -> Manifest:
+    progress = progress or Progress(enabled=False)
+    unknown = sorted(set(options.families) - set(FAMILIES))
+    if unknown or not options.families:
+        raise ValueError(f"unknown model families {unknown}; choose from {', '.join(FAMILIES)}")
+    table = read_csv(options.data)
+    schema = resolve_schema(options, table)
+    x = feature_matrix(schema, table)
+    y = labels(schema, table)
+    excluded = ", ".join(spec.name for spec in schema.excluded_features) or "none"
+    progress.log(
+        f"{table.file_name}: {len(y)} rows, bad rate {y.mean():.3f}, "
+        f"{len(schema.model_features)} model features; excluded: {excluded}"
+    )
+
+    rows = np.arange(len(y))
+    dev, hold = train_test_split(
+        rows, test_size=options.holdout, stratify=y, random_state=options.seed
+    )
+    cv_scores = {
+        family: _cross_validate(family, schema, x[dev], y[dev], options, progress)
+        for family in options.families
+    }
+    champion = max(options.families, key=lambda family: float(np.mean(cv_scores[family])))
+
+    fitted: dict[str, Any] = {}
+    holdout_p: dict[str, npt.NDArray[np.float64]] = {}
+    family_metrics: dict[str, dict[str, float]] = {}
+    for family in options.families:
+        progress.log(f"fitting calibrated {family} on {len(dev)} development rows")
+        fitted[family] = build_calibrated(family, schema, options.seed).fit(x[dev], y[dev])
+        holdout_p[family] = sklearn_bad_probability(fitted[family], x[hold])
+        family_metrics[family] = {
+            "cv_auc_mean": rounded(float(np.mean(cv_scores[family]))),
+            "cv_auc_std": rounded(float(np.std(cv_scores[family]))),
+            **holdout_metrics(y[hold], holdout_p[family]),
+        }
+        progress.log(f"{family}: {json.dumps(family_metrics[family])}")
+    model = fitted[champion]
+    progress.log(f"champion: {champion} (highest mean CV AUC)")
+
+    fairness = _fairness(options, schema, table, y, dev, hold, holdout_p[champion])
+    calibration = {family: calibration_table(y[hold], p) for family, p in holdout_p.items()}
+    metrics = {
+        "champion": champion,
+        "selection": "highest cv_auc_mean",
+        "families": family_metrics,
+        "calibration": calibration[champion],
+        "fairness": fairness,
+    }
+
+    progress.log("computing reference values for reason codes")
+    references = reference_values(model, schema, x[dev])
+    references = {name: _clip(schema, name, value) for name, value in references.items()}
+
+    progress.log(f"exporting ONNX (target opset {ONNX_OPSET}, ai.onnx.ml {ONNX_ML_OPSET})")
+    exported = export_onnx(model, schema, model_name=schema.name)
+    parity = _parity_max_diff(exported, schema, model, x)
+    progress.log(f"ONNX parity on all {len(y)} rows: max |diff| = {parity:.2g}")
+    if not parity <= PARITY_TOLERANCE:
+        raise TrainingError(f"ONNX parity {parity:.3g} exceeds {PARITY_TOLERANCE:g}; not shipping")
+
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SIGNATURE_FILE).unlink(missing_ok=True)  # a stale signature would vouch for nothing
+    (out / ONNX_FILE).write_bytes(exported.onnx_bytes)
+    joblib.dump(model, out / PIPELINE_FILE, compress=3)
+
+    created = _created_at()
+    onnx_sha = file_sha256(out / ONNX_FILE)
+    manifest = Manifest(
+        model_version=f"{schema.name}-{created:%Y%m%d}-{onnx_sha[:8]}",
+        created_at=created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        schema=schema,
+        training_data=DatasetInfo(table.file_name, table.sha256, len(y)),
+        onnx=OnnxModelInfo(
+            file=ONNX_FILE,
+            sha256=onnx_sha,
+            opset=exported.opset,
+            ml_opset=exported.ml_opset,
+            inputs=exported.inputs,
+            label_output=exported.label_output,
+            probability_output=exported.probability_output,
+            bad_class_index=exported.bad_class_index,
+        ),
+        scaling=options.scaling,
+        reference_values=references,
+        reference_method=REFERENCE_METHOD,
+        metrics=metrics,
+        training=_training_record(options, len(dev), len(hold)),
+        verification={
+            PIPELINE_KEY: {"file": PIPELINE_FILE, "sha256": file_sha256(out / PIPELINE_FILE)},
+            "parity_max_abs_diff": float(f"{parity:.3g}"),
+            "parity_rows": len(y),
+        },
+    )
+    document = manifest.to_dict()
+    Manifest.from_dict(document)  # the server's parser must accept what we write
+    text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False)
+    (out / MANIFEST_FILE).write_text(text + "\n", encoding="utf-8")
+    (out / CARD_FILE).write_text(render_card(manifest), encoding="utf-8")
+    aucs = {family: values["holdout_auc"] for family, values in family_metrics.items()}
+    roc_plot(out / ROC_FILE, y[hold], holdout_p, aucs, champion)
+    calibration_plot(out / CALIBRATION_FILE, calibration, champion)
+    progress.log(f"wrote {out} ({manifest.model_version}); unsigned: run `privscore-model sign`")
+    return manifest
+
+
+def _cross_validate(
+    family: str,
+    schema: FeatureSchema,
+    x: npt.NDArray[np.object_],
+    y: npt.NDArray[np.int64],
+    options: TrainOptions,
+    progress: Progress,
+) -> list[float]:
+    splitter = RepeatedStratifiedKFold(
+        n_splits=options.folds, n_repeats=options.repeats, random_state=options.seed
+    )
+    estimator = build(family, schema, options.seed)
+    total = options.folds * options.repeats
+    jobs = (
+        delayed(_fold_auc)(estimator, x, y, train_rows, test_rows)
+        for train_rows, test_rows in splitter.split(x, y)
+    )
+    scores: list[float] = []
+    # Results come back in fold order whatever the worker count, so metrics do not depend on it.
+    for score in Parallel(n_jobs=options.jobs, return_as="generator")(jobs):
+        scores.append(score)
+        progress.tick(f"cv {family}", len(scores), total, f"mean AUC {np.mean(scores):.4f}")
+    return scores
+
+
+def _fold_auc(
+    estimator: Any,
+    x: npt.NDArray[np.object_],
+    y: npt.NDArray[np.int64],
+    train_rows: npt.NDArray[np.intp],
+    test_rows: npt.NDArray[np.intp],
+) -> float:
+    model = clone(estimator).fit(x[train_rows], y[train_rows])
+    return float(roc_auc_score(y[test_rows], sklearn_bad_probability(model, x[test_rows])))
+
+
+def _fairness(
+    options: TrainOptions,
+    schema: FeatureSchema,
+    table: Table,
+    y: npt.NDArray[np.int64],
+    dev: npt.NDArray[np.intp],
+    hold: npt.NDArray[np.intp],
+    p_bad_hold: npt.NDArray[np.float64],
+) -> dict[str, Any]:
+    """Approval rates per group of every sensitive attribute (excluded ones too) on the holdout."""
+    cutoff, cutoff_rule = _approval_cutoff(options, y[dev])
+    approved = p_bad_hold < cutoff
+    attributes = {}
+    for spec in schema.sensitive_features:
+        column = table.column(spec.name)
+        attributes[spec.name] = fairness_report(
+            spec,
+            [column[i] for i in hold],
+            y[hold],
+            approved,
+            numeric_split=_numeric_split(spec, column, dev),
+        )
+    return {
+        "sample": "holdout",
+        "approval_cutoff": rounded(cutoff),
+        "cutoff_rule": cutoff_rule,
+        "overall_approval_rate": rounded(float(approved.mean())),
+        "attributes": attributes,
+    }
+
+
+def _parity_max_diff(
+    exported: ExportedModel, schema: FeatureSchema, model: Any, x: npt.NDArray[np.object_]
+) -> float:
+    """Max |P(bad)| difference between onnxruntime and scikit-learn over every row."""
+    onnx_p = onnx_bad_probability(
+        exported.onnx_bytes,
+        onnx_feeds(schema, x),
+        exported.probability_output,
+        exported.bad_class_index,
+    )
+    return float(np.max(np.abs(onnx_p - sklearn_bad_probability(model, x))))
+
+
+def _approval_cutoff(options: TrainOptions, y_dev: npt.NDArray[np.int64]) -> tuple[float, str]:
+    if options.approval_cutoff is not None:
+        if not 0.0 < options.approval_cutoff < 1.0:
+            raise ValueError("--approval-cutoff must be between 0 and 1")
+        return options.approval_cutoff, "set with --approval-cutoff"
+    return float(y_dev.mean()), (
+        "default: the development sample's bad rate, i.e. approve applicants predicted to be "
+        "less risky than the average applicant"
+    )
+
+
+def _numeric_split(spec: FeatureSpec, column: list[str], dev: npt.NDArray[np.intp]) -> float | None:
+    """For numeric attributes: the schema's fairness threshold, else the development median."""
+    if not spec.is_numeric:
+        return None
+    if spec.fairness_threshold is not None:
+        return spec.fairness_threshold
+    return float(np.median([float(column[i]) for i in dev]))
+
+
+def _clip(schema: FeatureSchema, name: str, value: float | str) -> float | str:
+    """Keep a float32-rounded reference inside the schema's range (0.1 rounds above 0.1)."""
+    spec = schema.feature(name)
+    if isinstance(value, str):
+        return value
+    low = spec.min if spec.min is not None else value
+    high = spec.max if spec.max is not None else value
+    return float(min(max(value, low), high))
+
+
+def _created_at() -> datetime:
+    # SOURCE_DATE_EPOCH (reproducible-builds convention) pins the timestamp when set.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        return datetime.fromtimestamp(int(epoch), tz=UTC)
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _training_record(options: TrainOptions, dev_rows: int, hold_rows: int) -> dict[str, Any]:
+    packages = ("numpy", "scikit-learn", "skl2onnx", "onnx", "onnxruntime", "joblib")
+    return {
+        "seed": options.seed,
+        "cv": {"folds": options.folds, "repeats": options.repeats, "sample": "development"},
+        "holdout_fraction": options.holdout,
+        "development_rows": dev_rows,
+        "holdout_rows": hold_rows,
+        "calibration": f"sigmoid, {CALIBRATION_FOLDS}-fold out-of-fold, ensemble=False",
+        "hyperparameters": {family: HYPERPARAMETERS[family] for family in options.families},
+        "onnx_target_opsets": {"ai.onnx": ONNX_OPSET, "ai.onnx.ml": ONNX_ML_OPSET},
+        "parity_tolerance": PARITY_TOLERANCE,
+        "citation": options.citation,
+        "versions": {"python": platform.python_version()}
+        | {package: version(package) for package in packages},
+    }

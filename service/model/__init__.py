@@ -1,0 +1,1 @@
+"""The model room: signed artifact format (schema, manifest) and, server-side, scoring."""

@@ -1,0 +1,1 @@
+"""Tests of the model team pipeline (model_export) and the shared artifact format."""
