@@ -25,6 +25,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
 serve: install
+	$(BIN)/privscore keys init
 	$(BIN)/privscore serve
 
 lint: dev

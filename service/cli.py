@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+from typing import Any
 
 import grpc
 
-from service.config import ConfigError, add_server_arguments, settings_from
+from service.config import (
+    DEFAULT_MODEL_DIR,
+    ConfigError,
+    DataLayout,
+    add_data_dir_argument,
+    add_key_arguments,
+    add_server_arguments,
+    data_dir_from,
+    key_paths_from,
+    settings_from,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -60,6 +72,130 @@ def _cmd_services(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from service.privacy.admin import init_keys, publish
+    from service.privacy.keyring import Keyring, KeyringError, load_kek
+
+    try:
+        data_dir = data_dir_from(args)
+        keyring_path, kek_file = key_paths_from(args, data_dir)
+        layout = DataLayout(data_dir)
+        if args.keys_command == "init":
+            created = init_keys(layout, keyring_path, kek_file)
+            print("\n".join(f"created {what}" for what in created) or "keys already in place")
+            return 0
+        keyring = Keyring.load(keyring_path, load_kek(kek_file))
+        if args.keys_command == "list":
+            print(json.dumps(keyring.listing(), indent=2))
+            return 0
+        if args.keys_command == "rotate":
+            entry = keyring.rotate(args.purpose)
+            print(f"new primary {entry.purpose} key {entry.key_id}")
+        else:
+            entry = keyring.retire(args.key_id)
+            print(f"retired {entry.purpose} key {entry.key_id}")
+        publish(keyring, layout)
+        return 0
+    except (ConfigError, KeyringError) as error:
+        print(f"privscore keys: {error}", file=sys.stderr)
+        return 2
+
+
+def _client(args: argparse.Namespace, channel: grpc.Channel) -> Any:
+    from service.client.sdk import PrivscoreClient
+    from service.model.manifest import load_unverified_manifest
+
+    # The schema version is public; the server refuses a mismatch, so no signature is needed.
+    schema_version = load_unverified_manifest(args.model_dir or DEFAULT_MODEL_DIR).schema_version
+    return PrivscoreClient.from_data_dir(channel, data_dir_from(args), schema_version)
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _print_message(message: Any) -> None:
+    from google.protobuf import json_format
+
+    print(
+        json_format.MessageToJson(
+            message,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+            indent=2,
+        )
+    )
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    """Shared error handling of the client commands: gRPC status and bad input files."""
+    from google.protobuf import json_format
+
+    try:
+        with grpc.insecure_channel(_target(args)) as channel:
+            args.client_call(args, _client(args, channel))
+    except grpc.RpcError as error:
+        print(f"privscore {args.command}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, json_format.ParseError) as error:
+        print(f"privscore {args.command}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _call_score(args: argparse.Namespace, client: Any) -> None:
+    _print_message(client.score(args.tenant, args.customer_id, _read_json(args.features)))
+
+
+def _call_limit(args: argparse.Namespace, client: Any) -> None:
+    from privscore.v1 import common_pb2, limit_service_pb2
+
+    def money(minor_units: int) -> common_pb2.Money:
+        return common_pb2.Money(currency_code=args.currency, minor_units=minor_units)
+
+    account = limit_service_pb2.AccountState(
+        current_limit=money(args.current_limit),
+        balance=money(args.balance),
+        on_time_repayments_in_row=args.on_time_repayments,
+        days_past_due=args.days_past_due,
+        account_age_days=args.account_age_days,
+    )
+    features = _read_json(args.features) if args.features else None
+    _print_message(
+        client.adjust_limit(
+            args.tenant,
+            args.customer_id,
+            account,
+            latest_score=args.latest_score,
+            features=features,
+            request_id=args.request_id,
+        )
+    )
+
+
+def _call_event(args: argparse.Namespace, client: Any) -> None:
+    from google.protobuf import json_format
+
+    from privscore.v1 import alert_service_pb2
+
+    event = json_format.ParseDict(_read_json(args.event), alert_service_pb2.BehaviourEvent())
+    _print_message(client.evaluate_event(args.tenant, args.customer_id, event))
+
+
+def _call_watch(args: argparse.Namespace, client: Any) -> None:
+    from google.protobuf import json_format
+
+    from privscore.v1 import alert_service_pb2
+
+    severity = alert_service_pb2.Severity.Value(f"SEVERITY_{args.min_severity}")
+    for alert in client.watch_alerts(severity, args.after):
+        print(
+            json_format.MessageToJson(alert, preserving_proto_field_name=True, indent=None),
+            flush=True,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privscore", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
     add_server_arguments(serve)
     serve.set_defaults(run=_cmd_serve)
+
+    keys = commands.add_parser("keys", help="manage the server's keyring (no key material shown)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    key_commands.add_parser("init", help="create the dev KEK, keyring and caller key if missing")
+    key_commands.add_parser("list", help="list key ids, purposes, states and fingerprints")
+    rotate = key_commands.add_parser(
+        "rotate", help="make a new primary key; the old one still decrypts"
+    )
+    rotate.add_argument(
+        "--purpose", choices=("field-encryption", "audit-signing"), default="field-encryption"
+    )
+    retire = key_commands.add_parser("retire", help="stop a non-primary key from decrypting")
+    retire.add_argument("key_id")
+    for sub in key_commands.choices.values():
+        add_data_dir_argument(sub)
+        add_key_arguments(sub)
+    keys.set_defaults(run=_cmd_keys)
 
     target_help = f"server address, default {DEFAULT_TARGET} (env PRIVSCORE_TARGET)"
     health = commands.add_parser("health", help="print a running server's health status")
@@ -77,6 +230,46 @@ def build_parser() -> argparse.ArgumentParser:
     services = commands.add_parser("services", help="list a running server's services")
     services.add_argument("--target", help=target_help)
     services.set_defaults(run=_cmd_services)
+
+    def client_command(name: str, help_text: str, call: Any, subject: bool = True) -> Any:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--target", help=target_help)
+        add_data_dir_argument(sub)
+        sub.add_argument(
+            "--model-dir", help="model whose schema version to seal for, default the bundled model"
+        )
+        if subject:
+            sub.add_argument("--tenant", required=True, help="your tenant, e.g. baitiao-cn")
+            sub.add_argument(
+                "--customer-id",
+                required=True,
+                help="raw customer id; pseudonymised before it leaves this process",
+            )
+        sub.set_defaults(run=_run_client, client_call=call)
+        return sub
+
+    score = client_command("score", "score one applicant", _call_score)
+    score.add_argument("--features", required=True, help="JSON file: feature name -> value")
+    limit = client_command("limit", "decide a customer's credit limit", _call_limit)
+    limit.add_argument("--currency", default="CNY", help="ISO 4217 code, default CNY")
+    limit.add_argument("--current-limit", type=int, required=True, help="minor units")
+    limit.add_argument("--balance", type=int, required=True, help="minor units owed")
+    limit.add_argument("--on-time-repayments", type=int, default=0)
+    limit.add_argument("--days-past-due", type=int, default=0)
+    limit.add_argument("--account-age-days", type=int, default=0)
+    limit.add_argument("--request-id", help="idempotency key, default a fresh one")
+    source = limit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--latest-score", type=int, help="the customer's latest score")
+    source.add_argument("--features", help="JSON file of features to score in the same call")
+    event = client_command("event", "evaluate one behaviour event", _call_event)
+    event.add_argument("--event", required=True, help="JSON file: a BehaviourEvent")
+    watch = client_command("watch", "stream alerts as JSON lines", _call_watch, subject=False)
+    watch.add_argument(
+        "--min-severity",
+        default="UNSPECIFIED",
+        choices=("UNSPECIFIED", "LOW", "MEDIUM", "HIGH", "CRITICAL"),
+    )
+    watch.add_argument("--after", type=int, help="resume after this alert sequence")
     return parser
 
 

@@ -18,12 +18,63 @@ DEFAULT_BIND = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_DATA_DIR = Path("var")
 DEFAULT_GRACE_SECONDS = 10.0
+_PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL_DIR = _PACKAGE_DIR / "model" / "default_artifact"
+DEFAULT_MODEL_PUBLIC_KEY = _PACKAGE_DIR / "model" / "trusted_keys" / "model-team.pub"
+DEFAULT_POLICY = _PACKAGE_DIR / "decisions" / "default_policy.toml"
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message names the setting, never a secret."""
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Where everything lives under the data directory; server and client commands agree."""
+
+    root: Path
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def keyring(self) -> Path:
+        return self.keys_dir / "keyring.json"
+
+    @property
+    def dev_kek(self) -> Path:
+        """Dev only: production passes the KEK in PRIVSCORE_KEK or a mounted secret file."""
+        return self.keys_dir / "kek"
+
+    @property
+    def public_keyset(self) -> Path:
+        """The server's public field keys, for callers to seal to."""
+        return self.keys_dir / "public-keys.json"
+
+    @property
+    def audit_public_keys(self) -> Path:
+        """The audit checkpoint verification keys, for reviewers."""
+        return self.keys_dir / "audit-public-keys.json"
+
+    @property
+    def decision_store(self) -> Path:
+        return self.root / "decisions.sqlite3"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def client_dir(self) -> Path:
+        """The dev caller's own secrets; the server never reads here."""
+        return self.root / "client"
+
+    @property
+    def pseudonym_key(self) -> Path:
+        return self.client_dir / "pseudonym.key"
 
 
 @dataclass(frozen=True)
@@ -35,6 +86,15 @@ class ServerSettings:
     log_format: str
     log_level: str
     reflection: bool
+    keyring: Path
+    kek_file: Path
+    model_dir: Path
+    model_public_key: Path
+    policy: Path
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.data_dir)
 
     @property
     def address(self) -> str:
@@ -54,7 +114,6 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
     arg("--bind", f"IP address to listen on, default {DEFAULT_BIND}")
     arg("--port", f"TCP port, 0 picks a free one, default {DEFAULT_PORT}")
-    arg("--data-dir", f"directory for everything the server writes, default ./{DEFAULT_DATA_DIR}")
     arg("--grace-seconds", f"shutdown drain period, default {DEFAULT_GRACE_SECONDS:g}")
     arg(
         "--log-format",
@@ -63,6 +122,51 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     arg("--log-level", "minimum log level, default info", choices=LOG_LEVELS)
     arg("--reflection", "serve gRPC reflection: on or off, default on", choices=("on", "off"))
+    arg("--model-dir", "signed model artifact directory, default the bundled model")
+    arg("--model-public-key", "model team's trusted Ed25519 public key, default the bundled one")
+    arg("--policy", "decision policy file (TOML), default the bundled policy")
+    add_data_dir_argument(parser)
+    add_key_arguments(parser)
+
+
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        help=f"directory for everything the server writes, default ./{DEFAULT_DATA_DIR} "
+        f"(env {_env_name('--data-dir')})",
+    )
+
+
+def add_key_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keyring",
+        help="server keyring file, default DATA_DIR/keys/keyring.json "
+        f"(env {_env_name('--keyring')})",
+    )
+    parser.add_argument(
+        "--kek-file",
+        help="file holding the base64 key-encryption key, default DATA_DIR/keys/kek "
+        f"(env {_env_name('--kek-file')}; env PRIVSCORE_KEK, the key itself, wins over both)",
+    )
+
+
+def data_dir_from(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Path:
+    """The data directory from flag, environment or default, created if missing."""
+    value = getattr(args, "data_dir", None) or environ.get(_env_name("--data-dir"))
+    return _parse_data_dir(value or str(DEFAULT_DATA_DIR))
+
+
+def key_paths_from(
+    args: argparse.Namespace, data_dir: Path, environ: Mapping[str, str] = os.environ
+) -> tuple[Path, Path]:
+    """(keyring, KEK file) from flags, environment, or their places under the data directory."""
+    layout = DataLayout(data_dir)
+    keyring = getattr(args, "keyring", None) or environ.get(_env_name("--keyring"))
+    kek_file = getattr(args, "kek_file", None) or environ.get(_env_name("--kek-file"))
+    return (
+        Path(keyring).expanduser() if keyring else layout.keyring,
+        Path(kek_file).expanduser() if kek_file else layout.dev_kek,
+    )
 
 
 def settings_from(
@@ -76,18 +180,34 @@ def settings_from(
             value = environ.get(_env_name(flag), default)
         return str(value)
 
+    data_dir = data_dir_from(args, environ)
+    keyring, kek_file = key_paths_from(args, data_dir, environ)
     settings = ServerSettings(
         bind=_parse_bind(pick("--bind", DEFAULT_BIND)),
         port=_parse_int("--port", pick("--port", str(DEFAULT_PORT)), 0, 65535),
-        data_dir=_parse_data_dir(pick("--data-dir", str(DEFAULT_DATA_DIR))),
+        data_dir=data_dir,
         grace_seconds=_parse_float(
             "--grace-seconds", pick("--grace-seconds", str(DEFAULT_GRACE_SECONDS)), 0.0, 600.0
         ),
         log_format=_parse_choice("--log-format", pick("--log-format", "auto"), LOG_FORMATS),
         log_level=_parse_choice("--log-level", pick("--log-level", "info"), LOG_LEVELS),
         reflection=_parse_choice("--reflection", pick("--reflection", "on"), ("on", "off")) == "on",
+        keyring=keyring,
+        kek_file=kek_file,
+        model_dir=_existing("--model-dir", pick("--model-dir", str(DEFAULT_MODEL_DIR)), dir=True),
+        model_public_key=_existing(
+            "--model-public-key", pick("--model-public-key", str(DEFAULT_MODEL_PUBLIC_KEY))
+        ),
+        policy=_existing("--policy", pick("--policy", str(DEFAULT_POLICY))),
     )
     return settings
+
+
+def _existing(flag: str, text: str, *, dir: bool = False) -> Path:
+    path = Path(text).expanduser()
+    if not (path.is_dir() if dir else path.is_file()):
+        raise ConfigError(f"{flag} must name an existing {'directory' if dir else 'file'}")
+    return path.resolve()
 
 
 def _parse_bind(text: str) -> str:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 import structlog
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
@@ -21,10 +25,19 @@ from privscore.v1 import (
 )
 from service.api.alerts import AlertServicer
 from service.api.limits import LimitServicer
+from service.api.runtime import Runtime, RuntimeSlot
 from service.api.scoring import ScoringServicer
+from service.audit import AuditError, AuditLog, AuditWriteError
 from service.config import ServerSettings
 from service.decisions.alert_stream import AlertStream
+from service.decisions.policy import PolicyError, load_policy
+from service.decisions.store import DecisionStore
+from service.errors import Unavailable
 from service.interceptors import RequestContextInterceptor
+from service.model.manifest import ArtifactError
+from service.model.scorer import Scorer
+from service.privacy.keyring import Keyring, KeyringError, load_kek
+from service.privacy.sealing import FeatureOpener
 
 SERVICE_NAMES = (
     scoring_service_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
@@ -34,6 +47,8 @@ SERVICE_NAMES = (
 # "" is the whole server's status, as grpc_health_probe and Kubernetes ask by default.
 HEALTH_NAMES = ("", *SERVICE_NAMES)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+AUDIT_ORIGIN = "privscore.audit/v1"
+_INPUT_DIGEST_INFO = b"privscore.v1/audit-input-digest"
 
 log = structlog.get_logger("privscore.server")
 
@@ -42,13 +57,50 @@ class StartupError(RuntimeError):
     """The server cannot start; the message says why, without secrets."""
 
 
+class FailClosedAudit:
+    """The audit log as servicers see it: a failed append answers UNAVAILABLE and turns the
+    whole server NOT_SERVING, so no decision ever leaves without its record."""
+
+    def __init__(self, audit_log: AuditLog, on_failure: Any) -> None:
+        self._log = audit_log
+        self._on_failure = on_failure
+
+    async def append(self, record: Mapping[str, Any]) -> int:
+        try:
+            appended = await self._log.append(record)
+        except AuditWriteError:
+            await self._on_failure()
+            raise Unavailable(
+                "the audit log cannot be written; no decision is made", reason="AUDIT_UNAVAILABLE"
+            ) from None
+        return int(appended.sequence)
+
+
+def _load_sync(settings: ServerSettings) -> tuple[Keyring, Scorer, Any, DecisionStore]:
+    """The blocking part of start-up, run off the event loop."""
+    try:
+        keyring = Keyring.load(settings.keyring, load_kek(settings.kek_file))
+    except KeyringError as error:
+        raise StartupError(f"keys: {error}") from None
+    try:
+        scorer = Scorer(settings.model_dir, settings.model_public_key)
+    except ArtifactError as error:
+        raise StartupError(f"model refused: {error}") from None
+    try:
+        policy = load_policy(settings.policy)
+    except PolicyError as error:
+        raise StartupError(f"policy: {error}") from None
+    return keyring, scorer, policy, DecisionStore(settings.layout.decision_store)
+
+
 class PrivscoreServer:
-    """One running server; `start`, then `wait_for_termination` or `stop`."""
+    """One running server; `start`, then `stop`."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.health = health_aio.HealthServicer()
-        self.alert_stream = AlertStream()
+        self.slot = RuntimeSlot()
+        self._audit_log: AuditLog | None = None
         self.port = 0
         self._server = grpc.aio.server(
             interceptors=[RequestContextInterceptor()],
@@ -59,11 +111,13 @@ class PrivscoreServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         scoring_service_pb2_grpc.add_ScoringServiceServicer_to_server(
-            ScoringServicer(), self._server
+            ScoringServicer(self.slot), self._server
         )
-        limit_service_pb2_grpc.add_LimitServiceServicer_to_server(LimitServicer(), self._server)
+        limit_service_pb2_grpc.add_LimitServiceServicer_to_server(
+            LimitServicer(self.slot), self._server
+        )
         alert_service_pb2_grpc.add_AlertServiceServicer_to_server(
-            AlertServicer(self.alert_stream), self._server
+            AlertServicer(self.slot), self._server
         )
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -81,8 +135,7 @@ class PrivscoreServer:
 
     async def listen(self) -> None:
         """Accept connections with health NOT_SERVING, so probes can watch start-up."""
-        for name in HEALTH_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             self.port = self._server.add_insecure_port(self.settings.address)
         except RuntimeError:
@@ -91,17 +144,78 @@ class PrivscoreServer:
         log.info("server.listening", bind=self.settings.bind, port=self.port)
 
     async def become_ready(self) -> None:
-        """Load what serving needs (model and keys, as they land), then turn health SERVING."""
+        """Load keys, model, policy, store and audit log, then turn health SERVING."""
+        settings = self.settings
+        keyring, scorer, policy, store = await asyncio.to_thread(_load_sync, settings)
+        key_name, signing_key = keyring.audit_signing_key()
+        try:
+            audit_log = await asyncio.to_thread(
+                lambda: AuditLog(
+                    settings.layout.audit_dir,
+                    signing_key=signing_key,
+                    key_name=key_name,
+                    origin=AUDIT_ORIGIN,
+                )
+            )
+        except AuditError as error:
+            raise StartupError(f"audit log: {error}") from None
+        self._audit_log = audit_log
+        loop = asyncio.get_running_loop()
+
+        async def fetch_alerts(cursor: int, limit: int) -> list[alert_service_pb2.Alert]:
+            rows = await loop.run_in_executor(
+                runtime.store_thread, store.alerts_after, cursor, limit
+            )
+            alerts = []
+            for sequence, blob in rows:
+                alert = alert_service_pb2.Alert.FromString(blob)
+                alert.sequence = sequence
+                alerts.append(alert)
+            return alerts
+
+        runtime = Runtime(
+            scorer=scorer,
+            opener=FeatureOpener(keyring),
+            policy=policy,
+            store=store,
+            alerts=AlertStream(fetch_alerts, store.last_alert_sequence()),
+            audit=FailClosedAudit(audit_log, self._audit_failed),
+            input_digest_key=HKDF(hashes.SHA256(), 32, salt=None, info=_INPUT_DIGEST_INFO).derive(
+                signing_key.private_bytes_raw()
+            ),
+        )
+        self.slot.fill(runtime)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "server.ready",
+            port=self.port,
+            model_version=scorer.model_version,
+            schema_version=scorer.schema_version,
+            policy_version=policy.version,
+        )
+
+    async def _audit_failed(self) -> None:
+        log.error("audit.write_failed", action="health NOT_SERVING; decisions refused")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _set_health(self, status: Any) -> None:
         for name in HEALTH_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("server.ready", port=self.port)
+            await self.health.set(name, status)
 
     async def stop(self) -> None:
-        """Stop accepting, end alert streams, drain in-flight calls within the grace period."""
+        """Stop accepting, end alert streams, drain in-flight calls within the grace period,
+        then flush and close the audit log and the store."""
         log.info("server.stopping", grace_seconds=self.settings.grace_seconds)
         await self.health.enter_graceful_shutdown()
-        self.alert_stream.close()
+        runtime = self.slot.peek()
+        if runtime is not None:
+            runtime.alerts.close()
         await self._server.stop(self.settings.grace_seconds)
+        self.slot.fill(None)
+        if self._audit_log is not None:
+            await self._audit_log.close()  # writes the final signed checkpoint
+        if runtime is not None:
+            runtime.close()
         log.info("server.stopped")
 
 
@@ -112,6 +226,12 @@ async def serve(settings: ServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    await server.start()
+    await server.listen()
+    try:
+        await server.become_ready()
+    except StartupError as error:
+        log.error("server.refused_to_start", reason=str(error))
+        await server.stop()
+        raise
     await stop_requested.wait()
     await server.stop()

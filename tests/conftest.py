@@ -2,25 +2,60 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
+
+# onnxruntime keeps telemetry unless this is set before its first import, in any process.
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
+import contextlib
+import csv
+import functools
+import json
 import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from service.client.sdk import PrivscoreClient
+from service.config import DEFAULT_MODEL_DIR, DataLayout
+from service.model.manifest import Manifest, load_unverified_manifest
+from service.model.schema import parse_text
+from service.privacy.admin import init_keys
+from service.privacy.sealing import FeatureInput
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 30.0
+
+
+def init_dev_keys(data_dir: Path) -> None:
+    layout = DataLayout(data_dir)
+    init_keys(layout, layout.keyring, layout.dev_kek)
+
+
+@functools.cache
+def served_manifest() -> Manifest:
+    return load_unverified_manifest(DEFAULT_MODEL_DIR)
+
+
+@functools.cache
+def applicants() -> tuple[dict[str, FeatureInput], ...]:
+    """German-credit applicants (model features only, typed) from the shipped data set."""
+    schema = served_manifest().schema
+    with open(REPO_ROOT / "model_export" / "data" / "german_credit.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return tuple(
+        {spec.name: parse_text(spec, row[spec.name]) for spec in schema.model_features}
+        for row in rows
+    )
 
 
 class ServerProcess:
@@ -28,6 +63,7 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        init_dev_keys(data_dir)
         self.lines: list[str] = []
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.process = subprocess.Popen(
@@ -82,12 +118,30 @@ class ServerProcess:
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target)
 
+    def client(self, channel: grpc.Channel) -> PrivscoreClient:
+        return PrivscoreClient.from_data_dir(
+            channel, self.data_dir, served_manifest().schema_version
+        )
+
     def terminate(self, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout=timeout)
         self._reader.join(timeout=5)
         return code
+
+    def wait_for_record(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The first log record matching `predicate`; a call's line is written just after its
+        reply leaves, so tests poll for it rather than race it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.records():
+                if predicate(record):
+                    return record
+            time.sleep(0.02)
+        raise AssertionError("no matching log record")
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.lines if line.startswith("{")]

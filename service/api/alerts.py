@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import json_format
 
 from privscore.v1 import alert_service_pb2 as pb
-from privscore.v1 import alert_service_pb2_grpc
+from privscore.v1 import alert_service_pb2_grpc, common_pb2
 from service.api import validation as check
-from service.decisions.alert_stream import AlertStream
-from service.errors import Unimplemented
+from service.api.runtime import RuntimeSlot
+from service.decisions.alert_rules import MISSED_PAYMENT, REPAYMENT, Event, evaluate
 
-# Which money field each event kind carries, and whether it must be positive.
+EVALUATE_EVENT_METHOD = "/privscore.v1.AlertService/EvaluateEvent"
+
+# Which money field each event kind carries; every one must be positive.
 _EVENT_AMOUNTS = {
     "purchase": "amount",
     "repayment": "amount",
@@ -74,9 +78,46 @@ def validate_watch_alerts(request: pb.WatchAlertsRequest) -> None:
     v.raise_if_any()
 
 
+_SEVERITIES = {
+    "LOW": pb.SEVERITY_LOW,
+    "MEDIUM": pb.SEVERITY_MEDIUM,
+    "HIGH": pb.SEVERITY_HIGH,
+    "CRITICAL": pb.SEVERITY_CRITICAL,
+}
+_ACTIONS = {
+    "NONE": pb.RECOMMENDED_ACTION_NONE,
+    "REVIEW": pb.RECOMMENDED_ACTION_REVIEW,
+    "REDUCE_LIMIT": pb.RECOMMENDED_ACTION_REDUCE_LIMIT,
+    "FREEZE": pb.RECOMMENDED_ACTION_FREEZE,
+}
+
+
+def to_event(event: pb.BehaviourEvent) -> Event:
+    """The rules' view of a validated wire event."""
+    kind = event.WhichOneof("kind")
+    assert kind is not None  # validated
+    details = getattr(event, kind)
+    amount_field = _EVENT_AMOUNTS.get(kind)
+    money = getattr(details, amount_field) if amount_field else None
+    balance = event.balance_after if event.HasField("balance_after") else None
+    currency_source = money or balance
+    return Event(
+        event_id=event.event_id,
+        occurred_at=event.occurred_at.ToDatetime(tzinfo=dt.UTC),
+        kind=kind,
+        currency=currency_source.currency_code if currency_source else None,
+        amount=money.minor_units if money else None,
+        succeeded=(details.outcome == pb.REPAYMENT_OUTCOME_SUCCEEDED)
+        if kind == REPAYMENT
+        else None,
+        days_past_due=details.days_past_due if kind == MISSED_PAYMENT else None,
+        balance_after=balance.minor_units if balance else None,
+    )
+
+
 class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
-    def __init__(self, stream: AlertStream) -> None:
-        self._stream = stream
+    def __init__(self, slot: RuntimeSlot) -> None:
+        self._slot = slot
 
     async def EvaluateEvent(
         self,
@@ -84,7 +125,83 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
         context: grpc.aio.ServicerContext[pb.EvaluateEventRequest, pb.EvaluateEventResponse],
     ) -> pb.EvaluateEventResponse:
         validate_evaluate_event(request)
-        raise Unimplemented("EvaluateEvent needs the alert rules, which are not served yet")
+        runtime = self._slot.runtime
+        subject = request.subject
+        event = to_event(request.event)
+        async with runtime.subject_locks.hold((subject.tenant, subject.pseudonym)):
+            now = runtime.clock()
+            response = pb.EvaluateEventResponse(metadata=runtime.metadata(request.request_id, now))
+            duplicate = await runtime.in_store(
+                runtime.store.has_event, subject.tenant, subject.pseudonym, event.event_id
+            )
+            raised = []
+            if not duplicate:
+                history = await runtime.in_store(
+                    runtime.store.events, subject.tenant, subject.pseudonym
+                )
+                raised = evaluate(runtime.policy.alerts, event, history)
+            alerts = [
+                pb.Alert(
+                    subject=subject,
+                    rule=alert.rule,
+                    severity=_SEVERITIES[alert.outcome.severity],
+                    recommended_action=_ACTIONS[alert.outcome.action],
+                    reasons=[common_pb2.Reason(code=c, text=t) for c, t in alert.reasons],
+                    event_id=event.event_id,
+                )
+                for alert in raised
+            ]
+            alerts.sort(key=lambda a: -a.severity)
+            response.duplicate = duplicate
+            response.metadata.audit_sequence = await runtime.audit.append(
+                {
+                    "rpc": EVALUATE_EVENT_METHOD,
+                    "decision_id": response.metadata.decision_id,
+                    "request_id": request.request_id,
+                    "time": now.isoformat(),
+                    "subject": subject.pseudonym,
+                    "tenant": subject.tenant,
+                    "policy_version": runtime.policy.version,
+                    "event": json_format.MessageToDict(
+                        request.event, preserving_proto_field_name=True
+                    ),
+                    "outputs": {
+                        "duplicate": duplicate,
+                        "alerts": [
+                            {
+                                "rule": a.rule,
+                                "severity": pb.Severity.Name(a.severity),
+                                "recommended_action": pb.RecommendedAction.Name(
+                                    a.recommended_action
+                                ),
+                                "reasons": [r.code for r in a.reasons],
+                            }
+                            for a in alerts
+                        ],
+                    },
+                }
+            )
+            if duplicate:
+                return response
+            for alert in alerts:
+                alert.metadata.CopyFrom(response.metadata)
+            forget_before = event.occurred_at - dt.timedelta(
+                days=runtime.policy.alerts.retention_days
+            )
+            sequences = await runtime.in_store(
+                runtime.store.record_event,
+                subject.tenant,
+                subject.pseudonym,
+                event,
+                [a.SerializeToString() for a in alerts],
+                now,
+                forget_before,
+            )
+        for alert, sequence in zip(alerts, sequences, strict=True):
+            alert.sequence = sequence
+        runtime.alerts.publish(alerts)
+        response.alerts.extend(alerts)
+        return response
 
     async def WatchAlerts(
         self,
@@ -93,5 +210,5 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
     ) -> AsyncIterator[pb.WatchAlertsResponse]:
         validate_watch_alerts(request)
         after = request.after_sequence if request.HasField("after_sequence") else None
-        async for alert in self._stream.subscribe(request.min_severity, after):
+        async for alert in self._slot.runtime.alerts.subscribe(request.min_severity, after):
             yield pb.WatchAlertsResponse(alert=alert)

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
-import grpc
+import hashlib
 
+import grpc
+from google.protobuf import json_format
+
+from privscore.v1 import common_pb2, limit_service_pb2_grpc
 from privscore.v1 import limit_service_pb2 as pb
-from privscore.v1 import limit_service_pb2_grpc
 from service.api import validation as check
-from service.errors import Unimplemented
+from service.api.features import encrypted_inputs, open_row
+from service.api.runtime import RuntimeSlot
+from service.decisions.limits import Account, decide_limit
+from service.errors import FailedPrecondition
+
+ADJUST_LIMIT_METHOD = "/privscore.v1.LimitService/AdjustLimit"
+_ACTIONS = {
+    "HOLD": pb.LIMIT_ACTION_HOLD,
+    "INCREASE": pb.LIMIT_ACTION_INCREASE,
+    "DECREASE": pb.LIMIT_ACTION_DECREASE,
+    "FREEZE": pb.LIMIT_ACTION_FREEZE,
+}
+# Scores outside this range cannot come from any model on a scorecard scale we serve.
+LATEST_SCORE_RANGE = (0, 2000)
+
+
+class RequestIdReused(FailedPrecondition):
+    reason = "REQUEST_ID_REUSED"
+
+
+class CurrencyNotSupported(FailedPrecondition):
+    reason = "CURRENCY_NOT_SUPPORTED"
 
 
 def validate_adjust_limit(request: pb.AdjustLimitRequest) -> None:
@@ -35,19 +59,144 @@ def validate_adjust_limit(request: pb.AdjustLimitRequest) -> None:
                 ("account.balance", account.balance),
             ],
         )
+        v.require(account.days_past_due <= 36500, "account.days_past_due", "must be at most 36500")
+        v.require(
+            account.account_age_days <= 36500, "account.account_age_days", "must be at most 36500"
+        )
     source = request.WhichOneof("score_source")
     if source is None:
         v.add("score_source", "one of latest_score or features is required", "REQUIRED_FIELD")
     elif source == "features":
         check.check_encrypted_features(v, "features", True, request.features)
+    else:
+        low, high = LATEST_SCORE_RANGE
+        v.require(
+            low <= request.latest_score <= high, "latest_score", f"must be between {low} and {high}"
+        )
     v.raise_if_any()
 
 
+def _fingerprint(request: pb.AdjustLimitRequest, score_input_digest: str) -> str:
+    """What makes two requests with one request id the same request (ciphertexts differ by
+    nonce on every retry, so features count by their keyed digest, not their bytes)."""
+    body = b"\x00".join(
+        [
+            request.subject.SerializeToString(deterministic=True),
+            request.account.SerializeToString(deterministic=True),
+            score_input_digest.encode(),
+        ]
+    )
+    return hashlib.sha256(body).hexdigest()
+
+
 class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
+    def __init__(self, slot: RuntimeSlot) -> None:
+        self._slot = slot
+
     async def AdjustLimit(
         self,
         request: pb.AdjustLimitRequest,
         context: grpc.aio.ServicerContext[pb.AdjustLimitRequest, pb.AdjustLimitResponse],
     ) -> pb.AdjustLimitResponse:
         validate_adjust_limit(request)
-        raise Unimplemented("AdjustLimit needs the limit policy, which is not served yet")
+        runtime = self._slot.runtime
+        subject, account = request.subject, request.account
+        currency = account.current_limit.currency_code
+        if currency not in runtime.policy.limits.ceilings:
+            raise CurrencyNotSupported(f"the limit policy has no ceilings for {currency}")
+        if request.HasField("features"):
+            row = open_row(
+                runtime,
+                request.features,
+                subject,
+                method=ADJUST_LIMIT_METHOD,
+                request_id=request.request_id,
+            )
+            probability = float(runtime.scorer.probabilities([row])[0])
+            score = runtime.scorer.score_of(probability)
+            inputs_digest = runtime.input_digest(dict(row))
+            encrypted = encrypted_inputs(request.features)
+        else:
+            score = request.latest_score
+            inputs_digest = runtime.input_digest({"latest_score": score})
+            encrypted = {}
+        fingerprint = _fingerprint(request, inputs_digest)
+
+        async with runtime.subject_locks.hold((subject.tenant, subject.pseudonym)):
+            stored = await runtime.in_store(
+                runtime.store.limit_decision, subject.tenant, request.request_id
+            )
+            if stored is not None:
+                if stored.fingerprint != fingerprint:
+                    raise RequestIdReused(
+                        "request_id was used before for a different limit request"
+                    )
+                replay = pb.AdjustLimitResponse.FromString(stored.response)
+                replay.replayed = True
+                return replay
+            last_increase = await runtime.in_store(
+                runtime.store.last_increase_at, subject.tenant, subject.pseudonym
+            )
+            now = runtime.clock()
+            grade = runtime.policy.score.grade_of(score)
+            decision = decide_limit(
+                runtime.policy.limits,
+                Account(
+                    currency=currency,
+                    current_limit=account.current_limit.minor_units,
+                    balance=account.balance.minor_units,
+                    on_time_repayments_in_row=account.on_time_repayments_in_row,
+                    days_past_due=account.days_past_due,
+                    account_age_days=account.account_age_days,
+                ),
+                score,
+                grade,
+                last_increase,
+                now,
+            )
+            response = pb.AdjustLimitResponse(
+                metadata=runtime.metadata(request.request_id, now),
+                previous_limit=account.current_limit,
+                new_limit=common_pb2.Money(currency_code=currency, minor_units=decision.new_limit),
+                action=_ACTIONS[decision.action],
+                rule=decision.rule,
+                reasons=[common_pb2.Reason(code=c, text=t) for c, t in decision.reasons],
+                score=score,
+            )
+            response.metadata.audit_sequence = await runtime.audit.append(
+                {
+                    "rpc": ADJUST_LIMIT_METHOD,
+                    "decision_id": response.metadata.decision_id,
+                    "request_id": request.request_id,
+                    "time": now.isoformat(),
+                    "subject": subject.pseudonym,
+                    "tenant": subject.tenant,
+                    "model_version": runtime.scorer.model_version,
+                    "model_manifest_sha256": runtime.scorer.manifest_sha256,
+                    "policy_version": runtime.policy.version,
+                    "input_digest": inputs_digest,
+                    "encrypted_inputs": encrypted,
+                    "account": json_format.MessageToDict(account, preserving_proto_field_name=True),
+                    "outputs": json_format.MessageToDict(
+                        response,
+                        preserving_proto_field_name=True,
+                        always_print_fields_with_no_presence=False,
+                    ),
+                }
+            )
+            await runtime.in_store(
+                lambda: runtime.store.record_limit_decision(
+                    tenant=subject.tenant,
+                    pseudonym=subject.pseudonym,
+                    request_id=request.request_id,
+                    fingerprint=fingerprint,
+                    decided_at=now,
+                    action=decision.action,
+                    currency=currency,
+                    previous_limit=account.current_limit.minor_units,
+                    new_limit=decision.new_limit,
+                    rule=decision.rule,
+                    response=response.SerializeToString(),
+                )
+            )
+            return response

@@ -1,27 +1,33 @@
 """The alert stream: numbered alerts fanned out to any number of subscribers.
 
-Publishing never waits for a subscriber: alerts go into one bounded retained log and each
-subscriber reads from it at its own cursor, so a slow subscriber costs memory for nothing but
-its cursor and can never block the decision path. A subscriber that reconnects with its last
-sequence number gets every retained alert it missed.
+Alerts are numbered and kept by the decision store; this stream adds a bounded in-memory
+cache of recent ones and wakes subscribers. Publishing never waits for a subscriber: each
+subscriber reads at its own cursor (from the cache, or from the store when it has fallen
+behind), so a slow subscriber can never block the decision path. A subscriber that
+reconnects with its last sequence number gets every alert it missed, across restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from privscore.v1 import alert_service_pb2 as pb
 from service.errors import OutOfRange
 
-DEFAULT_RETAINED_ALERTS = 100_000
+CACHED_ALERTS = 10_000
+FETCH_BATCH = 500
+
+FetchAfter = Callable[[int, int], Awaitable[list[pb.Alert]]]
 
 
 class AlertStream:
-    def __init__(self, retained: int = DEFAULT_RETAINED_ALERTS) -> None:
-        self._alerts: deque[pb.Alert] = deque(maxlen=retained)
-        self._last_sequence = 0
+    def __init__(self, fetch_after: FetchAfter, last_sequence: int) -> None:
+        """`fetch_after(cursor, limit)` returns stored alerts with sequence > cursor, in order."""
+        self._fetch_after = fetch_after
+        self._cache: OrderedDict[int, pb.Alert] = OrderedDict()
+        self._last_sequence = last_sequence
         self._changed = asyncio.Event()
         self._closed = False
 
@@ -29,16 +35,17 @@ class AlertStream:
     def last_sequence(self) -> int:
         return self._last_sequence
 
-    def publish(self, alert: pb.Alert) -> pb.Alert:
-        """Number `alert`, retain it and wake subscribers; call on the event loop's thread."""
-        self._last_sequence += 1
-        alert.sequence = self._last_sequence
-        self._alerts.append(alert)
+    def publish(self, alerts: Iterable[pb.Alert]) -> None:
+        """Announce stored alerts; call on the event loop's thread, in any order."""
+        for alert in alerts:
+            self._cache[alert.sequence] = alert
+            self._last_sequence = max(self._last_sequence, alert.sequence)
+        while len(self._cache) > CACHED_ALERTS:
+            self._cache.popitem(last=False)
         self._wake()
-        return alert
 
     def close(self) -> None:
-        """End every subscription cleanly once it has delivered what is already retained."""
+        """End every subscription cleanly once it has delivered what is already published."""
         self._closed = True
         self._wake()
 
@@ -46,16 +53,22 @@ class AlertStream:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def _after(self, cursor: int) -> list[pb.Alert]:
-        if not self._alerts or cursor >= self._last_sequence:
-            return []
-        first = self._alerts[0].sequence
-        if cursor + 1 < first:
+    async def _next_batch(self, cursor: int) -> list[pb.Alert]:
+        cached: list[pb.Alert] = []
+        sequence = cursor + 1
+        while sequence in self._cache and len(cached) < FETCH_BATCH:
+            cached.append(self._cache[sequence])
+            sequence += 1
+        if cached:
+            return cached
+        stored = await self._fetch_after(cursor, FETCH_BATCH)
+        if stored and stored[0].sequence > cursor + 1 and cursor > 0:
             raise OutOfRange(
-                f"alerts after sequence {cursor} are no longer retained; oldest is {first}",
+                f"alerts after sequence {cursor} are no longer retained; "
+                f"oldest is {stored[0].sequence}",
                 reason="CURSOR_OUT_OF_RANGE",
             )
-        return [self._alerts[i] for i in range(cursor + 1 - first, len(self._alerts))]
+        return stored
 
     async def subscribe(
         self, min_severity: int, after_sequence: int | None
@@ -69,12 +82,14 @@ class AlertStream:
         cursor = self._last_sequence if after_sequence is None else after_sequence
         while True:
             changed = self._changed  # taken before reading, so no publish is missed
-            pending = self._after(cursor)
-            for alert in pending:
-                cursor = alert.sequence
-                if alert.severity >= min_severity:
-                    yield alert
+            while cursor < self._last_sequence:
+                batch = await self._next_batch(cursor)
+                if not batch:
+                    break
+                for alert in batch:
+                    cursor = alert.sequence
+                    if alert.severity >= min_severity:
+                        yield alert
             if self._closed:
                 return
-            if not pending:
-                await changed.wait()
+            await changed.wait()

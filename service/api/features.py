@@ -1,0 +1,70 @@
+"""From encrypted request fields to one validated model row, held in memory for the call only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format
+
+from privscore.v1 import common_pb2
+from service.api.runtime import Runtime
+from service.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from service.model.schema import validate_record
+from service.model.scorer import Row
+from service.privacy.sealing import FeatureInput
+
+
+class SchemaVersionMismatch(FailedPrecondition):
+    reason = "SCHEMA_VERSION_MISMATCH"
+
+
+def open_row(
+    runtime: Runtime,
+    features: common_pb2.EncryptedFeatures,
+    subject: common_pb2.SubjectRef,
+    *,
+    method: str,
+    request_id: str,
+    path: str = "features",
+    opened_keys: dict[bytes, Any] | None = None,
+) -> Row:
+    """Decrypt and validate against the served model's schema; errors name fields only."""
+    served = runtime.scorer.schema_version
+    if features.schema_version != served:
+        raise SchemaVersionMismatch(
+            f"{path}.schema_version does not match the served model's schema {served}"
+        )
+    values = runtime.opener.open(
+        features,
+        subject,
+        method=method,
+        request_id=request_id,
+        path=path,
+        opened_keys=opened_keys,
+    )
+    problems = validate_record(runtime.scorer.manifest.schema, values)
+    if problems:
+        index = {field.name: i for i, field in enumerate(features.fields)}
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    f"{path}.fields[{index[name]}]" if name in index else f"{path}.fields",
+                    f"feature {name} {problem.description}",
+                    problem.reason,
+                )
+                for name, problem in problems
+            ]
+        )
+    return _model_row(values)
+
+
+def _model_row(values: dict[str, FeatureInput]) -> Row:
+    # validate_record has checked every type, so only str and numbers remain.
+    return {
+        name: value if isinstance(value, str) else float(value) for name, value in values.items()
+    }
+
+
+def encrypted_inputs(features: common_pb2.EncryptedFeatures) -> dict[str, Any]:
+    """The encrypted inputs exactly as received, for the audit record (no plaintext)."""
+    return json_format.MessageToDict(features, preserving_proto_field_name=True)

@@ -1,0 +1,298 @@
+"""`privscore audit ...`: review an audit log directory offline, without the server.
+
+    audit verify      [--against CHECKPOINT]        recompute the tree, check every checkpoint
+    audit prove       --decision ID                 inclusion proof against the latest checkpoint
+    audit verify-proof FILE                         check such a proof (no log needed)
+    audit consistency --old CHECKPOINT --new CHECKPOINT
+    audit checkpoint  [--out FILE]                  export the latest signed checkpoint
+    audit show        [--decision ID] [--subject PSEUDONYM] [--since ISO] [--until ISO]
+    audit export                                    every record, one envelope per line
+
+Commands print JSON (records as their stored envelopes, hashes in base64) and exit 0 on
+success, 1 when verification fails or nothing is found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import sys
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from service.audit.checkpoint import Checkpoint, parse_checkpoint
+from service.audit.errors import AuditError
+from service.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
+from service.audit.storage import StoredRecord
+from service.audit.verify import (
+    consistency_proof,
+    find_records,
+    inclusion_proof,
+    iter_records,
+    latest_checkpoint,
+    parse_time,
+    verify_log,
+)
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class _Failed(Exception):
+    """A command's expected failure: its message goes to stderr and the exit code is 1."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise _Failed(f"{what} is not a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise _Failed(f"{what} is not base64") from None
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _print_records(records: Iterable[StoredRecord]) -> None:
+    for stored in records:
+        sys.stdout.write(stored.envelope.decode("utf-8") + "\n")
+
+
+def _public_key(args: argparse.Namespace) -> Ed25519PublicKey:
+    try:
+        key = load_pem_public_key(Path(args.public_key).read_bytes())
+    except (OSError, ValueError) as error:
+        raise _Failed(f"cannot read public key {args.public_key}: {error}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise _Failed(f"{args.public_key} is not an Ed25519 public key")
+    return key
+
+
+def _read_text(path: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise _Failed(f"cannot read {path}: {error}") from None
+
+
+def _checkpoint_file(args: argparse.Namespace, path: str) -> Checkpoint:
+    return parse_checkpoint(_read_text(path), _public_key(args), args.origin)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    against = _checkpoint_file(args, args.against) if args.against else None
+    report = verify_log(args.audit_dir, _public_key(args), args.origin, against=against)
+    _print_json(
+        {
+            "ok": report.ok,
+            "size": report.size,
+            "root_hash": _b64(report.root_hash),
+            "checkpoints": report.checkpoints,
+            "proven_size": report.proven_size,
+            "first_bad_sequence": report.first_bad_sequence,
+            "reason": report.reason,
+            "problems": list(report.problems),
+            "torn_tail_bytes": report.torn_tail_bytes,
+        }
+    )
+    return 0 if report.ok else 1
+
+
+def _cmd_prove(args: argparse.Namespace) -> int:
+    checkpoint = latest_checkpoint(args.audit_dir, _public_key(args), args.origin)
+    if checkpoint is None:
+        raise _Failed("the log has no checkpoint yet")
+    found = next(find_records(args.audit_dir, equals={"decision_id": args.decision}), None)
+    if found is None:
+        raise _Failed(f"no record has decision_id {args.decision!r}")
+    if found.sequence >= checkpoint.size:
+        raise _Failed(
+            f"record {found.sequence} is newer than the latest checkpoint (size "
+            f"{checkpoint.size}); retry after the next checkpoint"
+        )
+    proof = inclusion_proof(args.audit_dir, found.sequence, checkpoint.size)
+    _print_json(
+        {
+            "sequence": found.sequence,
+            "leaf": found.envelope.decode("utf-8"),
+            "leaf_hash": _b64(found.leaf_hash),
+            "tree_size": checkpoint.size,
+            "inclusion_proof": [_b64(node) for node in proof],
+            "checkpoint": checkpoint.text,
+        }
+    )
+    return 0
+
+
+def _cmd_verify_proof(args: argparse.Namespace) -> int:
+    try:
+        document: Any = json.loads(_read_text(args.file))
+        sequence, leaf_text = document["sequence"], document["leaf"]
+        claimed_size, nodes, note = (
+            document["tree_size"],
+            document["inclusion_proof"],
+            document["checkpoint"],
+        )
+    except (ValueError, KeyError, TypeError):
+        raise _Failed("not a proof printed by `audit prove`") from None
+    if not all(type(x) is int for x in (sequence, claimed_size)) or not isinstance(nodes, list):
+        raise _Failed("not a proof printed by `audit prove`")
+    if not isinstance(leaf_text, str) or not isinstance(note, str):
+        raise _Failed("not a proof printed by `audit prove`")
+    checkpoint = parse_checkpoint(note, _public_key(args), args.origin)
+    if claimed_size != checkpoint.size:
+        raise _Failed("the proof's tree size is not its checkpoint's")
+    leaf = leaf_text.encode("utf-8")
+    if _unb64(document.get("leaf_hash"), "leaf_hash") != leaf_hash(leaf):
+        raise _Failed("leaf_hash is not the hash of the leaf")
+    try:
+        envelope_sequence = json.loads(leaf_text).get("seq")
+    except (ValueError, AttributeError):
+        raise _Failed("the leaf is not a record envelope") from None
+    if envelope_sequence != sequence:
+        raise _Failed("the leaf's own sequence is not the one the proof claims")
+    proof = [_unb64(node, "a proof node") for node in nodes]
+    verify_inclusion(leaf, sequence, checkpoint.size, proof, checkpoint.root_hash)
+    print(f"ok: record {sequence} is in {checkpoint.origin} at tree size {checkpoint.size}")
+    return 0
+
+
+def _cmd_consistency(args: argparse.Namespace) -> int:
+    old, new = _checkpoint_file(args, args.old), _checkpoint_file(args, args.new)
+    proof = consistency_proof(args.audit_dir, old.size, new.size)
+    verify_consistency(old.size, new.size, old.root_hash, new.root_hash, proof)
+    _print_json(
+        {
+            "ok": True,
+            "old_size": old.size,
+            "new_size": new.size,
+            "consistency_proof": [_b64(node) for node in proof],
+        }
+    )
+    return 0
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    checkpoint = latest_checkpoint(args.audit_dir, _public_key(args), args.origin)
+    if checkpoint is None:
+        raise _Failed("the log has no checkpoint yet")
+    if args.out:
+        Path(args.out).write_text(checkpoint.text, encoding="utf-8")
+    else:
+        sys.stdout.write(checkpoint.text)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    equals = {
+        field: value
+        for field, value in (("decision_id", args.decision), ("subject", args.subject))
+        if value is not None
+    }
+    _print_records(find_records(args.audit_dir, equals=equals, since=args.since, until=args.until))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    _print_records(iter_records(args.audit_dir))
+    return 0
+
+
+def _guarded(command: Command, name: str) -> Command:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (_Failed, AuditError, OSError) as error:
+            print(f"privscore audit {name}: {error}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _iso_time(text: str) -> datetime:
+    parsed = parse_time(text)
+    if parsed is None:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}")
+    return parsed
+
+
+def add_audit_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    *,
+    default_audit_dir: str | None = None,
+    default_public_key: str | None = None,
+    default_origin: str | None = None,
+) -> None:
+    """Register `audit ...` under `subparsers`; each command sets `run(args) -> exit code`.
+
+    Defaults injected here (e.g. from the server's data directory) make the flags optional.
+    """
+    audit = subparsers.add_parser("audit", help="verify, prove and read the audit log offline")
+    commands = audit.add_subparsers(dest="audit_command", required=True)
+
+    def command(
+        name: str, run: Command, help_text: str, *, log: bool = True, key: bool = True
+    ) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help_text)
+        if log:
+            parser.add_argument(
+                "--audit-dir",
+                default=default_audit_dir,
+                required=default_audit_dir is None,
+                help="directory of the audit log",
+            )
+        if key:
+            parser.add_argument(
+                "--public-key",
+                default=default_public_key,
+                required=default_public_key is None,
+                help="PEM file of the log's Ed25519 public key",
+            )
+            parser.add_argument(
+                "--origin",
+                default=default_origin,
+                required=default_origin is None,
+                help="the log's origin line, e.g. privscore.audit/<instance>",
+            )
+        parser.set_defaults(run=_guarded(run, name))
+        return parser
+
+    verify = command("verify", _cmd_verify, "recompute the tree and check every checkpoint")
+    verify.add_argument("--against", metavar="FILE", help="an exported checkpoint kept elsewhere")
+
+    prove = command("prove", _cmd_prove, "print a decision's inclusion proof")
+    prove.add_argument("--decision", required=True, metavar="ID", help="the record's decision_id")
+
+    verify_proof = command(
+        "verify-proof", _cmd_verify_proof, "check a proof from `audit prove`", log=False
+    )
+    verify_proof.add_argument("file", metavar="FILE", help="the printed proof ('-': stdin)")
+
+    consistency = command(
+        "consistency", _cmd_consistency, "prove and check one checkpoint extends another"
+    )
+    consistency.add_argument("--old", required=True, metavar="CHECKPOINT")
+    consistency.add_argument("--new", required=True, metavar="CHECKPOINT")
+
+    checkpoint = command("checkpoint", _cmd_checkpoint, "export the latest signed checkpoint")
+    checkpoint.add_argument("--out", metavar="FILE", help="write here instead of stdout")
+
+    show = command("show", _cmd_show, "print matching records", key=False)
+    show.add_argument("--decision", metavar="ID", help="decision_id equals")
+    show.add_argument("--subject", metavar="PSEUDONYM", help="subject equals")
+    show.add_argument("--since", type=_iso_time, metavar="ISO", help="time at or after")
+    show.add_argument("--until", type=_iso_time, metavar="ISO", help="time before")
+
+    command("export", _cmd_export, "print every record as JSON lines", key=False)

@@ -1,0 +1,490 @@
+"""The durable audit log: group-committed appends, signed checkpoints, fail-closed.
+
+`append` numbers and seals a record on the caller's thread (so the sequence is known at once and
+is the order of the log), queues it, and returns only once it is written and fsynced. One writer
+thread drains the queue: it writes everything queued while the previous fsync ran, fsyncs once,
+and resolves every waiter of the batch with one `call_soon_threadsafe` per event loop. The event
+loop never touches the disk.
+
+If a write or fsync fails, the waiters of that batch get AuditWriteError and the log stays failed:
+every later append raises at once. Nothing retries, because after a failed fsync the kernel may
+have dropped the dirty pages and a retry could report success for data that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fcntl
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from service.audit.checkpoint import (
+    CheckpointError,
+    check_key_name,
+    check_origin,
+    format_checkpoint,
+    parse_body,
+    split_note,
+)
+from service.audit.errors import AuditError, AuditWriteError, LogCorruptError
+from service.audit.merkle import EMPTY_ROOT, MerkleFrontier, leaf_hash
+from service.audit.storage import (
+    CHECKPOINT_FILE,
+    LogReader,
+    TornTail,
+    encode_record,
+    frame,
+    list_segments,
+    read_checkpoint_notes,
+    seal_envelope,
+    segment_name,
+)
+
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+DEFAULT_CHECKPOINT_EVERY = 1000
+DEFAULT_CHECKPOINT_SECONDS = 10.0
+DEFAULT_MAX_BATCH = 1024
+_FILE_MODE = 0o600  # records hold pseudonyms and sealed inputs: owner only
+
+_log = structlog.get_logger("privscore.audit")
+
+Waiter = asyncio.Future[Any] | concurrent.futures.Future[Any]
+
+
+@dataclass(frozen=True)
+class Appended:
+    """A record that is durable: its place in the log and its Merkle leaf hash."""
+
+    sequence: int
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True)
+class AuditStats:
+    """Counts since open: records made durable, write batches, fsync calls, checkpoints signed."""
+
+    records: int
+    batches: int
+    fsyncs: int
+    checkpoints: int
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What open found: the number of records, and any torn tail it cut off."""
+
+    size: int
+    torn_tails: tuple[TornTail, ...]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    sequence: int
+    frame: bytes
+    leaf_hash: bytes
+    waiter: Waiter
+
+
+@dataclass(frozen=True)
+class _Close:
+    waiter: Waiter
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _settle_on_loop(settled: list[tuple[asyncio.Future[Any], object]]) -> None:
+    for future, outcome in settled:
+        if future.done():  # the caller was cancelled; the record is in the log regardless
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+def _settle(settled: list[tuple[Waiter, object]]) -> None:
+    """Resolve waiters from the writer thread: one wake-up per event loop, not per record."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], object]]] = {}
+    for waiter, outcome in settled:
+        if isinstance(waiter, asyncio.Future):
+            by_loop.setdefault(waiter.get_loop(), []).append((waiter, outcome))
+        elif isinstance(outcome, BaseException):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(outcome)
+    for loop, on_loop in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
+            loop.call_soon_threadsafe(_settle_on_loop, on_loop)
+
+
+class AuditLog:
+    """An append-only, tamper-evident record log in `directory`, open for writing.
+
+    Opening scans every record, rebuilds the Merkle frontier, cuts off a torn final record (logged
+    as `audit.torn_tail_truncated` and reported in `recovery`) and refuses a log that is damaged
+    anywhere else or shorter than its latest checkpoint. One process at a time: the directory is
+    locked. Opening reads the whole log; on an event loop, open it with `asyncio.to_thread`.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        signing_key: Ed25519PrivateKey,
+        key_name: str,
+        origin: str,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        fsync: Callable[[int], None] = os.fsync,
+    ) -> None:
+        check_origin(origin)
+        check_key_name(key_name)
+        if min(segment_bytes, checkpoint_every, max_batch) < 1 or checkpoint_seconds <= 0:
+            raise ValueError("segment size, checkpoint cadence and batch size must be positive")
+        self._directory = Path(directory)
+        self._signing_key = signing_key
+        self._key_name = key_name
+        self._origin = origin
+        self._segment_bytes = segment_bytes
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_seconds = checkpoint_seconds
+        self._max_batch = max_batch
+        self._fsync = fsync
+        self._records = self._batches = self._fsyncs = self._checkpoints = 0
+
+        self._lock = threading.Lock()  # guards sequence, chain, failure and closing
+        self._queue: queue.SimpleQueue[_Pending | _Close] = queue.SimpleQueue()
+        self._failure: BaseException | None = None
+        self._closing = False
+
+        # The tree, the chain and the checkpoint state continue from what _recover finds on disk.
+        self._frontier: MerkleFrontier
+        self._next_sequence: int
+        self._chain: bytes
+        self._checkpointed_size: int | None
+        self._uncheckpointed_since: float | None
+
+        self._dir_fd = self._lock_directory()
+        self._segment_fd: int | None = None
+        self._segment_size = 0
+        self._checkpoint_fd: int | None = None
+        try:
+            self.recovery: RecoveryReport = self._recover()
+            self._checkpoint_fd = self._create_or_open(CHECKPOINT_FILE)
+        except BaseException:
+            self._close_files()
+            raise
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side -----------------------------------------------------------------
+
+    async def append(self, record: Mapping[str, Any]) -> Appended:
+        """Log `record` (a JSON object); return once it is fsynced.
+
+        Raises AuditWriteError if the log has failed or is closed, AuditRecordError if the record
+        cannot be logged. A caller cancelled while waiting does not withdraw the record.
+        """
+        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        self._enqueue(record, future)
+        return await future
+
+    def append_sync(self, record: Mapping[str, Any]) -> Appended:
+        """`append` for code without an event loop (offline tools, tests); blocks until durable."""
+        future: concurrent.futures.Future[Appended] = concurrent.futures.Future()
+        self._enqueue(record, future)
+        return future.result()
+
+    async def close(self) -> None:
+        """Finish queued appends, sign a final checkpoint, fsync, and stop the writer."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            if self._request_close(future):
+                await future
+        finally:
+            await asyncio.to_thread(self._thread.join)
+
+    def close_sync(self) -> None:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        try:
+            if self._request_close(future):
+                future.result()
+        finally:
+            self._thread.join()
+
+    @property
+    def failed(self) -> bool:
+        """True once a write failed: the log takes no more records (serve NOT_SERVING)."""
+        return self._failure is not None
+
+    @property
+    def stats(self) -> AuditStats:
+        return AuditStats(self._records, self._batches, self._fsyncs, self._checkpoints)
+
+    def _enqueue(self, record: Mapping[str, Any], waiter: Waiter) -> None:
+        record_json = encode_record(record)
+        with self._lock:
+            if self._failure is not None:
+                raise AuditWriteError(f"audit log has failed: {self._failure}") from self._failure
+            if self._closing:
+                raise AuditWriteError("audit log is closed")
+            sequence = self._next_sequence
+            envelope, self._chain = seal_envelope(sequence, record_json, self._chain)
+            self._next_sequence += 1
+            self._queue.put(_Pending(sequence, frame(envelope), leaf_hash(envelope), waiter))
+
+    def _request_close(self, waiter: Waiter) -> bool:
+        with self._lock:
+            if self._closing:
+                return False
+            self._closing = True
+            self._queue.put(_Close(waiter))
+            return True
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _lock_directory(self) -> int:
+        created = not self._directory.exists()
+        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if created:
+            self._sync_directory(self._directory.parent)
+        fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AuditError(f"{self._directory} is in use by another audit log writer") from None
+        return fd
+
+    def _sync_directory(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self._sync(fd)
+        finally:
+            os.close(fd)
+
+    def _recover(self) -> RecoveryReport:
+        torn: list[TornTail] = []
+        notes, torn_note = read_checkpoint_notes(self._directory)
+        if torn_note is not None:
+            torn.append(self._cut(torn_note))
+        try:
+            latest = parse_body(split_note(notes[-1].decode("utf-8"))[0]) if notes else None
+        except (UnicodeDecodeError, CheckpointError) as error:
+            raise LogCorruptError(None, f"latest checkpoint is malformed: {error}") from None
+        if latest is not None and latest[0] != self._origin:
+            raise AuditError(f"{self._directory} holds the log of {latest[0]!r}, not this one")
+
+        frontier = MerkleFrontier()
+        reader = LogReader(self._directory)
+        root_at_latest = EMPTY_ROOT if latest is not None and latest[1] == 0 else None
+        try:
+            for record in reader:
+                frontier.append(record.leaf_hash)
+                if latest is not None and frontier.size == latest[1]:
+                    root_at_latest = frontier.root()
+        except LogCorruptError as error:
+            raise LogCorruptError(
+                error.sequence, f"{error.reason}; refusing to append (run `audit verify`)"
+            ) from None
+        if reader.torn is not None:
+            torn.append(self._cut(reader.torn))
+        if latest is not None and latest[1] > frontier.size:
+            raise LogCorruptError(
+                frontier.size,
+                f"the latest checkpoint covers {latest[1]} records but only {frontier.size} are "
+                "left; refusing to append (run `audit verify`)",
+            )
+        if latest is not None and root_at_latest != latest[2]:
+            raise LogCorruptError(
+                latest[1] - 1 if latest[1] else None,
+                f"the records no longer match the latest checkpoint (size {latest[1]}); "
+                "refusing to append (run `audit verify`)",
+            )
+
+        self._frontier = frontier
+        self._next_sequence = frontier.size
+        self._chain = reader.chain
+        self._checkpointed_size = latest[1] if latest is not None else None
+        self._uncheckpointed_since = (
+            time.monotonic() if frontier.size != (self._checkpointed_size or 0) else None
+        )
+        segments = list_segments(self._directory)
+        if segments:
+            self._segment_fd = os.open(segments[-1][1], os.O_WRONLY | os.O_APPEND)
+            self._segment_size = os.fstat(self._segment_fd).st_size
+        return RecoveryReport(frontier.size, tuple(torn))
+
+    def _cut(self, torn: TornTail) -> TornTail:
+        """Truncate an interrupted append off the end of a file, durably, and say so."""
+        fd = os.open(self._directory / torn.file, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, torn.offset)
+            self._sync(fd)
+        finally:
+            os.close(fd)
+        _log.warning(
+            "audit.torn_tail_truncated",
+            file=torn.file,
+            offset=torn.offset,
+            bytes=torn.length,
+            sequence=torn.sequence,
+        )
+        return torn
+
+    def _create_or_open(self, name: str) -> int:
+        path = self._directory / name
+        created = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+        if created:
+            self._sync(self._dir_fd)
+        return fd
+
+    # -- the writer thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._until_checkpoint())
+            except queue.Empty:
+                self._checkpoint()
+                continue
+            batch = [item]
+            while len(batch) < self._max_batch and not isinstance(batch[-1], _Close):
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            pending = [entry for entry in batch if isinstance(entry, _Pending)]
+            if pending:
+                self._commit(pending)
+            if self._checkpoint_due():
+                self._checkpoint()
+            if isinstance(batch[-1], _Close):  # always last: nothing is queued after closing
+                self._finish(batch[-1])
+                return
+
+    def _commit(self, pending: list[_Pending]) -> None:
+        if self._failure is None:
+            try:
+                self._write(pending)
+            except Exception as error:  # noqa: BLE001 - whatever failed, fail closed
+                self._fail(error)
+        if self._failure is not None:
+            _settle([(entry.waiter, self._write_error()) for entry in pending])
+            return
+        for entry in pending:
+            self._frontier.append(entry.leaf_hash)
+        self._records += len(pending)
+        self._batches += 1
+        if self._uncheckpointed_since is None:
+            self._uncheckpointed_since = time.monotonic()
+        _settle([(entry.waiter, Appended(entry.sequence, entry.leaf_hash)) for entry in pending])
+
+    def _write(self, pending: list[_Pending]) -> None:
+        chunk: list[bytes] = []
+        for entry in pending:
+            full = self._segment_size + len(entry.frame) > self._segment_bytes
+            if self._segment_fd is None or (full and self._segment_size > 0):
+                self._flush(chunk)
+                chunk = []
+                self._start_segment(entry.sequence)
+            chunk.append(entry.frame)
+            self._segment_size += len(entry.frame)
+        self._flush(chunk)
+
+    def _flush(self, chunk: list[bytes]) -> None:
+        if chunk and self._segment_fd is not None:
+            _write_all(self._segment_fd, b"".join(chunk))
+            self._sync(self._segment_fd)
+
+    def _start_segment(self, first_sequence: int) -> None:
+        if self._segment_fd is not None:
+            os.close(self._segment_fd)
+            self._segment_fd = None
+        path = self._directory / segment_name(first_sequence)
+        self._segment_fd = os.open(
+            path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, _FILE_MODE
+        )
+        self._segment_size = 0
+        self._sync(self._dir_fd)  # the new name must survive a crash with the data in it
+
+    def _sync(self, fd: int) -> None:
+        self._fsync(fd)
+        self._fsyncs += 1
+
+    def _until_checkpoint(self) -> float | None:
+        if self._uncheckpointed_since is None or self._failure is not None:
+            return None
+        return max(0.0, self._uncheckpointed_since + self._checkpoint_seconds - time.monotonic())
+
+    def _checkpoint_due(self) -> bool:
+        if self._failure is not None or self._uncheckpointed_since is None:
+            return False
+        behind = self._frontier.size - (self._checkpointed_size or 0)
+        waited = time.monotonic() - self._uncheckpointed_since
+        return behind >= self._checkpoint_every or waited >= self._checkpoint_seconds
+
+    def _checkpoint(self) -> None:
+        if self._failure is not None or self._checkpoint_fd is None:
+            return
+        size = self._frontier.size
+        note = format_checkpoint(
+            self._origin,
+            size,
+            self._frontier.root(),
+            key_name=self._key_name,
+            signing_key=self._signing_key,
+        )
+        try:
+            _write_all(self._checkpoint_fd, frame(note.encode()))
+            self._sync(self._checkpoint_fd)
+        except Exception as error:  # noqa: BLE001 - whatever failed, fail closed
+            self._fail(error)
+            return
+        self._checkpointed_size = size
+        self._uncheckpointed_since = None
+        self._checkpoints += 1
+
+    def _finish(self, close: _Close) -> None:
+        # A log that failed earlier has told every appender; only a failing final checkpoint
+        # makes close itself fail.
+        final_checkpoint_failed = False
+        if self._failure is None and self._frontier.size != self._checkpointed_size:
+            self._checkpoint()
+            final_checkpoint_failed = self._failure is not None
+        self._close_files()
+        _settle([(close.waiter, self._write_error() if final_checkpoint_failed else None)])
+
+    def _close_files(self) -> None:
+        for fd in (self._segment_fd, self._checkpoint_fd, self._dir_fd):
+            if fd is not None:
+                os.close(fd)  # closing the directory releases its lock
+        self._segment_fd = self._checkpoint_fd = None
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            self._failure = error
+        _log.error("audit.write_failed", error_type=type(error).__name__, error=str(error))
+
+    def _write_error(self) -> AuditWriteError:
+        error = AuditWriteError(f"audit log write failed: {self._failure}")
+        error.__cause__ = self._failure
+        return error

@@ -1,0 +1,249 @@
+"""Offline verification and proofs over a log directory: no server, no private key.
+
+What `verify_log` guarantees, assuming SHA-256 and Ed25519 hold:
+
+- Records [0, proven_size) are byte-for-byte the records a trusted checkpoint (a stored one that
+  verifies under the public key and origin, or `against`) was signed over.
+- When `ok` is false, the earliest altered, inserted, missing or moved record has a sequence in
+  [proven_size, first_bad_sequence]: `first_bad_sequence` is the first place where the stored log
+  demonstrably stops being the signed one, never later than the real first damage.
+- Any edit that leaves later records alone (a changed byte with or without a recomputed CRC, a
+  record inserted, deleted or moved, a segment removed) breaks the frame, the sequence number or
+  the hash chain at the damaged record itself, so `first_bad_sequence` is exactly that record
+  (an inserted record forged with a valid chain is caught at the record after it).
+- A forger who rewrites a record and re-chains everything after it leaves a self-consistent log;
+  only signed checkpoints can tell, so the report bounds the damage between the last checkpoint
+  that still matches (`proven_size`) and `first_bad_sequence`, the last record of the first
+  checkpoint that no longer matches.
+- A truncated tail is only visible against a checkpoint larger than what is left, stored or
+  exported (`against`): `first_bad_sequence` is then the first missing record.
+- Records after the last checkpoint are chained but not signed: a forger can rewrite them
+  undetectably until the next checkpoint; `proven_size` says how far the signatures reach.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from service.audit.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
+from service.audit.errors import LogCorruptError
+from service.audit.merkle import (
+    EMPTY_ROOT,
+    ProofError,
+    Range,
+    SubtreeCollector,
+    consistency_path,
+    inclusion_path,
+    verify_consistency,
+)
+from service.audit.storage import LogReader, StoredRecord, read_checkpoint_notes
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    size: int  # records read and checked, from sequence 0
+    root_hash: bytes  # Merkle root over those records
+    checkpoints: int  # stored checkpoints whose signature and origin verified
+    proven_size: int  # records [0, proven_size) are exactly what a trusted checkpoint signed
+    first_bad_sequence: int | None
+    reason: str | None  # the problem at first_bad_sequence (or the first problem found)
+    problems: tuple[str, ...]
+    torn_tail_bytes: int  # an interrupted final append, not counted as a record
+
+
+def _last(size: int) -> int | None:
+    """The last record a checkpoint of `size` covers, if any."""
+    return size - 1 if size else None
+
+
+def _stored_checkpoints(
+    directory: Path,
+    public_key: Ed25519PublicKey,
+    origin: str,
+    problems: list[tuple[int | None, str]],
+) -> list[Checkpoint]:
+    """The log's own checkpoints that verify, oldest first; the others go to `problems`."""
+    try:
+        notes, _ = read_checkpoint_notes(directory)
+    except LogCorruptError as error:
+        problems.append((None, str(error)))
+        return []
+    stored: list[Checkpoint] = []
+    for number, note in enumerate(notes):
+        try:
+            checkpoint = parse_checkpoint(note.decode("utf-8"), public_key, origin)
+        except (UnicodeDecodeError, CheckpointError) as error:
+            problems.append((None, f"stored checkpoint #{number}: {error}"))
+            continue
+        if stored and checkpoint.size < stored[-1].size:
+            problems.append((None, f"stored checkpoint #{number} rolls the size back"))
+        stored.append(checkpoint)
+    return stored
+
+
+def verify_log(
+    directory: str | os.PathLike[str],
+    public_key: Ed25519PublicKey,
+    origin: str,
+    *,
+    against: Checkpoint | None = None,
+) -> VerifyReport:
+    """Recompute the log's tree and check it against every signed checkpoint (see module doc)."""
+    directory = Path(directory)
+    if against is not None:  # a Checkpoint can be built by hand: trust only what verifies
+        against = parse_checkpoint(against.text, public_key, origin)
+    problems: list[tuple[int | None, str]] = []  # (upper bound on the first bad record, what)
+    stored = _stored_checkpoints(directory, public_key, origin, problems)
+    successive = [(old, new) for old, new in itertools.pairwise(stored) if old != new]
+    trusted = stored + ([against] if against is not None else [])
+    wanted: set[Range] = {(0, checkpoint.size) for checkpoint in trusted if checkpoint.size}
+    for old, new in successive:
+        if old.size <= new.size:
+            wanted.update(consistency_path(old.size, new.size))
+
+    collector = SubtreeCollector(wanted)
+    reader = LogReader(directory)
+    readable = True
+    try:
+        for record in reader:
+            collector.append(record.leaf_hash)
+    except LogCorruptError as error:
+        readable = False
+        problems.append((error.sequence, str(error)))
+    size = collector.size
+    roots = {0: EMPTY_ROOT} | {end: h for (start, end), h in collector.hashes.items() if not start}
+
+    proven = 0
+    for checkpoint in trusted:
+        name = "exported checkpoint" if checkpoint is against else "stored checkpoint"
+        if checkpoint.size > size:
+            if readable:  # else the damage found while reading already bounds it
+                problems.append(
+                    (
+                        size,
+                        f"{name} covers {checkpoint.size} records but the log holds {size}: "
+                        f"records from {size} are missing",
+                    )
+                )
+        elif roots[checkpoint.size] != checkpoint.root_hash:
+            problems.append(
+                (
+                    _last(checkpoint.size),
+                    f"{name} of size {checkpoint.size} does not match the records: a record "
+                    f"before {checkpoint.size} was altered",
+                )
+            )
+        else:
+            proven = max(proven, checkpoint.size)
+
+    for old, new in successive:
+        if old.size > new.size or new.size > size:
+            continue
+        proof = [collector.hashes[node] for node in consistency_path(old.size, new.size)]
+        try:
+            verify_consistency(old.size, new.size, old.root_hash, new.root_hash, proof)
+        except ProofError as error:
+            problems.append(
+                (_last(new.size), f"stored checkpoints {old.size} -> {new.size}: {error}")
+            )
+
+    bounded = [(sequence, text) for sequence, text in problems if sequence is not None]
+    first = min(bounded, key=lambda problem: problem[0]) if bounded else None
+    first_bad = first[0] if first else None
+    reason = first[1] if first else (problems[0][1] if problems else None)
+    return VerifyReport(
+        ok=not problems,
+        size=size,
+        root_hash=collector.root(),
+        checkpoints=len(stored),
+        proven_size=min(proven, first_bad) if first_bad is not None else proven,
+        first_bad_sequence=first_bad,
+        reason=reason,
+        problems=tuple(text for _, text in problems),
+        torn_tail_bytes=reader.torn.length if reader.torn else 0,
+    )
+
+
+def _hashes(directory: Path, wanted: list[Range], size: int) -> dict[Range, bytes]:
+    collector = SubtreeCollector(wanted)
+    for record in LogReader(directory):
+        if collector.size == size:
+            break
+        collector.append(record.leaf_hash)
+    if collector.size < size:
+        raise ProofError(f"the log holds {collector.size} records, fewer than {size}")
+    return collector.hashes
+
+
+def inclusion_proof(directory: str | os.PathLike[str], sequence: int, at_size: int) -> list[bytes]:
+    """The audit path of record `sequence` in the tree of the first `at_size` records."""
+    path = inclusion_path(sequence, at_size)
+    hashes = _hashes(Path(directory), path, at_size)
+    return [hashes[node] for node in path]
+
+
+def consistency_proof(
+    directory: str | os.PathLike[str], old_size: int, new_size: int
+) -> list[bytes]:
+    """The proof that the tree at `old_size` is a prefix of the tree at `new_size`."""
+    path = consistency_path(old_size, new_size)
+    hashes = _hashes(Path(directory), path, new_size)
+    return [hashes[node] for node in path]
+
+
+def latest_checkpoint(
+    directory: str | os.PathLike[str], public_key: Ed25519PublicKey, origin: str
+) -> Checkpoint | None:
+    """The newest stored checkpoint, verified; None if none was written yet."""
+    notes, _ = read_checkpoint_notes(Path(directory))
+    if not notes:
+        return None
+    try:
+        return parse_checkpoint(notes[-1].decode("utf-8"), public_key, origin)
+    except UnicodeDecodeError:
+        raise CheckpointError("latest checkpoint is not UTF-8") from None
+
+
+def iter_records(directory: str | os.PathLike[str]) -> Iterator[StoredRecord]:
+    """Every record with its sequence, in order; raises LogCorruptError at a damaged one."""
+    yield from LogReader(Path(directory))
+
+
+def parse_time(value: object) -> datetime | None:
+    """An ISO 8601 time as an aware UTC datetime (naive means UTC); None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def find_records(
+    directory: str | os.PathLike[str],
+    *,
+    equals: Mapping[str, object] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Iterator[StoredRecord]:
+    """Records whose fields equal `equals` and whose `time` is in [since, until).
+
+    With a time bound, records without a parseable `time` field are left out.
+    """
+    for stored in iter_records(directory):
+        if equals and any(stored.record.get(key) != value for key, value in equals.items()):
+            continue
+        if since is not None or until is not None:
+            time = parse_time(stored.record.get("time"))
+            if time is None or (since and time < since) or (until and time >= until):
+                continue
+        yield stored

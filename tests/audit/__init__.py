@@ -1,0 +1,1 @@
+"""Tests of the audit log room (service/audit), runnable alone and offline."""

@@ -1,0 +1,69 @@
+"""Keys, records and logs for the audit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from service.audit import AuditLog, Checkpoint, latest_checkpoint
+
+ORIGIN = "privscore.audit/test-instance"
+KEY_NAME = "privscore.audit/test-instance"
+
+
+def make_record(n: int) -> dict[str, Any]:
+    """A decision record shaped like the server's: ids, pseudonym, UTC time, opaque outputs."""
+    return {
+        "decision_id": f"dec-{n:04d}",
+        "subject": f"pseudo-{n % 3}",
+        "time": f"2026-11-26T10:{n // 60 % 60:02d}:{n % 60:02d}Z",
+        "rpc": "Score",
+        "outputs": {"score": 600 + n, "reasons": ["R1", "R7"]},
+    }
+
+
+def latest(directory: Path, key: Ed25519PrivateKey) -> Checkpoint:
+    """The log's newest checkpoint, which the test expects to exist."""
+    checkpoint = latest_checkpoint(directory, key.public_key(), ORIGIN)
+    assert checkpoint is not None
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def open_log(signing_key: Ed25519PrivateKey) -> Iterator[Callable[..., AuditLog]]:
+    """Opens logs with the test key and closes whatever a test left open."""
+    opened: list[AuditLog] = []
+
+    def open_(directory: Path, **options: Any) -> AuditLog:
+        log = AuditLog(
+            directory, signing_key=signing_key, key_name=KEY_NAME, origin=ORIGIN, **options
+        )
+        opened.append(log)
+        return log
+
+    yield open_
+    for log in opened:
+        log.close_sync()
+
+
+@pytest.fixture
+def write_log(open_log: Callable[..., AuditLog]) -> Callable[..., Path]:
+    """Writes records 0..count-1 one by one and closes the log (a final checkpoint)."""
+
+    def write(directory: Path, count: int, **options: Any) -> Path:
+        log = open_log(directory, **options)
+        for n in range(count):
+            log.append_sync(make_record(n))
+        log.close_sync()
+        return directory
+
+    return write
