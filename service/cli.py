@@ -7,12 +7,18 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
 
+from service.audit.cli import add_audit_commands
 from service.config import (
+    AUDIT_ORIGIN,
+    DEFAULT_DATA_DIR,
     DEFAULT_MODEL_DIR,
+    DEFAULT_MODEL_PUBLIC_KEY,
+    DEFAULT_POLICY,
     ConfigError,
     DataLayout,
     add_data_dir_argument,
@@ -89,7 +95,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
             print(json.dumps(keyring.listing(), indent=2))
             return 0
         if args.keys_command == "rotate":
-            entry = keyring.rotate(args.purpose)
+            entry = keyring.rotate()
             print(f"new primary {entry.purpose} key {entry.key_id}")
         else:
             entry = keyring.retire(args.key_id)
@@ -196,6 +202,56 @@ def _call_watch(args: argparse.Namespace, client: Any) -> None:
         )
 
 
+def _cmd_audit_replay(args: argparse.Namespace) -> int:
+    from service.api.replay import NotReplayable, replay
+    from service.audit import find_records
+    from service.decisions.policy import PolicyError, load_policy
+    from service.errors import ServiceError
+    from service.model.manifest import ArtifactError
+    from service.model.scorer import Scorer
+    from service.privacy.digest import derive_input_digest_key
+    from service.privacy.keyring import Keyring, KeyringError, load_kek
+    from service.privacy.sealing import FeatureOpener
+
+    try:
+        data_dir = data_dir_from(args)
+        keyring_path, kek_file = key_paths_from(args, data_dir)
+        keyring = Keyring.load(keyring_path, load_kek(kek_file))
+        scorer = Scorer(
+            Path(args.model_dir or DEFAULT_MODEL_DIR),
+            Path(args.model_public_key or DEFAULT_MODEL_PUBLIC_KEY),
+        )
+        policy = load_policy(Path(args.policy or DEFAULT_POLICY))
+        found = next(
+            find_records(DataLayout(data_dir).audit_dir, equals={"decision_id": args.decision}),
+            None,
+        )
+        if found is None:
+            print(
+                f"privscore audit replay: no record for decision {args.decision}", file=sys.stderr
+            )
+            return 1
+        report = replay(
+            found.record,
+            scorer,
+            FeatureOpener(keyring),
+            policy,
+            derive_input_digest_key(keyring.audit_signing_key()[1]),
+        )
+    except (
+        ConfigError,
+        KeyringError,
+        ArtifactError,
+        PolicyError,
+        NotReplayable,
+        ServiceError,
+    ) as error:
+        print(f"privscore audit replay: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"sequence": found.sequence, **report.to_json()}, indent=2))
+    return 0 if report.matches else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privscore", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -208,11 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     key_commands.add_parser("init", help="create the dev KEK, keyring and caller key if missing")
     key_commands.add_parser("list", help="list key ids, purposes, states and fingerprints")
-    rotate = key_commands.add_parser(
-        "rotate", help="make a new primary key; the old one still decrypts"
-    )
-    rotate.add_argument(
-        "--purpose", choices=("field-encryption", "audit-signing"), default="field-encryption"
+    key_commands.add_parser(
+        "rotate", help="make a new primary field key; the old one still decrypts until retired"
     )
     retire = key_commands.add_parser("retire", help="stop a non-primary key from decrypting")
     retire.add_argument("key_id")
@@ -220,6 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
         add_data_dir_argument(sub)
         add_key_arguments(sub)
     keys.set_defaults(run=_cmd_keys)
+
+    # Reviewers' commands read the log offline; defaults follow PRIVSCORE_DATA_DIR or ./var.
+    layout = DataLayout(Path(os.environ.get("PRIVSCORE_DATA_DIR") or DEFAULT_DATA_DIR))
+    audit_commands = add_audit_commands(
+        commands,
+        default_audit_dir=str(layout.audit_dir),
+        default_public_key=str(layout.audit_public_key),
+        default_origin=AUDIT_ORIGIN,
+    )
+    replay = audit_commands.add_parser(
+        "replay", help="re-run a recorded decision (needs the keyring and KEK) and compare"
+    )
+    replay.add_argument("--decision", required=True, metavar="ID", help="the decision id")
+    add_data_dir_argument(replay)
+    add_key_arguments(replay)
+    replay.add_argument("--model-dir", help="the recorded model, default the bundled model")
+    replay.add_argument("--model-public-key", help="the model team's key, default bundled")
+    replay.add_argument("--policy", help="the recorded policy file, default the bundled one")
+    replay.set_defaults(run=_cmd_audit_replay)
 
     target_help = f"server address, default {DEFAULT_TARGET} (env PRIVSCORE_TARGET)"
     health = commands.add_parser("health", help="print a running server's health status")

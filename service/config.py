@@ -18,10 +18,13 @@ DEFAULT_BIND = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_DATA_DIR = Path("var")
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_AUDIT_CHECKPOINT_SECONDS = 10.0
 _PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_DIR = _PACKAGE_DIR / "model" / "default_artifact"
 DEFAULT_MODEL_PUBLIC_KEY = _PACKAGE_DIR / "model" / "trusted_keys" / "model-team.pub"
 DEFAULT_POLICY = _PACKAGE_DIR / "decisions" / "default_policy.toml"
+# Names this log in its signed checkpoints; a checkpoint for another origin never verifies.
+AUDIT_ORIGIN = "privscore.audit/v1"
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -55,9 +58,9 @@ class DataLayout:
         return self.keys_dir / "public-keys.json"
 
     @property
-    def audit_public_keys(self) -> Path:
-        """The audit checkpoint verification keys, for reviewers."""
-        return self.keys_dir / "audit-public-keys.json"
+    def audit_public_key(self) -> Path:
+        """The audit checkpoint verification key (PEM), for reviewers."""
+        return self.keys_dir / "audit-signing.pub"
 
     @property
     def decision_store(self) -> Path:
@@ -91,6 +94,7 @@ class ServerSettings:
     model_dir: Path
     model_public_key: Path
     policy: Path
+    audit_checkpoint_seconds: float
 
     @property
     def layout(self) -> DataLayout:
@@ -125,6 +129,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--model-dir", "signed model artifact directory, default the bundled model")
     arg("--model-public-key", "model team's trusted Ed25519 public key, default the bundled one")
     arg("--policy", "decision policy file (TOML), default the bundled policy")
+    arg(
+        "--audit-checkpoint-seconds",
+        f"sign an audit checkpoint at least this often while decisions arrive, default "
+        f"{DEFAULT_AUDIT_CHECKPOINT_SECONDS:g} (and every 1000 records, and at shutdown)",
+    )
     add_data_dir_argument(parser)
     add_key_arguments(parser)
 
@@ -199,6 +208,12 @@ def settings_from(
             "--model-public-key", pick("--model-public-key", str(DEFAULT_MODEL_PUBLIC_KEY))
         ),
         policy=_existing("--policy", pick("--policy", str(DEFAULT_POLICY))),
+        audit_checkpoint_seconds=_parse_float(
+            "--audit-checkpoint-seconds",
+            pick("--audit-checkpoint-seconds", str(DEFAULT_AUDIT_CHECKPOINT_SECONDS)),
+            0.05,
+            3600.0,
+        ),
     )
     return settings
 

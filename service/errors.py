@@ -29,6 +29,8 @@ class ServiceError(Exception):
 
     code = grpc.StatusCode.INTERNAL
     reason = "INTERNAL"
+    # A refused call is audited; an unavailable server has nothing to audit it with.
+    audited = True
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -81,11 +83,7 @@ class FailedPrecondition(ServiceError):
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
-
-
-class Unimplemented(ServiceError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "NOT_YET_IMPLEMENTED"
+    audited = False
 
 
 class ResourceExhausted(ServiceError):

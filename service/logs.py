@@ -8,6 +8,7 @@ defence behind code that never passes such values in the first place.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -34,11 +35,16 @@ DENIED_KEYS = frozenset(
     }
 )
 REDACTED = "[redacted]"
+# Values shaped like key material or ciphertext: PEM blocks, long base64 or hex runs, raw bytes.
+_SECRET_SHAPED = re.compile(r"-----BEGIN|[A-Za-z0-9+/]{40,}={0,2}|[0-9a-fA-F]{64,}")
 
 
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in DENIED_KEYS.intersection(event):
-        event[key] = REDACTED
+    """Mask deny-listed keys and any value shaped like a secret, whatever its key."""
+    for key, value in event.items():
+        shaped = isinstance(value, str) and key != "event" and _SECRET_SHAPED.search(value)
+        if key in DENIED_KEYS or isinstance(value, bytes | bytearray) or shaped:
+            event[key] = REDACTED
     return event
 
 

@@ -9,8 +9,6 @@ from typing import Any
 
 import grpc
 import structlog
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
@@ -18,24 +16,29 @@ from grpc_reflection.v1alpha import reflection
 from privscore.v1 import (
     alert_service_pb2,
     alert_service_pb2_grpc,
+    audit_service_pb2,
+    audit_service_pb2_grpc,
     limit_service_pb2,
     limit_service_pb2_grpc,
     scoring_service_pb2,
     scoring_service_pb2_grpc,
 )
 from service.api.alerts import AlertServicer
+from service.api.audit import AuditServicer
 from service.api.limits import LimitServicer
 from service.api.runtime import Runtime, RuntimeSlot
 from service.api.scoring import ScoringServicer
+from service.api.validation import well_formed_request_id, well_formed_subject
 from service.audit import AuditError, AuditLog, AuditWriteError
-from service.config import ServerSettings
+from service.config import AUDIT_ORIGIN, ServerSettings
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import PolicyError, load_policy
 from service.decisions.store import DecisionStore
-from service.errors import Unavailable
+from service.errors import ServiceError, Unavailable
 from service.interceptors import RequestContextInterceptor
 from service.model.manifest import ArtifactError
 from service.model.scorer import Scorer
+from service.privacy.digest import derive_input_digest_key
 from service.privacy.keyring import Keyring, KeyringError, load_kek
 from service.privacy.sealing import FeatureOpener
 
@@ -43,12 +46,11 @@ SERVICE_NAMES = (
     scoring_service_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
     limit_service_pb2.DESCRIPTOR.services_by_name["LimitService"].full_name,
     alert_service_pb2.DESCRIPTOR.services_by_name["AlertService"].full_name,
+    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 # "" is the whole server's status, as grpc_health_probe and Kubernetes ask by default.
 HEALTH_NAMES = ("", *SERVICE_NAMES)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-AUDIT_ORIGIN = "privscore.audit/v1"
-_INPUT_DIGEST_INFO = b"privscore.v1/audit-input-digest"
 
 log = structlog.get_logger("privscore.server")
 
@@ -103,7 +105,7 @@ class PrivscoreServer:
         self._audit_log: AuditLog | None = None
         self.port = 0
         self._server = grpc.aio.server(
-            interceptors=[RequestContextInterceptor()],
+            interceptors=[RequestContextInterceptor(on_refusal=self._audit_refusal)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -118,6 +120,9 @@ class PrivscoreServer:
         )
         alert_service_pb2_grpc.add_AlertServiceServicer_to_server(
             AlertServicer(self.slot), self._server
+        )
+        audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
+            AuditServicer(self.slot, settings.layout.audit_dir, AUDIT_ORIGIN), self._server
         )
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -155,6 +160,7 @@ class PrivscoreServer:
                     signing_key=signing_key,
                     key_name=key_name,
                     origin=AUDIT_ORIGIN,
+                    checkpoint_seconds=settings.audit_checkpoint_seconds,
                 )
             )
         except AuditError as error:
@@ -180,9 +186,8 @@ class PrivscoreServer:
             store=store,
             alerts=AlertStream(fetch_alerts, store.last_alert_sequence()),
             audit=FailClosedAudit(audit_log, self._audit_failed),
-            input_digest_key=HKDF(hashes.SHA256(), 32, salt=None, info=_INPUT_DIGEST_INFO).derive(
-                signing_key.private_bytes_raw()
-            ),
+            audit_public_key=signing_key.public_key(),
+            input_digest_key=derive_input_digest_key(signing_key),
         )
         self.slot.fill(runtime)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -192,6 +197,14 @@ class PrivscoreServer:
             model_version=scorer.model_version,
             schema_version=scorer.schema_version,
             policy_version=policy.version,
+        )
+
+    async def _audit_refusal(self, method: str, request: Any, error: ServiceError) -> None:
+        runtime = self.slot.peek()
+        if runtime is None:
+            return  # not ready: the call was refused before anything could be decided
+        await runtime.audit_refusal(
+            method, well_formed_request_id(request), well_formed_subject(request), error
         )
 
     async def _audit_failed(self) -> None:

@@ -61,7 +61,13 @@ def applicants() -> tuple[dict[str, FeatureInput], ...]:
 class ServerProcess:
     """`privscore serve` in a child process; collects its JSON log lines as they arrive."""
 
-    def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         init_dev_keys(data_dir)
         self.lines: list[str] = []
@@ -87,6 +93,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=preexec_fn,
         )
         self._reader = threading.Thread(target=self._read_stdout, daemon=True)
         self._reader.start()

@@ -197,6 +197,12 @@ def test_health_moves_from_not_serving_to_serving(tmp_path: Path) -> None:
 
     async def scenario() -> list[int]:
         server = PrivscoreServer(settings)
+        try:
+            return await observe(server)
+        finally:
+            await server.stop()
+
+    async def observe(server: PrivscoreServer) -> list[int]:
         await server.listen()
         seen = []
         async with grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}") as channel:
@@ -204,19 +210,16 @@ def test_health_moves_from_not_serving_to_serving(tmp_path: Path) -> None:
             check = health_pb2.HealthCheckRequest(service="privscore.v1.ScoringService")
             seen.append((await health.Check(check, timeout=5)).status)
             scoring = scoring_service_pb2_grpc.ScoringServiceStub(channel)
+            early_request = scoring_service_pb2.ScoreRequest(
+                request_id="early",
+                subject=common_pb2.SubjectRef(tenant="t", pseudonym=PSEUDONYM),
+                features=valid_features(),
+            )
             with pytest.raises(grpc.aio.AioRpcError) as early:
-                await scoring.Score(
-                    scoring_service_pb2.ScoreRequest(
-                        request_id="early",
-                        subject=common_pb2.SubjectRef(tenant="t", pseudonym=PSEUDONYM),
-                        features=valid_features(),
-                    ),
-                    timeout=5,
-                )
+                await scoring.Score(early_request, timeout=5)
             assert early.value.code() == grpc.StatusCode.UNAVAILABLE
             await server.become_ready()
             seen.append((await health.Check(check, timeout=5)).status)
-            await server.stop()
         return seen
 
     assert asyncio.run(scenario()) == [NOT_SERVING, SERVING]

@@ -154,32 +154,26 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
             alerts.sort(key=lambda a: -a.severity)
             response.duplicate = duplicate
             response.metadata.audit_sequence = await runtime.audit.append(
-                {
-                    "rpc": EVALUATE_EVENT_METHOD,
-                    "decision_id": response.metadata.decision_id,
-                    "request_id": request.request_id,
-                    "time": now.isoformat(),
-                    "subject": subject.pseudonym,
-                    "tenant": subject.tenant,
-                    "policy_version": runtime.policy.version,
-                    "event": json_format.MessageToDict(
+                runtime.record(
+                    EVALUATE_EVENT_METHOD,
+                    response.metadata,
+                    subject,
+                    event=json_format.MessageToDict(
                         request.event, preserving_proto_field_name=True
                     ),
-                    "outputs": {
+                    outputs={
                         "duplicate": duplicate,
                         "alerts": [
                             {
                                 "rule": a.rule,
                                 "severity": pb.Severity.Name(a.severity),
-                                "recommended_action": pb.RecommendedAction.Name(
-                                    a.recommended_action
-                                ),
+                                "action": pb.RecommendedAction.Name(a.recommended_action),
                                 "reasons": [r.code for r in a.reasons],
                             }
                             for a in alerts
                         ],
                     },
-                }
+                )
             )
             if duplicate:
                 return response

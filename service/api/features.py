@@ -7,11 +7,10 @@ from typing import Any
 from google.protobuf import json_format
 
 from privscore.v1 import common_pb2
-from service.api.runtime import Runtime
 from service.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from service.model.schema import validate_record
-from service.model.scorer import Row
-from service.privacy.sealing import FeatureInput
+from service.model.scorer import Row, Scorer
+from service.privacy.sealing import FeatureInput, FeatureOpener
 
 
 class SchemaVersionMismatch(FailedPrecondition):
@@ -19,7 +18,8 @@ class SchemaVersionMismatch(FailedPrecondition):
 
 
 def open_row(
-    runtime: Runtime,
+    scorer: Scorer,
+    opener: FeatureOpener,
     features: common_pb2.EncryptedFeatures,
     subject: common_pb2.SubjectRef,
     *,
@@ -29,12 +29,12 @@ def open_row(
     opened_keys: dict[bytes, Any] | None = None,
 ) -> Row:
     """Decrypt and validate against the served model's schema; errors name fields only."""
-    served = runtime.scorer.schema_version
+    served = scorer.schema_version
     if features.schema_version != served:
         raise SchemaVersionMismatch(
             f"{path}.schema_version does not match the served model's schema {served}"
         )
-    values = runtime.opener.open(
+    values = opener.open(
         features,
         subject,
         method=method,
@@ -42,7 +42,7 @@ def open_row(
         path=path,
         opened_keys=opened_keys,
     )
-    problems = validate_record(runtime.scorer.manifest.schema, values)
+    problems = validate_record(scorer.manifest.schema, values)
     if problems:
         index = {field.name: i for i, field in enumerate(features.fields)}
         raise InvalidArgument(

@@ -106,7 +106,8 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             raise CurrencyNotSupported(f"the limit policy has no ceilings for {currency}")
         if request.HasField("features"):
             row = open_row(
-                runtime,
+                runtime.scorer,
+                runtime.opener,
                 request.features,
                 subject,
                 method=ADJUST_LIMIT_METHOD,
@@ -164,25 +165,17 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
                 score=score,
             )
             response.metadata.audit_sequence = await runtime.audit.append(
-                {
-                    "rpc": ADJUST_LIMIT_METHOD,
-                    "decision_id": response.metadata.decision_id,
-                    "request_id": request.request_id,
-                    "time": now.isoformat(),
-                    "subject": subject.pseudonym,
-                    "tenant": subject.tenant,
-                    "model_version": runtime.scorer.model_version,
-                    "model_manifest_sha256": runtime.scorer.manifest_sha256,
-                    "policy_version": runtime.policy.version,
-                    "input_digest": inputs_digest,
-                    "encrypted_inputs": encrypted,
-                    "account": json_format.MessageToDict(account, preserving_proto_field_name=True),
-                    "outputs": json_format.MessageToDict(
-                        response,
-                        preserving_proto_field_name=True,
-                        always_print_fields_with_no_presence=False,
-                    ),
-                }
+                runtime.record(
+                    ADJUST_LIMIT_METHOD,
+                    response.metadata,
+                    subject,
+                    input_digest=inputs_digest,
+                    encrypted_inputs=encrypted,
+                    account=json_format.MessageToDict(account, preserving_proto_field_name=True),
+                    # What the cool-down rule saw, so a replay can decide exactly as this did.
+                    last_increase_at=last_increase.isoformat() if last_increase else None,
+                    outputs=json_format.MessageToDict(response, preserving_proto_field_name=True),
+                )
             )
             await runtime.in_store(
                 lambda: runtime.store.record_limit_decision(

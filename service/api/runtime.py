@@ -8,23 +8,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
-import hmac
-import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf import timestamp_pb2
 
 from privscore.v1 import common_pb2
+from service.callctx import CALLER
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy
 from service.decisions.store import DecisionStore
-from service.errors import Unavailable
+from service.errors import ServiceError, Unavailable
 from service.model.scorer import Scorer
+from service.privacy.digest import input_digest
 from service.privacy.sealing import FeatureOpener
 
 T = TypeVar("T")
@@ -65,6 +65,7 @@ class Runtime:
     store: DecisionStore
     alerts: AlertStream
     audit: AuditSink
+    audit_public_key: Ed25519PublicKey
     input_digest_key: bytes
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     subject_locks: KeyedLocks = field(default_factory=KeyedLocks)
@@ -77,10 +78,7 @@ class Runtime:
         return await asyncio.get_running_loop().run_in_executor(self.store_thread, call, *args)
 
     def input_digest(self, inputs: Mapping[str, Any]) -> str:
-        """Keyed digest of decrypted inputs: lets a reviewer with the key check a replay
-        without the log holding a plaintext value (an unkeyed hash could be brute-forced)."""
-        body = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hmac.new(self.input_digest_key, body.encode(), hashlib.sha256).hexdigest()
+        return input_digest(self.input_digest_key, inputs)
 
     def metadata(self, request_id: str, decided_at: dt.datetime) -> common_pb2.DecisionMetadata:
         """Decision metadata without its audit sequence, which the audit append assigns."""
@@ -92,6 +90,50 @@ class Runtime:
             policy_version=self.policy.version,
             decided_at=stamp,
             request_id=request_id,
+        )
+
+    def record(
+        self,
+        rpc: str,
+        metadata: common_pb2.DecisionMetadata,
+        subject: common_pb2.SubjectRef | None,
+        **details: Any,
+    ) -> dict[str, Any]:
+        """An audit record: who, what, when, under which model and policy, plus `details`.
+
+        Subjects appear by pseudonym only; details must hold no plaintext feature value.
+        """
+        return {
+            "rpc": rpc,
+            "decision_id": metadata.decision_id,
+            "request_id": metadata.request_id,
+            "time": metadata.decided_at.ToJsonString(),
+            "caller": CALLER.get(),
+            "tenant": subject.tenant if subject is not None else None,
+            "subject": subject.pseudonym if subject is not None else None,
+            "model_version": self.scorer.model_version,
+            "model_manifest_sha256": self.scorer.manifest_sha256,
+            "policy_version": self.policy.version,
+            **details,
+        }
+
+    async def audit_refusal(
+        self, rpc: str, request_id: str, subject: common_pb2.SubjectRef | None, error: ServiceError
+    ) -> int:
+        """Record a refused call (invalid, unauthorised, ...) with its code and the fields
+        named, so the log shows every call that asked for a decision and did not get one."""
+        metadata = self.metadata(request_id, self.clock())
+        fields = sorted({v.field for v in getattr(error, "violations", ())})
+        return await self.audit.append(
+            self.record(
+                rpc,
+                metadata,
+                subject,
+                outcome="refused",
+                code=error.code.name,
+                reason=error.reason,
+                fields=fields,
+            )
         )
 
     def close(self) -> None:

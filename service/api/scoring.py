@@ -15,8 +15,10 @@ from privscore.v1 import scoring_service_pb2 as pb
 from service.api import validation as check
 from service.api.features import encrypted_inputs, open_row
 from service.api.runtime import Runtime, RuntimeSlot
+from service.api.validation import well_formed_subject
+from service.decisions.policy import ScorePolicy
 from service.errors import ServiceError
-from service.model.scorer import Row
+from service.model.scorer import Row, Scorer
 
 SCORE_METHOD = "/privscore.v1.ScoringService/Score"
 SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch"
@@ -72,7 +74,8 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
         validate_score(request)
         runtime = self._slot.runtime
         row = open_row(
-            runtime,
+            runtime.scorer,
+            runtime.opener,
             request.features,
             request.subject,
             method=SCORE_METHOD,
@@ -92,12 +95,14 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
         results = [pb.ScoreBatchResult(index=i) for i in range(len(request.items))]
         applicants: list[_Applicant] = []
         positions: list[int] = []
+        refusals = []
         opened_keys: dict[bytes, Any] = {}  # one HPKE open per distinct sealed data key
         for index, item in enumerate(request.items):
             try:
                 validate_batch_item(item)
                 row = open_row(
-                    runtime,
+                    runtime.scorer,
+                    runtime.opener,
                     item.features,
                     item.subject,
                     method=SCORE_BATCH_METHOD,
@@ -106,24 +111,27 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
                 )
             except ServiceError as error:
                 results[index].error.CopyFrom(error.to_status())
+                refusals.append(
+                    runtime.audit_refusal(
+                        SCORE_BATCH_METHOD, request.request_id, well_formed_subject(item), error
+                    )
+                )
                 continue
             applicants.append(_Applicant(item.subject, item.features, row))
             positions.append(index)
         responses = await _decide(runtime, SCORE_BATCH_METHOD, request.request_id, applicants)
+        await asyncio.gather(*refusals)
         for index, response in zip(positions, responses, strict=True):
             results[index].decision.CopyFrom(response)
         return pb.ScoreBatchResponse(results=results)
 
 
-async def _decide(
-    runtime: Runtime, method: str, request_id: str, applicants: Sequence[_Applicant]
-) -> list[pb.ScoreResponse]:
-    """Score all applicants in one model run, explain the adverse ones in one more, audit
-    every decision (concurrently, so group commit makes them one fsync), then reply."""
-    if not applicants:
+def assess(scorer: Scorer, policy: ScorePolicy, rows: Sequence[Row]) -> list[pb.CreditScore]:
+    """Score rows in one model run and explain the adverse ones in one more. Pure: the same
+    model, policy and rows always give the same result, which is what `audit replay` checks."""
+    if not rows:
         return []
-    scorer, policy = runtime.scorer, runtime.policy.score
-    probabilities = scorer.probabilities([a.row for a in applicants])
+    probabilities = scorer.probabilities(rows)
     exact_scores = [scorer.manifest.scaling.score(float(p)) for p in probabilities]
     scores = [round(s) for s in exact_scores]
     verdicts = [
@@ -136,43 +144,42 @@ async def _decide(
     ]
     adverse = [i for i, verdict in enumerate(verdicts) if verdict != "APPROVE"]
     explained = scorer.reasons(
-        [applicants[i].row for i in adverse],
-        [exact_scores[i] for i in adverse],
-        policy.max_reasons,
+        [rows[i] for i in adverse], [exact_scores[i] for i in adverse], policy.max_reasons
     )
-    reasons: dict[int, list[Any]] = dict(zip(adverse, explained, strict=True))
+    reasons = dict(zip(adverse, explained, strict=True))
+    return [
+        pb.CreditScore(
+            probability_of_default=float(probabilities[i]),
+            score=scores[i],
+            grade=policy.grade_of(scores[i]),
+            decision=_DECISIONS[verdicts[i]],
+            reasons=[common_pb2.Reason(code=r.code, text=r.text) for r in reasons.get(i, [])],
+        )
+        for i in range(len(rows))
+    ]
+
+
+async def _decide(
+    runtime: Runtime, method: str, request_id: str, applicants: Sequence[_Applicant]
+) -> list[pb.ScoreResponse]:
+    """Assess every applicant, audit every decision (concurrently, so group commit makes them
+    one fsync), then reply."""
+    scores = assess(runtime.scorer, runtime.policy.score, [a.row for a in applicants])
     decided_at = runtime.clock()
     responses = []
     records = []
-    for i, applicant in enumerate(applicants):
-        response = pb.ScoreResponse(
-            metadata=runtime.metadata(request_id, decided_at),
-            score=pb.CreditScore(
-                probability_of_default=float(probabilities[i]),
-                score=scores[i],
-                grade=policy.grade_of(scores[i]),
-                decision=_DECISIONS[verdicts[i]],
-                reasons=[common_pb2.Reason(code=r.code, text=r.text) for r in reasons.get(i, [])],
-            ),
-        )
+    for applicant, score in zip(applicants, scores, strict=True):
+        response = pb.ScoreResponse(metadata=runtime.metadata(request_id, decided_at), score=score)
         responses.append(response)
         records.append(
-            {
-                "rpc": method,
-                "decision_id": response.metadata.decision_id,
-                "request_id": request_id,
-                "time": decided_at.isoformat(),
-                "subject": applicant.subject.pseudonym,
-                "tenant": applicant.subject.tenant,
-                "model_version": scorer.model_version,
-                "model_manifest_sha256": scorer.manifest_sha256,
-                "policy_version": runtime.policy.version,
-                "input_digest": runtime.input_digest(dict(applicant.row)),
-                "encrypted_inputs": encrypted_inputs(applicant.features),
-                "outputs": json_format.MessageToDict(
-                    response.score, preserving_proto_field_name=True
-                ),
-            }
+            runtime.record(
+                method,
+                response.metadata,
+                applicant.subject,
+                input_digest=runtime.input_digest(dict(applicant.row)),
+                encrypted_inputs=encrypted_inputs(applicant.features),
+                outputs=json_format.MessageToDict(response.score, preserving_proto_field_name=True),
+            )
         )
     sequences = await asyncio.gather(*(runtime.audit.append(r) for r in records))
     for response, sequence in zip(responses, sequences, strict=True):

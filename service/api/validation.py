@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
@@ -200,3 +201,20 @@ def check_encrypted_features(
             f"{path}.ciphertext",
             f"must be {AES_GCM_TAG_BYTES + 1}-{MAX_FIELD_CIPHERTEXT_BYTES} bytes",
         )
+
+
+def well_formed_request_id(request: Any) -> str:
+    """The request's id if it has the contract's shape, else "": a malformed one may hold
+    anything, a raw customer id included, and must not reach the audit log."""
+    request_id = getattr(request, "request_id", "")
+    return request_id if isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id) else ""
+
+
+def well_formed_subject(request: Any) -> common_pb2.SubjectRef | None:
+    """The request's subject if tenant and pseudonym have the contract's shape, else None."""
+    if not isinstance(getattr(request, "subject", None), common_pb2.SubjectRef):
+        return None
+    subject: common_pb2.SubjectRef = request.subject
+    if TENANT.fullmatch(subject.tenant) and PSEUDONYM.fullmatch(subject.pseudonym):
+        return subject
+    return None

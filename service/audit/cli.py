@@ -8,8 +8,8 @@
     audit show        [--decision ID] [--subject PSEUDONYM] [--since ISO] [--until ISO]
     audit export                                    every record, one envelope per line
 
-Commands print JSON (records as their stored envelopes, hashes in base64) and exit 0 on
-success, 1 when verification fails or nothing is found.
+Output is JSON with hashes in base64 (show and export: one stored envelope per line; checkpoint:
+the signed note). Exit 0 on success, 1 when verification fails or nothing is found.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -42,6 +42,7 @@ from service.audit.verify import (
 )
 
 Command = Callable[[argparse.Namespace], int]
+_T = TypeVar("_T")
 
 
 class _Failed(Exception):
@@ -136,36 +137,38 @@ def _cmd_prove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _field(document: dict[str, Any], name: str, kind: type[_T]) -> _T:
+    value = document.get(name)
+    if type(value) is not kind:  # `is`, so that True is not taken for a sequence number
+        raise _Failed(f"not a proof printed by `audit prove`: bad or missing {name!r}")
+    return value
+
+
 def _cmd_verify_proof(args: argparse.Namespace) -> int:
     try:
-        document: Any = json.loads(_read_text(args.file))
-        sequence, leaf_text = document["sequence"], document["leaf"]
-        claimed_size, nodes, note = (
-            document["tree_size"],
-            document["inclusion_proof"],
-            document["checkpoint"],
-        )
-    except (ValueError, KeyError, TypeError):
-        raise _Failed("not a proof printed by `audit prove`") from None
-    if not all(type(x) is int for x in (sequence, claimed_size)) or not isinstance(nodes, list):
+        document = json.loads(_read_text(args.file))
+    except ValueError:
+        raise _Failed("not a proof printed by `audit prove`: not JSON") from None
+    if not isinstance(document, dict):
         raise _Failed("not a proof printed by `audit prove`")
-    if not isinstance(leaf_text, str) or not isinstance(note, str):
-        raise _Failed("not a proof printed by `audit prove`")
-    checkpoint = parse_checkpoint(note, _public_key(args), args.origin)
-    if claimed_size != checkpoint.size:
+    sequence = _field(document, "sequence", int)
+    leaf = _field(document, "leaf", str).encode("utf-8")
+    checkpoint = parse_checkpoint(
+        _field(document, "checkpoint", str), _public_key(args), args.origin
+    )
+    if _field(document, "tree_size", int) != checkpoint.size:
         raise _Failed("the proof's tree size is not its checkpoint's")
-    leaf = leaf_text.encode("utf-8")
-    if _unb64(document.get("leaf_hash"), "leaf_hash") != leaf_hash(leaf):
+    if _unb64(_field(document, "leaf_hash", str), "leaf_hash") != leaf_hash(leaf):
         raise _Failed("leaf_hash is not the hash of the leaf")
     try:
-        envelope_sequence = json.loads(leaf_text).get("seq")
-    except (ValueError, AttributeError):
+        envelope = json.loads(leaf)
+    except ValueError:
         raise _Failed("the leaf is not a record envelope") from None
-    if envelope_sequence != sequence:
+    if not isinstance(envelope, dict) or envelope.get("seq") != sequence:
         raise _Failed("the leaf's own sequence is not the one the proof claims")
-    proof = [_unb64(node, "a proof node") for node in nodes]
+    proof = [_unb64(node, "a proof node") for node in _field(document, "inclusion_proof", list)]
     verify_inclusion(leaf, sequence, checkpoint.size, proof, checkpoint.root_hash)
-    print(f"ok: record {sequence} is in {checkpoint.origin} at tree size {checkpoint.size}")
+    _print_json({"ok": True, "sequence": sequence, "tree_size": checkpoint.size})
     return 0
 
 
@@ -234,10 +237,11 @@ def add_audit_commands(
     default_audit_dir: str | None = None,
     default_public_key: str | None = None,
     default_origin: str | None = None,
-) -> None:
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """Register `audit ...` under `subparsers`; each command sets `run(args) -> exit code`.
 
     Defaults injected here (e.g. from the server's data directory) make the flags optional.
+    Returns the `audit` subcommands, for commands that need more than this room (replay).
     """
     audit = subparsers.add_parser("audit", help="verify, prove and read the audit log offline")
     commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -296,3 +300,4 @@ def add_audit_commands(
     show.add_argument("--until", type=_iso_time, metavar="ISO", help="time before")
 
     command("export", _cmd_export, "print every record as JSON lines", key=False)
+    return commands

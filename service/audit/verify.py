@@ -5,20 +5,22 @@ What `verify_log` guarantees, assuming SHA-256 and Ed25519 hold:
 - Records [0, proven_size) are byte-for-byte the records a trusted checkpoint (a stored one that
   verifies under the public key and origin, or `against`) was signed over.
 - When `ok` is false, the earliest altered, inserted, missing or moved record has a sequence in
-  [proven_size, first_bad_sequence]: `first_bad_sequence` is the first place where the stored log
-  demonstrably stops being the signed one, never later than the real first damage.
-- Any edit that leaves later records alone (a changed byte with or without a recomputed CRC, a
-  record inserted, deleted or moved, a segment removed) breaks the frame, the sequence number or
-  the hash chain at the damaged record itself, so `first_bad_sequence` is exactly that record
-  (an inserted record forged with a valid chain is caught at the record after it).
-- A forger who rewrites a record and re-chains everything after it leaves a self-consistent log;
-  only signed checkpoints can tell, so the report bounds the damage between the last checkpoint
-  that still matches (`proven_size`) and `first_bad_sequence`, the last record of the first
-  checkpoint that no longer matches.
-- A truncated tail is only visible against a checkpoint larger than what is left, stored or
-  exported (`against`): `first_bad_sequence` is then the first missing record.
+  [proven_size, first_bad_sequence]: `first_bad_sequence` is where the stored log demonstrably
+  stops being the signed one, never before the real first damage.
+- Tampering done without re-sealing envelopes (a changed byte with or without a recomputed CRC,
+  existing records inserted, deleted or moved, a segment removed) breaks the frame, the sequence
+  number or the hash chain at the damaged record itself: `first_bad_sequence` is exactly it.
+- A forger who re-seals envelopes with our code is caught at the first record after the forgery
+  that was not re-sealed (so a forged insertion is reported at the record it displaced). One who
+  re-seals everything to the end leaves a self-consistent log that only signed checkpoints give
+  away: the damage lies between the last checkpoint that still matches (`proven_size`) and the
+  last record of the first one that does not (`first_bad_sequence`).
+- A truncated tail shows only against a checkpoint larger than what is left, stored or exported
+  (`against`): `first_bad_sequence` is then the first missing record.
 - Records after the last checkpoint are chained but not signed: a forger can rewrite them
   undetectably until the next checkpoint; `proven_size` says how far the signatures reach.
+- A torn final record (an interrupted append, never acknowledged) is not a problem: it is left
+  out and counted in `torn_tail_bytes`, unless a checkpoint covers it.
 """
 
 from __future__ import annotations

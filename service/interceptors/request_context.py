@@ -19,6 +19,7 @@ import grpc
 import structlog
 from grpc_status import rpc_status
 
+from service.callctx import CALLER
 from service.errors import ServiceError
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -56,24 +57,40 @@ def _origin(error: BaseException) -> str:
     return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno}"
 
 
-class _CallScope:
-    """Binds the request id to the log context for one call and writes its canonical line."""
+# Records a refused call in the audit log; raises a ServiceError if it cannot.
+RefusalHook = Callable[[str, Any, ServiceError], Awaitable[None]]
 
-    def __init__(self, method: str, context: Context, request_id: str) -> None:
+
+class _CallScope:
+    """Binds the request id and caller to the log context for one call, audits a refusal, and
+    writes the call's canonical log line."""
+
+    def __init__(
+        self, method: str, context: Context, request_id: str, on_refusal: RefusalHook | None
+    ) -> None:
         self.method = method
+        self.on_refusal = on_refusal
         self.context = context
         self.request_id = request_id
         self.code = grpc.StatusCode.OK
         self.started = time.perf_counter()
         self._bound = structlog.contextvars.bound_contextvars(request_id=request_id, method=method)
+        self._caller_token: Any = None
 
     async def __aenter__(self) -> _CallScope:
         self._bound.__enter__()
+        self._caller_token = CALLER.set(self.context.peer())
         await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
         return self
 
-    async def fail(self, error: Exception) -> None:
-        """Abort the call with the status for `error`; always raises grpc's AbortError."""
+    async def fail(self, error: Exception, request: Any) -> None:
+        """Audit a refusal, then abort the call with the status for `error` (or UNAVAILABLE
+        when the refusal cannot be audited); always raises grpc's AbortError."""
+        if isinstance(error, ServiceError) and error.audited and self.on_refusal is not None:
+            try:
+                await self.on_refusal(self.method, request, error)
+            except ServiceError as audit_error:
+                error = audit_error
         if isinstance(error, ServiceError):
             self.code = error.code
             status = rpc_status.to_status(error.to_status())
@@ -94,10 +111,14 @@ class _CallScope:
             code=self.code.name,
             duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
         )
+        CALLER.reset(self._caller_token)
         self._bound.__exit__(exc_type, exc, tb)
 
 
 class RequestContextInterceptor(Interceptor):
+    def __init__(self, on_refusal: RefusalHook | None = None) -> None:
+        self._on_refusal = on_refusal
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
@@ -110,41 +131,41 @@ class RequestContextInterceptor(Interceptor):
         request_id = _request_id(handler_call_details.invocation_metadata)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, request_id),
+                _wrap_unary(handler.unary_unary, method, request_id, self._on_refusal),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, request_id),
+                _wrap_stream(handler.unary_stream, method, request_id, self._on_refusal),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # privscore has no client-streaming RPCs
 
 
-def _wrap_unary(behavior: Any, method: str, request_id: str) -> Any:
+def _wrap_unary(behavior: Any, method: str, request_id: str, hook: RefusalHook | None) -> Any:
     async def unary(request: Any, context: Context) -> Any:
-        async with _CallScope(method, context, request_id) as scope:
+        async with _CallScope(method, context, request_id, hook) as scope:
             try:
                 return await behavior(request, context)
             except (grpc.aio.AbortError, grpc.aio.UsageError):
                 raise
             except Exception as error:  # noqa: BLE001 - every error must become a status
-                await scope.fail(error)
+                await scope.fail(error, request)
 
     return unary
 
 
-def _wrap_stream(behavior: Any, method: str, request_id: str) -> Any:
+def _wrap_stream(behavior: Any, method: str, request_id: str, hook: RefusalHook | None) -> Any:
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-        async with _CallScope(method, context, request_id) as scope:
+        async with _CallScope(method, context, request_id, hook) as scope:
             try:
                 async for response in behavior(request, context):
                     yield response
             except (grpc.aio.AbortError, grpc.aio.UsageError):
                 raise
             except Exception as error:  # noqa: BLE001 - every error must become a status
-                await scope.fail(error)
+                await scope.fail(error, request)
 
     return stream

@@ -6,13 +6,21 @@ verification keys); nothing here prints or logs key material.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from service.config import DataLayout
-from service.privacy.keyring import KEK_ENV, Keyring, create_kek_file, load_kek
+from service.privacy.keyring import (
+    AUDIT_SIGNING,
+    KEK_ENV,
+    Keyring,
+    create_kek_file,
+    load_kek,
+)
 from service.privacy.pseudonym import create_key_file
 
 
@@ -23,16 +31,15 @@ def _write_public(path: Path, document: object) -> None:
 
 
 def publish(keyring: Keyring, layout: DataLayout) -> None:
-    """Refresh the public keyset and the audit verification keys from the keyring."""
+    """Refresh the public keyset (for callers) and the audit verification key (for reviewers)."""
     layout.keys_dir.mkdir(parents=True, exist_ok=True)
     _write_public(layout.public_keyset, keyring.public_keyset())
-    _write_public(
-        layout.audit_public_keys,
-        {
-            key_id: base64.b64encode(public).decode("ascii")
-            for key_id, public in keyring.audit_public_keys().items()
-        },
+    audit_key = ed25519.Ed25519PublicKey.from_public_bytes(
+        keyring.primary(AUDIT_SIGNING).public_key
     )
+    temporary = layout.audit_public_key.with_suffix(".tmp")
+    temporary.write_bytes(audit_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    os.replace(temporary, layout.audit_public_key)
 
 
 def init_keys(layout: DataLayout, keyring_path: Path, kek_file: Path) -> list[str]:

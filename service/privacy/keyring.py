@@ -200,7 +200,11 @@ class Keyring:
     # -- management -----------------------------------------------------------------------
 
     def rotate(self, purpose: Purpose = FIELD_ENCRYPTION) -> KeyEntry:
-        """Make a new primary key; the old primary stays active (it still decrypts)."""
+        """Make a new primary key; the old primary stays active (it still decrypts).
+
+        Only field keys rotate from the command line: `audit verify` checks a log against one
+        public key, so a new audit signing key would need a new log.
+        """
         self.entries = [
             replace(e, status="active") if e.purpose == purpose and e.status == "primary" else e
             for e in self.entries
@@ -270,10 +274,6 @@ class Keyring:
                 for e in usable
             ],
         }
-
-    def audit_public_keys(self) -> dict[str, bytes]:
-        """Every audit signing public key by id, retired ones included: old checkpoints verify."""
-        return {e.key_id: e.public_key for e in self.entries if e.purpose == AUDIT_SIGNING}
 
     # -- internals ----------------------------------------------------------------------------
 

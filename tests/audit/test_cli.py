@@ -76,7 +76,7 @@ def test_prove_then_verify_proof_offline(env, tmp_path, capsys):
     proof_file.write_text(printed)
     key_flags = flags[2:]  # verify-proof needs no log
     assert run(["audit", "verify-proof", *key_flags, str(proof_file)]) == 0
-    assert "record 13" in capsys.readouterr().out
+    assert json.loads(capsys.readouterr().out) == {"ok": True, "sequence": 13, "tree_size": 25}
 
     other = dict(proof, leaf=json.dumps(json.loads(proof["leaf"]) | {"record": make_record(14)}))
     forgeries = [
@@ -86,7 +86,9 @@ def test_prove_then_verify_proof_offline(env, tmp_path, capsys):
         dict(proof, inclusion_proof=proof["inclusion_proof"][:-1]),
         dict(proof, inclusion_proof=[*proof["inclusion_proof"], proof["leaf_hash"]]),
         dict(proof, checkpoint=proof["checkpoint"].replace("\n25\n", "\n26\n")),
+        dict(proof, sequence=True),
         {"sequence": 13},
+        [proof],
     ]
     for forged in forgeries:
         proof_file.write_text(json.dumps(forged))

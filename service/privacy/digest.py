@@ -1,0 +1,32 @@
+"""Keyed digests of decrypted inputs, for the audit log.
+
+A reviewer holding the key can check that a replay saw the same inputs, while the log holds
+no plaintext value. Keyed, because an unkeyed hash of a few small feature values could be
+brute-forced back to the values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+_INFO = b"privscore.v1/audit-input-digest"
+
+
+def derive_input_digest_key(audit_signing_key: Ed25519PrivateKey) -> bytes:
+    """Derived from the audit signing key, so whoever may sign the log may also check it."""
+    return HKDF(hashes.SHA256(), 32, salt=None, info=_INFO).derive(
+        audit_signing_key.private_bytes_raw()
+    )
+
+
+def input_digest(key: bytes, inputs: Mapping[str, Any]) -> str:
+    body = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hmac.new(key, body.encode("utf-8"), hashlib.sha256).hexdigest()
