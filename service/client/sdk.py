@@ -54,10 +54,10 @@ class PrivscoreClient:
 
     @classmethod
     def from_data_dir(
-        cls, channel: grpc.Channel, data_dir: Path, schema_version: str
+        cls, channel: grpc.Channel, data_dir: Path | str, schema_version: str
     ) -> PrivscoreClient:
         """Use the dev keys `privscore keys init` put under the data directory."""
-        layout = DataLayout(data_dir)
+        layout = DataLayout(Path(data_dir))
         return cls(
             channel,
             load_public_keyset(layout.public_keyset),
