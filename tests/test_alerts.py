@@ -227,3 +227,27 @@ def test_a_subscriber_that_never_reads_does_not_block_decisions(
         ]
         stalled.cancel()  # type: ignore[no-untyped-call]
     assert all(r.alerts[0].rule == "overdue.dpd_60" for r in responses)
+
+
+def test_rolling_state_survives_a_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    server = ServerProcess(data_dir)
+    try:
+        with server.channel() as channel:
+            before = send(
+                server.client(channel), "restart-1", *(purchase(m) for m in (0, 10, 20, 30, 40))
+            )
+    finally:
+        assert server.terminate() == 0
+    server = ServerProcess(data_dir)
+    try:
+        with server.channel() as channel:
+            client = server.client(channel)
+            after = send(client, "restart-1", purchase(50))
+            repeat = client.evaluate_event("t", "restart-1", purchase(55, event_id="e-dup"))
+            again = client.evaluate_event("t", "restart-1", purchase(55, event_id="e-dup"))
+    finally:
+        assert server.terminate() == 0
+    assert before == [[]] * 5
+    assert after == [["velocity.purchases"]]
+    assert not repeat.duplicate and again.duplicate
