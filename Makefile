@@ -26,6 +26,7 @@ dev: $(VENV)/.installed-dev
 
 serve: install
 	$(BIN)/privscore keys init
+	$(BIN)/privscore certs init
 	$(BIN)/privscore serve
 
 lint: dev

@@ -32,8 +32,25 @@ from service.config import (
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def _target(args: argparse.Namespace) -> str:
-    return str(args.target or os.environ.get("PRIVSCORE_TARGET", DEFAULT_TARGET))
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """The caller's channel: mutual TLS with the named dev certificate, unless --insecure."""
+    from service.client.channel import open_channel
+
+    target = args.target or os.environ.get("PRIVSCORE_TARGET", DEFAULT_TARGET)
+    cert_name = args.cert_name or os.environ.get("PRIVSCORE_CERT_NAME", "dev")
+    return open_channel(target, data_dir_from(args), cert_name, insecure=args.insecure)
+
+
+def add_caller_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target", help=f"server address, default {DEFAULT_TARGET} (env PRIVSCORE_TARGET)"
+    )
+    parser.add_argument(
+        "--cert-name",
+        help="client certificate under DATA_DIR/certs, default dev (env PRIVSCORE_CERT_NAME)",
+    )
+    parser.add_argument("--insecure", action="store_true", help="plaintext (server --insecure)")
+    add_data_dir_argument(parser)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -54,11 +71,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from service.security.certs import init_certs
+
+    try:
+        created = init_certs(DataLayout(data_dir_from(args)).certs_dir)
+    except ConfigError as error:
+        print(f"privscore certs: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(f"created {what}" for what in created) or "certificates already in place")
+    return 0
+
+
 def _cmd_health(args: argparse.Namespace) -> int:
     from service.client.probe import health_status
 
     try:
-        status = health_status(_target(args), args.service)
+        with _channel(args) as channel:
+            status = health_status(channel, args.service)
     except grpc.RpcError as error:
         print(f"privscore health: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
@@ -70,7 +100,8 @@ def _cmd_services(args: argparse.Namespace) -> int:
     from service.client.probe import list_services
 
     try:
-        names = list_services(_target(args))
+        with _channel(args) as channel:
+            names = list_services(channel)
     except grpc.RpcError as error:
         print(f"privscore services: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
@@ -139,7 +170,7 @@ def _run_client(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     try:
-        with grpc.insecure_channel(_target(args)) as channel:
+        with _channel(args) as channel:
             args.client_call(args, _client(args, channel))
     except grpc.RpcError as error:
         print(f"privscore {args.command}: {error.code().name}: {error.details()}", file=sys.stderr)
@@ -293,20 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--policy", help="the recorded policy file, default the bundled one")
     replay.set_defaults(run=_cmd_audit_replay)
 
-    target_help = f"server address, default {DEFAULT_TARGET} (env PRIVSCORE_TARGET)"
+    certs = commands.add_parser("certs", help="dev certificates for mutual TLS")
+    cert_commands = certs.add_subparsers(dest="certs_command", required=True)
+    certs_init = cert_commands.add_parser(
+        "init", help="create the dev CA, server and role client certificates if missing"
+    )
+    add_data_dir_argument(certs_init)
+    certs.set_defaults(run=_cmd_certs)
+
     health = commands.add_parser("health", help="print a running server's health status")
-    health.add_argument("--target", help=target_help)
+    add_caller_arguments(health)
     health.add_argument("--service", default="", help="service name; empty for the whole server")
     health.set_defaults(run=_cmd_health)
 
     services = commands.add_parser("services", help="list a running server's services")
-    services.add_argument("--target", help=target_help)
+    add_caller_arguments(services)
     services.set_defaults(run=_cmd_services)
 
     def client_command(name: str, help_text: str, call: Any, subject: bool = True) -> Any:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--target", help=target_help)
-        add_data_dir_argument(sub)
+        add_caller_arguments(sub)
         sub.add_argument(
             "--model-dir", help="model whose schema version to seal for, default the bundled model"
         )

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.security.limits import CallLimits
+
 ENV_PREFIX = "PRIVSCORE_"
 DEFAULT_BIND = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -23,6 +25,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_DIR = _PACKAGE_DIR / "model" / "default_artifact"
 DEFAULT_MODEL_PUBLIC_KEY = _PACKAGE_DIR / "model" / "trusted_keys" / "model-team.pub"
 DEFAULT_POLICY = _PACKAGE_DIR / "decisions" / "default_policy.toml"
+DEFAULT_AUTHZ_POLICY = _PACKAGE_DIR / "security" / "default_authz.toml"
 # Names this log in its signed checkpoints; a checkpoint for another origin never verifies.
 AUDIT_ORIGIN = "privscore.audit/v1"
 LOG_FORMATS = ("auto", "json", "console")
@@ -71,6 +74,11 @@ class DataLayout:
         return self.root / "audit"
 
     @property
+    def certs_dir(self) -> Path:
+        """Dev CA, server and client certificates from `privscore certs init`."""
+        return self.root / "certs"
+
+    @property
     def client_dir(self) -> Path:
         """The dev caller's own secrets; the server never reads here."""
         return self.root / "client"
@@ -95,6 +103,12 @@ class ServerSettings:
     model_public_key: Path
     policy: Path
     audit_checkpoint_seconds: float
+    insecure: bool
+    tls_cert: Path
+    tls_key: Path
+    tls_ca: Path
+    authz_policy: Path
+    limits: CallLimits
 
     @property
     def layout(self) -> DataLayout:
@@ -133,6 +147,38 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--audit-checkpoint-seconds",
         f"sign an audit checkpoint at least this often while decisions arrive, default "
         f"{DEFAULT_AUDIT_CHECKPOINT_SECONDS:g} (and every 1000 records, and at shutdown)",
+    )
+    arg(
+        "--insecure",
+        "serve plaintext gRPC (loopback only; every call is then unauthenticated)",
+        action="store_const",
+        const="on",
+    )
+    arg("--tls-cert", "server certificate (PEM), default DATA_DIR/certs/server.pem")
+    arg("--tls-key", "server private key (PEM), default DATA_DIR/certs/server.key")
+    arg("--tls-ca", "CA that signs client certificates (PEM), default DATA_DIR/certs/ca.pem")
+    arg("--authz-policy", "authorisation policy (TOML), default the bundled one")
+    defaults = CallLimits()
+    arg(
+        "--default-deadline-seconds",
+        f"deadline for calls that carry none, default {defaults.default_deadline_seconds:g}",
+    )
+    arg(
+        "--max-deadline-seconds",
+        f"longer deadlines are cut to this, default {defaults.max_deadline_seconds:g}",
+    )
+    arg(
+        "--max-in-flight-per-caller",
+        f"concurrent calls per identity, default {defaults.max_in_flight_per_identity}",
+    )
+    arg(
+        "--calls-per-second-per-caller",
+        f"sustained call rate per identity, default {defaults.calls_per_second_per_identity:g}",
+    )
+    arg("--burst-per-caller", f"rate burst per identity, default {defaults.burst_per_identity}")
+    arg(
+        "--max-alert-subscribers",
+        f"concurrent WatchAlerts streams, default {defaults.max_alert_subscribers}",
     )
     add_data_dir_argument(parser)
     add_key_arguments(parser)
@@ -191,6 +237,19 @@ def settings_from(
 
     data_dir = data_dir_from(args, environ)
     keyring, kek_file = key_paths_from(args, data_dir, environ)
+    insecure = _parse_choice("--insecure", pick("--insecure", "off"), ("on", "off")) == "on"
+    certs = DataLayout(data_dir).certs_dir
+    defaults = CallLimits()
+
+    def tls_file(flag: str, default: Path) -> Path:
+        path = Path(pick(flag, str(default))).expanduser()
+        if not insecure and not path.is_file():
+            raise ConfigError(f"{flag} must name an existing file (run `privscore certs init`)")
+        return path
+
+    def number(flag: str, default: float, low: float, high: float) -> float:
+        return _parse_float(flag, pick(flag, str(default)), low, high)
+
     settings = ServerSettings(
         bind=_parse_bind(pick("--bind", DEFAULT_BIND)),
         port=_parse_int("--port", pick("--port", str(DEFAULT_PORT)), 0, 65535),
@@ -214,7 +273,43 @@ def settings_from(
             0.05,
             3600.0,
         ),
+        insecure=insecure,
+        tls_cert=tls_file("--tls-cert", certs / "server.pem"),
+        tls_key=tls_file("--tls-key", certs / "server.key"),
+        tls_ca=tls_file("--tls-ca", certs / "ca.pem"),
+        authz_policy=_existing("--authz-policy", pick("--authz-policy", str(DEFAULT_AUTHZ_POLICY))),
+        limits=CallLimits(
+            default_deadline_seconds=number(
+                "--default-deadline-seconds", defaults.default_deadline_seconds, 0.01, 3600
+            ),
+            max_deadline_seconds=number(
+                "--max-deadline-seconds", defaults.max_deadline_seconds, 0.01, 86400
+            ),
+            max_in_flight_per_identity=_parse_int(
+                "--max-in-flight-per-caller",
+                pick("--max-in-flight-per-caller", str(defaults.max_in_flight_per_identity)),
+                1,
+                100_000,
+            ),
+            calls_per_second_per_identity=number(
+                "--calls-per-second-per-caller", defaults.calls_per_second_per_identity, 0.01, 1e7
+            ),
+            burst_per_identity=_parse_int(
+                "--burst-per-caller",
+                pick("--burst-per-caller", str(defaults.burst_per_identity)),
+                1,
+                10_000_000,
+            ),
+            max_alert_subscribers=_parse_int(
+                "--max-alert-subscribers",
+                pick("--max-alert-subscribers", str(defaults.max_alert_subscribers)),
+                1,
+                100_000,
+            ),
+        ),
     )
+    if settings.insecure and not ipaddress.ip_address(settings.bind).is_loopback:
+        raise ConfigError("--insecure is allowed only with a loopback --bind")
     return settings
 
 

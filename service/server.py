@@ -41,6 +41,7 @@ from service.model.scorer import Scorer
 from service.privacy.digest import derive_input_digest_key
 from service.privacy.keyring import Keyring, KeyringError, load_kek
 from service.privacy.sealing import FeatureOpener
+from service.security.authz import AuthzPolicyError, load_authz_policy
 
 SERVICE_NAMES = (
     scoring_service_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
@@ -95,6 +96,19 @@ def _load_sync(settings: ServerSettings) -> tuple[Keyring, Scorer, Any, Decision
     return keyring, scorer, policy, DecisionStore(settings.layout.decision_store)
 
 
+def _tls(settings: ServerSettings) -> grpc.ServerCredentials:
+    """Mutual TLS: the server's certificate, and client certificates required from the CA.
+    gRPC negotiates TLS 1.3; the interceptor refuses calls over anything older."""
+    try:
+        return grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=settings.tls_ca.read_bytes(),
+            require_client_auth=True,
+        )
+    except OSError as error:
+        raise StartupError(f"TLS files: {error.strerror}") from None
+
+
 class PrivscoreServer:
     """One running server; `start`, then `stop`."""
 
@@ -104,8 +118,14 @@ class PrivscoreServer:
         self.slot = RuntimeSlot()
         self._audit_log: AuditLog | None = None
         self.port = 0
+        try:
+            authz = load_authz_policy(settings.authz_policy)
+        except AuthzPolicyError as error:
+            raise StartupError(f"authorisation policy: {error}") from None
         self._server = grpc.aio.server(
-            interceptors=[RequestContextInterceptor(on_refusal=self._audit_refusal)],
+            interceptors=[
+                RequestContextInterceptor(authz, settings.limits, on_refusal=self._audit_refusal)
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -141,12 +161,25 @@ class PrivscoreServer:
     async def listen(self) -> None:
         """Accept connections with health NOT_SERVING, so probes can watch start-up."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        settings = self.settings
         try:
-            self.port = self._server.add_insecure_port(self.settings.address)
+            if settings.insecure:
+                log.warning(
+                    "server.insecure",
+                    detail="plaintext on loopback: every call is unauthenticated; use mutual TLS",
+                )
+                self.port = self._server.add_insecure_port(settings.address)
+            else:
+                self.port = self._server.add_secure_port(settings.address, _tls(settings))
         except RuntimeError:
-            raise StartupError(f"cannot listen on {self.settings.address}") from None
+            raise StartupError(f"cannot listen on {settings.address}") from None
         await self._server.start()
-        log.info("server.listening", bind=self.settings.bind, port=self.port)
+        log.info(
+            "server.listening",
+            bind=settings.bind,
+            port=self.port,
+            transport="plaintext" if settings.insecure else "mutual TLS",
+        )
 
     async def become_ready(self) -> None:
         """Load keys, model, policy, store and audit log, then turn health SERVING."""
@@ -184,7 +217,9 @@ class PrivscoreServer:
             opener=FeatureOpener(keyring),
             policy=policy,
             store=store,
-            alerts=AlertStream(fetch_alerts, store.last_alert_sequence()),
+            alerts=AlertStream(
+                fetch_alerts, store.last_alert_sequence(), settings.limits.max_alert_subscribers
+            ),
             audit=FailClosedAudit(audit_log, self._audit_failed),
             audit_public_key=signing_key.public_key(),
             input_digest_key=derive_input_digest_key(signing_key),

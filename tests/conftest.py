@@ -24,12 +24,14 @@ from typing import Any
 import grpc
 import pytest
 
+from service.client.channel import open_channel
 from service.client.sdk import PrivscoreClient
 from service.config import DEFAULT_MODEL_DIR, DataLayout
 from service.model.manifest import Manifest, load_unverified_manifest
 from service.model.schema import parse_text
 from service.privacy.admin import init_keys
 from service.privacy.sealing import FeatureInput
+from service.security.certs import CertPaths, init_certs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -37,8 +39,21 @@ START_TIMEOUT_S = 30.0
 
 
 def init_dev_keys(data_dir: Path) -> None:
+    """What `make serve` creates: dev keys and dev certificates."""
     layout = DataLayout(data_dir)
     init_keys(layout, layout.keyring, layout.dev_kek)
+    init_certs(layout.certs_dir)
+
+
+def aio_channel(data_dir: Path, port: int, cert_name: str = "dev") -> grpc.aio.Channel:
+    """An asyncio channel presenting a dev client certificate."""
+    certs = CertPaths(DataLayout(data_dir).certs_dir)
+    credentials = grpc.ssl_channel_credentials(
+        certs.ca.read_bytes(),
+        certs.client_key(cert_name).read_bytes(),
+        certs.client_cert(cert_name).read_bytes(),
+    )
+    return grpc.aio.secure_channel(f"{LOOPBACK}:{port}", credentials)
 
 
 @functools.cache
@@ -122,8 +137,9 @@ class ServerProcess:
                 return record
         raise AssertionError(f"no {event!r} log line within {timeout}s")
 
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.target)
+    def channel(self, cert_name: str = "dev") -> grpc.Channel:
+        """Mutual TLS as the named dev client (dev holds the scorer, limit and monitor roles)."""
+        return open_channel(self.target, self.data_dir, cert_name)
 
     def client(self, channel: grpc.Channel) -> PrivscoreClient:
         return PrivscoreClient.from_data_dir(

@@ -225,7 +225,7 @@ def test_a_subscriber_that_never_reads_does_not_block_decisions(
             )
             for i in range(150)
         ]
-        stalled.cancel()  # type: ignore[no-untyped-call]
+        stalled.cancel()
     assert all(r.alerts[0].rule == "overdue.dpd_60" for r in responses)
 
 

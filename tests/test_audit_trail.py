@@ -99,7 +99,7 @@ def test_every_decision_and_refusal_is_recorded_and_the_log_verifies(tmp_path: P
         assert record["request_id"] == metadata.request_id
         assert record["model_version"] == metadata.model_version
         assert record["policy_version"] == metadata.policy_version
-        assert str(record["caller"]).startswith("ipv4:127.0.0.1:")
+        assert record["caller"] == "spiffe://privscore.dev/client/dev"
         assert len(str(record["model_manifest_sha256"])) == 64
     _, score_record = records[scored.metadata.decision_id]
     assert len(str(score_record["input_digest"])) == 64
@@ -124,7 +124,8 @@ def test_audit_service_proves_a_decision_and_a_forged_proof_fails(tmp_path: Path
     try:
         with server.channel() as channel:
             decision = server.client(channel).score("t", "proof-1", applicants()[0])
-            time.sleep(0.5)  # the next checkpoint covers it
+        time.sleep(0.5)  # the next checkpoint covers it
+        with server.channel("auditor") as channel:
             auditor = audit_service_pb2_grpc.AuditServiceStub(channel)
             proven = auditor.GetDecisionRecord(
                 audit_service_pb2.GetDecisionRecordRequest(
@@ -243,7 +244,7 @@ def test_an_unwritable_audit_log_fails_closed(tmp_path: Path) -> None:
                     )
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert error_reason(refused.value) == "AUDIT_UNAVAILABLE"
-            assert health_status(server.target) == "NOT_SERVING"
+            assert health_status(channel) == "NOT_SERVING"
             with pytest.raises(grpc.RpcError) as still_refused:
                 client.score("t", "after-failure", applicants()[0])
             assert still_refused.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -29,7 +29,7 @@ from service.cli import build_parser
 from service.client.probe import health_status, list_services
 from service.config import settings_from
 from service.server import SERVICE_NAMES, PrivscoreServer
-from tests.conftest import LOOPBACK, REPO_ROOT, ServerProcess, init_dev_keys
+from tests.conftest import REPO_ROOT, ServerProcess, aio_channel, init_dev_keys
 
 PSEUDONYM = "ab" * 32
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -76,11 +76,13 @@ def error_reason(error: grpc.RpcError) -> str:
 
 def test_health_is_serving_for_the_server_and_each_service(shared_server: ServerProcess) -> None:
     for name in ("", *SERVICE_NAMES):
-        assert health_status(shared_server.target, name) == "SERVING"
+        with shared_server.channel() as channel:
+            assert health_status(channel, name) == "SERVING"
 
 
 def test_reflection_lists_the_three_services(shared_server: ServerProcess) -> None:
-    names = list_services(shared_server.target)
+    with shared_server.channel() as channel:
+        names = list_services(channel)
     for name in (
         "privscore.v1.ScoringService",
         "privscore.v1.LimitService",
@@ -205,7 +207,7 @@ def test_health_moves_from_not_serving_to_serving(tmp_path: Path) -> None:
     async def observe(server: PrivscoreServer) -> list[int]:
         await server.listen()
         seen = []
-        async with grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}") as channel:
+        async with aio_channel(tmp_path, server.port) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             check = health_pb2.HealthCheckRequest(service="privscore.v1.ScoringService")
             seen.append((await health.Check(check, timeout=5)).status)
@@ -255,7 +257,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(server_process: ServerPro
         "method": "/privscore.v1.AlertService/WatchAlerts",
         "code": "OK",
     }.items() <= next(r for r in after_stop_began if r["event"] == "rpc.finished").items()
-    with grpc.insecure_channel(server_process.target) as channel, pytest.raises(grpc.RpcError):
+    with server_process.channel() as channel, pytest.raises(grpc.RpcError):
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
 
 

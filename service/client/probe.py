@@ -9,15 +9,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 
-def health_status(target: str, service: str = "", timeout: float = 5.0) -> str:
-    """The health status name (SERVING, NOT_SERVING, ...) of `service` at `target`."""
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+def health_status(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> str:
+    """The health status name (SERVING, NOT_SERVING, ...) of `service`."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
-def list_services(target: str) -> list[str]:
-    """The fully qualified names of the services `target` lists through server reflection."""
-    with grpc.insecure_channel(target) as channel:
-        return sorted(ProtoReflectionDescriptorDatabase(channel).get_services())
+def list_services(channel: grpc.Channel) -> list[str]:
+    """The fully qualified names of the services the server lists through reflection."""
+    return sorted(ProtoReflectionDescriptorDatabase(channel).get_services())

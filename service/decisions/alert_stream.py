@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from privscore.v1 import alert_service_pb2 as pb
-from service.errors import OutOfRange
+from service.errors import OutOfRange, ResourceExhausted
 
 CACHED_ALERTS = 10_000
 FETCH_BATCH = 500
@@ -23,9 +23,11 @@ FetchAfter = Callable[[int, int], Awaitable[list[pb.Alert]]]
 
 
 class AlertStream:
-    def __init__(self, fetch_after: FetchAfter, last_sequence: int) -> None:
+    def __init__(self, fetch_after: FetchAfter, last_sequence: int, max_subscribers: int) -> None:
         """`fetch_after(cursor, limit)` returns stored alerts with sequence > cursor, in order."""
         self._fetch_after = fetch_after
+        self._max_subscribers = max_subscribers
+        self._subscribers = 0
         self._cache: OrderedDict[int, pb.Alert] = OrderedDict()
         self._last_sequence = last_sequence
         self._changed = asyncio.Event()
@@ -79,6 +81,21 @@ class AlertStream:
                 f"cursor {after_sequence} is ahead of the stream (last is {self._last_sequence})",
                 reason="CURSOR_OUT_OF_RANGE",
             )
+        if self._subscribers >= self._max_subscribers:
+            raise ResourceExhausted(
+                f"{self._subscribers} alert subscribers already; retry later",
+                reason="TOO_MANY_SUBSCRIBERS",
+            )
+        self._subscribers += 1
+        try:
+            async for alert in self._follow(min_severity, after_sequence):
+                yield alert
+        finally:
+            self._subscribers -= 1
+
+    async def _follow(
+        self, min_severity: int, after_sequence: int | None
+    ) -> AsyncIterator[pb.Alert]:
         cursor = self._last_sequence if after_sequence is None else after_sequence
         while True:
             changed = self._changed  # taken before reading, so no publish is missed

@@ -1,13 +1,18 @@
-"""Per-call request id, one canonical log line per call, and exceptions -> gRPC status.
+"""The one server interceptor: per call, who is calling, may they, within which limits, and
+what came of it.
 
-Domain errors (ServiceError) become their status with AIP-193 details; anything unexpected
-becomes a bare INTERNAL naming only the request id, so no message, value or stack trace leaks.
-The handler itself is wrapped (not just intercept_service) because only the handler sees the
-servicer context, which later interceptors need for the peer's identity.
+For every privscore call it binds a request id, reads the caller's identity from the verified
+client certificate, checks the authorisation policy and the caller's limits, applies the
+default or maximum deadline, turns errors into statuses (domain errors into their code with
+AIP-193 details, anything unexpected into a bare INTERNAL naming only the request id, so no
+message, value or stack trace leaks), has every refusal audited, and writes one log line.
+The handler itself is wrapped because only the servicer context carries the auth context;
+`intercept_service` alone sees just the method name and metadata.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import traceback
@@ -21,11 +26,13 @@ from grpc_status import rpc_status
 
 from service.callctx import CALLER
 from service.errors import ServiceError
+from service.security.authz import AuthzPolicy, peer_identity
+from service.security.limits import CallLimits, IdentityLimiter
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-# Probes and tooling are called often and carry no decisions; keep them out of the request log.
-_QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+# Probes and tooling carry no decisions: no role needed, and kept out of the request log.
+_OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 if TYPE_CHECKING:  # grpc's classes are generic only in grpc-stubs
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -34,17 +41,22 @@ if TYPE_CHECKING:  # grpc's classes are generic only in grpc-stubs
 else:
     Interceptor = grpc.aio.ServerInterceptor
 
+# Records a refused call in the audit log; raises a ServiceError if it cannot.
+RefusalHook = Callable[[str, Any, ServiceError], Awaitable[None]]
+
 log = structlog.get_logger("privscore.rpc")
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
 
 
 def _request_id(metadata: Any) -> str:
     for key, value in metadata or ():
-        if (
-            key == REQUEST_ID_HEADER
-            and isinstance(value, str)
-            and _REQUEST_ID_SHAPE.fullmatch(value)
-        ):
-            return value
+        well_formed = isinstance(value, str) and _REQUEST_ID_SHAPE.fullmatch(value)
+        if key == REQUEST_ID_HEADER and well_formed:
+            return str(value)
     return uuid.uuid4().hex
 
 
@@ -57,38 +69,56 @@ def _origin(error: BaseException) -> str:
     return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno}"
 
 
-# Records a refused call in the audit log; raises a ServiceError if it cannot.
-RefusalHook = Callable[[str, Any, ServiceError], Awaitable[None]]
-
-
-class _CallScope:
-    """Binds the request id and caller to the log context for one call, audits a refusal, and
-    writes the call's canonical log line."""
+class _Call:
+    """One call's scope: context binding, admission, error mapping and its log line."""
 
     def __init__(
-        self, method: str, context: Context, request_id: str, on_refusal: RefusalHook | None
+        self, guard: RequestContextInterceptor, method: str, context: Context, request_id: str
     ) -> None:
+        self.guard = guard
         self.method = method
-        self.on_refusal = on_refusal
         self.context = context
         self.request_id = request_id
         self.code = grpc.StatusCode.OK
         self.started = time.perf_counter()
-        self._bound = structlog.contextvars.bound_contextvars(request_id=request_id, method=method)
+        self.identity = peer_identity(context.auth_context())
+        self._bound = structlog.contextvars.bound_contextvars(
+            request_id=request_id, method=method, caller=self.identity
+        )
         self._caller_token: Any = None
 
-    async def __aenter__(self) -> _CallScope:
+    async def __aenter__(self) -> _Call:
         self._bound.__enter__()
-        self._caller_token = CALLER.set(self.context.peer())
-        await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
+        self._caller_token = CALLER.set(self.identity or f"unauthenticated:{self.context.peer()}")
         return self
+
+    async def announce(self) -> None:
+        """Send the request id header; sent once admitted, so a caller that has the headers
+        knows its call holds a slot."""
+        await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
+
+    def admit(self) -> Any:
+        """Authorise the caller and take a slot of its limits (a context manager)."""
+        self.guard.authz.check(self.identity, self.method)
+        assert self.identity is not None  # check() refuses a call without one
+        return self.guard.limiter.admit(self.identity)
+
+    def deadline(self) -> float:
+        """Seconds this call may run: the caller's deadline, the default, capped at the max."""
+        limits = self.guard.limits
+        remaining = self.context.time_remaining()
+        wanted = limits.default_deadline_seconds if remaining is None else remaining
+        return min(wanted, limits.max_deadline_seconds)
 
     async def fail(self, error: Exception, request: Any) -> None:
         """Audit a refusal, then abort the call with the status for `error` (or UNAVAILABLE
         when the refusal cannot be audited); always raises grpc's AbortError."""
-        if isinstance(error, ServiceError) and error.audited and self.on_refusal is not None:
+        if isinstance(error, TimeoutError):
+            error = DeadlineExceeded("the call ran past its deadline")
+        hook = self.guard.on_refusal
+        if isinstance(error, ServiceError) and error.audited and hook is not None:
             try:
-                await self.on_refusal(self.method, request, error)
+                await hook(self.method, request, error)
             except ServiceError as audit_error:
                 error = audit_error
         if isinstance(error, ServiceError):
@@ -103,7 +133,7 @@ class _CallScope:
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and self.code == grpc.StatusCode.OK:
-            # Aborted by the servicer itself, or cancelled by the client or the deadline.
+            # Aborted by the servicer itself, or cancelled by the client or its deadline.
             code = self.context.code()
             self.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.CANCELLED
         log.info(
@@ -116,8 +146,13 @@ class _CallScope:
 
 
 class RequestContextInterceptor(Interceptor):
-    def __init__(self, on_refusal: RefusalHook | None = None) -> None:
-        self._on_refusal = on_refusal
+    def __init__(
+        self, authz: AuthzPolicy, limits: CallLimits, on_refusal: RefusalHook | None = None
+    ) -> None:
+        self.authz = authz
+        self.limits = limits
+        self.limiter = IdentityLimiter(limits)
+        self.on_refusal = on_refusal
 
     async def intercept_service(
         self,
@@ -126,46 +161,51 @@ class RequestContextInterceptor(Interceptor):
     ) -> Handler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method.startswith(_QUIET_PREFIXES):
+        if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
         request_id = _request_id(handler_call_details.invocation_metadata)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, request_id, self._on_refusal),
+                self._wrap_unary(handler.unary_unary, method, request_id),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, request_id, self._on_refusal),
+                self._wrap_stream(handler.unary_stream, method, request_id),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler  # privscore has no client-streaming RPCs
+        # privscore has no client-streaming RPCs: anything else is refused, not passed through.
+        raise RuntimeError(f"{method}: unsupported handler kind")
 
+    def _wrap_unary(self, behavior: Any, method: str, request_id: str) -> Any:
+        async def unary(request: Any, context: Context) -> Any:
+            async with _Call(self, method, context, request_id) as call:
+                try:
+                    with call.admit():
+                        await call.announce()
+                        async with asyncio.timeout(call.deadline()):
+                            return await behavior(request, context)
+                except (grpc.aio.AbortError, grpc.aio.UsageError):
+                    raise
+                except Exception as error:  # noqa: BLE001 - every error must become a status
+                    await call.fail(error, request)
 
-def _wrap_unary(behavior: Any, method: str, request_id: str, hook: RefusalHook | None) -> Any:
-    async def unary(request: Any, context: Context) -> Any:
-        async with _CallScope(method, context, request_id, hook) as scope:
-            try:
-                return await behavior(request, context)
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
-                raise
-            except Exception as error:  # noqa: BLE001 - every error must become a status
-                await scope.fail(error, request)
+        return unary
 
-    return unary
+    def _wrap_stream(self, behavior: Any, method: str, request_id: str) -> Any:
+        # Streams are long-lived by design: no default deadline; the subscriber cap bounds them.
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            async with _Call(self, method, context, request_id) as call:
+                try:
+                    with call.admit():
+                        await call.announce()
+                        async for response in behavior(request, context):
+                            yield response
+                except (grpc.aio.AbortError, grpc.aio.UsageError):
+                    raise
+                except Exception as error:  # noqa: BLE001 - every error must become a status
+                    await call.fail(error, request)
 
-
-def _wrap_stream(behavior: Any, method: str, request_id: str, hook: RefusalHook | None) -> Any:
-    async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-        async with _CallScope(method, context, request_id, hook) as scope:
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
-                raise
-            except Exception as error:  # noqa: BLE001 - every error must become a status
-                await scope.fail(error, request)
-
-    return stream
+        return stream

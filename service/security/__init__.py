@@ -1,0 +1,1 @@
+"""Security room: dev certificates, caller identity, authorisation policy and call limits."""

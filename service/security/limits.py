@@ -1,0 +1,72 @@
+"""Per-identity call limits: concurrency and rate, answering RESOURCE_EXHAUSTED at once.
+
+One misbehaving caller must not slow the others: each identity has its own in-flight cap and
+token bucket, and a refused call costs the server almost nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from service.errors import ResourceExhausted
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    default_deadline_seconds: float = 10.0  # for calls that carry none
+    max_deadline_seconds: float = 60.0  # longer deadlines are cut to this
+    max_in_flight_per_identity: int = 64
+    calls_per_second_per_identity: float = 2000.0
+    burst_per_identity: int = 4000
+    max_alert_subscribers: int = 64
+
+
+class _Bucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class IdentityLimiter:
+    """Admission per identity; used on the event loop's thread only."""
+
+    def __init__(self, limits: CallLimits) -> None:
+        self._limits = limits
+        self._in_flight: dict[str, int] = {}
+        self._buckets: dict[str, _Bucket] = {}
+
+    @contextlib.contextmanager
+    def admit(self, identity: str) -> Iterator[None]:
+        limits = self._limits
+        bucket = self._buckets.setdefault(
+            identity, _Bucket(limits.calls_per_second_per_identity, limits.burst_per_identity)
+        )
+        if not bucket.take():
+            raise ResourceExhausted(
+                f"{identity} is over its call rate; retry with backoff", reason="RATE_LIMITED"
+            )
+        in_flight = self._in_flight.get(identity, 0)
+        if in_flight >= limits.max_in_flight_per_identity:
+            raise ResourceExhausted(
+                f"{identity} has {in_flight} calls in flight; retry later",
+                reason="TOO_MANY_IN_FLIGHT",
+            )
+        self._in_flight[identity] = in_flight + 1
+        try:
+            yield
+        finally:
+            self._in_flight[identity] -= 1
