@@ -8,7 +8,7 @@ MODEL_DATA := model_export/data/german_credit.csv
 # The model team's Ed25519 signing key; never in the repository.
 MODEL_KEY ?= $(HOME)/.privscore/model-team.key
 
-.PHONY: serve test lint protos install dev clean model model-sign model-verify
+.PHONY: serve test lint protos install dev clean model model-sign model-verify bench
 
 # Stamps re-run an install only when its inputs change.
 $(VENV)/.installed: pyproject.toml
@@ -48,6 +48,10 @@ model-sign: dev
 
 model-verify: dev
 	$(BIN)/privscore-model verify $(MODEL_DIR) --data $(MODEL_DATA)
+
+# Privscore against its ceilings (echo server, onnxruntime alone, audit fsync off); ~3 minutes.
+bench: dev
+	$(BIN)/python -m bench.run
 
 protos: dev
 	$(BIN)/python scripts/generate_protos.py

@@ -103,6 +103,7 @@ class ServerSettings:
     model_public_key: Path
     policy: Path
     audit_checkpoint_seconds: float
+    audit_fsync: bool
     insecure: bool
     tls_cert: Path
     tls_key: Path
@@ -147,6 +148,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--audit-checkpoint-seconds",
         f"sign an audit checkpoint at least this often while decisions arrive, default "
         f"{DEFAULT_AUDIT_CHECKPOINT_SECONDS:g} (and every 1000 records, and at shutdown)",
+    )
+    arg(
+        "--audit-fsync",
+        "on, or off for benchmarks only: off prices durability, and decisions are then lost "
+        "on a crash",
+        choices=("on", "off"),
     )
     arg(
         "--insecure",
@@ -273,6 +280,8 @@ def settings_from(
             0.05,
             3600.0,
         ),
+        audit_fsync=_parse_choice("--audit-fsync", pick("--audit-fsync", "on"), ("on", "off"))
+        == "on",
         insecure=insecure,
         tls_cert=tls_file("--tls-cert", certs / "server.pem"),
         tls_key=tls_file("--tls-key", certs / "server.key"),

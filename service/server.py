@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Mapping
 from typing import Any
@@ -54,6 +55,10 @@ HEALTH_NAMES = ("", *SERVICE_NAMES)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 log = structlog.get_logger("privscore.server")
+
+
+def _skip_fsync(_fd: int) -> None:
+    """`--audit-fsync off`: benchmarks only, to price durability."""
 
 
 class StartupError(RuntimeError):
@@ -186,6 +191,8 @@ class PrivscoreServer:
         settings = self.settings
         keyring, scorer, policy, store = await asyncio.to_thread(_load_sync, settings)
         key_name, signing_key = keyring.audit_signing_key()
+        if not settings.audit_fsync:
+            log.warning("audit.fsync_off", detail="benchmark mode: decisions are not crash-safe")
         try:
             audit_log = await asyncio.to_thread(
                 lambda: AuditLog(
@@ -194,6 +201,7 @@ class PrivscoreServer:
                     key_name=key_name,
                     origin=AUDIT_ORIGIN,
                     checkpoint_seconds=settings.audit_checkpoint_seconds,
+                    fsync=os.fsync if settings.audit_fsync else _skip_fsync,
                 )
             )
         except AuditError as error:

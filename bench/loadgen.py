@@ -1,0 +1,259 @@
+"""The load generator: one process, grpc.aio, N concurrent callers for a bounded time.
+
+Requests are sealed before the clock starts (as a caller's own process would), so the numbers
+measure the server. Prints one JSON line: count, errors, rps, rows_per_s, p50/p90/p99 in ms.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # the in-process ceiling loads onnxruntime
+
+import argparse
+import asyncio
+import csv
+import itertools
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from privscore.v1 import (
+    alert_service_pb2,
+    alert_service_pb2_grpc,
+    common_pb2,
+    limit_service_pb2,
+    limit_service_pb2_grpc,
+    scoring_service_pb2,
+    scoring_service_pb2_grpc,
+)
+from service.client.sdk import SCORE_BATCH_METHOD, SCORE_METHOD
+from service.config import DEFAULT_MODEL_DIR, DataLayout
+from service.model.manifest import load_unverified_manifest
+from service.model.schema import parse_text
+from service.privacy.pseudonym import Pseudonymiser
+from service.privacy.sealing import DataKey, load_public_keyset
+from service.security.certs import CertPaths
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "model_export" / "data" / "german_credit.csv"
+POOL = 512  # distinct pre-sealed requests per step
+
+
+def applicants() -> list[dict[str, Any]]:
+    schema = load_unverified_manifest(DEFAULT_MODEL_DIR).schema
+    with DATA.open(newline="") as handle:
+        return [
+            {s.name: parse_text(s, row[s.name]) for s in schema.model_features}
+            for row in csv.DictReader(handle)
+        ]
+
+
+class Requests:
+    """Builds requests the way the SDK does, from the server's dev keys."""
+
+    def __init__(self, data_dir: Path) -> None:
+        layout = DataLayout(data_dir)
+        self.server_key = load_public_keyset(layout.public_keyset)
+        self.pseudonymiser = Pseudonymiser.from_file(layout.pseudonym_key)
+        self.schema_version = load_unverified_manifest(DEFAULT_MODEL_DIR).schema_version
+        self.rows = applicants()
+        self.counter = itertools.count()
+
+    def subject(self, n: int) -> common_pb2.SubjectRef:
+        return common_pb2.SubjectRef(
+            tenant="bench", pseudonym=self.pseudonymiser.pseudonym("bench", f"c{n % 1000}")
+        )
+
+    def score(self, n: int) -> scoring_service_pb2.ScoreRequest:
+        request_id = f"bench-{n}"
+        subject = self.subject(n)
+        key = DataKey(self.server_key, SCORE_METHOD, request_id)
+        return scoring_service_pb2.ScoreRequest(
+            request_id=request_id,
+            subject=subject,
+            features=key.seal(self.schema_version, subject, self.rows[n % len(self.rows)]),
+        )
+
+    def batch(self, n: int, size: int) -> scoring_service_pb2.ScoreBatchRequest:
+        request_id = f"bench-batch-{n}"
+        key = DataKey(self.server_key, SCORE_BATCH_METHOD, request_id)
+        items = []
+        for i in range(size):
+            subject = self.subject(n * size + i)
+            items.append(
+                scoring_service_pb2.ScoreBatchItem(
+                    subject=subject,
+                    features=key.seal(
+                        self.schema_version, subject, self.rows[(n * size + i) % len(self.rows)]
+                    ),
+                )
+            )
+        return scoring_service_pb2.ScoreBatchRequest(request_id=request_id, items=items)
+
+    def limit(self) -> limit_service_pb2.AdjustLimitRequest:
+        n = next(self.counter)
+        money = common_pb2.Money
+        return limit_service_pb2.AdjustLimitRequest(
+            request_id=f"bench-limit-{n}-{time.monotonic_ns()}",
+            subject=self.subject(n),
+            account=limit_service_pb2.AccountState(
+                current_limit=money(currency_code="CNY", minor_units=1_000_000),
+                balance=money(currency_code="CNY", minor_units=200_000),
+                on_time_repayments_in_row=3,
+                account_age_days=400,
+            ),
+            latest_score=540,
+        )
+
+    def event(self) -> alert_service_pb2.EvaluateEventRequest:
+        n = next(self.counter)
+        stamp = timestamp_pb2.Timestamp(seconds=1_790_000_000 + n)
+        return alert_service_pb2.EvaluateEventRequest(
+            request_id=f"bench-event-{n}",
+            subject=self.subject(n),
+            event=alert_service_pb2.BehaviourEvent(
+                event_id=f"bench-e-{n}-{time.monotonic_ns()}",
+                occurred_at=stamp,
+                purchase=alert_service_pb2.Purchase(
+                    amount=common_pb2.Money(currency_code="CNY", minor_units=5_000 + n % 900)
+                ),
+            ),
+        )
+
+
+def _channel(target: str, data_dir: Path) -> grpc.aio.Channel:
+    certs = CertPaths(DataLayout(data_dir).certs_dir)
+    credentials = grpc.ssl_channel_credentials(
+        certs.ca.read_bytes(),
+        certs.client_key("dev").read_bytes(),
+        certs.client_cert("dev").read_bytes(),
+    )
+    return grpc.aio.secure_channel(target, credentials)
+
+
+async def drive(
+    call: Callable[[], Any], concurrency: int, warmup: float, duration: float
+) -> tuple[list[float], int]:
+    """Run `call` from `concurrency` tasks: warm up, then measure for `duration` seconds."""
+    latencies: list[float] = []
+    errors = 0
+    measuring = False
+    end = time.monotonic() + warmup + duration
+
+    async def worker() -> None:
+        nonlocal errors
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            try:
+                await call()
+            except grpc.aio.AioRpcError:
+                if measuring:
+                    errors += 1
+                continue
+            if measuring:
+                latencies.append(time.perf_counter() - started)
+
+    async def switch_on() -> None:
+        nonlocal measuring
+        await asyncio.sleep(warmup)
+        measuring = True
+
+    await asyncio.gather(switch_on(), *(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+def summary(latencies: list[float], errors: int, duration: float, rows: int) -> dict[str, Any]:
+    ms = sorted(x * 1000 for x in latencies)
+
+    def pct(q: float) -> float:
+        return round(ms[min(len(ms) - 1, int(q * len(ms)))], 3) if ms else float("nan")
+
+    return {
+        "count": len(ms),
+        "errors": errors,
+        "rps": round(len(ms) / duration, 1),
+        "rows_per_s": round(len(ms) * rows / duration, 1),
+        "p50_ms": round(statistics.median(ms), 3) if ms else float("nan"),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+    }
+
+
+async def run_grpc(args: argparse.Namespace) -> dict[str, Any]:
+    requests = Requests(args.data_dir)
+    async with _channel(args.target, args.data_dir) as channel:
+        rows = 1
+        if args.rpc == "score":
+            pool = [requests.score(n) for n in range(POOL)]
+            stub = scoring_service_pb2_grpc.ScoringServiceStub(channel)
+            cycle = itertools.cycle(pool)
+            call: Callable[[], Any] = lambda: stub.Score(next(cycle), timeout=30)  # noqa: E731
+        elif args.rpc == "score_batch":
+            rows = args.batch
+            pool_b = [requests.batch(n, args.batch) for n in range(max(8, POOL // args.batch))]
+            stub_b = scoring_service_pb2_grpc.ScoringServiceStub(channel)
+            cycle_b = itertools.cycle(pool_b)
+            call = lambda: stub_b.ScoreBatch(next(cycle_b), timeout=30)  # noqa: E731
+        elif args.rpc == "adjust_limit":
+            stub_l = limit_service_pb2_grpc.LimitServiceStub(channel)
+            call = lambda: stub_l.AdjustLimit(requests.limit(), timeout=30)  # noqa: E731
+        elif args.rpc == "evaluate_event":
+            stub_e = alert_service_pb2_grpc.AlertServiceStub(channel)
+            call = lambda: stub_e.EvaluateEvent(requests.event(), timeout=30)  # noqa: E731
+        else:  # echo: a message of a Score request's size, a reply of a Score response's size
+            payload = requests.score(0).SerializeToString()
+            echo = channel.unary_unary(
+                "/bench.Echo/Echo", request_serializer=bytes, response_deserializer=bytes
+            )
+            call = lambda: echo(payload, timeout=30)  # noqa: E731
+        latencies, errors = await drive(call, args.concurrency, args.warmup, args.duration)
+    return summary(latencies, errors, args.duration, rows)
+
+
+def run_onnxruntime(args: argparse.Namespace) -> dict[str, Any]:
+    """The model alone, in process: one row per run, or `batch` rows per run."""
+    from service.config import DEFAULT_MODEL_PUBLIC_KEY
+    from service.model.scorer import Scorer
+
+    scorer = Scorer(DEFAULT_MODEL_DIR, DEFAULT_MODEL_PUBLIC_KEY)
+    rows = applicants()
+    batch = [rows[i % len(rows)] for i in range(args.batch)]
+    latencies: list[float] = []
+    end_warmup = time.monotonic() + args.warmup
+    while time.monotonic() < end_warmup:
+        scorer.probabilities(batch)
+    end = time.monotonic() + args.duration
+    while time.monotonic() < end:
+        started = time.perf_counter()
+        scorer.probabilities(batch)
+        latencies.append(time.perf_counter() - started)
+    return summary(latencies, 0, args.duration, args.batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--rpc",
+        required=True,
+        choices=("score", "score_batch", "adjust_limit", "evaluate_event", "echo", "onnxruntime"),
+    )
+    parser.add_argument("--target", default="127.0.0.1:50051")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--duration", type=float, default=4.0)
+    args = parser.parse_args()
+    result = run_onnxruntime(args) if args.rpc == "onnxruntime" else asyncio.run(run_grpc(args))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""`make bench`: privscore against its ceilings, measured in one run on one machine.
+
+Starts the server as `make serve` would (real keys, real model, audit on, mutual TLS), drives it
+from a separate load-generator process, then measures the ceilings with the same generator: a
+bare grpc.aio echo server over the same TLS, onnxruntime in process on the same model, and the
+server with audit fsync off (the price of durability). Writes bench/results.json and
+bench/latency.png and prints a table with the ratios to the ceilings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.config import DataLayout
+from service.privacy.admin import init_keys
+from service.security.certs import init_certs
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results.json"
+PLOT = REPO / "bench" / "latency.png"
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def peak_rss_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+def start_privscore(data_dir: Path, *extra: str) -> Server:
+    log = data_dir / f"server-{time.monotonic_ns()}.log"
+    with log.open("wb") as out:  # a file, not a pipe: logging must never block the server
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                "--log-format",
+                "json",
+                *extra,
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            if record.get("event") == "server.ready":
+                return Server(process, int(record["port"]), log)
+        if process.poll() is not None:
+            raise SystemExit(f"privscore did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    raise SystemExit("privscore did not become ready within 60 s")
+
+
+def start_echo(data_dir: Path, reply_bytes: int) -> Server:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.echo",
+            "--data-dir",
+            str(data_dir),
+            "--reply-bytes",
+            str(reply_bytes),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    port = int(process.stdout.readline().split()[1])
+    return Server(process, port, Path(os.devnull))
+
+
+def load(
+    target_port: int | None,
+    data_dir: Path,
+    rpc: str,
+    *,
+    concurrency: int = 1,
+    batch: int = 1,
+    warmup: float,
+    duration: float,
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--rpc",
+        rpc,
+        "--data-dir",
+        str(data_dir),
+        "--concurrency",
+        str(concurrency),
+        "--batch",
+        str(batch),
+        "--warmup",
+        str(warmup),
+        "--duration",
+        str(duration),
+    ]
+    if target_port is not None:
+        command += ["--target", f"127.0.0.1:{target_port}"]
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=warmup + duration + 120,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = []
+
+    def step(target: str, rpc: str, port: int | None, data_dir: Path, **shape: int) -> None:
+        result = load(port, data_dir, rpc, warmup=warmup, duration=duration, **shape)
+        steps.append(
+            {
+                "target": target,
+                "rpc": rpc,
+                "concurrency": shape.get("concurrency", 1),
+                "batch_size": shape.get("batch", 1),
+                **result,
+            }
+        )
+        print(
+            f"  {target:<20} {rpc:<15} c={steps[-1]['concurrency']:<3} "
+            f"b={steps[-1]['batch_size']:<4} {result['rps']:>9.1f} rps "
+            f"p99 {result['p99_ms']:.2f} ms",
+            flush=True,
+        )
+
+    with tempfile.TemporaryDirectory(prefix="privscore-bench-") as temp:
+        data_dir = Path(temp) / "var"
+        layout = DataLayout(data_dir)
+        init_keys(layout, layout.keyring, layout.dev_kek)
+        init_certs(layout.certs_dir)
+        memory: dict[str, float] = {}
+
+        server = start_privscore(data_dir)
+        try:
+            for concurrency in (1, 8, 32):
+                step("privscore", "score", server.port, data_dir, concurrency=concurrency)
+            for batch in (1, 16, 128):
+                step("privscore", "score_batch", server.port, data_dir, concurrency=4, batch=batch)
+            step("privscore", "adjust_limit", server.port, data_dir, concurrency=8)
+            step("privscore", "evaluate_event", server.port, data_dir, concurrency=8)
+            memory["privscore"] = server.peak_rss_mb()
+        finally:
+            server.stop()
+
+        server = start_privscore(data_dir, "--audit-fsync", "off")
+        try:
+            step("privscore-no-fsync", "score", server.port, data_dir, concurrency=32)
+            memory["privscore-no-fsync"] = server.peak_rss_mb()
+        finally:
+            server.stop()
+
+        reply_bytes = 240  # a ScoreResponse with reasons is about this size
+        echo = start_echo(data_dir, reply_bytes)
+        try:
+            for concurrency in (1, 8, 32):
+                step("grpc-echo", "echo", echo.port, data_dir, concurrency=concurrency)
+        finally:
+            echo.stop()
+        for batch in (1, 128):
+            step("onnxruntime", "onnxruntime", None, data_dir, batch=batch)
+
+    report = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "warmup_s": warmup,
+        "duration_s": duration,
+        "cpus": os.cpu_count(),
+        "peak_rss_mb": {k: round(v, 1) for k, v in memory.items()},
+        "steps": steps,
+        "ratios": ratios(steps),
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    draw(steps, plot)
+    return report
+
+
+def _find(steps: list[dict[str, Any]], target: str, rpc: str, **shape: int) -> dict[str, Any]:
+    return next(
+        s
+        for s in steps
+        if s["target"] == target and s["rpc"] == rpc and all(s[k] == v for k, v in shape.items())
+    )
+
+
+def ratios(steps: list[dict[str, Any]]) -> dict[str, float]:
+    score32 = _find(steps, "privscore", "score", concurrency=32)
+    echo32 = _find(steps, "grpc-echo", "echo", concurrency=32)
+    batch128 = _find(steps, "privscore", "score_batch", batch_size=128)
+    ort128 = _find(steps, "onnxruntime", "onnxruntime", batch_size=128)
+    no_fsync = _find(steps, "privscore-no-fsync", "score", concurrency=32)
+    return {
+        "score_c32_rps_vs_echo": round(score32["rps"] / echo32["rps"], 3),
+        "score_c32_p99_vs_echo": round(score32["p99_ms"] / echo32["p99_ms"], 3),
+        "batch128_rows_vs_onnxruntime": round(batch128["rows_per_s"] / ort128["rows_per_s"], 3),
+        "audit_fsync_on_vs_off_rps": round(score32["rps"] / no_fsync["rps"], 3),
+    }
+
+
+def draw(steps: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for target, rpc, label in (
+        ("privscore", "score", "privscore Score"),
+        ("grpc-echo", "echo", "bare grpc.aio echo"),
+    ):
+        points = sorted(
+            (s["concurrency"], s["p50_ms"], s["p99_ms"])
+            for s in steps
+            if s["target"] == target and s["rpc"] == rpc
+        )
+        xs = [p[0] for p in points]
+        axes.plot(xs, [p[1] for p in points], marker="o", label=f"{label} p50")
+        axes.plot(xs, [p[2] for p in points], marker="s", linestyle="--", label=f"{label} p99")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("concurrent callers")
+    axes.set_ylabel("latency (ms)")
+    axes.set_title("Latency vs concurrency (mutual TLS, loopback)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds per step")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per step")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plot", type=Path, default=PLOT)
+    args = parser.parse_args()
+    print(f"privscore bench: {args.warmup:g} s warm-up + {args.duration:g} s per step")
+    report = run(args.warmup, args.duration, args.out, args.plot)
+    print("\npeak RSS (MB):", report["peak_rss_mb"])
+    targets = {
+        "score_c32_rps_vs_echo": ">= 0.6",
+        "score_c32_p99_vs_echo": "<= 2.0",
+        "batch128_rows_vs_onnxruntime": ">= 0.5",
+        "audit_fsync_on_vs_off_rps": ">= 0.9",
+    }
+    for name, value in report["ratios"].items():
+        print(f"  {name:<32} {value:>7.3f}   target {targets[name]}")
+    print(f"\nwrote {args.out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

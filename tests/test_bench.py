@@ -1,0 +1,65 @@
+"""`make bench` keeps working: a one-second-per-step smoke run, no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+
+
+def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    out, plot = tmp_path / "results.json", tmp_path / "latency.png"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--warmup",
+            "0.2",
+            "--duration",
+            "0.8",
+            "--out",
+            str(out),
+            "--plot",
+            str(plot),
+        ],
+        cwd=REPO_ROOT,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    keys = {
+        "target",
+        "rpc",
+        "concurrency",
+        "batch_size",
+        "rps",
+        "rows_per_s",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "errors",
+    }
+    assert all(keys <= set(step) for step in report["steps"])
+    assert {(s["target"], s["rpc"]) for s in report["steps"]} >= {
+        ("privscore", "score"),
+        ("privscore", "score_batch"),
+        ("privscore", "adjust_limit"),
+        ("privscore", "evaluate_event"),
+        ("privscore-no-fsync", "score"),
+        ("grpc-echo", "echo"),
+        ("onnxruntime", "onnxruntime"),
+    }
+    assert all(step["errors"] == 0 and step["count"] > 0 for step in report["steps"])
+    assert set(report["ratios"]) == {
+        "score_c32_rps_vs_echo",
+        "score_c32_p99_vs_echo",
+        "batch128_rows_vs_onnxruntime",
+        "audit_fsync_on_vs_off_rps",
+    }
+    assert report["peak_rss_mb"]["privscore"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
