@@ -38,7 +38,7 @@ from service.decisions.store import DecisionStore
 from service.errors import ServiceError, Unavailable
 from service.interceptors import RequestContextInterceptor
 from service.model.manifest import ArtifactError
-from service.model.scorer import Scorer
+from service.model.scorer import ModelBatcher, Scorer
 from service.privacy.digest import derive_input_digest_key
 from service.privacy.keyring import Keyring, KeyringError, load_kek
 from service.privacy.sealing import FeatureOpener
@@ -221,7 +221,7 @@ class PrivscoreServer:
             return alerts
 
         runtime = Runtime(
-            scorer=scorer,
+            model=ModelBatcher(scorer),
             opener=FeatureOpener(keyring),
             policy=policy,
             store=store,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from google.rpc import code_pb2
 
+from privscore.v1 import common_pb2
 from privscore.v1 import scoring_service_pb2 as pb
+from service.api.features import encrypted_inputs
 from service.config import DEFAULT_POLICY
 from service.decisions.policy import load_policy
 from tests.conftest import ServerProcess, applicants, served_manifest
+from tests.test_privacy import sealed_request
 from tests.test_server import violations
 
 POLICY = load_policy(DEFAULT_POLICY)
@@ -130,3 +134,12 @@ def test_batch_above_the_maximum_is_refused(shared_server: ServerProcess) -> Non
             "t", [(f"x{i}", applicants()[0]) for i in range(257)]
         )
     assert violations(caught.value) == {"items": "must hold at most 256 items"}
+
+
+def test_recorded_encrypted_inputs_are_the_protobuf_json_mapping(
+    shared_server: ServerProcess,
+) -> None:
+    features = sealed_request(shared_server, "mapping").features
+    recorded = encrypted_inputs(features)
+    assert recorded == json_format.MessageToDict(features, preserving_proto_field_name=True)
+    assert json_format.ParseDict(recorded, common_pb2.EncryptedFeatures()) == features

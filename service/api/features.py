@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
-
-from google.protobuf import json_format
 
 from privscore.v1 import common_pb2
 from service.errors import FailedPrecondition, FieldViolation, InvalidArgument
@@ -65,6 +64,29 @@ def _model_row(values: dict[str, FeatureInput]) -> Row:
     }
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def encrypted_inputs(features: common_pb2.EncryptedFeatures) -> dict[str, Any]:
-    """The encrypted inputs exactly as received, for the audit record (no plaintext)."""
-    return json_format.MessageToDict(features, preserving_proto_field_name=True)
+    """The encrypted inputs exactly as received, for the audit record (no plaintext), in the
+    protobuf JSON mapping (`json_format.ParseDict` reads it back), built by hand because
+    this runs for every decision and `MessageToDict` is several times slower."""
+    key = features.data_key
+    return {
+        "schema_version": features.schema_version,
+        "data_key": {
+            "key_id": key.key_id,
+            "encapsulated_key": _b64(key.encapsulated_key),
+            "sealed_key": _b64(key.sealed_key),
+        },
+        "fields": [
+            {
+                "name": f.name,
+                "key_id": f.key_id,
+                "nonce": _b64(f.nonce),
+                "ciphertext": _b64(f.ciphertext),
+            }
+            for f in features.fields
+        ],
+    }

@@ -6,6 +6,7 @@ inputs exactly as they were received, and the recorded model and policy versions
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from service.api.limits import ADJUST_LIMIT_METHOD
 from service.api.scoring import SCORE_BATCH_METHOD, SCORE_METHOD, assess
 from service.decisions.limits import Account, decide_limit
 from service.decisions.policy import DecisionPolicy
-from service.model.scorer import Scorer
+from service.model.scorer import ModelBatcher, Scorer
 from service.privacy.digest import input_digest
 from service.privacy.sealing import FeatureOpener
 
@@ -91,7 +92,11 @@ def replay(
         )
         if input_digest(digest_key, dict(row)) != record["input_digest"]:
             report.differences.append("input_digest")
-        (score,) = assess(scorer, policy.score, [row])
+        model = ModelBatcher(scorer)
+        try:
+            (score,) = asyncio.run(assess(model, policy.score, [row]))
+        finally:
+            model.close()
         replayed_score = json_format.MessageToDict(score, preserving_proto_field_name=True)
     if rpc in (SCORE_METHOD, SCORE_BATCH_METHOD):
         report.differences += _same_score(record["outputs"], replayed_score)

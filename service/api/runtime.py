@@ -23,7 +23,7 @@ from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy
 from service.decisions.store import DecisionStore
 from service.errors import ServiceError, Unavailable
-from service.model.scorer import Scorer
+from service.model.scorer import ModelBatcher, Scorer
 from service.privacy.digest import input_digest
 from service.privacy.sealing import FeatureOpener
 
@@ -59,7 +59,7 @@ class KeyedLocks:
 
 @dataclass
 class Runtime:
-    scorer: Scorer
+    model: ModelBatcher
     opener: FeatureOpener
     policy: DecisionPolicy
     store: DecisionStore
@@ -76,6 +76,10 @@ class Runtime:
 
     async def in_store(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.store_thread, call, *args)
+
+    @property
+    def scorer(self) -> Scorer:
+        return self.model.scorer
 
     def input_digest(self, inputs: Mapping[str, Any]) -> str:
         return input_digest(self.input_digest_key, inputs)
@@ -137,6 +141,7 @@ class Runtime:
         )
 
     def close(self) -> None:
+        self.model.close()
         self.store_thread.shutdown(wait=True)
         self.store.close()
 

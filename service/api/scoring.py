@@ -18,7 +18,7 @@ from service.api.runtime import Runtime, RuntimeSlot
 from service.api.validation import well_formed_subject
 from service.decisions.policy import ScorePolicy
 from service.errors import ServiceError
-from service.model.scorer import Row, Scorer
+from service.model.scorer import ModelBatcher, Row
 
 SCORE_METHOD = "/privscore.v1.ScoringService/Score"
 SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch"
@@ -126,12 +126,15 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
         return pb.ScoreBatchResponse(results=results)
 
 
-def assess(scorer: Scorer, policy: ScorePolicy, rows: Sequence[Row]) -> list[pb.CreditScore]:
+async def assess(
+    model: ModelBatcher, policy: ScorePolicy, rows: Sequence[Row]
+) -> list[pb.CreditScore]:
     """Score rows in one model run and explain the adverse ones in one more. Pure: the same
     model, policy and rows always give the same result, which is what `audit replay` checks."""
     if not rows:
         return []
-    probabilities = scorer.probabilities(rows)
+    scorer = model.scorer
+    probabilities = await model.probabilities(rows)
     exact_scores = [scorer.manifest.scaling.score(float(p)) for p in probabilities]
     scores = [round(s) for s in exact_scores]
     verdicts = [
@@ -143,8 +146,9 @@ def assess(scorer: Scorer, policy: ScorePolicy, rows: Sequence[Row]) -> list[pb.
         for s in scores
     ]
     adverse = [i for i, verdict in enumerate(verdicts) if verdict != "APPROVE"]
-    explained = scorer.reasons(
-        [rows[i] for i in adverse], [exact_scores[i] for i in adverse], policy.max_reasons
+    variants = await model.probabilities(scorer.reason_variants([rows[i] for i in adverse]))
+    explained = scorer.rank_reasons(
+        [exact_scores[i] for i in adverse], variants, policy.max_reasons
     )
     reasons = dict(zip(adverse, explained, strict=True))
     return [
@@ -164,7 +168,7 @@ async def _decide(
 ) -> list[pb.ScoreResponse]:
     """Assess every applicant, audit every decision (concurrently, so group commit makes them
     one fsync), then reply."""
-    scores = assess(runtime.scorer, runtime.policy.score, [a.row for a in applicants])
+    scores = await assess(runtime.model, runtime.policy.score, [a.row for a in applicants])
     decided_at = runtime.clock()
     responses = []
     records = []

@@ -4,6 +4,7 @@ onnxruntime is the only model dependency of serving; nothing here re-implements 
 Reasons are computed by the model itself: each adverse applicant's features are set, one at a
 time, to the manifest's favourable reference value, and all those variants are scored in one
 batched run; the features whose reference value would raise the score most are the reasons.
+`ModelBatcher` puts the runs of concurrent calls together, off the event loop.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import os
 # onnxruntime's official builds keep telemetry unless this is set before the first import.
 os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
+import asyncio
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,29 +90,30 @@ class Scorer:
     def score_of(self, probability_of_default: float) -> int:
         return round(self.manifest.scaling.score(probability_of_default))
 
-    def reasons(
-        self, rows: Sequence[Row], scores: Sequence[float], limit: int
-    ) -> list[list[Reason]]:
-        """Up to `limit` reasons per row, most points first, from one batched run.
-
-        `scores` are the rows' unrounded scores, so gains compare exactly. Only features whose
-        reference value would raise the score count.
-        """
+    def reason_variants(self, rows: Sequence[Row]) -> list[Row]:
+        """For each row, one copy per feature with that feature at its reference value."""
         variants: list[Row] = []
         for row in rows:
             for spec in self.features:
                 variant = dict(row)
                 variant[spec.name] = self._reference[spec.name]
                 variants.append(variant)
-        if not variants:
-            return []
+        return variants
+
+    def rank_reasons(
+        self, scores: Sequence[float], variant_probabilities: np.ndarray, limit: int
+    ) -> list[list[Reason]]:
+        """Up to `limit` reasons per row, most points first, from the scored variants.
+
+        `scores` are the rows' unrounded scores, so gains compare exactly. Only features whose
+        reference value would raise the score count.
+        """
         scaling = self.manifest.scaling
-        variant_scores = [scaling.score(float(p)) for p in self.probabilities(variants)]
         width = len(self.features)
         result = []
         for index, base in enumerate(scores):
             gains = [
-                (variant_scores[index * width + k] - base, spec)
+                (scaling.score(float(variant_probabilities[index * width + k])) - base, spec)
                 for k, spec in enumerate(self.features)
             ]
             gains.sort(key=lambda gain: (-gain[0], gain[1].name))
@@ -120,3 +125,59 @@ class Scorer:
                 ]
             )
         return result
+
+
+class ModelBatcher:
+    """Runs the model off the event loop, putting concurrent callers' rows into one run.
+
+    While a run is in progress, rows from other calls queue; the next run takes them all. An
+    idle server runs each call's rows at once (no waiting for company); a busy one amortises
+    the per-run cost over every call in flight. onnxruntime releases the GIL while it runs.
+    """
+
+    def __init__(self, scorer: Scorer, max_rows: int = 4096) -> None:
+        self.scorer = scorer
+        self._max_rows = max_rows
+        self._pending: deque[tuple[Sequence[Row], asyncio.Future[np.ndarray]]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def probabilities(self, rows: Sequence[Row]) -> np.ndarray:
+        if not rows:
+            return np.empty(0)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._pending.append((rows, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch: list[tuple[Sequence[Row], asyncio.Future[np.ndarray]]] = []
+            taken = 0
+            while self._pending and (
+                not batch or taken + len(self._pending[0][0]) <= self._max_rows
+            ):
+                rows, future = self._pending.popleft()
+                batch.append((rows, future))
+                taken += len(rows)
+            every_row = [row for rows, _ in batch for row in rows]
+            try:
+                result = await loop.run_in_executor(
+                    self._thread, self.scorer.probabilities, every_row
+                )
+            except Exception as error:  # noqa: BLE001 - each waiter gets the failure
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            start = 0
+            for rows, future in batch:
+                if not future.done():  # a cancelled caller's rows were scored in vain
+                    future.set_result(result[start : start + len(rows)])
+                start += len(rows)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
