@@ -31,8 +31,9 @@ SEALED_DATA_KEY_BYTES = 32 + 16  # AES-256 key + AEAD tag
 AES_GCM_NONCE_BYTES = 12
 AES_GCM_TAG_BYTES = 16
 MAX_FIELD_CIPHERTEXT_BYTES = 1024
-# Timestamp range of google.protobuf.Timestamp: 0001-01-01 to 9999-12-31.
-_MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
+# Times privscore accepts: 1900-01-01 to 2200-01-01 UTC. Narrower than Timestamp's own range
+# (years 1-9999), so window and retention arithmetic on any accepted time stays in range.
+_MIN_SECONDS, _MAX_SECONDS = -2208988800, 7258118400
 
 
 class Violations:
@@ -122,7 +123,7 @@ def check_timestamp(
     v.require(
         _MIN_SECONDS <= timestamp.seconds <= _MAX_SECONDS,
         f"{field}.seconds",
-        "must be between 0001-01-01 and 9999-12-31",
+        "must be between 1900-01-01 and 2200-01-01 UTC",
     )
     v.require(0 <= timestamp.nanos <= 999_999_999, f"{field}.nanos", "must be 0-999999999")
 

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from service.callctx import CALLER
-from service.errors import ServiceError
+from service.errors import FieldViolation, InvalidArgument, ServiceError
 from service.security.authz import AuthzPolicy, peer_identity
 from service.security.limits import CallLimits, IdentityLimiter
 
@@ -45,6 +46,38 @@ else:
 RefusalHook = Callable[[str, Any, ServiceError], Awaitable[None]]
 
 log = structlog.get_logger("privscore.rpc")
+
+
+class MalformedRequest:
+    """Stands in for request bytes that do not parse, so the refusal goes through the same
+    path as any other: a status with details, an audit record and a log line."""
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+
+def _tolerant(deserializer: Callable[..., Any] | None) -> Callable[[bytes], Any]:
+    assert deserializer is not None  # generated handlers always have one
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            name = getattr(getattr(deserializer, "__self__", None), "__name__", "request")
+            return MalformedRequest(name)
+
+    return deserialize
+
+
+def _refuse_malformed(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "request", f"is not a valid {request.message_name} message", "MALFORMED_MESSAGE"
+                )
+            ]
+        )
 
 
 class DeadlineExceeded(ServiceError):
@@ -167,13 +200,13 @@ class RequestContextInterceptor(Interceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, request_id),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method, request_id),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         # privscore has no client-streaming RPCs: anything else is refused, not passed through.
@@ -185,6 +218,7 @@ class RequestContextInterceptor(Interceptor):
                 try:
                     with call.admit():
                         await call.announce()
+                        _refuse_malformed(request)
                         async with asyncio.timeout(call.deadline()):
                             return await behavior(request, context)
                 except (grpc.aio.AbortError, grpc.aio.UsageError):
@@ -201,6 +235,7 @@ class RequestContextInterceptor(Interceptor):
                 try:
                     with call.admit():
                         await call.announce()
+                        _refuse_malformed(request)
                         async for response in behavior(request, context):
                             yield response
                 except (grpc.aio.AbortError, grpc.aio.UsageError):

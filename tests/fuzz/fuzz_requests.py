@@ -1,0 +1,521 @@
+"""Coverage-guided fuzzing (atheris) of request parsing, validation and decryption, in process.
+
+Each input is one request as the server receives it: the first byte picks the RPC, the rest is
+parsed with protobuf as that RPC's request message and taken through the server's own code
+path up to the model: validation (`validate_*`), then for requests that pass, decryption and
+schema validation (`open_row`: `FeatureOpener.open` with a real keyring, `validate_record`) or
+`to_event`. One more mode builds a request from the input and seals it correctly (as a caller
+would, with fuzzed names and fuzzed plaintext bytes), so the fuzzer reaches what lies behind a
+successful decryption. A structure-aware mutator (in the spirit of libprotobuf-mutator) sets
+one field of a parsed request at a time to a boundary or random value of its type, switches
+oneofs, and duplicates or drops repeated items, so a sealed seed stays decryptable while its
+other fields change; byte-level mutation still runs half of the time. The only acceptable
+exceptions are the documented refusals (`ServiceError`, which must also turn into a status)
+and protobuf's `DecodeError`; anything else is a crash.
+
+    python -m tests.fuzz.fuzz_requests [libFuzzer flags] [CORPUS_DIR ...]
+
+Valid requests sealed to this run's keyring are written into the first corpus directory as
+seeds (the keyring is new every run, so seeds are too).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before onnxruntime is first imported
+
+import json
+import math
+import random
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+# Third-party code is imported first and uninstrumented: coverage feedback comes from ours.
+import atheris  # type: ignore[import-untyped, import-not-found, unused-ignore]
+import google.protobuf.json_format  # noqa: F401
+import grpc  # noqa: F401
+import numpy  # noqa: F401
+import onnxruntime  # noqa: F401
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from google.protobuf.descriptor import FieldDescriptor
+
+with atheris.instrument_imports(include=["service", "privscore"]):
+    from google.protobuf.message import DecodeError, Message
+
+    from privscore.v1 import (
+        alert_service_pb2,
+        common_pb2,
+        limit_service_pb2,
+        scoring_service_pb2,
+    )
+    from service.api.alerts import to_event, validate_evaluate_event, validate_watch_alerts
+    from service.api.features import encrypted_inputs, open_row
+    from service.api.limits import validate_adjust_limit
+    from service.api.scoring import (
+        validate_batch_envelope,
+        validate_batch_item,
+        validate_score,
+    )
+    from service.api.validation import well_formed_request_id, well_formed_subject
+    from service.config import DEFAULT_MODEL_DIR, DEFAULT_MODEL_PUBLIC_KEY
+    from service.errors import InvalidArgument, ServiceError
+    from service.model.scorer import Scorer
+    from service.privacy.keyring import Keyring
+    from service.privacy.pseudonym import Pseudonymiser
+    from service.privacy.sealing import (
+        ENCAPSULATED_KEY_BYTES,
+        SUITE,
+        DataKey,
+        FeatureOpener,
+        ServerPublicKey,
+        field_aad,
+        hpke_info,
+        load_public_keyset,
+    )
+
+SCORE = "/privscore.v1.ScoringService/Score"
+SCORE_BATCH = "/privscore.v1.ScoringService/ScoreBatch"
+ADJUST_LIMIT = "/privscore.v1.LimitService/AdjustLimit"
+TENANT = "baitiao-cn"
+MODES = 6
+SEALED_MODE = 5
+MAX_SEALED_FIELDS = 24
+
+
+def _setup() -> tuple[Scorer, FeatureOpener, ServerPublicKey]:
+    """A real keyring under a random KEK (its file removed once loaded) and the served model."""
+    workdir = Path(tempfile.mkdtemp(prefix="privscore-fuzz-"))
+    try:
+        keyring = Keyring.create(workdir / "keyring.json", secrets.token_bytes(32))
+        keyset = workdir / "public-keys.json"
+        keyset.write_text(json.dumps(keyring.public_keyset()), encoding="utf-8")
+        server_key = load_public_keyset(keyset)
+    finally:
+        shutil.rmtree(workdir)
+    return Scorer(DEFAULT_MODEL_DIR, DEFAULT_MODEL_PUBLIC_KEY), FeatureOpener(keyring), server_key
+
+
+SCORER, OPENER, SERVER_KEY = _setup()
+SCHEMA = SCORER.manifest.schema
+SCHEMA_VERSION = SCORER.schema_version
+NAMES = tuple(spec.name for spec in SCHEMA.features)  # excluded ones too: they must be refused
+SCHEMA_TEXT = json.dumps(SCHEMA.to_dict(), ensure_ascii=False)
+PSEUDONYMS = Pseudonymiser(b"fuzz-pseudonymisation-key-32byte")
+
+
+def refused(error: ServiceError, plaintexts: Sequence[str] = (), names: Sequence[str] = ()) -> None:
+    """A documented refusal: it becomes a status, names fields, and quotes no sealed value."""
+    status = error.to_status()
+    status.SerializeToString()
+    text = [error.message]
+    if isinstance(error, InvalidArgument):
+        assert error.violations
+        for violation in error.violations:
+            assert violation.field and violation.description and violation.reason
+            text += [violation.field, violation.description]
+    joined = "\n".join(text)
+    for value in plaintexts:
+        if len(value) >= 8 and value not in SCHEMA_TEXT and not any(value in n for n in names):
+            assert value not in joined, "a refusal quotes a sealed value"
+
+
+def open_features(
+    features: common_pb2.EncryptedFeatures,
+    subject: common_pb2.SubjectRef,
+    method: str,
+    request_id: str,
+    opened_keys: dict[bytes, Any] | None = None,
+) -> None:
+    """What the servicers do with features that passed validation."""
+    row = open_row(
+        SCORER,
+        OPENER,
+        features,
+        subject,
+        method=method,
+        request_id=request_id,
+        opened_keys=opened_keys,
+    )
+    assert set(row) == {spec.name for spec in SCHEMA.model_features}
+    encrypted_inputs(features)
+
+
+def refusal_context(request: Any) -> None:
+    """What the refusal audit reads of any request: only well-formed ids and subjects."""
+    request_id = well_formed_request_id(request)
+    assert request_id in ("", request.request_id)
+    subject = well_formed_subject(request)
+    assert subject is None or subject is request.subject or subject == request.subject
+
+
+def score(data: bytes) -> None:
+    request = scoring_service_pb2.ScoreRequest.FromString(data)
+    refusal_context(request)
+    validate_score(request)
+    open_features(request.features, request.subject, SCORE, request.request_id)
+
+
+def score_batch(data: bytes) -> None:
+    request = scoring_service_pb2.ScoreBatchRequest.FromString(data)
+    refusal_context(request)
+    validate_batch_envelope(request)
+    opened_keys: dict[bytes, Any] = {}
+    for item in request.items:
+        try:
+            well_formed_subject(item)
+            validate_batch_item(item)
+            open_features(item.features, item.subject, SCORE_BATCH, request.request_id, opened_keys)
+        except ServiceError as error:  # an item fails on its own
+            refused(error)
+
+
+def adjust_limit(data: bytes) -> None:
+    request = limit_service_pb2.AdjustLimitRequest.FromString(data)
+    refusal_context(request)
+    validate_adjust_limit(request)
+    if request.HasField("features"):
+        open_features(request.features, request.subject, ADJUST_LIMIT, request.request_id)
+
+
+def evaluate_event(data: bytes) -> None:
+    request = alert_service_pb2.EvaluateEventRequest.FromString(data)
+    refusal_context(request)
+    validate_evaluate_event(request)
+    event = to_event(request.event)
+    assert event.event_id == request.event.event_id
+
+
+def watch_alerts(data: bytes) -> None:
+    validate_watch_alerts(alert_service_pb2.WatchAlertsRequest.FromString(data))
+
+
+def _plaintext(fdp: Any) -> tuple[bytes, str | None]:
+    """A sealed field's plaintext: a typed FeatureValue, or raw bytes; and its string value."""
+    kind = fdp.ConsumeIntInRange(0, 4)
+    if kind == 0:
+        return common_pb2.FeatureValue(number_value=fdp.ConsumeFloat()).SerializeToString(), None
+    if kind == 1:
+        text = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 80))
+        return common_pb2.FeatureValue(string_value=text).SerializeToString(), text
+    if kind == 2:
+        return common_pb2.FeatureValue(bool_value=fdp.ConsumeBool()).SerializeToString(), None
+    if kind == 3:
+        spec = SCHEMA.features[fdp.ConsumeIntInRange(0, len(SCHEMA.features) - 1)]
+        categories = spec.categories or ("",)
+        text = categories[fdp.ConsumeIntInRange(0, len(categories) - 1)]
+        return common_pb2.FeatureValue(string_value=text).SerializeToString(), text
+    return fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64)), None
+
+
+def sealed(data: bytes) -> None:
+    """A Score request sealed correctly from fuzzed names and plaintexts, then served."""
+    fdp = atheris.FuzzedDataProvider(data)
+    request_id = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(1, 70)) or "r"
+    tenant = TENANT if fdp.ConsumeBool() else fdp.ConsumeUnicodeNoSurrogates(8)
+    pseudonym = PSEUDONYMS.pseudonym(tenant or "t", "customer")
+    if fdp.ConsumeIntInRange(0, 7) == 0:
+        pseudonym = fdp.ConsumeUnicodeNoSurrogates(64)
+    subject = common_pb2.SubjectRef(tenant=tenant, pseudonym=pseudonym)
+    plaintexts: list[tuple[str, bytes]] = []
+    strings: list[str] = []
+    for _ in range(fdp.ConsumeIntInRange(0, MAX_SEALED_FIELDS)):
+        if fdp.ConsumeIntInRange(0, 9):
+            name = NAMES[fdp.ConsumeIntInRange(0, len(NAMES) - 1)]
+        else:
+            name = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 70))
+        plaintext, text = _plaintext(fdp)
+        plaintexts.append((name, plaintext))
+        if text is not None:
+            strings.append(text)
+    version = SCHEMA_VERSION if fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeUnicodeNoSurrogates(20)
+    features = _seal(request_id, version, subject, plaintexts)
+    request = scoring_service_pb2.ScoreRequest(
+        request_id=request_id, subject=subject, features=features
+    )
+    names = [name for name, _ in plaintexts]
+    try:
+        score(request.SerializeToString())
+    except ServiceError as error:
+        refused(error, strings, names)
+
+
+def _seal(
+    request_id: str,
+    version: str,
+    subject: common_pb2.SubjectRef,
+    plaintexts: Sequence[tuple[str, bytes]],
+) -> common_pb2.EncryptedFeatures:
+    """As the SDK seals (`DataKey`), but any plaintext bytes, not only typed values."""
+    key = AESGCM.generate_key(bit_length=256)
+    sealed_key = SUITE.encrypt(key, SERVER_KEY.public_key, info=hpke_info(SCORE, request_id))
+    data_key = common_pb2.SealedDataKey(
+        key_id=SERVER_KEY.key_id,
+        encapsulated_key=sealed_key[:ENCAPSULATED_KEY_BYTES],
+        sealed_key=sealed_key[ENCAPSULATED_KEY_BYTES:],
+    )
+    aead = AESGCM(key)
+    features = common_pb2.EncryptedFeatures(schema_version=version, data_key=data_key)
+    for name, plaintext in plaintexts:
+        nonce = os.urandom(12)
+        features.fields.append(
+            common_pb2.EncryptedField(
+                name=name,
+                key_id=SERVER_KEY.key_id,
+                nonce=nonce,
+                ciphertext=aead.encrypt(nonce, plaintext, field_aad(version, subject, name)),
+            )
+        )
+    return features
+
+
+TARGETS: tuple[Callable[[bytes], None], ...] = (
+    score,
+    score_batch,
+    adjust_limit,
+    evaluate_event,
+    watch_alerts,
+    sealed,
+)
+
+
+# -- structure-aware mutation -------------------------------------------------------------------
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    scoring_service_pb2.ScoreRequest,
+    scoring_service_pb2.ScoreBatchRequest,
+    limit_service_pb2.AdjustLimitRequest,
+    alert_service_pb2.EvaluateEventRequest,
+    alert_service_pb2.WatchAlertsRequest,
+)
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_ENUM: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
+}
+_INTERESTING_INTS = (-1, 0, 1, 2, 3, 5, 7, 30, 60, 256, 257, 2000, 2001, 36500, 36501, 10**9)
+_INTERESTING_SECONDS = (-62135596800, -62135596801, 253402300799, 253402300800)
+_INTERESTING_LENGTHS = (0, 1, 11, 12, 13, 16, 17, 31, 32, 33, 47, 48, 49, 1024, 1025)
+
+
+def _paths(message: Message, depth: int = 0) -> list[tuple[Message, Any]]:
+    """Every (message, field) reachable through set submessages, a few levels deep."""
+    found: list[tuple[Message, Any]] = []
+    for field in message.DESCRIPTOR.fields:
+        found.append((message, field))
+        if field.type != FieldDescriptor.TYPE_MESSAGE or depth >= 4:
+            continue
+        if field.is_repeated:
+            for item in list(getattr(message, field.name))[:3]:
+                found += _paths(item, depth + 1)
+        elif message.HasField(field.name):
+            found += _paths(getattr(message, field.name), depth + 1)
+    return found
+
+
+def _scalar(field: Any, current: Any, rng: random.Random) -> Any:
+    """A boundary, nearby or random value of the field's type."""
+    kind = field.type
+    if kind in _INT_RANGES:
+        low, high = _INT_RANGES[kind]
+        pool = [low, high, rng.randint(low, high), *_INTERESTING_INTS, *_INTERESTING_SECONDS]
+        pool += [current + 1, current - 1, -current]
+        return min(high, max(low, rng.choice(pool)))
+    if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return rng.choice([math.nan, math.inf, -math.inf, -0.0, 1e308, rng.uniform(-1e6, 1e6)])
+    if kind == FieldDescriptor.TYPE_BOOL:
+        return not current
+    if kind == FieldDescriptor.TYPE_STRING:
+        return rng.choice(
+            [
+                "",
+                current + current,
+                current[: rng.randint(0, len(current))],
+                current.upper(),
+                "x" * rng.choice([63, 64, 65, 128, 129, 5000]),
+                rng.choice(["CNY", "USD", "EUR", "cny", TENANT, "\u0000", "\U0001f4a5", "a\n"]),
+                SCHEMA_VERSION,
+                SERVER_KEY.key_id,
+                rng.choice(NAMES),
+            ]
+        )
+    if current and rng.random() < 0.5:  # bytes: one bit flipped, or another length
+        flipped = bytearray(current)
+        flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+        return bytes(flipped)
+    return rng.randbytes(rng.choice(_INTERESTING_LENGTHS))
+
+
+def _mutate(message: Message, rng: random.Random) -> None:
+    """One structural change somewhere in `message`: mostly a scalar's value."""
+    paths = _paths(message)
+    scalars = [
+        (owner, field)
+        for owner, field in paths
+        if not field.is_repeated and field.type != FieldDescriptor.TYPE_MESSAGE
+    ]
+    owner, field = rng.choice(scalars if scalars and rng.random() < 0.75 else paths)
+    name = field.name
+    if field.is_repeated:
+        items = getattr(owner, name)
+        action = rng.randrange(4)
+        if action == 0 and len(items):
+            del items[rng.randrange(len(items))]
+        elif action == 1 and len(items):
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                items.add().CopyFrom(items[rng.randrange(len(items))])
+            else:
+                items.append(items[rng.randrange(len(items))])
+        elif action == 2:
+            owner.ClearField(name)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            items.add()
+    elif field.type == FieldDescriptor.TYPE_MESSAGE:
+        if owner.HasField(name) and rng.random() < 0.5:
+            owner.ClearField(name)
+        else:
+            getattr(owner, name).SetInParent()  # also switches a oneof to this member
+    elif rng.random() < 0.1:
+        owner.ClearField(name)
+    else:
+        setattr(owner, name, _scalar(field, getattr(owner, name), rng))
+
+
+def custom_mutator(data: bytes, max_size: int, seed: int) -> bytes:
+    """Half the time libFuzzer's byte mutations; otherwise structural ones on the parse."""
+    rng = random.Random(seed)
+    mode = data[0] % MODES if data else SEALED_MODE
+    if mode != SEALED_MODE and rng.random() < 0.5:
+        try:
+            message = MESSAGE_TYPES[mode].FromString(data[1:])
+        except DecodeError:
+            pass
+        else:
+            for _ in range(rng.choice((1, 1, 1, 2, 3))):
+                _mutate(message, rng)
+            return (bytes([data[0]]) + message.SerializeToString())[:max_size]
+    mutated: bytes = atheris.Mutate(data, max_size)
+    return mutated
+
+
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    target = TARGETS[data[0] % MODES]
+    try:
+        target(data[1:])
+    except DecodeError:
+        pass  # not a message of this type: gRPC refuses it before any servicer runs
+    except ServiceError as error:
+        refused(error)
+
+
+def write_seeds(directory: Path) -> None:
+    """Valid requests of every kind, sealed as the SDK seals them to this run's keyring."""
+    from tests.conftest import applicants  # the data set's typed applicants
+
+    directory.mkdir(parents=True, exist_ok=True)
+    subject = common_pb2.SubjectRef(tenant=TENANT, pseudonym=PSEUDONYMS.pseudonym(TENANT, "seed"))
+    seeds: list[tuple[int, bytes]] = []
+    for index in range(2):
+        values = applicants()[index]
+        request_id = f"seed-{index}"
+        features = DataKey(SERVER_KEY, SCORE, request_id).seal(SCHEMA_VERSION, subject, values)
+        seeds.append(
+            (
+                0,
+                scoring_service_pb2.ScoreRequest(
+                    request_id=request_id, subject=subject, features=features
+                ).SerializeToString(),
+            )
+        )
+    batch_key = DataKey(SERVER_KEY, SCORE_BATCH, "seed-batch")
+    items = [
+        scoring_service_pb2.ScoreBatchItem(
+            subject=subject, features=batch_key.seal(SCHEMA_VERSION, subject, applicants()[i])
+        )
+        for i in range(2)
+    ]
+    seeds.append(
+        (
+            1,
+            scoring_service_pb2.ScoreBatchRequest(
+                request_id="seed-batch", items=items
+            ).SerializeToString(),
+        )
+    )
+    money = common_pb2.Money(currency_code="CNY", minor_units=1_000_000)
+    account = limit_service_pb2.AccountState(
+        current_limit=money, balance=money, on_time_repayments_in_row=7, account_age_days=400
+    )
+    seeds.append(
+        (
+            2,
+            limit_service_pb2.AdjustLimitRequest(
+                request_id="seed-limit",
+                subject=subject,
+                account=account,
+                features=DataKey(SERVER_KEY, ADJUST_LIMIT, "seed-limit").seal(
+                    SCHEMA_VERSION, subject, applicants()[0]
+                ),
+            ).SerializeToString(),
+        )
+    )
+    seeds.append(
+        (
+            2,
+            limit_service_pb2.AdjustLimitRequest(
+                request_id="seed-limit-score", subject=subject, account=account, latest_score=560
+            ).SerializeToString(),
+        )
+    )
+    event = alert_service_pb2.BehaviourEvent(
+        event_id="seed-event",
+        missed_payment=alert_service_pb2.MissedPayment(amount_due=money, days_past_due=31),
+        balance_after=money,
+    )
+    event.occurred_at.FromSeconds(1_790_000_000)
+    seeds.append(
+        (
+            3,
+            alert_service_pb2.EvaluateEventRequest(
+                request_id="seed-event", subject=subject, event=event
+            ).SerializeToString(),
+        )
+    )
+    seeds.append(
+        (
+            4,
+            alert_service_pb2.WatchAlertsRequest(
+                min_severity=alert_service_pb2.SEVERITY_HIGH, after_sequence=3
+            ).SerializeToString(),
+        )
+    )
+    seeds.append((SEALED_MODE, os.urandom(256)))
+    for number, (mode, payload) in enumerate(seeds):
+        (directory / f"seed-{number:02d}").write_bytes(bytes([mode]) + payload)
+
+
+def main(argv: list[str]) -> None:
+    corpus = [arg for arg in argv[1:] if not arg.startswith("-")]
+    if corpus:
+        write_seeds(Path(corpus[0]))
+    atheris.Setup(argv, test_one_input, custom_mutator=custom_mutator)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
