@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -33,7 +33,7 @@ from service.api.validation import well_formed_request_id, well_formed_subject
 from service.audit import AuditError, AuditLog, AuditWriteError
 from service.config import AUDIT_ORIGIN, ServerSettings
 from service.decisions.alert_stream import AlertStream
-from service.decisions.policy import PolicyError, load_policy
+from service.decisions.policy import DecisionPolicy, PolicyError, load_policy
 from service.decisions.store import DecisionStore
 from service.errors import ServiceError, Unavailable
 from service.interceptors import RequestContextInterceptor
@@ -69,7 +69,7 @@ class FailClosedAudit:
     """The audit log as servicers see it: a failed append answers UNAVAILABLE and turns the
     whole server NOT_SERVING, so no decision ever leaves without its record."""
 
-    def __init__(self, audit_log: AuditLog, on_failure: Any) -> None:
+    def __init__(self, audit_log: AuditLog, on_failure: Callable[[], Awaitable[None]]) -> None:
         self._log = audit_log
         self._on_failure = on_failure
 
@@ -84,7 +84,9 @@ class FailClosedAudit:
         return int(appended.sequence)
 
 
-def _load_sync(settings: ServerSettings) -> tuple[Keyring, Scorer, Any, DecisionStore]:
+def _load_sync(
+    settings: ServerSettings,
+) -> tuple[Keyring, Scorer, DecisionPolicy, DecisionStore]:
     """The blocking part of start-up, run off the event loop."""
     try:
         keyring = Keyring.load(settings.keyring, load_kek(settings.kek_file))

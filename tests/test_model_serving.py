@@ -17,6 +17,30 @@ from service.config import DEFAULT_MODEL_DIR
 from tests.conftest import REPO_ROOT, init_dev_keys
 
 
+def serve_once(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`privscore serve` with dev keys in `data_dir`; these tests expect it to refuse."""
+    init_dev_keys(data_dir)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+            "--data-dir",
+            str(data_dir),
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def flip_onnx_byte(artifact: Path) -> None:
     model = artifact / "model.onnx"
     data = bytearray(model.read_bytes())
@@ -48,27 +72,7 @@ def test_a_tampered_or_unsigned_model_is_refused(
     artifact = tmp_path / "model"
     shutil.copytree(DEFAULT_MODEL_DIR, artifact)
     tamper(artifact)
-    init_dev_keys(tmp_path / "var")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--port",
-            "0",
-            "--log-format",
-            "json",
-            "--data-dir",
-            str(tmp_path / "var"),
-            "--model-dir",
-            str(artifact),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(tmp_path / "var", "--model-dir", str(artifact))
     assert result.returncode == 1
     assert f"model refused: {reason}" in result.stderr
     events = [json.loads(line)["event"] for line in result.stdout.splitlines()]
@@ -82,25 +86,7 @@ def test_a_model_signed_by_an_untrusted_key_is_refused(tmp_path: Path) -> None:
         .public_key()
         .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     )
-    init_dev_keys(tmp_path / "var")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            str(tmp_path / "var"),
-            "--model-public-key",
-            str(stranger),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_once(tmp_path / "var", "--model-public-key", str(stranger))
     assert result.returncode == 1
     assert "model refused: BAD_SIGNATURE" in result.stderr
 
