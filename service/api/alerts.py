@@ -57,6 +57,14 @@ def validate_evaluate_event(request: pb.EvaluateEventRequest) -> None:
                 getattr(details, amount_field),
                 allow_zero=False,
             )
+            if event.HasField("balance_after"):
+                check.check_same_currency(
+                    v,
+                    [
+                        (f"event.{kind}.{amount_field}", getattr(details, amount_field)),
+                        ("event.balance_after", event.balance_after),
+                    ],
+                )
         if kind == "repayment":
             check.check_enum(
                 v, "event.repayment.outcome", details.outcome, pb.RepaymentOutcome.DESCRIPTOR

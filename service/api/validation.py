@@ -108,9 +108,10 @@ def check_money(
 
 
 def check_same_currency(v: Violations, fields: Iterable[tuple[str, common_pb2.Money]]) -> None:
-    codes = {money.currency_code for _, money in fields}
-    if len(codes) > 1:
-        for field, _ in fields:
+    """Amounts that are there must share one currency (a missing one is reported elsewhere)."""
+    present = [(field, money) for field, money in fields if money.currency_code]
+    if len({money.currency_code for _, money in present}) > 1:
+        for field, _ in present:
             v.add(f"{field}.currency_code", "must be the same currency as the other amounts")
 
 
