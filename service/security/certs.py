@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TRUST_DOMAIN = "privscore.dev"
 SERVER_NAME = "localhost"  # the name clients verify; the certificate also covers 127.0.0.1
-CLIENT_NAMES = ("dev", "scorer", "limit-manager", "monitor", "auditor", "nobody")
+CLIENT_NAMES = ("dev", "scorer", "limit-manager", "monitor", "auditor", "probe", "nobody")
 VALID_DAYS = 365
 
 
