@@ -137,15 +137,6 @@ class DecisionStore:
                 ),
             )
 
-    def limit_history(self, tenant: str, pseudonym: str) -> list[tuple[dt.datetime, str, int, int]]:
-        """(decided at, action, previous, new) oldest first."""
-        rows = self._db.execute(
-            "SELECT decided_at_us, action, previous_limit, new_limit FROM limit_decisions "
-            "WHERE tenant=? AND pseudonym=? ORDER BY decided_at_us",
-            (tenant, pseudonym),
-        ).fetchall()
-        return [(from_us(r[0]), r[1], r[2], r[3]) for r in rows]
-
     # -- behaviour events and alerts ------------------------------------------------------
 
     def has_event(self, tenant: str, pseudonym: str, event_id: str) -> bool:
@@ -230,10 +221,6 @@ class DecisionStore:
 
     def last_alert_sequence(self) -> int:
         row = self._db.execute("SELECT MAX(sequence) FROM alerts").fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
-
-    def first_alert_sequence(self) -> int:
-        row = self._db.execute("SELECT MIN(sequence) FROM alerts").fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
     def _transaction(self) -> _Transaction:
