@@ -151,7 +151,7 @@ def test_rate_and_concurrency_limits_are_per_identity(tmp_path: Path) -> None:
     server = ServerProcess(
         tmp_path / "var",
         "--calls-per-second-per-caller",
-        "0.5",
+        "0.01",  # one token per 100 s: no refill during the test, however slow the machine
         "--burst-per-caller",
         "3",
         "--max-in-flight-per-caller",
