@@ -10,8 +10,9 @@ from google.rpc import code_pb2
 from privscore.v1 import common_pb2
 from privscore.v1 import scoring_service_pb2 as pb
 from service.api.features import encrypted_inputs
-from service.config import DEFAULT_POLICY
+from service.config import DEFAULT_MODEL_DIR, DEFAULT_MODEL_PUBLIC_KEY, DEFAULT_POLICY
 from service.decisions.policy import load_policy
+from service.model.scorer import Scorer
 from tests.conftest import ServerProcess, applicants, served_manifest
 from tests.test_privacy import sealed_request
 from tests.test_server import violations
@@ -143,3 +144,25 @@ def test_recorded_encrypted_inputs_are_the_protobuf_json_mapping(
     recorded = encrypted_inputs(features)
     assert recorded == json_format.MessageToDict(features, preserving_proto_field_name=True)
     assert json_format.ParseDict(recorded, common_pb2.EncryptedFeatures()) == features
+
+
+def test_skipping_features_already_at_reference_changes_no_reason() -> None:
+    """Variants are made only for features not at their reference value; the reasons are
+    exactly those of scoring every feature's variant."""
+    scorer = Scorer(DEFAULT_MODEL_DIR, DEFAULT_MODEL_PUBLIC_KEY)
+    scaling, reference = scorer.manifest.scaling, scorer.manifest.reference_values
+    rows = list(applicants()[:60])
+    base = [scaling.score(float(p)) for p in scorer.probabilities(rows)]
+    variants = scorer.reason_variants(rows)
+    assert len(variants.rows) < len(rows) * len(scorer.features)
+    ranked = scorer.rank_reasons(base, variants, scorer.probabilities(variants.rows), 4)
+    for row, score, reasons in zip(rows, base, ranked, strict=True):
+        every = scorer.probabilities([{**row, f.name: reference[f.name]} for f in scorer.features])
+        gains = sorted(
+            (
+                (scaling.score(float(p)) - score, f.name)
+                for p, f in zip(every, scorer.features, strict=True)
+            ),
+            key=lambda gain: (-gain[0], gain[1]),
+        )
+        assert [r.feature for r in reasons] == [name for gain, name in gains[:4] if gain > 0]

@@ -146,9 +146,12 @@ async def assess(
         for s in scores
     ]
     adverse = [i for i, verdict in enumerate(verdicts) if verdict != "APPROVE"]
-    variants = await model.probabilities(scorer.reason_variants([rows[i] for i in adverse]))
+    variants = scorer.reason_variants([rows[i] for i in adverse])
     explained = scorer.rank_reasons(
-        [exact_scores[i] for i in adverse], variants, policy.max_reasons
+        [exact_scores[i] for i in adverse],
+        variants,
+        await model.probabilities(variants.rows),
+        policy.max_reasons,
     )
     reasons = dict(zip(adverse, explained, strict=True))
     return [

@@ -18,7 +18,7 @@ import asyncio
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from service.model.manifest import (
     load_verified_manifest,
     read_verified_onnx,
 )
-from service.model.schema import FeatureValue
+from service.model.schema import FeatureSpec, FeatureValue
 
 Row = Mapping[str, FeatureValue]
 
@@ -41,6 +41,14 @@ class Reason:
     code: str
     text: str
     points: float  # how much the score would rise with the feature at its reference value
+
+
+@dataclass
+class ReasonVariants:
+    """Rows to score for reasons, and for each the (row index, feature) it varies."""
+
+    rows: list[Row] = field(default_factory=list)
+    owners: list[tuple[int, FeatureSpec]] = field(default_factory=list)
 
 
 class Scorer:
@@ -90,18 +98,30 @@ class Scorer:
     def score_of(self, probability_of_default: float) -> int:
         return round(self.manifest.scaling.score(probability_of_default))
 
-    def reason_variants(self, rows: Sequence[Row]) -> list[Row]:
-        """For each row, one copy per feature with that feature at its reference value."""
-        variants: list[Row] = []
-        for row in rows:
+    def reason_variants(self, rows: Sequence[Row]) -> ReasonVariants:
+        """For each row, one copy per feature with that feature at its reference value.
+
+        A feature already at its reference value would move nothing, so it gets no copy: on
+        typical applicants that saves a third of the reasons' model rows.
+        """
+        variants = ReasonVariants()
+        for index, row in enumerate(rows):
             for spec in self.features:
+                reference = self._reference[spec.name]
+                if row[spec.name] == reference:
+                    continue
                 variant = dict(row)
-                variant[spec.name] = self._reference[spec.name]
-                variants.append(variant)
+                variant[spec.name] = reference
+                variants.rows.append(variant)
+                variants.owners.append((index, spec))
         return variants
 
     def rank_reasons(
-        self, scores: Sequence[float], variant_probabilities: np.ndarray, limit: int
+        self,
+        scores: Sequence[float],
+        variants: ReasonVariants,
+        variant_probabilities: np.ndarray,
+        limit: int,
     ) -> list[list[Reason]]:
         """Up to `limit` reasons per row, most points first, from the scored variants.
 
@@ -109,18 +129,16 @@ class Scorer:
         reference value would raise the score count.
         """
         scaling = self.manifest.scaling
-        width = len(self.features)
+        gains: list[list[tuple[float, FeatureSpec]]] = [[] for _ in scores]
+        for (index, spec), probability in zip(variants.owners, variant_probabilities, strict=True):
+            gains[index].append((scaling.score(float(probability)) - scores[index], spec))
         result = []
-        for index, base in enumerate(scores):
-            gains = [
-                (scaling.score(float(variant_probabilities[index * width + k])) - base, spec)
-                for k, spec in enumerate(self.features)
-            ]
-            gains.sort(key=lambda gain: (-gain[0], gain[1].name))
+        for row_gains in gains:
+            row_gains.sort(key=lambda gain: (-gain[0], gain[1].name))
             result.append(
                 [
                     Reason(spec.name, spec.reason_code, spec.reason_text, gain)
-                    for gain, spec in gains[:limit]
+                    for gain, spec in row_gains[:limit]
                     if gain > 0
                 ]
             )
