@@ -34,12 +34,12 @@ from service.audit import AuditError, AuditLog, AuditWriteError
 from service.config import AUDIT_ORIGIN, ServerSettings
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy, PolicyError, load_policy
-from service.decisions.store import DecisionStore
+from service.decisions.store import DecisionStore, StoreError
 from service.errors import ServiceError, Unavailable
 from service.interceptors import RequestContextInterceptor
 from service.model.manifest import ArtifactError
 from service.model.scorer import ModelBatcher, Scorer
-from service.privacy.digest import derive_input_digest_key
+from service.privacy.digest import derive_input_digest_key, derive_state_key
 from service.privacy.keyring import Keyring, KeyringError, load_kek
 from service.privacy.sealing import FeatureOpener
 from service.security.authz import AuthzPolicyError, load_authz_policy
@@ -100,7 +100,12 @@ def _load_sync(
         policy = load_policy(settings.policy)
     except PolicyError as error:
         raise StartupError(f"policy: {error}") from None
-    return keyring, scorer, policy, DecisionStore(settings.layout.decision_store)
+    _, audit_key = keyring.audit_signing_key()
+    try:
+        store = DecisionStore(settings.layout.decision_store, derive_state_key(audit_key))
+    except StoreError as error:
+        raise StartupError(f"store: {error}") from None
+    return keyring, scorer, policy, store
 
 
 def _tls(settings: ServerSettings) -> grpc.ServerCredentials:

@@ -185,10 +185,6 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
                     fingerprint=fingerprint,
                     decided_at=now,
                     action=decision.action,
-                    currency=currency,
-                    previous_limit=account.current_limit.minor_units,
-                    new_limit=decision.new_limit,
-                    rule=decision.rule,
                     response=response.SerializeToString(),
                 )
             )

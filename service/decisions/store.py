@@ -2,19 +2,30 @@
 
 Holds limit decisions (for idempotency and cool-downs), customers' behaviour events (for the
 rolling rules) and the numbered alert stream (for subscribers that resume). Subjects appear
-only as tenant + pseudonym; no feature value is ever stored. Not thread-safe by design: the
-servicers run every call on one dedicated thread, which also serialises writers.
+only as tenant + pseudonym, and no feature value is ever stored. Amounts (limits, balances,
+purchases) are account data of a person: they rest encrypted with AES-256-GCM under a state
+key, bound to their row, so the file holds none in clear. Only what the queries need stays
+plain: keys, times, and a decision's action. Not thread-safe by design: the servicers run
+every call on one dedicated thread, which also serialises writers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.decisions.alert_rules import Event
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from service.decisions.alert_rules import Event
+from service.privacy.encoding import length_prefixed
+
+_ROW_LABEL = b"privscore.v1/store-row\x00"
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS limit_decisions (
     tenant TEXT NOT NULL,
@@ -23,11 +34,7 @@ CREATE TABLE IF NOT EXISTS limit_decisions (
     fingerprint TEXT NOT NULL,
     decided_at_us INTEGER NOT NULL,
     action TEXT NOT NULL,
-    currency TEXT NOT NULL,
-    previous_limit INTEGER NOT NULL,
-    new_limit INTEGER NOT NULL,
-    rule TEXT NOT NULL,
-    response BLOB NOT NULL,
+    sealed BLOB NOT NULL,  -- AES-GCM: the response (limits, rule, reasons)
     PRIMARY KEY (tenant, request_id)
 );
 CREATE INDEX IF NOT EXISTS limit_decisions_by_subject
@@ -37,12 +44,7 @@ CREATE TABLE IF NOT EXISTS events (
     pseudonym TEXT NOT NULL,
     event_id TEXT NOT NULL,
     occurred_at_us INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    currency TEXT,
-    amount INTEGER,
-    succeeded INTEGER,
-    days_past_due INTEGER,
-    balance_after INTEGER,
+    sealed BLOB NOT NULL,  -- AES-GCM: kind, currency, amounts, outcome, days past due
     PRIMARY KEY (tenant, pseudonym, event_id)
 );
 CREATE INDEX IF NOT EXISTS events_by_time ON events (tenant, pseudonym, occurred_at_us);
@@ -75,14 +77,39 @@ class StoredLimitDecision:
     response: bytes
 
 
+class StoreError(RuntimeError):
+    """The store file is of another schema version, or a row does not open with the key."""
+
+
 class DecisionStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, state_key: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._aead = AESGCM(state_key)
         # autocommit off (isolation_level=None + explicit BEGIN) so each change is one transaction
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed decision survives power loss
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise StoreError(
+                f"{path} has store schema {version}, this server reads {SCHEMA_VERSION}"
+            )
         self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _seal(self, row_key: tuple[str, ...], plaintext: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, plaintext, length_prefixed(_ROW_LABEL, *row_key))
+
+    def _open(self, row_key: tuple[str, ...], sealed: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(
+                sealed[:12], sealed[12:], length_prefixed(_ROW_LABEL, *row_key)
+            )
+        except InvalidTag:
+            raise StoreError(
+                "a stored row does not open: wrong state key or tampered store"
+            ) from None
 
     def close(self) -> None:
         self._db.close()
@@ -91,10 +118,12 @@ class DecisionStore:
 
     def limit_decision(self, tenant: str, request_id: str) -> StoredLimitDecision | None:
         row = self._db.execute(
-            "SELECT fingerprint, response FROM limit_decisions WHERE tenant=? AND request_id=?",
+            "SELECT fingerprint, sealed FROM limit_decisions WHERE tenant=? AND request_id=?",
             (tenant, request_id),
         ).fetchone()
-        return StoredLimitDecision(row[0], row[1]) if row else None
+        if row is None:
+            return None
+        return StoredLimitDecision(row[0], self._open(("limit", tenant, request_id), row[1]))
 
     def last_increase_at(self, tenant: str, pseudonym: str) -> dt.datetime | None:
         row = self._db.execute(
@@ -113,28 +142,14 @@ class DecisionStore:
         fingerprint: str,
         decided_at: dt.datetime,
         action: str,
-        currency: str,
-        previous_limit: int,
-        new_limit: int,
-        rule: str,
         response: bytes,
     ) -> None:
+        """Store a decision: its serialized response sealed, its action plain for cool-downs."""
+        sealed = self._seal(("limit", tenant, request_id), response)
         with self._transaction():
             self._db.execute(
-                "INSERT INTO limit_decisions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    tenant,
-                    request_id,
-                    pseudonym,
-                    fingerprint,
-                    to_us(decided_at),
-                    action,
-                    currency,
-                    previous_limit,
-                    new_limit,
-                    rule,
-                    response,
-                ),
+                "INSERT INTO limit_decisions VALUES (?,?,?,?,?,?,?)",
+                (tenant, request_id, pseudonym, fingerprint, to_us(decided_at), action, sealed),
             )
 
     # -- behaviour events and alerts ------------------------------------------------------
@@ -148,23 +163,15 @@ class DecisionStore:
 
     def events(self, tenant: str, pseudonym: str) -> list[Event]:
         rows = self._db.execute(
-            "SELECT event_id, occurred_at_us, kind, currency, amount, succeeded, days_past_due, "
-            "balance_after FROM events WHERE tenant=? AND pseudonym=? ORDER BY occurred_at_us",
+            "SELECT event_id, occurred_at_us, sealed FROM events "
+            "WHERE tenant=? AND pseudonym=? ORDER BY occurred_at_us",
             (tenant, pseudonym),
         ).fetchall()
-        return [
-            Event(
-                r[0],
-                from_us(r[1]),
-                r[2],
-                r[3],
-                r[4],
-                None if r[5] is None else bool(r[5]),
-                r[6],
-                r[7],
-            )
-            for r in rows
-        ]
+        events = []
+        for event_id, occurred_at_us, sealed in rows:
+            details = json.loads(self._open(("event", tenant, pseudonym, event_id), sealed))
+            events.append(Event(event_id=event_id, occurred_at=from_us(occurred_at_us), **details))
+        return events
 
     def record_event(
         self,
@@ -181,21 +188,21 @@ class DecisionStore:
 
         Events older than `forget_before` (event time) are dropped for this customer.
         """
+        details = {
+            "kind": event.kind,
+            "currency": event.currency,
+            "amount": event.amount,
+            "succeeded": event.succeeded,
+            "days_past_due": event.days_past_due,
+            "balance_after": event.balance_after,
+        }
+        sealed = self._seal(
+            ("event", tenant, pseudonym, event.event_id), json.dumps(details).encode("utf-8")
+        )
         with self._transaction():
             self._db.execute(
-                "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    tenant,
-                    pseudonym,
-                    event.event_id,
-                    to_us(event.occurred_at),
-                    event.kind,
-                    event.currency,
-                    event.amount,
-                    None if event.succeeded is None else int(event.succeeded),
-                    event.days_past_due,
-                    event.balance_after,
-                ),
+                "INSERT INTO events VALUES (?,?,?,?,?)",
+                (tenant, pseudonym, event.event_id, to_us(event.occurred_at), sealed),
             )
             sequences = []
             for alert in alerts:

@@ -1,4 +1,4 @@
-"""Keyed digests of decrypted inputs, for the audit log.
+"""Keys derived from the server's audit signing key, and keyed digests of decrypted inputs.
 
 A reviewer holding the key can check that a replay saw the same inputs, while the log holds
 no plaintext value. Keyed, because an unkeyed hash of a few small feature values could be
@@ -17,14 +17,24 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-_INFO = b"privscore.v1/audit-input-digest"
+_INPUT_DIGEST_INFO = b"privscore.v1/audit-input-digest"
+_STATE_INFO = b"privscore.v1/state-encryption"
+
+
+def _derive(audit_signing_key: Ed25519PrivateKey, info: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(
+        audit_signing_key.private_bytes_raw()
+    )
 
 
 def derive_input_digest_key(audit_signing_key: Ed25519PrivateKey) -> bytes:
     """Derived from the audit signing key, so whoever may sign the log may also check it."""
-    return HKDF(hashes.SHA256(), 32, salt=None, info=_INFO).derive(
-        audit_signing_key.private_bytes_raw()
-    )
+    return _derive(audit_signing_key, _INPUT_DIGEST_INFO)
+
+
+def derive_state_key(audit_signing_key: Ed25519PrivateKey) -> bytes:
+    """The decision store's AES-256 key: the server's own secret, separate by HKDF label."""
+    return _derive(audit_signing_key, _STATE_INFO)
 
 
 def input_digest(key: bytes, inputs: Mapping[str, Any]) -> str:
