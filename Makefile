@@ -8,7 +8,7 @@ MODEL_DATA := model_export/data/german_credit.csv
 # The model team's Ed25519 signing key; never in the repository.
 MODEL_KEY ?= $(HOME)/.privscore/model-team.key
 
-.PHONY: serve test lint protos install dev clean model model-sign model-verify bench fuzz
+.PHONY: serve test lint protos install dev clean model model-sign model-verify bench soak fuzz
 
 # Stamps re-run an install only when its inputs change.
 $(VENV)/.installed: pyproject.toml
@@ -52,6 +52,10 @@ model-verify: dev
 # Privscore against its ceilings (echo server, onnxruntime alone, audit fsync off); ~3 minutes.
 bench: dev
 	$(BIN)/python -m bench.run
+
+# Five minutes of Score at 8 callers, sampling the server's RSS (bench/soak.json).
+soak: dev
+	$(BIN)/python -m bench.run --soak 300 --out bench/soak.json
 
 # A longer run of the request fuzzer than the 20 s one in `make test`.
 fuzz: dev

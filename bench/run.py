@@ -37,10 +37,16 @@ class Server:
     port: int
     log: Path
 
-    def peak_rss_mb(self) -> float:
+    def _status_mb(self, field: str) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
-        line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
+        line = next(x for x in status.splitlines() if x.startswith(f"{field}:"))
         return int(line.split()[1]) / 1024
+
+    def peak_rss_mb(self) -> float:
+        return self._status_mb("VmHWM")
+
+    def rss_mb(self) -> float:
+        return self._status_mb("VmRSS")
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -263,13 +269,79 @@ def draw(steps: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def soak(seconds: float, out: Path) -> dict[str, Any]:
+    """Score at 8 callers for `seconds`, sampling the server's RSS: it should stay flat."""
+    with tempfile.TemporaryDirectory(prefix="privscore-soak-") as temp:
+        data_dir = Path(temp) / "var"
+        layout = DataLayout(data_dir)
+        init_keys(layout, layout.keyring, layout.dev_kek)
+        init_certs(layout.certs_dir)
+        server = start_privscore(data_dir)
+        try:
+            command = [
+                sys.executable,
+                "-m",
+                "bench.loadgen",
+                "--rpc",
+                "score",
+                "--data-dir",
+                str(data_dir),
+                "--target",
+                f"127.0.0.1:{server.port}",
+                "--concurrency",
+                "8",
+                "--warmup",
+                "1",
+                "--duration",
+                str(seconds),
+            ]
+            load_process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+            samples: list[tuple[float, float]] = []
+            started = time.monotonic()
+            while load_process.poll() is None:
+                samples.append((round(time.monotonic() - started, 1), round(server.rss_mb(), 1)))
+                time.sleep(max(1.0, seconds / 60))
+            assert load_process.stdout is not None
+            result = json.loads(load_process.stdout.read().strip().splitlines()[-1])
+        finally:
+            server.stop()
+    half = len(samples) // 2
+    first, second = samples[:half] or samples, samples[half:] or samples
+    report = {
+        "seconds": seconds,
+        "load": result,
+        "rss_mb_samples": samples,
+        "rss_mb_max": max(mb for _, mb in samples),
+        # Flat: the second half's mean RSS against the first half's, after warm-up.
+        "rss_growth_second_half_vs_first": round(
+            sum(mb for _, mb in second) / len(second) / (sum(mb for _, mb in first) / len(first)), 3
+        ),
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per step")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per step")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
+    parser.add_argument(
+        "--soak",
+        type=float,
+        metavar="SECONDS",
+        help="instead: Score at 8 callers for this long, sampling server RSS",
+    )
     args = parser.parse_args()
+    if args.soak:
+        report = soak(args.soak, args.out)
+        print(
+            f"soak {args.soak:g} s: {report['load']['count']} calls, "
+            f"{report['load']['errors']} errors, RSS max {report['rss_mb_max']} MB, "
+            f"second half / first half {report['rss_growth_second_half_vs_first']}"
+        )
+        return
     print(f"privscore bench: {args.warmup:g} s warm-up + {args.duration:g} s per step")
     report = run(args.warmup, args.duration, args.out, args.plot)
     print("\npeak RSS (MB):", report["peak_rss_mb"])

@@ -63,3 +63,18 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     }
     assert report["peak_rss_mb"]["privscore"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_soak_samples_server_memory(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.run", "--soak", "2", "--out", str(out)],
+        cwd=REPO_ROOT,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert report["load"]["count"] > 0 and report["load"]["errors"] == 0
+    assert len(report["rss_mb_samples"]) >= 2 and report["rss_mb_max"] > 0
+    assert report["rss_growth_second_half_vs_first"] > 0
