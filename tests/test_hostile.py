@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
@@ -61,13 +60,10 @@ from service.decisions.policy import load_policy
 from service.model.schema import FeatureSpec
 from service.privacy.pseudonym import Pseudonymiser
 from service.privacy.sealing import (
-    ENCAPSULATED_KEY_BYTES,
-    SUITE,
+    DataKey,
     FeatureInput,
     ServerPublicKey,
     encode_value,
-    field_aad,
-    hpke_info,
     load_public_keyset,
 )
 from tests.conftest import REPO_ROOT, ServerProcess, applicants, served_manifest
@@ -304,41 +300,6 @@ class Caller:
         )
 
 
-class RawDataKey:
-    """A data key sealed to the server exactly as the SDK seals one, that encrypts any bytes."""
-
-    def __init__(self, server_key: ServerPublicKey, method: str, request_id: str) -> None:
-        key = AESGCM.generate_key(bit_length=256)
-        sealed = SUITE.encrypt(key, server_key.public_key, info=hpke_info(method, request_id))
-        self.sealed = common_pb2.SealedDataKey(
-            key_id=server_key.key_id,
-            encapsulated_key=sealed[:ENCAPSULATED_KEY_BYTES],
-            sealed_key=sealed[ENCAPSULATED_KEY_BYTES:],
-        )
-        self._aead = AESGCM(key)
-
-    def seal(
-        self,
-        schema_version: str,
-        subject: common_pb2.SubjectRef,
-        plaintexts: Sequence[tuple[str, bytes]],
-    ) -> common_pb2.EncryptedFeatures:
-        fields = []
-        for name, plaintext in plaintexts:
-            nonce = os.urandom(12)
-            ciphertext = self._aead.encrypt(
-                nonce, plaintext, field_aad(schema_version, subject, name)
-            )
-            fields.append(
-                common_pb2.EncryptedField(
-                    name=name, key_id=self.sealed.key_id, nonce=nonce, ciphertext=ciphertext
-                )
-            )
-        return common_pb2.EncryptedFeatures(
-            schema_version=schema_version, data_key=self.sealed, fields=fields
-        )
-
-
 def typed(values: Mapping[str, FeatureInput]) -> list[tuple[str, bytes]]:
     return [(name, encode_value(value)) for name, value in values.items()]
 
@@ -355,11 +316,11 @@ def score_request(
     schema_version: str | None = None,
 ) -> scoring_service_pb2.ScoreRequest:
     version = caller.schema_version if schema_version is None else schema_version
-    data_key = RawDataKey(caller.server_key, SCORE, request_id)
+    data_key = DataKey(caller.server_key, SCORE, request_id)
     return scoring_service_pb2.ScoreRequest(
         request_id=request_id,
         subject=subject,
-        features=data_key.seal(version, subject, plaintexts),
+        features=data_key.seal_encoded(version, subject, plaintexts),
     )
 
 
@@ -736,7 +697,7 @@ PURPOSE = NAMES.index("purpose")
 
 
 def batch_item(
-    caller: Caller, data_key: RawDataKey, request_id: str, kind: str, which: int
+    caller: Caller, data_key: DataKey, request_id: str, kind: str, which: int
 ) -> tuple[scoring_service_pb2.ScoreBatchItem, tuple[grpc.StatusCode, set[str] | str | None]]:
     """One item of `kind` and what its result must be (fields are relative to the item)."""
     invalid = grpc.StatusCode.INVALID_ARGUMENT
@@ -747,12 +708,12 @@ def batch_item(
     if kind == "unknown_category":
         values["purpose"] = "a purpose no schema has"
     sealer = (
-        RawDataKey(caller.server_key, SCORE_BATCH, "another-request")
+        DataKey(caller.server_key, SCORE_BATCH, "another-request")
         if (kind == "foreign_data_key")
         else data_key
     )
     item = scoring_service_pb2.ScoreBatchItem(
-        subject=subject, features=sealer.seal(caller.schema_version, subject, typed(values))
+        subject=subject, features=sealer.seal_encoded(caller.schema_version, subject, typed(values))
     )
     expected: tuple[grpc.StatusCode, set[str] | str | None] = (grpc.StatusCode.OK, None)
     if kind == "bad_pseudonym":
@@ -799,7 +760,7 @@ def test_batch_items_fail_on_their_own(shared_server: ServerProcess) -> None:
         )
         def examples(kinds: list[tuple[str, int]], request_id: str) -> None:
             request_id = request_id or new_id("batch")
-            data_key = RawDataKey(caller.server_key, SCORE_BATCH, request_id)
+            data_key = DataKey(caller.server_key, SCORE_BATCH, request_id)
             built = [batch_item(caller, data_key, request_id, k, w) for k, w in kinds]
             request = scoring_service_pb2.ScoreBatchRequest(
                 request_id=request_id, items=[item for item, _ in built]
@@ -845,14 +806,16 @@ def test_batch_size_limits(shared_server: ServerProcess) -> None:
     caller = Caller.of(shared_server)
     tail = LogTail(shared_server)
     request_id = new_id("full")
-    data_key = RawDataKey(caller.server_key, SCORE_BATCH, request_id)
+    data_key = DataKey(caller.server_key, SCORE_BATCH, request_id)
     items = []
     for index in range(MAX_BATCH_ITEMS):
         subject = caller.subject(f"full-{index}")
         items.append(
             scoring_service_pb2.ScoreBatchItem(
                 subject=subject,
-                features=data_key.seal(caller.schema_version, subject, typed(applicant(index))),
+                features=data_key.seal_encoded(
+                    caller.schema_version, subject, typed(applicant(index))
+                ),
             )
         )
     with shared_server.channel() as channel:
@@ -1234,9 +1197,9 @@ def test_adjust_limit_money_and_counts(shared_server: ServerProcess) -> None:
                 values = applicant(0)
                 if source == "nan-features":
                     values["credit_amount"] = math.nan
-                data_key = RawDataKey(caller.server_key, ADJUST_LIMIT, request_id)
+                data_key = DataKey(caller.server_key, ADJUST_LIMIT, request_id)
                 request.features.CopyFrom(
-                    data_key.seal(caller.schema_version, subject, typed(values))
+                    data_key.seal_encoded(caller.schema_version, subject, typed(values))
                 )
             header = new_id("lim")
             outcome = invoke(stub.AdjustLimit, request, header)

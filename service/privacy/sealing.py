@@ -14,7 +14,7 @@ import base64
 import json
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,11 +113,22 @@ class DataKey:
         subject: common_pb2.SubjectRef,
         values: Mapping[str, FeatureInput],
     ) -> common_pb2.EncryptedFeatures:
+        return self.seal_encoded(
+            schema_version, subject, [(name, encode_value(v)) for name, v in values.items()]
+        )
+
+    def seal_encoded(
+        self,
+        schema_version: str,
+        subject: common_pb2.SubjectRef,
+        plaintexts: Sequence[tuple[str, bytes]],
+    ) -> common_pb2.EncryptedFeatures:
+        """Seal already-encoded plaintexts (tests use it to send malformed ones)."""
         fields = []
-        for name, value in values.items():
+        for name, plaintext in plaintexts:
             nonce = secrets.token_bytes(NONCE_BYTES)
             ciphertext = self._aead.encrypt(
-                nonce, encode_value(value), field_aad(schema_version, subject, name)
+                nonce, plaintext, field_aad(schema_version, subject, name)
             )
             fields.append(
                 common_pb2.EncryptedField(
