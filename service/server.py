@@ -249,6 +249,29 @@ class PrivscoreServer:
             policy_version=policy.version,
         )
 
+    async def reload_keys(self) -> None:
+        """Pick up `privscore keys rotate|retire` without a restart: requests sealed to a new
+        primary open, retired keys stop opening. A keyring that does not load is logged and
+        the keys in use stay."""
+        runtime = self.slot.peek()
+        if runtime is None:
+            return
+        settings = self.settings
+        try:
+            keyring = await asyncio.to_thread(
+                lambda: Keyring.load(settings.keyring, load_kek(settings.kek_file))
+            )
+        except KeyringError as error:
+            log.error("keys.reload_failed", reason=str(error))
+            return
+        runtime.opener = FeatureOpener(keyring)
+        usable = [
+            e.key_id
+            for e in keyring.entries
+            if e.purpose == "field-encryption" and e.status != "retired"
+        ]
+        log.info("keys.reloaded", field_keys=usable)
+
     async def _audit_refusal(self, method: str, request: Any, error: ServiceError) -> None:
         runtime = self.slot.peek()
         if runtime is None:
@@ -283,12 +306,19 @@ class PrivscoreServer:
 
 
 async def serve(settings: ServerSettings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the keyring."""
     server = PrivscoreServer(settings)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload_keys() -> None:
+        task = loop.create_task(server.reload_keys())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     await server.listen()
     try:
         await server.become_ready()
@@ -296,5 +326,6 @@ async def serve(settings: ServerSettings) -> None:
         log.error("server.refused_to_start", reason=str(error))
         await server.stop()
         raise
+    loop.add_signal_handler(signal.SIGHUP, reload_keys)
     await stop_requested.wait()
     await server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -330,3 +331,29 @@ def test_amounts_rest_encrypted_in_the_decision_store(tmp_path: Path) -> None:
     for amount in (limit, balance, purchase):
         assert str(amount).encode() not in data
         assert amount.to_bytes(4, "big") not in data and amount.to_bytes(8, "big") not in data
+
+
+def test_sighup_reloads_rotated_and_retired_keys_without_a_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    server = ServerProcess(data_dir)
+    try:
+        old_key = load_public_keyset(DataLayout(data_dir).public_keyset)
+        privscore(data_dir, "keys", "rotate")
+        new_key = load_public_keyset(DataLayout(data_dir).public_keyset)
+        unknown = call(server, sealed_request(server, "before-reload", server_key=new_key))
+        assert error_reason(unknown) == "KEY_UNKNOWN"
+
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for("keys.reloaded", 10)
+        with server.channel() as channel:
+            stub = scoring_service_pb2_grpc.ScoringServiceStub(channel)
+            assert stub.Score(sealed_request(server, "new", server_key=new_key), timeout=10)
+            assert stub.Score(sealed_request(server, "old", server_key=old_key), timeout=10)
+
+        privscore(data_dir, "keys", "retire", old_key.key_id)
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for("keys.reloaded", 10)
+        retired = call(server, sealed_request(server, "after-retire", server_key=old_key))
+        assert error_reason(retired) == "KEY_RETIRED"
+    finally:
+        assert server.terminate() == 0
