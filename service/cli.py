@@ -125,6 +125,13 @@ def _cmd_keys(args: argparse.Namespace) -> int:
         if args.keys_command == "list":
             print(json.dumps(keyring.listing(), indent=2))
             return 0
+        if args.keys_command == "rewrap":
+            keyring.rewrap(load_kek(Path(args.new_kek_file), environ={}))
+            print(
+                f"keyring re-wrapped under the KEK in {args.new_kek_file}; give the server "
+                "that KEK before its next start or SIGHUP"
+            )
+            return 0
         if args.keys_command == "rotate":
             entry = keyring.rotate()
             print(f"new primary {entry.purpose} key {entry.key_id}")
@@ -297,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands.add_parser("list", help="list key ids, purposes, states and fingerprints")
     key_commands.add_parser(
         "rotate", help="make a new primary field key; the old one still decrypts until retired"
+    )
+    rewrap = key_commands.add_parser(
+        "rewrap", help="wrap every key under a new KEK (rotate the KEK, not the keys)"
+    )
+    rewrap.add_argument(
+        "--new-kek-file", required=True, help="file holding the new base64 KEK (32 bytes)"
     )
     retire = key_commands.add_parser("retire", help="stop a non-primary key from decrypting")
     retire.add_argument("key_id")

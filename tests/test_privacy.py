@@ -19,6 +19,7 @@ from privscore.v1 import scoring_service_pb2 as pb
 from service.audit import iter_records
 from service.client.sdk import SCORE_METHOD
 from service.config import DataLayout
+from service.privacy.keyring import Keyring, KeyringError, create_kek_file, load_kek
 from service.privacy.pseudonym import Pseudonymiser
 from service.privacy.sealing import DataKey, load_public_keyset
 from tests.conftest import REPO_ROOT, ServerProcess, applicants, served_manifest
@@ -355,5 +356,32 @@ def test_sighup_reloads_rotated_and_retired_keys_without_a_restart(tmp_path: Pat
         server.wait_for("keys.reloaded", 10)
         retired = call(server, sealed_request(server, "after-retire", server_key=old_key))
         assert error_reason(retired) == "KEY_RETIRED"
+    finally:
+        assert server.terminate() == 0
+
+
+def test_the_kek_rotates_without_touching_the_keys(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    layout = DataLayout(data_dir)
+    ServerProcess(data_dir).terminate()
+    old_key = load_public_keyset(layout.public_keyset)
+    privscore(data_dir, "keys", "rotate")
+    privscore(data_dir, "keys", "retire", old_key.key_id)
+    new_key = load_public_keyset(layout.public_keyset)
+    old_kek = load_kek(layout.dev_kek)
+    create_kek_file(tmp_path / "new.kek")
+
+    privscore(data_dir, "keys", "rewrap", "--new-kek-file", str(tmp_path / "new.kek"))
+    with pytest.raises(KeyringError, match="wrong KEK"):
+        Keyring.load(layout.keyring, old_kek)
+    layout.dev_kek.write_text((tmp_path / "new.kek").read_text())  # the operator swaps the secret
+
+    server = ServerProcess(data_dir)
+    try:
+        with server.channel() as channel:
+            stub = scoring_service_pb2_grpc.ScoringServiceStub(channel)
+            assert stub.Score(sealed_request(server, "new-kek", server_key=new_key), timeout=10)
+        retired = call(server, sealed_request(server, "old-key", server_key=old_key))
+        assert error_reason(retired) == "KEY_RETIRED"  # retired keys were re-wrapped too
     finally:
         assert server.terminate() == 0

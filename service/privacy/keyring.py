@@ -225,6 +225,22 @@ class Keyring:
         self.save()
         return retired
 
+    def rewrap(self, new_kek: bytes) -> None:
+        """Wrap every key, retired ones included, under `new_kek` and save: the KEK rotates,
+        the keys do not. The old KEK opens nothing afterwards."""
+        if len(new_kek) != KEK_BYTES:
+            raise KeyringError(f"the new KEK must be {KEK_BYTES} bytes")
+        new_aead = AESGCM(new_kek)
+        rewrapped = []
+        for entry in self.entries:
+            raw = self._unwrap(entry)
+            nonce = secrets.token_bytes(12)
+            wrapped = nonce + new_aead.encrypt(nonce, raw, _wrap_aad(entry.key_id, entry.purpose))
+            rewrapped.append(replace(entry, wrapped_private_key=wrapped))
+        self.entries = rewrapped
+        self._kek = new_aead
+        self.save()
+
     def listing(self) -> list[dict[str, str | None]]:
         """What `privscore keys list` shows: ids, purposes, states, dates, fingerprints."""
         return [
