@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import grpc
@@ -203,3 +204,35 @@ def test_unsupported_currency_and_negative_money_are_refused(shared_server: Serv
     assert currency_error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_reason(currency_error.value) == "CURRENCY_NOT_SUPPORTED"
     assert violations(money_error.value) == {"account.balance.minor_units": "must not be negative"}
+
+
+def test_concurrent_calls_under_one_request_id_make_one_decision(
+    shared_server: ServerProcess,
+) -> None:
+    """Eight callers race with one request id: the same customer gets one decision replayed,
+    other customers are refused, and nothing fails."""
+    outcomes: list[object] = []
+
+    def call(customer: str) -> None:
+        with shared_server.channel() as channel:
+            try:
+                outcomes.append(
+                    shared_server.client(channel).adjust_limit(
+                        "t", customer, account(), latest_score=GOOD_SCORE, request_id="race-1"
+                    )
+                )
+            except grpc.RpcError as error:
+                outcomes.append(error)
+
+    callers = [threading.Thread(target=call, args=(f"racer-{n % 2}",)) for n in range(8)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=30)
+    decisions = [o for o in outcomes if isinstance(o, pb.AdjustLimitResponse)]
+    refusals = [o for o in outcomes if isinstance(o, grpc.RpcError)]
+    assert len(decisions) + len(refusals) == 8
+    assert len({d.metadata.decision_id for d in decisions}) == 1
+    assert sum(not d.replayed for d in decisions) == 1
+    assert {error_reason(r) for r in refusals} <= {"REQUEST_ID_REUSED"}
+    assert len(decisions) == 4 and len(refusals) == 4

@@ -123,7 +123,13 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             encrypted = {}
         fingerprint = _fingerprint(request, inputs_digest)
 
-        async with runtime.subject_locks.hold((subject.tenant, subject.pseudonym)):
+        # One request id at a time (its first decision wins, a different request under it is
+        # refused), then one decision per customer at a time; always in this order.
+        request_key = (subject.tenant, f"request:{request.request_id}")
+        async with (
+            runtime.subject_locks.hold(request_key),
+            runtime.subject_locks.hold((subject.tenant, subject.pseudonym)),
+        ):
             stored = await runtime.in_store(
                 runtime.store.limit_decision, subject.tenant, request.request_id
             )
