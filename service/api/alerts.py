@@ -33,9 +33,7 @@ def validate_evaluate_event(request: pb.EvaluateEventRequest) -> None:
         v.add("event", "is required", "REQUIRED_FIELD")
         v.raise_if_any()
     event = request.event
-    check.check_pattern(
-        v, "event.event_id", event.event_id, check.REQUEST_ID, "1-64 characters of [A-Za-z0-9._:-]"
-    )
+    check.check_request_id(v, "event.event_id", event.event_id)  # ids share one shape
     check.check_timestamp(v, "event.occurred_at", event.HasField("occurred_at"), event.occurred_at)
     if event.HasField("balance_after"):
         check.check_money(v, "event.balance_after", True, event.balance_after, allow_zero=True)

@@ -76,6 +76,18 @@ def validate_adjust_limit(request: pb.AdjustLimitRequest) -> None:
     v.raise_if_any()
 
 
+def account_of(state: pb.AccountState) -> Account:
+    """The limit rules' view of a validated account (the servicer's and replay's one way)."""
+    return Account(
+        currency=state.current_limit.currency_code,
+        current_limit=state.current_limit.minor_units,
+        balance=state.balance.minor_units,
+        on_time_repayments_in_row=state.on_time_repayments_in_row,
+        days_past_due=state.days_past_due,
+        account_age_days=state.account_age_days,
+    )
+
+
 def _fingerprint(request: pb.AdjustLimitRequest, score_input_digest: str) -> str:
     """What makes two requests with one request id the same request (ciphertexts differ by
     nonce on every retry, so features count by their keyed digest, not their bytes)."""
@@ -148,14 +160,7 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             grade = runtime.policy.score.grade_of(score)
             decision = decide_limit(
                 runtime.policy.limits,
-                Account(
-                    currency=currency,
-                    current_limit=account.current_limit.minor_units,
-                    balance=account.balance.minor_units,
-                    on_time_repayments_in_row=account.on_time_repayments_in_row,
-                    days_past_due=account.days_past_due,
-                    account_age_days=account.account_age_days,
-                ),
+                account_of(account),
                 score,
                 grade,
                 last_increase,

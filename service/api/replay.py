@@ -16,9 +16,9 @@ from google.protobuf import json_format
 
 from privscore.v1 import common_pb2, limit_service_pb2
 from service.api.features import open_row
-from service.api.limits import ADJUST_LIMIT_METHOD
+from service.api.limits import ADJUST_LIMIT_METHOD, account_of
 from service.api.scoring import SCORE_BATCH_METHOD, SCORE_METHOD, assess
-from service.decisions.limits import Account, decide_limit
+from service.decisions.limits import decide_limit
 from service.decisions.policy import DecisionPolicy
 from service.model.scorer import ModelBatcher, Scorer
 from service.privacy.digest import input_digest
@@ -107,14 +107,7 @@ def replay(
         last = record.get("last_increase_at")
         decision = decide_limit(
             policy.limits,
-            Account(
-                account.current_limit.currency_code,
-                account.current_limit.minor_units,
-                account.balance.minor_units,
-                account.on_time_repayments_in_row,
-                account.days_past_due,
-                account.account_age_days,
-            ),
+            account_of(account),
             score_value,
             policy.score.grade_of(score_value),
             dt.datetime.fromisoformat(last) if last else None,
