@@ -153,9 +153,9 @@ def test_skipping_features_already_at_reference_changes_no_reason() -> None:
     scaling, reference = scorer.manifest.scaling, scorer.manifest.reference_values
     rows = list(applicants()[:60])
     base = [scaling.score(float(p)) for p in scorer.probabilities(rows)]
-    variants = scorer.reason_variants(rows)
-    assert len(variants.rows) < len(rows) * len(scorer.features)
-    ranked = scorer.rank_reasons(base, variants, scorer.probabilities(variants.rows), 4)
+    variants = scorer.reason_variants(scorer.columns(rows))
+    assert len(variants.owner_rows) < len(rows) * len(scorer.features)
+    ranked = scorer.rank_reasons(base, variants, scorer.run(variants.columns), 4)
     for row, score, reasons in zip(rows, base, ranked, strict=True):
         every = scorer.probabilities([{**row, f.name: reference[f.name]} for f in scorer.features])
         gains = sorted(

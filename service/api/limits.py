@@ -125,7 +125,9 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
                 method=ADJUST_LIMIT_METHOD,
                 request_id=request.request_id,
             )
-            probability = float((await runtime.model.probabilities([row]))[0])
+            probability = float(
+                (await runtime.model.probabilities(runtime.scorer.columns([row])))[0]
+            )
             score = runtime.scorer.score_of(probability)
             inputs_digest = runtime.input_digest(dict(row))
             encrypted = encrypted_inputs(request.features)

@@ -134,8 +134,9 @@ async def assess(
     if not rows:
         return []
     scorer = model.scorer
-    probabilities = await model.probabilities(rows)
-    exact_scores = [scorer.manifest.scaling.score(float(p)) for p in probabilities]
+    columns = scorer.columns(rows)
+    probabilities = (await model.probabilities(columns)).tolist()
+    exact_scores = [scorer.manifest.scaling.score(p) for p in probabilities]
     scores = [round(s) for s in exact_scores]
     verdicts = [
         "APPROVE"
@@ -146,17 +147,19 @@ async def assess(
         for s in scores
     ]
     adverse = [i for i, verdict in enumerate(verdicts) if verdict != "APPROVE"]
-    variants = scorer.reason_variants([rows[i] for i in adverse])
-    explained = scorer.rank_reasons(
-        [exact_scores[i] for i in adverse],
-        variants,
-        await model.probabilities(variants.rows),
-        policy.max_reasons,
-    )
+    explained = []
+    if adverse:
+        variants = scorer.reason_variants(columns.take(adverse))
+        explained = scorer.rank_reasons(
+            [exact_scores[i] for i in adverse],
+            variants,
+            await model.probabilities(variants.columns),
+            policy.max_reasons,
+        )
     reasons = dict(zip(adverse, explained, strict=True))
     return [
         pb.CreditScore(
-            probability_of_default=float(probabilities[i]),
+            probability_of_default=probabilities[i],
             score=scores[i],
             grade=policy.grade_of(scores[i]),
             decision=_DECISIONS[verdicts[i]],

@@ -180,26 +180,28 @@ def check_encrypted_features(
         return
     seen: set[str] = set()
     for index, encrypted in enumerate(features.fields):
+        # Checked first, described only on failure: this loop runs for every field of every
+        # request, and building the paths and messages would cost more than the checks.
+        name = encrypted.name
+        well_named = FEATURE_NAME.fullmatch(name) is not None
+        repeated = well_named and name in seen
+        seen.add(name)
+        same_key = encrypted.key_id == data_key.key_id
+        nonce_ok = len(encrypted.nonce) == AES_GCM_NONCE_BYTES
+        sized = AES_GCM_TAG_BYTES < len(encrypted.ciphertext) <= MAX_FIELD_CIPHERTEXT_BYTES
+        if well_named and not repeated and same_key and nonce_ok and sized:
+            continue
         path = f"{field}.fields[{index}]"
-        if check_pattern(
-            v,
-            f"{path}.name",
-            encrypted.name,
-            FEATURE_NAME,
-            "a feature name of [A-Za-z0-9_], at most 64 characters",
-        ):
-            v.require(encrypted.name not in seen, f"{path}.name", "repeats an earlier field name")
-            seen.add(encrypted.name)
+        if not name:
+            v.add(f"{path}.name", "is required", "REQUIRED_FIELD")
+        elif not well_named:
+            v.add(f"{path}.name", "must be a feature name of [A-Za-z0-9_], at most 64 characters")
+        elif repeated:
+            v.add(f"{path}.name", "repeats an earlier field name")
+        v.require(same_key, f"{path}.key_id", "must equal data_key.key_id")
+        v.require(nonce_ok, f"{path}.nonce", f"must be {AES_GCM_NONCE_BYTES} bytes")
         v.require(
-            encrypted.key_id == data_key.key_id, f"{path}.key_id", "must equal data_key.key_id"
-        )
-        v.require(
-            len(encrypted.nonce) == AES_GCM_NONCE_BYTES,
-            f"{path}.nonce",
-            f"must be {AES_GCM_NONCE_BYTES} bytes",
-        )
-        v.require(
-            AES_GCM_TAG_BYTES < len(encrypted.ciphertext) <= MAX_FIELD_CIPHERTEXT_BYTES,
+            sized,
             f"{path}.ciphertext",
             f"must be {AES_GCM_TAG_BYTES + 1}-{MAX_FIELD_CIPHERTEXT_BYTES} bytes",
         )

@@ -4,6 +4,9 @@ onnxruntime is the only model dependency of serving; nothing here re-implements 
 Reasons are computed by the model itself: each adverse applicant's features are set, one at a
 time, to the manifest's favourable reference value, and all those variants are scored in one
 batched run; the features whose reference value would raise the score most are the reasons.
+Rows become two matrices (`Columns`) once; variants are built from them with a few numpy calls,
+not row by row, because at hundreds of variant rows per batch Python loops cost as much as the
+model, and per-feature numpy calls cost more than the model on a single row.
 `ModelBatcher` puts the runs of concurrent calls together, off the event loop.
 """
 
@@ -18,7 +21,7 @@ import asyncio
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,31 @@ Row = Mapping[str, FeatureValue]
 
 
 @dataclass(frozen=True)
+class Columns:
+    """Rows as model inputs: one matrix of numeric features (float32, feature x row) and one of
+    categorical features (str objects, feature x row). Feature-major, so each model input is a
+    contiguous row of a matrix."""
+
+    numbers: np.ndarray
+    categories: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.numbers.shape[1])
+
+    def take(self, rows: np.ndarray | list[int]) -> Columns:
+        return Columns(self.numbers[:, rows], self.categories[:, rows])
+
+    @staticmethod
+    def concat(parts: Sequence[Columns]) -> Columns:
+        if len(parts) == 1:
+            return parts[0]
+        return Columns(
+            np.concatenate([part.numbers for part in parts], axis=1),
+            np.concatenate([part.categories for part in parts], axis=1),
+        )
+
+
+@dataclass(frozen=True)
 class Reason:
     feature: str
     code: str
@@ -43,12 +71,13 @@ class Reason:
     points: float  # how much the score would rise with the feature at its reference value
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReasonVariants:
-    """Rows to score for reasons, and for each the (row index, feature) it varies."""
+    """Rows to score for reasons, and for each the row it copies and the feature it varies."""
 
-    rows: list[Row] = field(default_factory=list)
-    owners: list[tuple[int, FeatureSpec]] = field(default_factory=list)
+    columns: Columns
+    owner_rows: np.ndarray  # index into the explained rows
+    owner_features: np.ndarray  # index into Scorer.features
 
 
 class Scorer:
@@ -71,9 +100,16 @@ class Scorer:
             providers=["CPUExecutionProvider"],
         )
         self.features = self.manifest.schema.model_features
+        self._numeric = [spec for spec in self.features if spec.is_numeric]
+        self._categorical = [spec for spec in self.features if not spec.is_numeric]
+        # Where each matrix row's feature sits in `features`, for naming reasons.
+        self._feature_index = (
+            np.array([self.features.index(spec) for spec in self._numeric], dtype=np.intp),
+            np.array([self.features.index(spec) for spec in self._categorical], dtype=np.intp),
+        )
         self._output = [self.manifest.onnx.probability_output]
         self._bad_column = self.manifest.onnx.bad_class_index
-        self._reference = self.manifest.reference_values
+        self._reference = self.columns([self.manifest.reference_values])
 
     @property
     def model_version(self) -> str:
@@ -83,38 +119,55 @@ class Scorer:
     def schema_version(self) -> str:
         return self.manifest.schema_version
 
-    def probabilities(self, rows: Sequence[Row]) -> np.ndarray:
-        """P(bad) for each row (validated, complete feature dicts), in one onnxruntime run."""
-        feeds = {}
-        for spec in self.features:
-            column = [row[spec.name] for row in rows]
-            if spec.is_numeric:
-                feeds[spec.name] = np.asarray(column, dtype=np.float32).reshape(-1, 1)
-            else:
-                feeds[spec.name] = np.asarray(column, dtype=object).reshape(-1, 1)
+    def columns(self, rows: Sequence[Row]) -> Columns:
+        """Rows (validated, complete feature dicts) as model inputs."""
+        shape = (len(self._numeric), len(rows)), (len(self._categorical), len(rows))
+        return Columns(
+            np.array(
+                [[row[spec.name] for row in rows] for spec in self._numeric], dtype=np.float32
+            ).reshape(shape[0]),
+            np.array(
+                [[row[spec.name] for row in rows] for spec in self._categorical], dtype=object
+            ).reshape(shape[1]),
+        )
+
+    def run(self, columns: Columns) -> np.ndarray:
+        """P(bad) for each row of `columns`, in one onnxruntime run."""
+        feeds = {
+            spec.name: column.reshape(-1, 1)
+            for specs, matrix in (
+                (self._numeric, columns.numbers),
+                (self._categorical, columns.categories),
+            )
+            for spec, column in zip(specs, matrix, strict=True)
+        }
         (probabilities,) = self._session.run(self._output, feeds)
         return np.asarray(probabilities[:, self._bad_column], dtype=np.float64)
+
+    def probabilities(self, rows: Sequence[Row]) -> np.ndarray:
+        return self.run(self.columns(rows))
 
     def score_of(self, probability_of_default: float) -> int:
         return round(self.manifest.scaling.score(probability_of_default))
 
-    def reason_variants(self, rows: Sequence[Row]) -> ReasonVariants:
+    def reason_variants(self, columns: Columns) -> ReasonVariants:
         """For each row, one copy per feature with that feature at its reference value.
 
         A feature already at its reference value would move nothing, so it gets no copy: on
         typical applicants that saves a third of the reasons' model rows.
         """
-        variants = ReasonVariants()
-        for index, row in enumerate(rows):
-            for spec in self.features:
-                reference = self._reference[spec.name]
-                if row[spec.name] == reference:
-                    continue
-                variant = dict(row)
-                variant[spec.name] = reference
-                variants.rows.append(variant)
-                variants.owners.append((index, spec))
-        return variants
+        parts, owner_rows, owner_features = [], [], []
+        for kind in ("numbers", "categories"):
+            matrix, reference = getattr(columns, kind), getattr(self._reference, kind)
+            features, rows = np.nonzero(matrix != reference)  # reference is one column
+            variants = columns.take(rows)
+            getattr(variants, kind)[features, np.arange(len(rows))] = reference[features, 0]
+            parts.append(variants)
+            owner_rows.append(rows)
+            owner_features.append(self._feature_index[kind == "categories"][features])
+        return ReasonVariants(
+            Columns.concat(parts), np.concatenate(owner_rows), np.concatenate(owner_features)
+        )
 
     def rank_reasons(
         self,
@@ -130,8 +183,13 @@ class Scorer:
         """
         scaling = self.manifest.scaling
         gains: list[list[tuple[float, FeatureSpec]]] = [[] for _ in scores]
-        for (index, spec), probability in zip(variants.owners, variant_probabilities, strict=True):
-            gains[index].append((scaling.score(float(probability)) - scores[index], spec))
+        owners = zip(variants.owner_rows.tolist(), variants.owner_features.tolist(), strict=True)
+        for (index, feature), probability in zip(
+            owners, variant_probabilities.tolist(), strict=True
+        ):
+            gains[index].append(
+                (scaling.score(probability) - scores[index], self.features[feature])
+            )
         result = []
         for row_gains in gains:
             row_gains.sort(key=lambda gain: (-gain[0], gain[1].name))
@@ -156,16 +214,16 @@ class ModelBatcher:
     def __init__(self, scorer: Scorer, max_rows: int = 4096) -> None:
         self.scorer = scorer
         self._max_rows = max_rows
-        self._pending: deque[tuple[Sequence[Row], asyncio.Future[np.ndarray]]] = deque()
+        self._pending: deque[tuple[Columns, asyncio.Future[np.ndarray]]] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
-    async def probabilities(self, rows: Sequence[Row]) -> np.ndarray:
-        if not rows:
+    async def probabilities(self, columns: Columns) -> np.ndarray:
+        if not len(columns):
             return np.empty(0)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._pending.append((rows, future))
+        self._pending.append((columns, future))
         if self._drainer is None or self._drainer.done():
             self._drainer = loop.create_task(self._drain())
         return await future
@@ -173,18 +231,16 @@ class ModelBatcher:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            batch: list[tuple[Sequence[Row], asyncio.Future[np.ndarray]]] = []
+            batch: list[tuple[Columns, asyncio.Future[np.ndarray]]] = []
             taken = 0
             while self._pending and (
                 not batch or taken + len(self._pending[0][0]) <= self._max_rows
             ):
-                rows, future = self._pending.popleft()
-                batch.append((rows, future))
-                taken += len(rows)
-            every_row = [row for rows, _ in batch for row in rows]
+                batch.append(self._pending.popleft())
+                taken += len(batch[-1][0])
             try:
                 result = await loop.run_in_executor(
-                    self._thread, self.scorer.probabilities, every_row
+                    self._thread, self._run, [columns for columns, _ in batch]
                 )
             except Exception as error:  # noqa: BLE001 - each waiter gets the failure
                 for _, future in batch:
@@ -192,10 +248,13 @@ class ModelBatcher:
                         future.set_exception(error)
                 continue
             start = 0
-            for rows, future in batch:
+            for columns, future in batch:
                 if not future.done():  # a cancelled caller's rows were scored in vain
-                    future.set_result(result[start : start + len(rows)])
-                start += len(rows)
+                    future.set_result(result[start : start + len(columns)])
+                start += len(columns)
+
+    def _run(self, parts: list[Columns]) -> np.ndarray:
+        return self.scorer.run(Columns.concat(parts))
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)

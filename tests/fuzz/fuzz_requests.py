@@ -75,6 +75,7 @@ with atheris.instrument_imports(include=["service", "privscore"]):
         FeatureOpener,
         ServerPublicKey,
         field_aad,
+        field_aad_prefix,
         hpke_info,
         load_public_keyset,
     )
@@ -268,7 +269,9 @@ def _seal(
                 name=name,
                 key_id=SERVER_KEY.key_id,
                 nonce=nonce,
-                ciphertext=aead.encrypt(nonce, plaintext, field_aad(version, subject, name)),
+                ciphertext=aead.encrypt(
+                    nonce, plaintext, field_aad(field_aad_prefix(version, subject), name)
+                ),
             )
         )
     return features
