@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -74,14 +74,18 @@ class FailClosedAudit:
         self._on_failure = on_failure
 
     async def append(self, record: Mapping[str, Any]) -> int:
+        (sequence,) = await self.append_all([record])
+        return sequence
+
+    async def append_all(self, records: Sequence[Mapping[str, Any]]) -> list[int]:
         try:
-            appended = await self._log.append(record)
+            appended = await self._log.append_all(records)
         except AuditWriteError:
             await self._on_failure()
             raise Unavailable(
                 "the audit log cannot be written; no decision is made", reason="AUDIT_UNAVAILABLE"
             ) from None
-        return int(appended.sequence)
+        return [entry.sequence for entry in appended]
 
 
 def _load_sync(

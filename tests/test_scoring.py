@@ -10,6 +10,7 @@ from google.rpc import code_pb2
 from privscore.v1 import common_pb2
 from privscore.v1 import scoring_service_pb2 as pb
 from service.api.features import encrypted_inputs
+from service.api.scoring import score_outputs
 from service.config import DEFAULT_MODEL_DIR, DEFAULT_MODEL_PUBLIC_KEY, DEFAULT_POLICY
 from service.decisions.policy import load_policy
 from service.model.scorer import Scorer
@@ -135,6 +136,30 @@ def test_batch_above_the_maximum_is_refused(shared_server: ServerProcess) -> Non
             "t", [(f"x{i}", applicants()[0]) for i in range(257)]
         )
     assert violations(caught.value) == {"items": "must hold at most 256 items"}
+
+
+def test_recorded_outputs_are_the_protobuf_json_mapping(shared_server: ServerProcess) -> None:
+    """The hand-built audit outputs equal MessageToDict for served scores (adverse and not),
+    for an all-default score, and for a score with every field set."""
+    with shared_server.channel() as channel:
+        client = shared_server.client(channel)
+        scores = [
+            client.score("baitiao-cn", f"outputs-{i}", row).score
+            for i, row in enumerate(applicants()[:30])
+        ]
+    assert {s.decision for s in scores} >= {pb.CREDIT_DECISION_APPROVE, pb.CREDIT_DECISION_DECLINE}
+    every_field = pb.CreditScore(
+        probability_of_default=0.5,
+        score=1,
+        grade="A",
+        decision=pb.CREDIT_DECISION_REVIEW,
+        reasons=[common_pb2.Reason(code="C"), common_pb2.Reason(text="t")],
+    )
+    assert {f.name for f in pb.CreditScore.DESCRIPTOR.fields} == set(score_outputs(every_field))
+    for score in [*scores, pb.CreditScore(), every_field]:
+        assert score_outputs(score) == json_format.MessageToDict(
+            score, preserving_proto_field_name=True
+        )
 
 
 def test_recorded_encrypted_inputs_are_the_protobuf_json_mapping(

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from privscore.v1 import common_pb2, limit_service_pb2
 from service.api.features import open_row
 from service.api.limits import ADJUST_LIMIT_METHOD, account_of
-from service.api.scoring import SCORE_BATCH_METHOD, SCORE_METHOD, assess
+from service.api.scoring import SCORE_BATCH_METHOD, SCORE_METHOD, assess, score_outputs
 from service.decisions.limits import decide_limit
 from service.decisions.policy import DecisionPolicy
 from service.model.scorer import ModelBatcher, Scorer
@@ -97,7 +97,7 @@ def replay(
             (score,) = asyncio.run(assess(model, policy.score, [row]))
         finally:
             model.close()
-        replayed_score = json_format.MessageToDict(score, preserving_proto_field_name=True)
+        replayed_score = score_outputs(score)
     if rpc in (SCORE_METHOD, SCORE_BATCH_METHOD):
         report.differences += _same_score(record["outputs"], replayed_score)
     elif rpc == ADJUST_LIMIT_METHOD:

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -33,6 +33,10 @@ T = TypeVar("T")
 class AuditSink(Protocol):
     async def append(self, record: Mapping[str, Any]) -> int:
         """Append durably (fsynced) and return the record's sequence number."""
+        ...
+
+    async def append_all(self, records: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Append several records in order; return once all are durable."""
         ...
 
 

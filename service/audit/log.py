@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,9 +202,24 @@ class AuditLog:
         Raises AuditWriteError if the log has failed or is closed, AuditRecordError if the record
         cannot be logged. A caller cancelled while waiting does not withdraw the record.
         """
-        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-        self._enqueue(record, future)
-        return await future
+        (appended,) = await self.append_all([record])
+        return appended
+
+    async def append_all(self, records: Sequence[Mapping[str, Any]]) -> list[Appended]:
+        """`append` for several records, in order, returning once all are fsynced; one waiter
+        per record, not one task, because a batch's decisions arrive together."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Appended]] = []
+        try:
+            for record in records:
+                future: asyncio.Future[Appended] = loop.create_future()
+                self._enqueue(record, future)
+                futures.append(future)
+        except BaseException:
+            # The records already queued will be written: settle them before failing.
+            await asyncio.gather(*futures, return_exceptions=True)
+            raise
+        return list(await asyncio.gather(*futures))
 
     def append_sync(self, record: Mapping[str, Any]) -> Appended:
         """`append` for code without an event loop (offline tools, tests); blocks until durable."""

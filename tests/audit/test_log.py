@@ -156,6 +156,27 @@ def test_unloggable_records_use_no_sequence(tmp_path, open_log):
     assert log.append_sync(make_record(0)).sequence == 0
 
 
+def test_append_all_keeps_order_and_a_bad_record_leaves_the_earlier_ones_durable(
+    tmp_path, open_log
+):
+    log = open_log(tmp_path)
+
+    async def main() -> tuple[list[Appended], list[int]]:
+        batch = await log.append_all([make_record(n) for n in range(4)])
+        with pytest.raises(AuditRecordError):
+            await log.append_all([make_record(10), {"x": float("nan")}, make_record(11)])
+        return batch, [(await log.append(make_record(12))).sequence]
+
+    batch, after = asyncio.run(main())
+    assert [a.sequence for a in batch] == [0, 1, 2, 3]
+    assert after == [5]  # record 10 took sequence 4; the bad one and those after it, none
+    assert [s.record for s in iter_records(tmp_path)] == [
+        *(make_record(n) for n in range(4)),
+        make_record(10),
+        make_record(12),
+    ]
+
+
 def test_one_writer_per_directory(tmp_path, open_log):
     open_log(tmp_path)
     with pytest.raises(AuditError, match="in use"):
