@@ -23,6 +23,7 @@ from privscore.v1 import (
     scoring_service_pb2_grpc,
 )
 from privscore.v1 import scoring_service_pb2 as pb
+from service.api.features import read_encrypted_inputs
 from service.audit import (
     ProofError,
     find_records,
@@ -103,7 +104,7 @@ def test_every_decision_and_refusal_is_recorded_and_the_log_verifies(tmp_path: P
         assert len(str(record["model_manifest_sha256"])) == 64
     _, score_record = records[scored.metadata.decision_id]
     assert len(str(score_record["input_digest"])) == 64
-    assert score_record["encrypted_inputs"]["data_key"]["key_id"]  # type: ignore[index]
+    assert read_encrypted_inputs(str(score_record["encrypted_inputs"])).data_key.key_id
     assert score_record["outputs"]["score"] == scored.score.score  # type: ignore[index]
 
     refusals = [r for _, r in records.values() if r.get("outcome") == "refused"]

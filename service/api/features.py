@@ -64,29 +64,13 @@ def _model_row(values: dict[str, FeatureInput]) -> Row:
     }
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def encrypted_inputs(features: common_pb2.EncryptedFeatures) -> str:
+    """The encrypted inputs as received, for the audit record (no plaintext): the serialised
+    `EncryptedFeatures`, base64. One opaque string rather than the JSON mapping because it
+    is kept for every decision, and encoding and hashing 18 fields' JSON cost more than
+    the rest of the record; `read_encrypted_inputs` reads it back."""
+    return base64.b64encode(features.SerializeToString(deterministic=True)).decode("ascii")
 
 
-def encrypted_inputs(features: common_pb2.EncryptedFeatures) -> dict[str, Any]:
-    """The encrypted inputs exactly as received, for the audit record (no plaintext), in the
-    protobuf JSON mapping (`json_format.ParseDict` reads it back), built by hand because
-    this runs for every decision and `MessageToDict` is several times slower."""
-    key = features.data_key
-    return {
-        "schema_version": features.schema_version,
-        "data_key": {
-            "key_id": key.key_id,
-            "encapsulated_key": _b64(key.encapsulated_key),
-            "sealed_key": _b64(key.sealed_key),
-        },
-        "fields": [
-            {
-                "name": f.name,
-                "key_id": f.key_id,
-                "nonce": _b64(f.nonce),
-                "ciphertext": _b64(f.ciphertext),
-            }
-            for f in features.fields
-        ],
-    }
+def read_encrypted_inputs(recorded: str) -> common_pb2.EncryptedFeatures:
+    return common_pb2.EncryptedFeatures.FromString(base64.b64decode(recorded, validate=True))

@@ -134,7 +134,7 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
         else:
             score = request.latest_score
             inputs_digest = runtime.input_digest({"latest_score": score})
-            encrypted = {}
+            encrypted = ""
         fingerprint = _fingerprint(request, inputs_digest)
 
         # One request id at a time (its first decision wins, a different request under it is

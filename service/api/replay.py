@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from privscore.v1 import common_pb2, limit_service_pb2
-from service.api.features import open_row
+from service.api.features import open_row, read_encrypted_inputs
 from service.api.limits import ADJUST_LIMIT_METHOD, account_of
 from service.api.scoring import SCORE_BATCH_METHOD, SCORE_METHOD, assess, score_outputs
 from service.decisions.limits import decide_limit
@@ -86,7 +86,7 @@ def replay(
         rpc in (SCORE_METHOD, SCORE_BATCH_METHOD, ADJUST_LIMIT_METHOD)
         and record["encrypted_inputs"]
     ):
-        features = json_format.ParseDict(record["encrypted_inputs"], common_pb2.EncryptedFeatures())
+        features = read_encrypted_inputs(record["encrypted_inputs"])
         row = open_row(
             scorer, opener, features, subject, method=rpc, request_id=record["request_id"]
         )
