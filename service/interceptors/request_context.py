@@ -13,10 +13,11 @@ The handler itself is wrapped because only the servicer context carries the auth
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
+import secrets
 import time
 import traceback
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ from service.security.authz import AuthzPolicy, peer_identity
 from service.security.limits import CallLimits, IdentityLimiter
 
 REQUEST_ID_HEADER = "x-request-id"
+# Ids for calls that bring none: a random per-process tag and a counter. They correlate log
+# lines and need only be unique; a uuid4 per call cost a getrandom system call each.
+_GENERATED_ID_TAG = secrets.token_hex(8)
+_GENERATED_ID_COUNTER = itertools.count()
 _REQUEST_ID_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Probes and tooling carry no decisions: no role needed, and kept out of the request log.
 _OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -90,7 +95,7 @@ def _request_id(metadata: Any) -> str:
         well_formed = isinstance(value, str) and _REQUEST_ID_SHAPE.fullmatch(value)
         if key == REQUEST_ID_HEADER and well_formed:
             return str(value)
-    return uuid.uuid4().hex
+    return f"{_GENERATED_ID_TAG}-{next(_GENERATED_ID_COUNTER)}"
 
 
 def _origin(error: BaseException) -> str:

@@ -219,12 +219,17 @@ class FeatureSchema:
         digest = hashlib.sha256(canonical_json(contract)).hexdigest()
         return f"{self.name}-{digest[:VERSION_HASH_HEX]}"
 
-    @property
+    # Cached: the schema is immutable, and these are read for every request.
+    @cached_property
     def model_features(self) -> tuple[FeatureSpec, ...]:
         """The model's inputs, in ONNX input order."""
         return tuple(feature for feature in self.features if not feature.excluded)
 
-    @property
+    @cached_property
+    def model_feature_names(self) -> frozenset[str]:
+        return frozenset(feature.name for feature in self.model_features)
+
+    @cached_property
     def excluded_features(self) -> tuple[FeatureSpec, ...]:
         return tuple(feature for feature in self.features if feature.excluded)
 
@@ -341,10 +346,8 @@ def validate_record(
         problem = check_value(spec, values[spec.name])
         if problem is not None:
             problems.append((spec.name, problem))
-    model_names = {spec.name for spec in schema.model_features}
-    excluded_names = {spec.name for spec in schema.excluded_features}
-    for name in sorted(set(values) - model_names):
-        if name in excluded_names:
+    for name in sorted(set(values) - schema.model_feature_names):
+        if any(spec.name == name for spec in schema.excluded_features):
             problem = ValueProblem("EXCLUDED_FEATURE", "is excluded from the model; do not send it")
         else:
             problem = ValueProblem("UNKNOWN_FEATURE", "is not a feature of the model's schema")

@@ -194,9 +194,10 @@ class FeatureOpener:
         values: dict[str, FeatureInput] = {}
         violations = []
         aad_prefix = field_aad_prefix(features.schema_version, subject)
+        decrypt = aead.decrypt
         for index, field in enumerate(features.fields):
             try:
-                plaintext = aead.decrypt(
+                plaintext = decrypt(
                     field.nonce, field.ciphertext, field_aad(aad_prefix, field.name)
                 )
             except InvalidTag:
