@@ -3,7 +3,8 @@
 Starts the server as `make serve` would (real keys, real model, audit on, mutual TLS), drives it
 from a separate load-generator process, then measures the ceilings with the same generator: a
 bare grpc.aio echo server over the same TLS, onnxruntime in process on the same model, and the
-server with audit fsync off (the price of durability). Writes bench/results.json and
+server with audit fsync off (the price of durability). Then times each stage of a Score in
+process (bench/stages.py), to show where the server's time goes. Writes bench/results.json and
 bench/latency.png and prints a table with the ratios to the ceilings.
 """
 
@@ -202,6 +203,16 @@ def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]
             echo.stop()
         for batch in (1, 128):
             step("onnxruntime", "onnxruntime", None, data_dir, batch=batch)
+        stages = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "bench.stages", "--data-dir", str(data_dir)],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=True,
+            ).stdout.splitlines()[-1]
+        )
 
     report = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -211,6 +222,7 @@ def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]
         "peak_rss_mb": {k: round(v, 1) for k, v in memory.items()},
         "steps": steps,
         "ratios": ratios(steps),
+        "score_stages": stages,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
     draw(steps, plot)
@@ -344,6 +356,13 @@ def main() -> None:
         return
     print(f"privscore bench: {args.warmup:g} s warm-up + {args.duration:g} s per step")
     report = run(args.warmup, args.duration, args.out, args.plot)
+    stages = report["score_stages"]
+    print(
+        f"\none Score's stages in process (median us; {stages['fields_per_request']} fields, "
+        f"{stages['adverse_share']:.0%} of applicants adverse):"
+    )
+    for name, micros in stages["stages_us"].items():
+        print(f"  {name:<32} {micros:>8.1f}")
     print("\npeak RSS (MB):", report["peak_rss_mb"])
     targets = {
         "score_c32_rps_vs_echo": ">= 0.6",

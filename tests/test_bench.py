@@ -62,6 +62,18 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         "audit_fsync_on_vs_off_rps",
     }
     assert report["peak_rss_mb"]["privscore"] > 0
+    stages = report["score_stages"]
+    assert set(stages["stages_us"]) == {
+        "validate_request",
+        "hpke_open_data_key",
+        "open_and_check_fields",
+        "model_one_row",
+        "reasons_one_adverse_row",
+        "audit_record_encode_and_hash",
+        "log_line",
+    }
+    assert all(micros > 0 for micros in stages["stages_us"].values())
+    assert stages["fields_per_request"] == 18 and 0 < stages["adverse_share"] < 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
