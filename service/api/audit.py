@@ -13,7 +13,7 @@ from privscore.v1 import audit_service_pb2 as pb
 from privscore.v1 import audit_service_pb2_grpc
 from service.api import validation as check
 from service.api.runtime import RuntimeSlot
-from service.audit import inclusion_proof, iter_records, latest_checkpoint
+from service.audit import find_with_inclusion_proof, latest_checkpoint
 from service.errors import FailedPrecondition, ServiceError
 
 DECISION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -34,20 +34,23 @@ def find_with_proof(
             "no signed checkpoint yet; records become provable within seconds",
             reason="NOT_YET_CHECKPOINTED",
         )
-    for stored in iter_records(audit_dir):
-        if stored.sequence >= checkpoint.size:
-            break
-        if stored.record.get("decision_id") == decision_id:
-            return pb.GetDecisionRecordResponse(
-                sequence=stored.sequence,
-                record=stored.envelope,
-                tree_size=checkpoint.size,
-                inclusion_proof=inclusion_proof(audit_dir, stored.sequence, checkpoint.size),
-                checkpoint=checkpoint.text,
-            )
-    raise NotFound(
-        f"decision {decision_id} is not in the checkpointed log "
-        f"(size {checkpoint.size}); a newer record is provable after the next checkpoint"
+    found = find_with_inclusion_proof(
+        audit_dir, checkpoint.size, equals={"decision_id": decision_id}
+    )
+    if found is None:
+        raise NotFound(f"decision {decision_id} is not in the log")
+    stored, proof = found
+    if proof is None:
+        raise NotFound(
+            f"decision {decision_id} is newer than the latest checkpoint (size "
+            f"{checkpoint.size}); it is provable after the next checkpoint"
+        )
+    return pb.GetDecisionRecordResponse(
+        sequence=stored.sequence,
+        record=stored.envelope,
+        tree_size=checkpoint.size,
+        inclusion_proof=proof,
+        checkpoint=checkpoint.text,
     )
 
 

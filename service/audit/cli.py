@@ -34,7 +34,7 @@ from service.audit.storage import StoredRecord
 from service.audit.verify import (
     consistency_proof,
     find_records,
-    inclusion_proof,
+    find_with_inclusion_proof,
     iter_records,
     latest_checkpoint,
     parse_time,
@@ -115,15 +115,17 @@ def _cmd_prove(args: argparse.Namespace) -> int:
     checkpoint = latest_checkpoint(args.audit_dir, _public_key(args), args.origin)
     if checkpoint is None:
         raise _Failed("the log has no checkpoint yet")
-    found = next(find_records(args.audit_dir, equals={"decision_id": args.decision}), None)
-    if found is None:
+    lookup = find_with_inclusion_proof(
+        args.audit_dir, checkpoint.size, equals={"decision_id": args.decision}
+    )
+    if lookup is None:
         raise _Failed(f"no record has decision_id {args.decision!r}")
-    if found.sequence >= checkpoint.size:
+    found, proof = lookup
+    if proof is None:
         raise _Failed(
             f"record {found.sequence} is newer than the latest checkpoint (size "
             f"{checkpoint.size}); retry after the next checkpoint"
         )
-    proof = inclusion_proof(args.audit_dir, found.sequence, checkpoint.size)
     _print_json(
         {
             "sequence": found.sequence,

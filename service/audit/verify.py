@@ -26,6 +26,7 @@ What `verify_log` guarantees, assuming SHA-256 and Ed25519 hold:
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from service.audit.merkle import (
     SubtreeCollector,
     consistency_path,
     inclusion_path,
+    leaf_hash,
+    subtree_hashes,
     verify_consistency,
 )
 from service.audit.storage import LogReader, StoredRecord, read_checkpoint_notes
@@ -176,10 +179,10 @@ def verify_log(
 
 def _hashes(directory: Path, wanted: list[Range], size: int) -> dict[Range, bytes]:
     collector = SubtreeCollector(wanted)
-    for record in LogReader(directory):
+    for envelope in LogReader(directory).envelopes():
         if collector.size == size:
             break
-        collector.append(record.leaf_hash)
+        collector.append(leaf_hash(envelope))
     if collector.size < size:
         raise ProofError(f"the log holds {collector.size} records, fewer than {size}")
     return collector.hashes
@@ -228,6 +231,39 @@ def parse_time(value: object) -> datetime | None:
     except ValueError:
         return None
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def find_with_inclusion_proof(
+    directory: str | os.PathLike[str], at_size: int, *, equals: Mapping[str, str]
+) -> tuple[StoredRecord, list[bytes] | None] | None:
+    """The first record whose fields equal the strings in `equals`, with its inclusion proof
+    in the tree of the first `at_size` records (None when the record is not among them:
+    newer than that tree); None if no record matches.
+
+    One pass that hashes leaves but parses only envelopes holding each wanted value as a
+    JSON string, so a lookup costs a read of the log rather than a parse of it. The record is
+    not checked against the chain here: the proof is what shows it is in the signed tree.
+    """
+    needles = [json.dumps(value, ensure_ascii=False).encode("utf-8") for value in equals.values()]
+    leaves = bytearray()  # 32 bytes per record: compact, whatever the log's size
+    found: StoredRecord | None = None
+    for sequence, envelope in enumerate(LogReader(Path(directory)).envelopes()):
+        if sequence < at_size:
+            leaves += leaf_hash(envelope)
+        elif found is not None:
+            break
+        if found is None and all(needle in envelope for needle in needles):
+            record = json.loads(envelope)["record"]
+            if all(record.get(key) == value for key, value in equals.items()):
+                found = StoredRecord(sequence, record, envelope)
+    if len(leaves) < 32 * at_size:
+        raise ProofError(f"the log holds {len(leaves) // 32} records, fewer than {at_size}")
+    if found is None or found.sequence >= at_size:
+        return None if found is None else (found, None)
+    path = inclusion_path(found.sequence, at_size)
+    leaf_hashes = (bytes(leaves[i : i + 32]) for i in range(0, len(leaves), 32))
+    hashes = subtree_hashes(leaf_hashes, path)
+    return found, [hashes[node] for node in path]
 
 
 def find_records(

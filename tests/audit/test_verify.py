@@ -14,6 +14,7 @@ from service.audit import (
     ProofError,
     consistency_proof,
     find_records,
+    find_with_inclusion_proof,
     format_checkpoint,
     inclusion_proof,
     iter_records,
@@ -274,6 +275,29 @@ def test_proofs_from_the_directory_verify(log_dir, signing_key):
     verify_consistency(old.size, checkpoint.size, old.root_hash, checkpoint.root_hash, proof)
     with pytest.raises(ProofError):
         inclusion_proof(log_dir, 3, RECORDS + 1)
+
+
+def test_find_with_inclusion_proof_in_one_pass(log_dir, signing_key, open_log):
+    checkpoint = latest(log_dir, signing_key)
+    for sequence in (0, 13, 39):
+        found = find_with_inclusion_proof(
+            log_dir, checkpoint.size, equals={"decision_id": f"dec-{sequence:04d}"}
+        )
+        assert found is not None and found[1] is not None
+        stored, proof = found
+        assert stored.sequence == sequence and stored.record == make_record(sequence)
+        assert proof == inclusion_proof(log_dir, sequence, checkpoint.size)
+        verify_inclusion(stored.envelope, sequence, checkpoint.size, proof, checkpoint.root_hash)
+    # The value appears in an earlier record, but under another key: that one is no match.
+    writer = open_log(log_dir, checkpoint_every=1000)
+    writer.append_sync({"request_id": "dec-0041"})
+    writer.append_sync(make_record(41))  # after the checkpoint: found, but not provable yet
+    assert find_with_inclusion_proof(
+        log_dir, checkpoint.size, equals={"decision_id": "dec-0041"}
+    ) == (next(s for s in iter_records(log_dir) if s.sequence == RECORDS + 1), None)
+    assert find_with_inclusion_proof(log_dir, checkpoint.size, equals={"decision_id": "x"}) is None
+    with pytest.raises(ProofError):
+        find_with_inclusion_proof(log_dir, RECORDS + 5, equals={"decision_id": "dec-0001"})
 
 
 def test_find_records_by_field_and_time(log_dir):
