@@ -41,14 +41,17 @@ from service.audit.errors import AuditError, AuditWriteError, LogCorruptError
 from service.audit.merkle import EMPTY_ROOT, MerkleFrontier, leaf_hash
 from service.audit.storage import (
     CHECKPOINT_FILE,
+    GENESIS_CHAIN,
     LogReader,
     TornTail,
     encode_record,
     frame,
     list_segments,
+    open_envelope,
     read_checkpoint_notes,
     seal_envelope,
     segment_name,
+    stored_chain,
 )
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -309,11 +312,21 @@ class AuditLog:
 
         frontier = MerkleFrontier()
         reader = LogReader(self._directory)
+        checkpointed = latest[1] if latest is not None else 0
         root_at_latest = EMPTY_ROOT if latest is not None and latest[1] == 0 else None
+        chain = GENESIS_CHAIN
         try:
-            for record in reader:
-                frontier.append(record.leaf_hash)
-                if latest is not None and frontier.size == latest[1]:
+            for envelope in reader.envelopes():
+                sequence = frontier.size
+                if sequence >= checkpointed:
+                    chain = open_envelope(envelope, sequence, chain)[1]
+                elif sequence == checkpointed - 1:
+                    chain = stored_chain(envelope, sequence)
+                # Records the latest checkpoint covers are only hashed, not parsed: its root,
+                # compared below, vouches for every byte of them, and parsing made opening a
+                # log several times slower. Records after it are checked against the chain.
+                frontier.append(leaf_hash(envelope))
+                if frontier.size == checkpointed and latest is not None:
                     root_at_latest = frontier.root()
         except LogCorruptError as error:
             raise LogCorruptError(
@@ -336,7 +349,7 @@ class AuditLog:
 
         self._frontier = frontier
         self._next_sequence = frontier.size
-        self._chain = reader.chain
+        self._chain = chain
         self._checkpointed_size = latest[1] if latest is not None else None
         self._uncheckpointed_since = (
             time.monotonic() if frontier.size != (self._checkpointed_size or 0) else None

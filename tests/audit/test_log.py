@@ -318,6 +318,38 @@ def test_a_bad_frame_followed_by_intact_ones_in_the_last_segment_is_refused(
     assert only.read_bytes() == bytes(data)  # nothing was truncated
 
 
+def reframe_with(path: Path, index: int, old: bytes, new: bytes) -> None:
+    """Alter record `index` of a segment and give its frame a valid CRC again."""
+    data, payloads, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        payloads.append(data[offset + 4 : offset + 4 + length])
+        offset += 8 + length
+    assert old in payloads[index]
+    payloads[index] = payloads[index].replace(old, new)
+    path.write_bytes(b"".join(frame(payload) for payload in payloads))
+
+
+@pytest.mark.parametrize("altered", [3, 8])
+def test_an_altered_record_with_a_valid_frame_is_refused(
+    tmp_path, open_log, write_log, signing_key, altered
+):
+    """Records the latest checkpoint covers are checked against its root, later ones against
+    the chain: an alteration is refused either way."""
+    write_log(tmp_path, 10, checkpoint_every=5)
+    notes = tmp_path / CHECKPOINT_FILE
+    first_note = 8 + int.from_bytes(notes.read_bytes()[:4], "big")
+    notes.write_bytes(notes.read_bytes()[:first_note])  # the latest checkpoint is now at 5
+    assert latest(tmp_path, signing_key).size == 5
+    _, only = list_segments(tmp_path)[0]
+    reframe_with(only, altered, b"pseudo-", b"PSEUDO-")
+    with pytest.raises(LogCorruptError) as raised:
+        open_log(tmp_path)
+    message = str(raised.value)
+    assert ("no longer match the latest checkpoint" in message) == (altered < 5)
+    assert ("chain does not follow" in message) == (altered >= 5)
+
+
 def test_a_log_shorter_than_its_latest_checkpoint_is_refused(tmp_path, open_log, write_log):
     write_log(tmp_path, 30, segment_bytes=1024)
     list_segments(tmp_path)[-1][1].unlink()
