@@ -14,9 +14,12 @@ have dropped the dirty pages and a retry could report success for data that is g
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import concurrent.futures
 import contextlib
 import fcntl
+import json
 import os
 import queue
 import threading
@@ -38,12 +41,14 @@ from service.audit.checkpoint import (
     split_note,
 )
 from service.audit.errors import AuditError, AuditWriteError, LogCorruptError
-from service.audit.merkle import EMPTY_ROOT, MerkleFrontier, leaf_hash
+from service.audit.merkle import MerkleFrontier, leaf_hash
 from service.audit.storage import (
     CHECKPOINT_FILE,
-    GENESIS_CHAIN,
+    RESUME_FILE,
+    LogPosition,
     LogReader,
     TornTail,
+    canonical_json,
     encode_record,
     frame,
     list_segments,
@@ -85,10 +90,12 @@ class AuditStats:
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    """What open found: the number of records, and any torn tail it cut off."""
+    """What open found: the number of records, the first one it read (0, or the latest
+    checkpoint's size when it resumed there), and any torn tail it cut off."""
 
     size: int
     torn_tails: tuple[TornTail, ...]
+    read_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class _Pending:
     sequence: int
     frame: bytes
     leaf_hash: bytes
+    chain: bytes
     waiter: Waiter
 
 
@@ -138,10 +146,14 @@ def _settle(settled: list[tuple[Waiter, object]]) -> None:
 class AuditLog:
     """An append-only, tamper-evident record log in `directory`, open for writing.
 
-    Opening scans every record, rebuilds the Merkle frontier, cuts off a torn final record (logged
-    as `audit.torn_tail_truncated` and reported in `recovery`) and refuses a log that is damaged
-    anywhere else or shorter than its latest checkpoint. One process at a time: the directory is
-    locked. Opening reads the whole log; on an event loop, open it with `asyncio.to_thread`.
+    Opening resumes where the latest checkpoint left the log (the resume point written with
+    it, checked against the checkpoint's size and root) and reads only the records after it;
+    without a usable resume point it reads every record, hashing those the latest checkpoint
+    covers against its root. Either way it checks the records it reads against the chain, cuts
+    off a torn final record (logged as `audit.torn_tail_truncated` and reported in `recovery`)
+    and refuses a log that is damaged there or shorter than its latest checkpoint; damage in
+    records it did not read is for `verify_log` to find. One process at a time: the directory
+    is locked. Opening does disk reads; on an event loop, open it with `asyncio.to_thread`.
     """
 
     def __init__(
@@ -186,7 +198,9 @@ class AuditLog:
 
         self._dir_fd = self._lock_directory()
         self._segment_fd: int | None = None
+        self._segment_first_sequence = 0
         self._segment_size = 0
+        self._committed_chain: bytes  # the chain of the last durable record (writer thread)
         self._checkpoint_fd: int | None = None
         try:
             self.recovery: RecoveryReport = self._recover()
@@ -266,7 +280,9 @@ class AuditLog:
             sequence = self._next_sequence
             envelope, self._chain = seal_envelope(sequence, record_json, self._chain)
             self._next_sequence += 1
-            self._queue.put(_Pending(sequence, frame(envelope), leaf_hash(envelope), waiter))
+            self._queue.put(
+                _Pending(sequence, frame(envelope), leaf_hash(envelope), self._chain, waiter)
+            )
 
     def _request_close(self, waiter: Waiter) -> bool:
         with self._lock:
@@ -310,11 +326,15 @@ class AuditLog:
         if latest is not None and latest[0] != self._origin:
             raise AuditError(f"{self._directory} holds the log of {latest[0]!r}, not this one")
 
-        frontier = MerkleFrontier()
-        reader = LogReader(self._directory)
+        # Resumed at the latest checkpoint, only the records after it are read; otherwise all.
+        resumed = self._resume_position(latest)
+        frontier = resumed[1] if resumed else MerkleFrontier()
+        reader = LogReader(self._directory, resumed[0] if resumed else None)
         checkpointed = latest[1] if latest is not None else 0
-        root_at_latest = EMPTY_ROOT if latest is not None and latest[1] == 0 else None
-        chain = GENESIS_CHAIN
+        at_latest = latest is not None and (resumed is not None or checkpointed == 0)
+        root_at_latest = frontier.root() if at_latest else None
+        read_from = frontier.size
+        chain = reader.chain
         try:
             for envelope in reader.envelopes():
                 sequence = frontier.size
@@ -349,16 +369,59 @@ class AuditLog:
 
         self._frontier = frontier
         self._next_sequence = frontier.size
-        self._chain = chain
+        self._chain = self._committed_chain = chain
         self._checkpointed_size = latest[1] if latest is not None else None
         self._uncheckpointed_since = (
             time.monotonic() if frontier.size != (self._checkpointed_size or 0) else None
         )
         segments = list_segments(self._directory)
         if segments:
+            self._segment_first_sequence = segments[-1][0]
             self._segment_fd = os.open(segments[-1][1], os.O_WRONLY | os.O_APPEND)
             self._segment_size = os.fstat(self._segment_fd).st_size
-        return RecoveryReport(frontier.size, tuple(torn))
+        return RecoveryReport(frontier.size, tuple(torn), read_from)
+
+    def _resume_position(
+        self, latest: tuple[str, int, bytes] | None
+    ) -> tuple[LogPosition, MerkleFrontier] | None:
+        """Where the latest checkpoint left the log, if the resume file says so and agrees
+        with that checkpoint's size and root; else None, and open reads the whole log.
+
+        Resuming makes opening cost the records since the latest checkpoint rather than the
+        whole log. The records before it are then not re-read: `audit verify` checks them.
+        """
+        path = self._directory / RESUME_FILE
+        if latest is None or latest[1] == 0 or not path.exists():
+            return None
+        try:
+            point = json.loads(path.read_bytes())
+            frontier = MerkleFrontier.restore(
+                point["size"],
+                [
+                    (start, base64.b64decode(node, validate=True))
+                    for start, node in point["frontier"]
+                ],
+            )
+            position = LogPosition(
+                point["size"],
+                point["segment_first_sequence"],
+                point["offset"],
+                base64.b64decode(point["chain"], validate=True),
+            )
+            segment = self._directory / segment_name(position.segment_first_sequence)
+            usable = (
+                position.size == latest[1]
+                and frontier.root() == latest[2]
+                and type(position.offset) is int
+                and 0 <= position.segment_first_sequence <= position.size
+                and 0 <= position.offset <= segment.stat().st_size
+            )
+        except (OSError, ValueError, KeyError, TypeError, binascii.Error):
+            usable = False
+        if not usable:
+            _log.warning("audit.resume_point_unused", reason="it does not match the log")
+            return None
+        return position, frontier
 
     def _cut(self, torn: TornTail) -> TornTail:
         """Truncate an interrupted append off the end of a file, durably, and say so."""
@@ -420,6 +483,7 @@ class AuditLog:
             return
         for entry in pending:
             self._frontier.append(entry.leaf_hash)
+        self._committed_chain = pending[-1].chain
         self._records += len(pending)
         self._batches += 1
         if self._uncheckpointed_since is None:
@@ -451,6 +515,7 @@ class AuditLog:
         self._segment_fd = os.open(
             path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, _FILE_MODE
         )
+        self._segment_first_sequence = first_sequence
         self._segment_size = 0
         self._sync(self._dir_fd)  # the new name must survive a crash with the data in it
 
@@ -490,6 +555,29 @@ class AuditLog:
         self._checkpointed_size = size
         self._uncheckpointed_since = None
         self._checkpoints += 1
+        self._write_resume_point(size)
+
+    def _write_resume_point(self, size: int) -> None:
+        """Record where this checkpoint leaves the log, for the next open. Not fsynced and not
+        needed for durability: open checks it against the checkpoint and otherwise reads all."""
+        if self._segment_fd is None:
+            return
+        point = {
+            "size": size,
+            "segment_first_sequence": self._segment_first_sequence,
+            "offset": self._segment_size,
+            "chain": base64.b64encode(self._committed_chain).decode("ascii"),
+            "frontier": [
+                [start, base64.b64encode(node).decode("ascii")]
+                for start, node in self._frontier.nodes
+            ],
+        }
+        temporary = self._directory / f"{RESUME_FILE}.tmp"
+        try:
+            temporary.write_bytes(canonical_json(point))
+            os.replace(temporary, self._directory / RESUME_FILE)
+        except OSError as error:
+            _log.warning("audit.resume_point_not_written", error=type(error).__name__)
 
     def _finish(self, close: _Close) -> None:
         # A log that failed earlier has told every appender; only a failing final checkpoint

@@ -34,6 +34,8 @@ from service.audit.errors import AuditRecordError, LogCorruptError
 from service.audit.merkle import leaf_hash
 
 CHECKPOINT_FILE = "checkpoints.log"
+# Where the next open may start reading: written after each checkpoint, never trusted blindly.
+RESUME_FILE = "resume.json"
 GENESIS_CHAIN = bytes(32)
 # Below 2**24, so every length field starts with a zero byte; canonical JSON never holds one.
 MAX_PAYLOAD_BYTES = (1 << 24) - 1
@@ -108,14 +110,16 @@ class FrameFile:
     whole and fsynced, so a valid frame after a bad one means damage, never a crash.
     """
 
-    def __init__(self, path: Path, *, may_be_torn: bool) -> None:
+    def __init__(self, path: Path, *, may_be_torn: bool, start: int = 0) -> None:
         self.path = path
         self.may_be_torn = may_be_torn
+        self.start = start  # where a frame begins: 0, or a position the writer recorded
         self.torn: TornTail | None = None
 
     def frames(self) -> Iterator[bytes]:
         with self.path.open("rb", buffering=1 << 20) as file:
-            offset = 0
+            file.seek(self.start)
+            offset = self.start
             while True:
                 header = file.read(4)
                 if not header:
@@ -223,18 +227,31 @@ def stored_chain(payload: bytes, sequence: int) -> bytes:
         raise LogCorruptError(sequence, "envelope has no readable chain value") from None
 
 
+@dataclass(frozen=True)
+class LogPosition:
+    """Where record `size` begins: a byte offset in the segment that starts at
+    `segment_first_sequence`, and the chain value of the record before it."""
+
+    size: int
+    segment_first_sequence: int
+    offset: int
+    chain: bytes
+
+
 class LogReader:
-    """Reads every record of a log directory in order, checking framing, sequence and chain.
+    """Reads the records of a log directory in order, checking framing, sequence and chain:
+    all of them, or those from a position the writer recorded.
 
     Raises LogCorruptError at the first record that does not fit; a torn final record of the last
     segment ends the iteration and is described in `torn`. Never writes.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, start: LogPosition | None = None) -> None:
         self.directory = directory
+        self.start = start
         self.torn: TornTail | None = None
-        self.size = 0
-        self.chain = GENESIS_CHAIN
+        self.size = start.size if start else 0
+        self.chain = start.chain if start else GENESIS_CHAIN
 
     def __iter__(self) -> Iterator[StoredRecord]:
         for payload in self.envelopes():
@@ -246,12 +263,20 @@ class LogReader:
         neither the JSON nor the chain: for passes that only hash leaves, which is where
         their cost is."""
         segments = list_segments(self.directory)
+        offset = 0
+        if self.start is not None:
+            first = self.start.segment_first_sequence
+            if first not in {sequence for sequence, _ in segments}:
+                raise LogCorruptError(self.size, f"{segment_name(first)} is missing")
+            segments = [(s, path) for s, path in segments if s >= first]
+            offset = self.start.offset
         for index, (first_sequence, path) in enumerate(segments):
-            if first_sequence != self.size:
+            if offset == 0 and first_sequence != self.size:
                 raise LogCorruptError(
                     self.size, f"next file is {path.name}: records from {self.size} are missing"
                 )
-            frames = FrameFile(path, may_be_torn=index == len(segments) - 1)
+            frames = FrameFile(path, may_be_torn=index == len(segments) - 1, start=offset)
+            offset = 0
             try:
                 for payload in frames.frames():
                     yield payload  # self.size is this envelope's sequence until resumed

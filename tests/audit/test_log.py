@@ -21,7 +21,7 @@ from service.audit import (
     iter_records,
     verify_log,
 )
-from service.audit.storage import CHECKPOINT_FILE, frame, list_segments
+from service.audit.storage import CHECKPOINT_FILE, RESUME_FILE, frame, list_segments
 
 from .conftest import ORIGIN, latest, make_record
 
@@ -291,19 +291,33 @@ def corrupt_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_bad_record_before_the_end_is_refused_not_repaired(tmp_path, open_log, write_log):
+def test_a_bad_record_before_the_end_is_refused_not_repaired(
+    tmp_path, open_log, write_log, signing_key
+):
+    """An open that reads the whole log (no resume point, as after a crash before one was
+    written) refuses damage anywhere; one resumed at the latest checkpoint does not re-read
+    the records that checkpoint covers, and `verify_log` still finds the damage."""
     write_log(tmp_path, 12, segment_bytes=1024)
     _, first = list_segments(tmp_path)[0]
     corrupt_byte(first, 40)  # inside record 0's payload
+    resume_point = (tmp_path / RESUME_FILE).read_bytes()
+    (tmp_path / RESUME_FILE).unlink()
     with pytest.raises(LogCorruptError) as raised:
         open_log(tmp_path)
     assert raised.value.sequence == 0 and "CRC" in str(raised.value)
+
+    (tmp_path / RESUME_FILE).write_bytes(resume_point)
+    log = open_log(tmp_path)
+    assert log.recovery.read_from == log.recovery.size == 12
+    log.close_sync()
+    assert verify_log(tmp_path, signing_key.public_key(), ORIGIN).first_bad_sequence == 0
 
 
 def test_a_bad_frame_followed_by_intact_ones_in_the_last_segment_is_refused(
     tmp_path, open_log, write_log
 ):
     write_log(tmp_path, 6)
+    (tmp_path / RESUME_FILE).unlink()  # read the whole log on open
     _, only = list_segments(tmp_path)[0]
     before = only.read_bytes()
     # A length field bent to point past the end would look like a torn tail, but intact frames
@@ -355,3 +369,64 @@ def test_a_log_shorter_than_its_latest_checkpoint_is_refused(tmp_path, open_log,
     list_segments(tmp_path)[-1][1].unlink()
     with pytest.raises(LogCorruptError, match="latest checkpoint covers 30"):
         open_log(tmp_path)
+
+
+def test_open_resumes_at_the_latest_checkpoint_and_reads_only_what_follows(
+    tmp_path, open_log, write_log, signing_key
+):
+    write_log(tmp_path / "log", 5, segment_bytes=700)  # several segments; closing checkpoints 5
+    log = open_log(tmp_path / "log", segment_bytes=700, checkpoint_every=1000)
+    assert log.recovery.read_from == log.recovery.size == 5
+    for n in range(5, 12):
+        log.append_sync(make_record(n))  # durable, not checkpointed
+    # A copy taken now is what a crash would leave: records 0-11, resume point at 5.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for path in (tmp_path / "log").iterdir():
+        (crashed / path.name).write_bytes(path.read_bytes())
+    log.close_sync()
+
+    reopened = open_log(crashed, segment_bytes=700)
+    assert (reopened.recovery.read_from, reopened.recovery.size) == (5, 12)
+    assert reopened.append_sync(make_record(12)).sequence == 12
+    reopened.close_sync()
+    report = verify_log(crashed, signing_key.public_key(), ORIGIN)
+    assert report.ok and report.size == 13
+    assert [s.record for s in iter_records(crashed)] == [make_record(n) for n in range(13)]
+
+
+def test_a_resume_point_that_does_not_match_is_ignored(tmp_path, open_log, write_log):
+    write_log(tmp_path, 8, checkpoint_every=4)
+    point = json.loads((tmp_path / RESUME_FILE).read_bytes())
+    for bad in (
+        b"not json",
+        json.dumps({**point, "size": 4}).encode(),  # not the latest checkpoint's size
+        json.dumps({**point, "frontier": point["frontier"][:-1]}).encode(),
+        json.dumps({**point, "offset": 10**9}).encode(),  # past the end of its segment
+        json.dumps({**point, "segment_first_sequence": "0"}).encode(),
+    ):
+        (tmp_path / RESUME_FILE).write_bytes(bad)
+        with capture_logs() as logs:
+            log = open_log(tmp_path)
+        assert [e["event"] for e in logs] == ["audit.resume_point_unused"]
+        assert (log.recovery.read_from, log.recovery.size) == (0, 8)
+        log.close_sync()
+
+
+def test_records_after_a_resume_point_are_still_checked_against_the_chain(
+    tmp_path, open_log, write_log
+):
+    write_log(tmp_path / "log", 4)
+    log = open_log(tmp_path / "log", checkpoint_every=1000)
+    for n in range(4, 8):
+        log.append_sync(make_record(n))
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for path in (tmp_path / "log").iterdir():
+        (crashed / path.name).write_bytes(path.read_bytes())
+    log.close_sync()
+    _, only = list_segments(crashed)[0]
+    reframe_with(only, 6, b"pseudo-", b"PSEUDO-")
+    with pytest.raises(LogCorruptError, match="chain does not follow") as raised:
+        open_log(crashed)
+    assert raised.value.sequence == 6
