@@ -18,6 +18,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,40 @@ def _channel(target: str, data_dir: Path) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(target, credentials)
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of a process, all threads: this one, or `pid` via /proc."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuWindow:
+    """CPU used by this process and the server while measuring."""
+
+    server_pid: int | None
+    started: tuple[float, float] = (0.0, 0.0)
+    used: tuple[float, float] = (0.0, 0.0)
+
+    def _now(self) -> tuple[float, float]:
+        server = cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        return cpu_seconds(), server
+
+    def start(self) -> None:
+        self.started = self._now()
+
+    def stop(self) -> None:
+        now = self._now()
+        self.used = (now[0] - self.started[0], now[1] - self.started[1])
+
+
 async def drive(
-    call: Callable[[], Any], concurrency: int, warmup: float, duration: float
+    call: Callable[[], Any],
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    cpu: CpuWindow | None = None,
 ) -> tuple[list[float], int]:
     """Run `call` from `concurrency` tasks: warm up, then measure for `duration` seconds."""
     latencies: list[float] = []
@@ -164,18 +197,27 @@ async def drive(
         nonlocal measuring
         await asyncio.sleep(warmup)
         measuring = True
+        if cpu is not None:
+            cpu.start()
+            await asyncio.sleep(max(0.0, end - time.monotonic()))
+            cpu.stop()
 
     await asyncio.gather(switch_on(), *(worker() for _ in range(concurrency)))
     return latencies, errors
 
 
-def summary(latencies: list[float], errors: int, duration: float, rows: int) -> dict[str, Any]:
+def summary(
+    latencies: list[float], errors: int, duration: float, rows: int, cpu: CpuWindow | None = None
+) -> dict[str, Any]:
     ms = sorted(x * 1000 for x in latencies)
 
     def pct(q: float) -> float:
         return round(ms[min(len(ms) - 1, int(q * len(ms)))], 3) if ms else float("nan")
 
-    return {
+    def per_call(seconds: float) -> float | None:
+        return round(seconds / len(ms) * 1e6, 1) if ms else None
+
+    result: dict[str, Any] = {
         "count": len(ms),
         "errors": errors,
         "rps": round(len(ms) / duration, 1),
@@ -184,6 +226,12 @@ def summary(latencies: list[float], errors: int, duration: float, rows: int) -> 
         "p90_ms": pct(0.90),
         "p99_ms": pct(0.99),
     }
+    if cpu is not None:
+        # CPU per call: what the ratios come down to on a machine whose cores are all busy.
+        result["client_cpu_us_per_call"] = per_call(cpu.used[0])
+        if cpu.server_pid is not None:
+            result["server_cpu_us_per_call"] = per_call(cpu.used[1])
+    return result
 
 
 async def run_grpc(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,8 +261,9 @@ async def run_grpc(args: argparse.Namespace) -> dict[str, Any]:
                 "/bench.Echo/Echo", request_serializer=bytes, response_deserializer=bytes
             )
             call = lambda: echo(payload, timeout=30)  # noqa: E731
-        latencies, errors = await drive(call, args.concurrency, args.warmup, args.duration)
-    return summary(latencies, errors, args.duration, rows)
+        cpu = CpuWindow(args.server_pid)
+        latencies, errors = await drive(call, args.concurrency, args.warmup, args.duration, cpu)
+    return summary(latencies, errors, args.duration, rows, cpu)
 
 
 def run_onnxruntime(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,6 +299,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--server-pid", type=int, help="also report this process's CPU per call")
     args = parser.parse_args()
     result = run_onnxruntime(args) if args.rpc == "onnxruntime" else asyncio.run(run_grpc(args))
     print(json.dumps(result), flush=True)

@@ -107,7 +107,7 @@ def start_echo(data_dir: Path, reply_bytes: int) -> Server:
 
 
 def load(
-    target_port: int | None,
+    target: Server | None,
     data_dir: Path,
     rpc: str,
     *,
@@ -133,8 +133,8 @@ def load(
         "--duration",
         str(duration),
     ]
-    if target_port is not None:
-        command += ["--target", f"127.0.0.1:{target_port}"]
+    if target is not None:
+        command += ["--target", f"127.0.0.1:{target.port}", "--server-pid", str(target.process.pid)]
     done = subprocess.run(
         command,
         cwd=REPO,
@@ -150,8 +150,8 @@ def load(
 def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
 
-    def step(target: str, rpc: str, port: int | None, data_dir: Path, **shape: int) -> None:
-        result = load(port, data_dir, rpc, warmup=warmup, duration=duration, **shape)
+    def step(target: str, rpc: str, server: Server | None, data_dir: Path, **shape: int) -> None:
+        result = load(server, data_dir, rpc, warmup=warmup, duration=duration, **shape)
         steps.append(
             {
                 "target": target,
@@ -161,10 +161,12 @@ def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]
                 **result,
             }
         )
+        server_cpu = result.get("server_cpu_us_per_call")
         print(
             f"  {target:<20} {rpc:<15} c={steps[-1]['concurrency']:<3} "
             f"b={steps[-1]['batch_size']:<4} {result['rps']:>9.1f} rps "
-            f"p99 {result['p99_ms']:.2f} ms",
+            f"p99 {result['p99_ms']:.2f} ms"
+            + (f"  server CPU {server_cpu:.0f} us/call" if server_cpu else ""),
             flush=True,
         )
 
@@ -178,18 +180,18 @@ def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]
         server = start_privscore(data_dir)
         try:
             for concurrency in (1, 8, 32):
-                step("privscore", "score", server.port, data_dir, concurrency=concurrency)
+                step("privscore", "score", server, data_dir, concurrency=concurrency)
             for batch in (1, 16, 128):
-                step("privscore", "score_batch", server.port, data_dir, concurrency=4, batch=batch)
-            step("privscore", "adjust_limit", server.port, data_dir, concurrency=8)
-            step("privscore", "evaluate_event", server.port, data_dir, concurrency=8)
+                step("privscore", "score_batch", server, data_dir, concurrency=4, batch=batch)
+            step("privscore", "adjust_limit", server, data_dir, concurrency=8)
+            step("privscore", "evaluate_event", server, data_dir, concurrency=8)
             memory["privscore"] = server.peak_rss_mb()
         finally:
             server.stop()
 
         server = start_privscore(data_dir, "--audit-fsync", "off")
         try:
-            step("privscore-no-fsync", "score", server.port, data_dir, concurrency=32)
+            step("privscore-no-fsync", "score", server, data_dir, concurrency=32)
             memory["privscore-no-fsync"] = server.peak_rss_mb()
         finally:
             server.stop()
@@ -198,7 +200,7 @@ def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]
         echo = start_echo(data_dir, reply_bytes)
         try:
             for concurrency in (1, 8, 32):
-                step("grpc-echo", "echo", echo.port, data_dir, concurrency=concurrency)
+                step("grpc-echo", "echo", echo, data_dir, concurrency=concurrency)
         finally:
             echo.stop()
         for batch in (1, 128):
@@ -222,6 +224,7 @@ def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]
         "peak_rss_mb": {k: round(v, 1) for k, v in memory.items()},
         "steps": steps,
         "ratios": ratios(steps),
+        "cpu_budget": cpu_budget(steps, os.cpu_count() or 1),
         "score_stages": stages,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -248,6 +251,26 @@ def ratios(steps: list[dict[str, Any]]) -> dict[str, float]:
         "score_c32_p99_vs_echo": round(score32["p99_ms"] / echo32["p99_ms"], 3),
         "batch128_rows_vs_onnxruntime": round(batch128["rows_per_s"] / ort128["rows_per_s"], 3),
         "audit_fsync_on_vs_off_rps": round(score32["rps"] / no_fsync["rps"], 3),
+    }
+
+
+def cpu_budget(steps: list[dict[str, Any]], cores: int) -> dict[str, float]:
+    """What the Score throughput target allows in CPU, against what a Score costs.
+
+    With every core busy (server and load generator share them), requests/s is at most
+    cores / (server + client CPU per call): at 0.6x the echo's requests/s, a Score may cost
+    the server no more than what that leaves after the client's share.
+    """
+    score32 = _find(steps, "privscore", "score", concurrency=32)
+    echo32 = _find(steps, "grpc-echo", "echo", concurrency=32)
+    target_rps = 0.6 * echo32["rps"]
+    allowed = cores * 1e6 / target_rps - score32["client_cpu_us_per_call"]
+    return {
+        "cores": cores,
+        "target_rps": round(target_rps, 1),
+        "score_server_cpu_us_allowed": round(allowed, 1),
+        "score_server_cpu_us_measured": score32["server_cpu_us_per_call"],
+        "echo_server_cpu_us_measured": echo32["server_cpu_us_per_call"],
     }
 
 
@@ -372,6 +395,13 @@ def main() -> None:
     }
     for name, value in report["ratios"].items():
         print(f"  {name:<32} {value:>7.3f}   target {targets[name]}")
+    budget = report["cpu_budget"]
+    print(
+        f"\nCPU budget: 0.6x echo is {budget['target_rps']:.0f} Score/s on {budget['cores']} "
+        f"cores, which leaves the server {budget['score_server_cpu_us_allowed']:.0f} us of "
+        f"CPU per Score; it uses {budget['score_server_cpu_us_measured']:.0f} "
+        f"(the echo server: {budget['echo_server_cpu_us_measured']:.0f})"
+    )
     print(f"\nwrote {args.out} and {args.plot}")
 
 
