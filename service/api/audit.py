@@ -13,7 +13,7 @@ from privscore.v1 import audit_service_pb2 as pb
 from privscore.v1 import audit_service_pb2_grpc
 from service.api import validation as check
 from service.api.runtime import RuntimeSlot
-from service.audit import find_with_inclusion_proof, latest_checkpoint
+from service.audit import NotProvable, prove_record
 from service.errors import FailedPrecondition, ServiceError
 
 DECISION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -28,23 +28,14 @@ def find_with_proof(
     audit_dir: Path, public_key: Ed25519PublicKey, origin: str, decision_id: str
 ) -> pb.GetDecisionRecordResponse:
     """Search only the checkpointed prefix: it is signed, and no append is racing it."""
-    checkpoint = latest_checkpoint(audit_dir, public_key, origin)
-    if checkpoint is None or checkpoint.size == 0:
-        raise FailedPrecondition(
-            "no signed checkpoint yet; records become provable within seconds",
-            reason="NOT_YET_CHECKPOINTED",
+    try:
+        checkpoint, stored, proof = prove_record(
+            audit_dir, public_key, origin, equals={"decision_id": decision_id}
         )
-    found = find_with_inclusion_proof(
-        audit_dir, checkpoint.size, equals={"decision_id": decision_id}
-    )
-    if found is None:
-        raise NotFound(f"decision {decision_id} is not in the log")
-    stored, proof = found
-    if proof is None:
-        raise NotFound(
-            f"decision {decision_id} is newer than the latest checkpoint (size "
-            f"{checkpoint.size}); it is provable after the next checkpoint"
-        )
+    except NotProvable as error:
+        if error.why == "NO_CHECKPOINT":
+            raise FailedPrecondition(str(error), reason="NOT_YET_CHECKPOINTED") from None
+        raise NotFound(str(error)) from None
     return pb.GetDecisionRecordResponse(
         sequence=stored.sequence,
         record=stored.envelope,

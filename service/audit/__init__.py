@@ -11,7 +11,13 @@ from service.audit.checkpoint import (
     format_checkpoint,
     parse_checkpoint,
 )
-from service.audit.errors import AuditError, AuditRecordError, AuditWriteError, LogCorruptError
+from service.audit.errors import (
+    AuditError,
+    AuditRecordError,
+    AuditWriteError,
+    LogCorruptError,
+    NotProvable,
+)
 from service.audit.log import Appended, AuditLog, AuditStats, RecoveryReport
 from service.audit.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
 from service.audit.storage import StoredRecord, TornTail
@@ -23,6 +29,7 @@ from service.audit.verify import (
     inclusion_proof,
     iter_records,
     latest_checkpoint,
+    prove_record,
     verify_log,
 )
 
@@ -36,6 +43,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "LogCorruptError",
+    "NotProvable",
     "ProofError",
     "RecoveryReport",
     "StoredRecord",
@@ -50,6 +58,7 @@ __all__ = [
     "latest_checkpoint",
     "leaf_hash",
     "parse_checkpoint",
+    "prove_record",
     "verify_consistency",
     "verify_inclusion",
     "verify_log",

@@ -28,16 +28,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from service.audit.checkpoint import Checkpoint, parse_checkpoint
-from service.audit.errors import AuditError
+from service.audit.errors import AuditError, NotProvable
 from service.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
 from service.audit.storage import StoredRecord
 from service.audit.verify import (
     consistency_proof,
     find_records,
-    find_with_inclusion_proof,
     iter_records,
     latest_checkpoint,
     parse_time,
+    prove_record,
     verify_log,
 )
 
@@ -112,20 +112,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_prove(args: argparse.Namespace) -> int:
-    checkpoint = latest_checkpoint(args.audit_dir, _public_key(args), args.origin)
-    if checkpoint is None:
-        raise _Failed("the log has no checkpoint yet")
-    lookup = find_with_inclusion_proof(
-        args.audit_dir, checkpoint.size, equals={"decision_id": args.decision}
-    )
-    if lookup is None:
-        raise _Failed(f"no record has decision_id {args.decision!r}")
-    found, proof = lookup
-    if proof is None:
-        raise _Failed(
-            f"record {found.sequence} is newer than the latest checkpoint (size "
-            f"{checkpoint.size}); retry after the next checkpoint"
+    try:
+        checkpoint, found, proof = prove_record(
+            args.audit_dir, _public_key(args), args.origin, equals={"decision_id": args.decision}
         )
+    except NotProvable as error:
+        raise _Failed(str(error)) from None
     _print_json(
         {
             "sequence": found.sequence,

@@ -15,6 +15,15 @@ class AuditRecordError(AuditError, ValueError):
     """A record cannot be logged (not JSON, too large); nothing was written, no sequence used."""
 
 
+class NotProvable(AuditError):
+    """No inclusion proof can be given for the record asked for; `why` says which case:
+    NO_CHECKPOINT (none signed yet), NOT_FOUND, or NEWER_THAN_CHECKPOINT."""
+
+    def __init__(self, why: str, message: str) -> None:
+        super().__init__(message)
+        self.why = why
+
+
 class LogCorruptError(AuditError):
     """The stored log does not read back as a contiguous, intact sequence of records."""
 

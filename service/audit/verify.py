@@ -36,7 +36,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from service.audit.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
-from service.audit.errors import LogCorruptError
+from service.audit.errors import LogCorruptError, NotProvable
 from service.audit.merkle import (
     EMPTY_ROOT,
     ProofError,
@@ -264,6 +264,34 @@ def find_with_inclusion_proof(
     leaf_hashes = (bytes(leaves[i : i + 32]) for i in range(0, len(leaves), 32))
     hashes = subtree_hashes(leaf_hashes, path)
     return found, [hashes[node] for node in path]
+
+
+def prove_record(
+    directory: str | os.PathLike[str],
+    public_key: Ed25519PublicKey,
+    origin: str,
+    *,
+    equals: Mapping[str, str],
+) -> tuple[Checkpoint, StoredRecord, list[bytes]]:
+    """The first record whose fields equal `equals`, with its inclusion proof against the
+    latest verified checkpoint; raises NotProvable when there is no such proof yet or at all."""
+    checkpoint = latest_checkpoint(directory, public_key, origin)
+    if checkpoint is None or checkpoint.size == 0:
+        raise NotProvable(
+            "NO_CHECKPOINT", "no signed checkpoint yet; records become provable within seconds"
+        )
+    wanted = ", ".join(f"{key} {value!r}" for key, value in equals.items())
+    found = find_with_inclusion_proof(directory, checkpoint.size, equals=equals)
+    if found is None:
+        raise NotProvable("NOT_FOUND", f"no record has {wanted}")
+    record, proof = found
+    if proof is None:
+        raise NotProvable(
+            "NEWER_THAN_CHECKPOINT",
+            f"the record with {wanted} is newer than the latest checkpoint (size "
+            f"{checkpoint.size}); it is provable after the next checkpoint",
+        )
+    return checkpoint, record, proof
 
 
 def find_records(
