@@ -4,9 +4,9 @@ onnxruntime is the only model dependency of serving; nothing here re-implements 
 Reasons are computed by the model itself: each adverse applicant's features are set, one at a
 time, to the manifest's favourable reference value, and all those variants are scored in one
 batched run; the features whose reference value would raise the score most are the reasons.
-Rows become two matrices (`Columns`) once; variants are built from them with a few numpy calls,
-not row by row, because at hundreds of variant rows per batch Python loops cost as much as the
-model, and per-feature numpy calls cost more than the model on a single row.
+Rows become two matrices (`Columns`) once, so building variants takes a few numpy calls
+whatever the number of rows and features: copying a dict per variant cost as much as the model
+once a batch reached hundreds of variant rows.
 `ModelBatcher` puts the runs of concurrent calls together, off the event loop.
 """
 
@@ -103,9 +103,11 @@ class Scorer:
         self._numeric = [spec for spec in self.features if spec.is_numeric]
         self._categorical = [spec for spec in self.features if not spec.is_numeric]
         # Where each matrix row's feature sits in `features`, for naming reasons.
-        self._feature_index = (
-            np.array([self.features.index(spec) for spec in self._numeric], dtype=np.intp),
-            np.array([self.features.index(spec) for spec in self._categorical], dtype=np.intp),
+        self._numeric_index = np.array(
+            [self.features.index(f) for f in self._numeric], dtype=np.intp
+        )
+        self._categorical_index = np.array(
+            [self.features.index(f) for f in self._categorical], dtype=np.intp
         )
         self._output = [self.manifest.onnx.probability_output]
         self._bad_column = self.manifest.onnx.bad_class_index
@@ -157,14 +159,17 @@ class Scorer:
         typical applicants that saves a third of the reasons' model rows.
         """
         parts, owner_rows, owner_features = [], [], []
-        for kind in ("numbers", "categories"):
-            matrix, reference = getattr(columns, kind), getattr(self._reference, kind)
-            features, rows = np.nonzero(matrix != reference)  # reference is one column
-            variants = columns.take(rows)
-            getattr(variants, kind)[features, np.arange(len(rows))] = reference[features, 0]
+        for categorical in (False, True):
+            matrix = columns.categories if categorical else columns.numbers
+            reference = self._reference.categories if categorical else self._reference.numbers
+            features, rows = np.nonzero(matrix != reference)  # reference: one column, broadcast
+            variants = columns.take(rows)  # a copy: one column per (row, feature) to vary
+            varied = variants.categories if categorical else variants.numbers
+            varied[features, np.arange(len(rows))] = reference[features, 0]
             parts.append(variants)
             owner_rows.append(rows)
-            owner_features.append(self._feature_index[kind == "categories"][features])
+            index = self._categorical_index if categorical else self._numeric_index
+            owner_features.append(index[features])
         return ReasonVariants(
             Columns.concat(parts), np.concatenate(owner_rows), np.concatenate(owner_features)
         )
