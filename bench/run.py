@@ -3,8 +3,10 @@
 Starts the server as `make serve` would (real keys, real model, audit on, mutual TLS), drives it
 from a separate load-generator process, then measures the ceilings with the same generator: a
 bare grpc.aio echo server over the same TLS, onnxruntime in process on the same model, and the
-server with audit fsync off (the price of durability). Then times each stage of a Score in
-process (bench/stages.py), to show where the server's time goes. Writes bench/results.json and
+server with audit fsync off (the price of durability). The steps behind the target ratios run
+in alternating rounds, all servers up, and the ratios are taken from their medians, so the drift
+of a shared machine weighs on both sides alike. Then times each stage of a Score in process
+(bench/stages.py), to show where the server's time goes. Writes bench/results.json and
 bench/latency.png and prints a table with the ratios to the ceilings.
 """
 
@@ -14,7 +16,9 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +32,7 @@ from service.privacy.admin import init_keys
 from service.security.certs import init_certs
 
 REPO = Path(__file__).resolve().parent.parent
+ROUNDS = 3  # of the steps the target ratios compare, by default
 RESULTS = REPO / "bench" / "results.json"
 PLOT = REPO / "bench" / "latency.png"
 
@@ -147,10 +152,19 @@ def load(
     return result
 
 
-def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]:
+def run(
+    warmup: float, duration: float, out: Path, plot: Path, rounds: int = ROUNDS
+) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
 
-    def step(target: str, rpc: str, server: Server | None, data_dir: Path, **shape: int) -> None:
+    def step(
+        target: str,
+        rpc: str,
+        server: Server | None,
+        data_dir: Path,
+        round_: int | None = None,
+        **shape: int,
+    ) -> None:
         result = load(server, data_dir, rpc, warmup=warmup, duration=duration, **shape)
         steps.append(
             {
@@ -158,6 +172,7 @@ def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]
                 "rpc": rpc,
                 "concurrency": shape.get("concurrency", 1),
                 "batch_size": shape.get("batch", 1),
+                **({"round": round_} if round_ is not None else {}),
                 **result,
             }
         )
@@ -171,40 +186,42 @@ def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]
         )
 
     with tempfile.TemporaryDirectory(prefix="privscore-bench-") as temp:
-        data_dir = Path(temp) / "var"
+        data_dir, unsynced_dir = Path(temp) / "var", Path(temp) / "var-no-fsync"
         layout = DataLayout(data_dir)
         init_keys(layout, layout.keyring, layout.dev_kek)
         init_certs(layout.certs_dir)
-        memory: dict[str, float] = {}
-
-        server = start_privscore(data_dir)
+        shutil.copytree(data_dir, unsynced_dir)  # same keys, its own audit log
+        reply_bytes = 240  # a ScoreResponse with reasons is about this size
+        servers: list[Server] = []
         try:
-            for concurrency in (1, 8, 32):
+            server = start_privscore(data_dir)
+            servers.append(server)
+            unsynced = start_privscore(unsynced_dir, "--audit-fsync", "off")
+            servers.append(unsynced)
+            echo = start_echo(data_dir, reply_bytes)
+            servers.append(echo)
+            for concurrency in (1, 8):
                 step("privscore", "score", server, data_dir, concurrency=concurrency)
-            for batch in (1, 16, 128):
+            for batch in (1, 16):
                 step("privscore", "score_batch", server, data_dir, concurrency=4, batch=batch)
             step("privscore", "adjust_limit", server, data_dir, concurrency=8)
             step("privscore", "evaluate_event", server, data_dir, concurrency=8)
-            memory["privscore"] = server.peak_rss_mb()
-        finally:
-            server.stop()
-
-        server = start_privscore(data_dir, "--audit-fsync", "off")
-        try:
-            step("privscore-no-fsync", "score", server, data_dir, concurrency=32)
-            memory["privscore-no-fsync"] = server.peak_rss_mb()
-        finally:
-            server.stop()
-
-        reply_bytes = 240  # a ScoreResponse with reasons is about this size
-        echo = start_echo(data_dir, reply_bytes)
-        try:
-            for concurrency in (1, 8, 32):
+            for concurrency in (1, 8):
                 step("grpc-echo", "echo", echo, data_dir, concurrency=concurrency)
+            step("onnxruntime", "onnxruntime", None, data_dir, batch=1)
+            for n in range(1, rounds + 1):
+                step("privscore", "score", server, data_dir, n, concurrency=32)
+                step("privscore-no-fsync", "score", unsynced, unsynced_dir, n, concurrency=32)
+                step("grpc-echo", "echo", echo, data_dir, n, concurrency=32)
+                step("privscore", "score_batch", server, data_dir, n, concurrency=4, batch=128)
+                step("onnxruntime", "onnxruntime", None, data_dir, n, batch=128)
+            memory = {
+                "privscore": server.peak_rss_mb(),
+                "privscore-no-fsync": unsynced.peak_rss_mb(),
+            }
         finally:
-            echo.stop()
-        for batch in (1, 128):
-            step("onnxruntime", "onnxruntime", None, data_dir, batch=batch)
+            for running in servers:
+                running.stop()
         stages = json.loads(
             subprocess.run(
                 [sys.executable, "-m", "bench.stages", "--data-dir", str(data_dir)],
@@ -233,11 +250,24 @@ def run(warmup: float, duration: float, out: Path, plot: Path) -> dict[str, Any]
 
 
 def _find(steps: list[dict[str, Any]], target: str, rpc: str, **shape: int) -> dict[str, Any]:
-    return next(
+    """The step of that shape; for a step run in rounds, the median of each measure."""
+    runs = [
         s
         for s in steps
         if s["target"] == target and s["rpc"] == rpc and all(s[k] == v for k, v in shape.items())
-    )
+    ]
+    if len(runs) == 1:
+        return runs[0]
+    summed, fixed = ("count", "errors"), ("concurrency", "batch_size", "round")
+    return {
+        key: sum(r[key] for r in runs)
+        if key in summed
+        else statistics.median(r[key] for r in runs)
+        if isinstance(value, int | float) and key not in fixed
+        else value
+        for key, value in runs[0].items()
+        if key != "round"
+    }
 
 
 def ratios(steps: list[dict[str, Any]]) -> dict[str, float]:
@@ -286,9 +316,9 @@ def draw(steps: list[dict[str, Any]], path: Path) -> None:
         ("grpc-echo", "echo", "bare grpc.aio echo"),
     ):
         points = sorted(
-            (s["concurrency"], s["p50_ms"], s["p99_ms"])
-            for s in steps
-            if s["target"] == target and s["rpc"] == rpc
+            (c, median["p50_ms"], median["p99_ms"])
+            for c in {s["concurrency"] for s in steps if (s["target"], s["rpc"]) == (target, rpc)}
+            for median in [_find(steps, target, rpc, concurrency=c)]
         )
         xs = [p[0] for p in points]
         axes.plot(xs, [p[1] for p in points], marker="o", label=f"{label} p50")
@@ -363,6 +393,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
     parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help="rounds of the steps the ratios compare"
+    )
+    parser.add_argument(
         "--soak",
         type=float,
         metavar="SECONDS",
@@ -377,8 +410,11 @@ def main() -> None:
             f"second half / first half {report['rss_growth_second_half_vs_first']}"
         )
         return
-    print(f"privscore bench: {args.warmup:g} s warm-up + {args.duration:g} s per step")
-    report = run(args.warmup, args.duration, args.out, args.plot)
+    print(
+        f"privscore bench: {args.warmup:g} s warm-up + {args.duration:g} s per step; "
+        f"the ratios' steps in {args.rounds} alternating rounds, ratios of their medians"
+    )
+    report = run(args.warmup, args.duration, args.out, args.plot, args.rounds)
     stages = report["score_stages"]
     print(
         f"\none Score's stages in process (median us; {stages['fields_per_request']} fields, "

@@ -21,6 +21,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
             "0.2",
             "--duration",
             "0.8",
+            "--rounds",
+            "2",
             "--out",
             str(out),
             "--plot",
@@ -55,6 +57,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         ("onnxruntime", "onnxruntime"),
     }
     assert all(step["errors"] == 0 and step["count"] > 0 for step in report["steps"])
+    rounds = [(s["target"], s["round"]) for s in report["steps"] if "round" in s]
+    assert sorted(rounds).count(("grpc-echo", 2)) == 1 and len(rounds) == 10  # 5 steps, 2 rounds
     assert set(report["ratios"]) == {
         "score_c32_rps_vs_echo",
         "score_c32_p99_vs_echo",
