@@ -389,7 +389,7 @@ def soak(seconds: float, out: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per step")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per step")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per step")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot", type=Path, default=PLOT)
     parser.add_argument(
