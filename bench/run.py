@@ -152,6 +152,23 @@ def load(
     return result
 
 
+TABLE_HEADER = (
+    f"  {'target':<23}{'rpc':<15}{'c':>3}{'batch':>6}{'req/s':>9}{'rows/s':>9}"
+    f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'errors':>7}{'srv CPU us':>11}"
+)
+
+
+def table_row(step: dict[str, Any]) -> str:
+    server_cpu = step.get("server_cpu_us_per_call")
+    label = step["target"] + (f" #{step['round']}" if "round" in step else "")
+    return (
+        f"  {label:<23}{step['rpc']:<15}{step['concurrency']:>3}{step['batch_size']:>6}"
+        f"{step['rps']:>9.1f}{step['rows_per_s']:>9.1f}{step['p50_ms']:>9.2f}"
+        f"{step['p90_ms']:>9.2f}{step['p99_ms']:>9.2f}{step['errors']:>7}"
+        + (f"{server_cpu:>11.0f}" if server_cpu else "")
+    )
+
+
 def run(
     warmup: float, duration: float, out: Path, plot: Path, rounds: int = ROUNDS
 ) -> dict[str, Any]:
@@ -176,14 +193,7 @@ def run(
                 **result,
             }
         )
-        server_cpu = result.get("server_cpu_us_per_call")
-        print(
-            f"  {target:<20} {rpc:<15} c={steps[-1]['concurrency']:<3} "
-            f"b={steps[-1]['batch_size']:<4} {result['rps']:>9.1f} rps "
-            f"p99 {result['p99_ms']:.2f} ms"
-            + (f"  server CPU {server_cpu:.0f} us/call" if server_cpu else ""),
-            flush=True,
-        )
+        print(table_row(steps[-1]), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="privscore-bench-") as temp:
         data_dir, unsynced_dir = Path(temp) / "var", Path(temp) / "var-no-fsync"
@@ -412,8 +422,9 @@ def main() -> None:
         return
     print(
         f"privscore bench: {args.warmup:g} s warm-up + {args.duration:g} s per step; "
-        f"the ratios' steps in {args.rounds} alternating rounds, ratios of their medians"
+        f"the ratios' steps in {args.rounds} alternating rounds (#n), ratios of their medians"
     )
+    print(TABLE_HEADER, flush=True)
     report = run(args.warmup, args.duration, args.out, args.plot, args.rounds)
     stages = report["score_stages"]
     print(
