@@ -251,6 +251,10 @@ def run(
         "peak_rss_mb": {k: round(v, 1) for k, v in memory.items()},
         "steps": steps,
         "ratios": ratios(steps),
+        # Each round's own ratios: their spread shows how much the machine moved.
+        "ratios_by_round": [
+            ratios([s for s in steps if s.get("round") == n]) for n in range(1, rounds + 1)
+        ],
         "cpu_budget": cpu_budget(steps, os.cpu_count() or 1),
         "score_stages": stages,
     }
@@ -281,6 +285,7 @@ def _find(steps: list[dict[str, Any]], target: str, rpc: str, **shape: int) -> d
 
 
 def ratios(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """The target ratios, from the medians of the rounds (or from `steps` of one round)."""
     score32 = _find(steps, "privscore", "score", concurrency=32)
     echo32 = _find(steps, "grpc-echo", "echo", concurrency=32)
     batch128 = _find(steps, "privscore", "score_batch", batch_size=128)
@@ -441,7 +446,8 @@ def main() -> None:
         "audit_fsync_on_vs_off_rps": ">= 0.9",
     }
     for name, value in report["ratios"].items():
-        print(f"  {name:<32} {value:>7.3f}   target {targets[name]}")
+        spread = ", ".join(f"{r[name]:.3f}" for r in report["ratios_by_round"])
+        print(f"  {name:<32} {value:>7.3f}   target {targets[name]:<7} rounds: {spread}")
     budget = report["cpu_budget"]
     print(
         f"\nCPU budget: 0.6x echo is {budget['target_rps']:.0f} Score/s on {budget['cores']} "

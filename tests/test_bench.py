@@ -66,6 +66,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         "audit_fsync_on_vs_off_rps",
     }
     assert report["peak_rss_mb"]["privscore"] > 0
+    assert [set(r) for r in report["ratios_by_round"]] == [set(report["ratios"])] * 2
     served = [s for s in report["steps"] if s["target"] != "onnxruntime"]
     assert all(s["server_cpu_us_per_call"] > 0 and s["client_cpu_us_per_call"] > 0 for s in served)
     assert report["cpu_budget"]["score_server_cpu_us_measured"] > 0
