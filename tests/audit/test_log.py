@@ -430,3 +430,28 @@ def test_records_after_a_resume_point_are_still_checked_against_the_chain(
     with pytest.raises(LogCorruptError, match="chain does not follow") as raised:
         open_log(crashed)
     assert raised.value.sequence == 6
+
+
+def test_a_torn_tail_after_the_resume_point_is_cut_where_it_starts(tmp_path, open_log, write_log):
+    write_log(tmp_path / "log", 5)
+    log = open_log(tmp_path / "log", checkpoint_every=1000)
+    for n in range(5, 9):
+        log.append_sync(make_record(n))
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for path in (tmp_path / "log").iterdir():
+        (crashed / path.name).write_bytes(path.read_bytes())
+    log.close_sync()
+    _, only = list_segments(crashed)[0]
+    intact = only.stat().st_size
+    with only.open("ab") as segment:
+        segment.write(frame(b'{"chain":"x","record":{},"seq":9}')[:-7])  # an interrupted append
+
+    reopened = open_log(crashed)
+    assert (reopened.recovery.read_from, reopened.recovery.size) == (5, 9)
+    [torn] = reopened.recovery.torn_tails
+    assert (torn.offset, torn.sequence) == (intact, 9)
+    assert only.stat().st_size == intact
+    assert reopened.append_sync(make_record(9)).sequence == 9
+    reopened.close_sync()
+    assert [s.record for s in iter_records(crashed)] == [make_record(n) for n in range(10)]
