@@ -371,6 +371,14 @@ def test_a_log_shorter_than_its_latest_checkpoint_is_refused(tmp_path, open_log,
         open_log(tmp_path)
 
 
+def copy_log(source: Path, target: Path) -> Path:
+    """A copy of a log its writer still has open: what a crash at this moment would leave."""
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
 def test_open_resumes_at_the_latest_checkpoint_and_reads_only_what_follows(
     tmp_path, open_log, write_log, signing_key
 ):
@@ -380,10 +388,7 @@ def test_open_resumes_at_the_latest_checkpoint_and_reads_only_what_follows(
     for n in range(5, 12):
         log.append_sync(make_record(n))  # durable, not checkpointed
     # A copy taken now is what a crash would leave: records 0-11, resume point at 5.
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    for path in (tmp_path / "log").iterdir():
-        (crashed / path.name).write_bytes(path.read_bytes())
+    crashed = copy_log(tmp_path / "log", tmp_path / "crashed")
     log.close_sync()
 
     reopened = open_log(crashed, segment_bytes=700)
@@ -420,10 +425,7 @@ def test_records_after_a_resume_point_are_still_checked_against_the_chain(
     log = open_log(tmp_path / "log", checkpoint_every=1000)
     for n in range(4, 8):
         log.append_sync(make_record(n))
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    for path in (tmp_path / "log").iterdir():
-        (crashed / path.name).write_bytes(path.read_bytes())
+    crashed = copy_log(tmp_path / "log", tmp_path / "crashed")
     log.close_sync()
     _, only = list_segments(crashed)[0]
     reframe_with(only, 6, b"pseudo-", b"PSEUDO-")
@@ -437,10 +439,7 @@ def test_a_torn_tail_after_the_resume_point_is_cut_where_it_starts(tmp_path, ope
     log = open_log(tmp_path / "log", checkpoint_every=1000)
     for n in range(5, 9):
         log.append_sync(make_record(n))
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    for path in (tmp_path / "log").iterdir():
-        (crashed / path.name).write_bytes(path.read_bytes())
+    crashed = copy_log(tmp_path / "log", tmp_path / "crashed")
     log.close_sync()
     _, only = list_segments(crashed)[0]
     intact = only.stat().st_size
