@@ -185,12 +185,15 @@ class FeatureOpener:
         one data key costs one HPKE open.
         """
         sealed = features.data_key
-        cache_key = sealed.SerializeToString(deterministic=True)
-        aead = opened_keys.get(cache_key) if opened_keys is not None else None
-        if aead is None:
+        if opened_keys is None:  # a single request: nothing to share the key with
             aead = self.open_data_key(sealed, hpke_info(method, request_id), path)
-            if opened_keys is not None:
-                opened_keys[cache_key] = aead
+        else:
+            cache_key = sealed.SerializeToString(deterministic=True)
+            cached = opened_keys.get(cache_key)
+            if cached is None:
+                cached = self.open_data_key(sealed, hpke_info(method, request_id), path)
+                opened_keys[cache_key] = cached
+            aead = cached
         values: dict[str, FeatureInput] = {}
         violations = []
         aad_prefix = field_aad_prefix(features.schema_version, subject)
