@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.files import private_dir
 from service.security.limits import CallLimits
 
 ENV_PREFIX = "PRIVSCORE_"
@@ -367,7 +368,7 @@ def _parse_data_dir(text: str) -> Path:
     if not text:
         raise ConfigError("--data-dir must not be empty")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        private_dir(path)  # 0700 if created here; an existing directory is the operator's
     except OSError as error:
         raise ConfigError(f"--data-dir cannot be created: {error.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):

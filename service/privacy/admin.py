@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from service.config import DataLayout
+from service.files import private_dir, write_private
 from service.privacy.keyring import (
     AUDIT_SIGNING,
     KEK_ENV,
@@ -24,22 +25,22 @@ from service.privacy.keyring import (
 from service.privacy.pseudonym import create_key_file
 
 
-def _write_public(path: Path, document: object) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def publish(keyring: Keyring, layout: DataLayout) -> None:
-    """Refresh the public keyset (for callers) and the audit verification key (for reviewers)."""
-    layout.keys_dir.mkdir(parents=True, exist_ok=True)
-    _write_public(layout.public_keyset, keyring.public_keyset())
+    """Refresh the public keyset (for callers) and the audit verification key (for reviewers).
+
+    Public in content, not in place: like everything under the data directory they are
+    owner-only (0600), and are handed to callers and reviewers as copies.
+    """
+    private_dir(layout.keys_dir)
+    keyset = json.dumps(keyring.public_keyset(), indent=2) + "\n"
+    write_private(layout.public_keyset, keyset.encode("utf-8"))
     audit_key = ed25519.Ed25519PublicKey.from_public_bytes(
         keyring.primary(AUDIT_SIGNING).public_key
     )
-    temporary = layout.audit_public_key.with_suffix(".tmp")
-    temporary.write_bytes(audit_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
-    os.replace(temporary, layout.audit_public_key)
+    write_private(
+        layout.audit_public_key,
+        audit_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo),
+    )
 
 
 def init_keys(layout: DataLayout, keyring_path: Path, kek_file: Path) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from service.errors import FailedPrecondition
+from service.files import create_private, write_private
 from service.privacy.encoding import length_prefixed
 
 KEK_ENV = "PRIVSCORE_KEK"
@@ -80,10 +80,7 @@ def load_kek(kek_file: Path, environ: dict[str, str] | None = None) -> bytes:
 
 def create_kek_file(path: Path) -> None:
     """A fresh dev KEK, owner-readable only. Production passes the KEK by environment."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w", encoding="ascii") as out:
-        out.write(_b64(secrets.token_bytes(KEK_BYTES)) + "\n")
+    create_private(path, (_b64(secrets.token_bytes(KEK_BYTES)) + "\n").encode("ascii"))
 
 
 @dataclass(frozen=True)
@@ -178,24 +175,10 @@ class Keyring:
 
     def save(self) -> None:
         """Write atomically (temp file, fsync, rename, directory fsync), owner-readable only."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps(
             {"format": KEYRING_FORMAT, "keys": [e.to_json() for e in self.entries]}, indent=2
         )
-        temporary = self.path.with_suffix(".tmp")
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
-            out.write(body + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_private(self.path, (body + "\n").encode("utf-8"))
 
     # -- management -----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from service.files import create_private
 from service.privacy.encoding import length_prefixed
 
 PSEUDONYM_SHAPE = re.compile(r"[0-9a-f]{64}")
@@ -40,7 +41,4 @@ class Pseudonymiser:
 
 def create_key_file(path: Path) -> None:
     """Write a fresh random pseudonymisation key, readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as out:
-        out.write(os.urandom(KEY_BYTES))
+    create_private(path, os.urandom(KEY_BYTES))

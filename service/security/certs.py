@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from service.files import private_dir, write_private
 
 TRUST_DOMAIN = "privscore.dev"
 SERVER_NAME = "localhost"  # the name clients verify; the certificate also covers 127.0.0.1
@@ -57,16 +58,20 @@ class CertPaths:
         return self.directory / f"client-{name}.key"
 
 
-def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as out:
-        out.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    write_private(
+        path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    """Owner-only like every file under the data directory; callers get copies."""
+    write_private(path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _issue(
@@ -114,14 +119,14 @@ def _issue(
 def init_certs(directory: Path) -> list[str]:
     """Create the dev CA and certificates that are missing; returns what was created."""
     paths = CertPaths(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     created: list[str] = []
     if not paths.ca.exists():
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "privscore dev CA")])
         ca_cert = _issue("privscore dev CA", ca_key, ca_name, ca_key, ca=True, sans=[], usage=[])
-        _write_private(paths.ca_key, ca_key)
-        paths.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(paths.ca_key, ca_key)
+        _write_cert(paths.ca, ca_cert)
         created.append(f"dev CA {paths.ca}")
     ca_cert = x509.load_pem_x509_certificate(paths.ca.read_bytes())
     ca_key_loaded = serialization.load_pem_private_key(paths.ca_key.read_bytes(), None)
@@ -140,8 +145,8 @@ def init_certs(directory: Path) -> list[str]:
         cert = _issue(
             subject, key, ca_cert.subject, ca_key_loaded, ca=False, sans=sans, usage=[usage]
         )
-        _write_private(key_path, key)
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key_path, key)
+        _write_cert(cert_path, cert)
         created.append(f"certificate {cert_path}")
 
     issue(
