@@ -169,14 +169,12 @@ def test_rate_and_concurrency_limits_are_per_identity(tmp_path: Path) -> None:
             assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert error_reason(limited.value) == "RATE_LIMITED"
 
-            # The dev identity has its own budget: one open stream fills its in-flight cap.
+            # The dev identity has its own budget, and an open stream holds none of its
+            # in-flight slots (tests/test_alert_subscribers.py): its one call still fits.
             alerts = alert_service_pb2_grpc.AlertServiceStub(dev_channel)
             stream = alerts.WatchAlerts(alert_service_pb2.WatchAlertsRequest(), timeout=30)
             stream.initial_metadata()  # sent once the server has admitted the stream
-            with pytest.raises(grpc.RpcError) as busy:
-                server.client(dev_channel).score("t", "second", applicants()[0])
-            assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert error_reason(busy.value) == "TOO_MANY_IN_FLIGHT"
+            assert server.client(dev_channel).score("t", "second", applicants()[0]).score.score
             stream.cancel()
     finally:
         assert server.terminate() == 0

@@ -141,6 +141,14 @@ class _Call:
         assert self.identity is not None  # check() refuses a call without one
         return self.guard.limiter.admit(self.identity)
 
+    def admit_stream(self) -> None:
+        """Authorise the caller and take one call from its rate, but no in-flight slot: a
+        monitor holding a stream keeps its whole allowance for unary calls, and the streaming
+        servicer bounds its subscribers itself (overall and per identity)."""
+        self.guard.authz.check(self.identity, self.method)
+        assert self.identity is not None  # check() refuses a call without one
+        self.guard.limiter.take_rate(self.identity)
+
     def deadline(self) -> float:
         """Seconds this call may run: the caller's deadline, the default, capped at the max."""
         limits = self.guard.limits
@@ -234,15 +242,16 @@ class RequestContextInterceptor(Interceptor):
         return unary
 
     def _wrap_stream(self, behavior: Any, method: str, request_id: str) -> Any:
-        # Streams are long-lived by design: no default deadline; the subscriber cap bounds them.
+        # Streams are long-lived by design: no default deadline and no in-flight slot; the
+        # subscriber caps (overall and per identity) bound them.
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
             async with _Call(self, method, context, request_id) as call:
                 try:
-                    with call.admit():
-                        await call.announce()
-                        _refuse_malformed(request)
-                        async for response in behavior(request, context):
-                            yield response
+                    call.admit_stream()
+                    await call.announce()
+                    _refuse_malformed(request)
+                    async for response in behavior(request, context):
+                        yield response
                 except (grpc.aio.AbortError, grpc.aio.UsageError):
                     raise
                 except Exception as error:  # noqa: BLE001 - every error must become a status

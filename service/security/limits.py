@@ -49,8 +49,9 @@ class IdentityLimiter:
         self._in_flight: dict[str, int] = {}
         self._buckets: dict[str, _Bucket] = {}
 
-    @contextlib.contextmanager
-    def admit(self, identity: str) -> Iterator[None]:
+    def take_rate(self, identity: str) -> None:
+        """Take one call from the identity's rate, or refuse; alone, for a stream, whose
+        concurrency its own subscriber limits bound (it holds no in-flight slot)."""
         limits = self._limits
         bucket = self._buckets.setdefault(
             identity, _Bucket(limits.calls_per_second_per_identity, limits.burst_per_identity)
@@ -59,6 +60,12 @@ class IdentityLimiter:
             raise ResourceExhausted(
                 f"{identity} is over its call rate; retry with backoff", reason="RATE_LIMITED"
             )
+
+    @contextlib.contextmanager
+    def admit(self, identity: str) -> Iterator[None]:
+        """Take one call from the identity's rate and hold an in-flight slot while it runs."""
+        limits = self._limits
+        self.take_rate(identity)
         in_flight = self._in_flight.get(identity, 0)
         if in_flight >= limits.max_in_flight_per_identity:
             raise ResourceExhausted(
