@@ -188,6 +188,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-alert-subscribers",
         f"concurrent WatchAlerts streams, default {defaults.max_alert_subscribers}",
     )
+    arg(
+        "--max-alert-subscribers-per-caller",
+        "concurrent WatchAlerts streams per identity, default a quarter of "
+        f"--max-alert-subscribers, at least 1 (so {defaults.max_alert_subscribers_per_identity} "
+        f"of {defaults.max_alert_subscribers}), at most all of them",
+    )
     add_data_dir_argument(parser)
     add_key_arguments(parser)
 
@@ -258,6 +264,12 @@ def settings_from(
     def number(flag: str, default: float, low: float, high: float) -> float:
         return _parse_float(flag, pick(flag, str(default)), low, high)
 
+    max_alert_subscribers = _parse_int(
+        "--max-alert-subscribers",
+        pick("--max-alert-subscribers", str(defaults.max_alert_subscribers)),
+        1,
+        100_000,
+    )
     settings = ServerSettings(
         bind=_parse_bind(pick("--bind", DEFAULT_BIND)),
         port=_parse_int("--port", pick("--port", str(DEFAULT_PORT)), 0, 65535),
@@ -310,11 +322,12 @@ def settings_from(
                 1,
                 10_000_000,
             ),
-            max_alert_subscribers=_parse_int(
-                "--max-alert-subscribers",
-                pick("--max-alert-subscribers", str(defaults.max_alert_subscribers)),
+            max_alert_subscribers=max_alert_subscribers,
+            max_alert_subscribers_per_identity=_parse_int(
+                "--max-alert-subscribers-per-caller",
+                pick("--max-alert-subscribers-per-caller", str(max(1, max_alert_subscribers // 4))),
                 1,
-                100_000,
+                max_alert_subscribers,
             ),
         ),
     )

@@ -237,7 +237,10 @@ class PrivscoreServer:
             policy=policy,
             store=store,
             alerts=AlertStream(
-                fetch_alerts, store.last_alert_sequence(), settings.limits.max_alert_subscribers
+                fetch_alerts,
+                store.last_alert_sequence(),
+                settings.limits.max_alert_subscribers,
+                settings.limits.max_alert_subscribers_per_identity,
             ),
             audit=FailClosedAudit(audit_log, self._audit_failed),
             audit_public_key=signing_key.public_key(),

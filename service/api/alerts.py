@@ -12,6 +12,7 @@ from privscore.v1 import alert_service_pb2 as pb
 from privscore.v1 import alert_service_pb2_grpc, common_pb2
 from service.api import validation as check
 from service.api.runtime import RuntimeSlot
+from service.callctx import CALLER
 from service.decisions.alert_rules import MISSED_PAYMENT, REPAYMENT, Event, evaluate
 
 EVALUATE_EVENT_METHOD = "/privscore.v1.AlertService/EvaluateEvent"
@@ -210,5 +211,6 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
     ) -> AsyncIterator[pb.WatchAlertsResponse]:
         validate_watch_alerts(request)
         after = request.after_sequence if request.HasField("after_sequence") else None
-        async for alert in self._slot.runtime.alerts.subscribe(request.min_severity, after):
+        alerts = self._slot.runtime.alerts
+        async for alert in alerts.subscribe(CALLER.get(), request.min_severity, after):
             yield pb.WatchAlertsResponse(alert=alert)

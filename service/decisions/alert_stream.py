@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 
 from privscore.v1 import alert_service_pb2 as pb
 from service.errors import OutOfRange, ResourceExhausted
@@ -23,11 +23,22 @@ FetchAfter = Callable[[int, int], Awaitable[list[pb.Alert]]]
 
 
 class AlertStream:
-    def __init__(self, fetch_after: FetchAfter, last_sequence: int, max_subscribers: int) -> None:
-        """`fetch_after(cursor, limit)` returns stored alerts with sequence > cursor, in order."""
+    def __init__(
+        self,
+        fetch_after: FetchAfter,
+        last_sequence: int,
+        max_subscribers: int,
+        max_subscribers_per_identity: int,
+    ) -> None:
+        """`fetch_after(cursor, limit)` returns stored alerts with sequence > cursor, in order.
+        At most `max_subscribers` subscriptions at once, and at most
+        `max_subscribers_per_identity` of them for any one caller identity, so one caller
+        cannot take every slot and lock the other monitors out."""
         self._fetch_after = fetch_after
         self._max_subscribers = max_subscribers
+        self._max_per_identity = max_subscribers_per_identity
         self._subscribers = 0
+        self._by_identity: dict[str, int] = {}
         self._cache: OrderedDict[int, pb.Alert] = OrderedDict()
         self._last_sequence = last_sequence
         self._changed = asyncio.Event()
@@ -72,14 +83,27 @@ class AlertStream:
             )
         return stored
 
+    def subscribers(self, identity: str | None = None) -> int:
+        """Open subscriptions: all of them, or `identity`'s."""
+        if identity is None:
+            return self._subscribers
+        return self._by_identity.get(identity, 0)
+
     async def subscribe(
-        self, min_severity: int, after_sequence: int | None
-    ) -> AsyncIterator[pb.Alert]:
-        """Yield alerts of at least `min_severity` after `after_sequence` (None: from now on)."""
+        self, identity: str, min_severity: int, after_sequence: int | None
+    ) -> AsyncGenerator[pb.Alert, None]:
+        """Yield alerts of at least `min_severity` after `after_sequence` (None: from now on)
+        to the caller `identity`; its slot is freed when the subscription ends, however."""
         if after_sequence is not None and after_sequence > self._last_sequence:
             raise OutOfRange(
                 f"cursor {after_sequence} is ahead of the stream (last is {self._last_sequence})",
                 reason="CURSOR_OUT_OF_RANGE",
+            )
+        held = self._by_identity.get(identity, 0)
+        if held >= self._max_per_identity:
+            raise ResourceExhausted(
+                f"{identity} holds {held} alert subscriptions already; retry later",
+                reason="TOO_MANY_SUBSCRIBERS_PER_CALLER",
             )
         if self._subscribers >= self._max_subscribers:
             raise ResourceExhausted(
@@ -87,11 +111,17 @@ class AlertStream:
                 reason="TOO_MANY_SUBSCRIBERS",
             )
         self._subscribers += 1
+        self._by_identity[identity] = held + 1
         try:
             async for alert in self._follow(min_severity, after_sequence):
                 yield alert
         finally:
             self._subscribers -= 1
+            remaining = self._by_identity[identity] - 1
+            if remaining:
+                self._by_identity[identity] = remaining
+            else:
+                del self._by_identity[identity]  # no entry left behind per identity ever seen
 
     async def _follow(
         self, min_severity: int, after_sequence: int | None

@@ -22,6 +22,9 @@ class CallLimits:
     calls_per_second_per_identity: float = 2000.0
     burst_per_identity: int = 4000
     max_alert_subscribers: int = 64
+    # One identity may hold only part of the subscriber slots, so it cannot lock out the other
+    # monitors; the settings default it to a quarter of max_alert_subscribers, at least 1.
+    max_alert_subscribers_per_identity: int = 16
 
 
 class _Bucket:
