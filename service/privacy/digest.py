@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 _INPUT_DIGEST_INFO = b"privscore.v1/audit-input-digest"
 _STATE_INFO = b"privscore.v1/state-encryption"
+_RECORD_INFO = b"privscore.v1/audit-record-sealing"
 
 
 def _derive(audit_signing_key: Ed25519PrivateKey, info: bytes) -> bytes:
@@ -35,6 +36,12 @@ def derive_input_digest_key(audit_signing_key: Ed25519PrivateKey) -> bytes:
 def derive_state_key(audit_signing_key: Ed25519PrivateKey) -> bytes:
     """The decision store's AES-256 key: the server's own secret, separate by HKDF label."""
     return _derive(audit_signing_key, _STATE_INFO)
+
+
+def derive_record_key(audit_signing_key: Ed25519PrivateKey) -> bytes:
+    """The AES-256 key of audit records' sealed fields (a person's amounts): the server's own
+    secret, separate by HKDF label, so a reviewer with the keyring and KEK can open them."""
+    return _derive(audit_signing_key, _RECORD_INFO)
 
 
 def input_digest(key: bytes, inputs: Mapping[str, Any]) -> str:
