@@ -242,12 +242,12 @@ def _call_watch(args: argparse.Namespace, client: Any) -> None:
 
 def _cmd_audit_replay(args: argparse.Namespace) -> int:
     from service.api.replay import NotReplayable, replay
-    from service.audit import find_records
+    from service.audit import AuditError, find_records
     from service.decisions.policy import PolicyError, load_policy
     from service.errors import ServiceError
     from service.model.manifest import ArtifactError
     from service.model.scorer import Scorer
-    from service.privacy.digest import derive_input_digest_key
+    from service.privacy.digest import derive_input_digest_key, derive_record_key
     from service.privacy.keyring import Keyring, KeyringError, load_kek
     from service.privacy.sealing import FeatureOpener
 
@@ -260,6 +260,11 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
             Path(args.model_public_key or DEFAULT_MODEL_PUBLIC_KEY),
         )
         policy = load_policy(Path(args.policy or DEFAULT_POLICY))
+    except (ConfigError, KeyringError, ArtifactError, PolicyError, ServiceError) as error:
+        print(f"privscore audit replay: {error}", file=sys.stderr)
+        return 2
+    audit_key = keyring.audit_signing_key()[1]
+    try:
         found = next(
             find_records(DataLayout(data_dir).audit_dir, equals={"decision_id": args.decision}),
             None,
@@ -274,20 +279,75 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
             scorer,
             FeatureOpener(keyring),
             policy,
-            derive_input_digest_key(keyring.audit_signing_key()[1]),
+            derive_input_digest_key(audit_key),
+            derive_record_key(audit_key),
         )
-    except (
-        ConfigError,
-        KeyringError,
-        ArtifactError,
-        PolicyError,
-        NotReplayable,
-        ServiceError,
-    ) as error:
-        print(f"privscore audit replay: {error}", file=sys.stderr)
-        return 2
+    except (AuditError, OSError) as error:
+        print(f"privscore audit replay: the log cannot be read: {error}", file=sys.stderr)
+        return 1
+    except NotReplayable as error:
+        print(
+            f"privscore audit replay: decision {args.decision} cannot be replayed: {error}",
+            file=sys.stderr,
+        )
+        return 1
     print(json.dumps({"sequence": found.sequence, **report.to_json()}, indent=2))
     return 0 if report.matches else 1
+
+
+def _audit_show_opening(show: Any) -> Any:
+    """`audit show --open`: with the keyring and KEK (as replay loads them), print each record
+    with its sealed fields opened as `opened`; without --open, the plain `audit show`."""
+
+    def run(args: argparse.Namespace) -> int:
+        if args.audit_dir is None:  # the data directory's log, as the server writes it
+            root = args.data_dir or os.environ.get("PRIVSCORE_DATA_DIR") or DEFAULT_DATA_DIR
+            args.audit_dir = str(DataLayout(Path(root)).audit_dir)
+        if not args.open:
+            return int(show(args))
+        return _cmd_audit_show_open(args)
+
+    return run
+
+
+def _cmd_audit_show_open(args: argparse.Namespace) -> int:
+    from service.audit import AuditError, find_records
+    from service.privacy.digest import derive_record_key
+    from service.privacy.keyring import Keyring, KeyringError, load_kek
+    from service.privacy.record_seal import SEALED, RecordSealError, open_record
+
+    try:
+        data_dir = data_dir_from(args)
+        keyring_path, kek_file = key_paths_from(args, data_dir)
+        keyring = Keyring.load(keyring_path, load_kek(kek_file))
+    except (ConfigError, KeyringError) as error:
+        print(f"privscore audit show: {error}", file=sys.stderr)
+        return 2
+    key = derive_record_key(keyring.audit_signing_key()[1])
+    equals = {
+        name: value
+        for name, value in (("decision_id", args.decision), ("subject", args.subject))
+        if value is not None
+    }
+    unopened = 0
+    try:
+        for stored in find_records(
+            args.audit_dir, equals=equals, since=args.since, until=args.until
+        ):
+            record: dict[str, Any] = dict(stored.record)
+            if SEALED in record:
+                try:
+                    record["opened"] = open_record(key, record)
+                except RecordSealError as error:
+                    print(
+                        f"privscore audit show: record {stored.sequence}: {error}", file=sys.stderr
+                    )
+                    unopened += 1
+            print(json.dumps({"record": record, "seq": stored.sequence}, ensure_ascii=False))
+    except (AuditError, OSError) as error:
+        print(f"privscore audit show: {error}", file=sys.stderr)
+        return 1
+    return 1 if unopened else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,6 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--model-public-key", help="the model team's key, default bundled")
     replay.add_argument("--policy", help="the recorded policy file, default the bundled one")
     replay.set_defaults(run=_cmd_audit_replay)
+    show = audit_commands.choices["show"]
+    show.add_argument(
+        "--open",
+        action="store_true",
+        help="open the records' sealed amounts (needs the keyring and KEK, as replay)",
+    )
+    add_data_dir_argument(show)
+    add_key_arguments(show)
+    # Without --audit-dir, the log under --data-dir (or PRIVSCORE_DATA_DIR, or ./var).
+    show.set_defaults(audit_dir=None, run=_audit_show_opening(show.get_default("run")))
 
     certs = commands.add_parser("certs", help="dev certificates for mutual TLS")
     cert_commands = certs.add_subparsers(dest="certs_command", required=True)

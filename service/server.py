@@ -39,7 +39,7 @@ from service.errors import ServiceError, Unavailable
 from service.interceptors import RequestContextInterceptor
 from service.model.manifest import ArtifactError
 from service.model.scorer import ModelBatcher, Scorer
-from service.privacy.digest import derive_input_digest_key, derive_state_key
+from service.privacy.digest import derive_input_digest_key, derive_record_key, derive_state_key
 from service.privacy.keyring import Keyring, KeyringError, load_kek
 from service.privacy.sealing import FeatureOpener
 from service.security.authz import AuthzPolicyError, load_authz_policy
@@ -245,6 +245,7 @@ class PrivscoreServer:
             audit=FailClosedAudit(audit_log, self._audit_failed),
             audit_public_key=signing_key.public_key(),
             input_digest_key=derive_input_digest_key(signing_key),
+            record_key=derive_record_key(signing_key),
         )
         self.slot.fill(runtime)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

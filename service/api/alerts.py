@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -14,6 +17,7 @@ from service.api import validation as check
 from service.api.runtime import RuntimeSlot
 from service.callctx import CALLER
 from service.decisions.alert_rules import MISSED_PAYMENT, REPAYMENT, Event, evaluate
+from service.privacy.record_seal import seal_record_fields
 
 EVALUATE_EVENT_METHOD = "/privscore.v1.AlertService/EvaluateEvent"
 
@@ -122,6 +126,32 @@ def to_event(event: pb.BehaviourEvent) -> Event:
     )
 
 
+def clear_event_fields(wire_event: pb.BehaviourEvent, event: Event) -> dict[str, Any]:
+    """What an EvaluateEvent record keeps readable of the event: no amount, outcome or days."""
+    return {
+        "event_id": event.event_id,
+        "occurred_at": wire_event.occurred_at.ToJsonString(),
+        "kind": event.kind,
+        "currency": event.currency,
+    }
+
+
+def sealed_event_fields(
+    wire_event: pb.BehaviourEvent, event: Event, alerts: list[pb.Alert]
+) -> dict[str, Any]:
+    """What an EvaluateEvent record seals: the event as received, its details as the decision
+    store keeps them, and the alerts raised as stored, so the events and alerts rows can be
+    rebuilt from the log. The alerts carry the decision's metadata without `audit_sequence`
+    (the record's own sequence) and no stream sequence (the store's row number)."""
+    details = dataclasses.asdict(event)
+    del details["event_id"], details["occurred_at"]  # in clear, and the store's row keys
+    return {
+        "event": json_format.MessageToDict(wire_event, preserving_proto_field_name=True),
+        "details": details,
+        "alerts": [base64.b64encode(a.SerializeToString()).decode("ascii") for a in alerts],
+    }
+
+
 class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
     def __init__(self, slot: RuntimeSlot) -> None:
         self._slot = slot
@@ -155,19 +185,19 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
                     recommended_action=_ACTIONS[alert.outcome.action],
                     reasons=[common_pb2.Reason(code=c, text=t) for c, t in alert.reasons],
                     event_id=event.event_id,
+                    metadata=response.metadata,
                 )
                 for alert in raised
             ]
             alerts.sort(key=lambda a: -a.severity)
             response.duplicate = duplicate
-            response.metadata.audit_sequence = await runtime.audit.append(
+            metadata = response.metadata
+            metadata.audit_sequence = await runtime.audit.append(
                 runtime.record(
                     EVALUATE_EVENT_METHOD,
-                    response.metadata,
+                    metadata,
                     subject,
-                    event=json_format.MessageToDict(
-                        request.event, preserving_proto_field_name=True
-                    ),
+                    event=clear_event_fields(request.event, event),
                     outputs={
                         "duplicate": duplicate,
                         "alerts": [
@@ -180,12 +210,20 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
                             for a in alerts
                         ],
                     },
+                    # Amounts, balance, outcome and days past due: personal financial data.
+                    sealed=seal_record_fields(
+                        runtime.record_key,
+                        EVALUATE_EVENT_METHOD,
+                        metadata.decision_id,
+                        metadata.request_id,
+                        sealed_event_fields(request.event, event, alerts),
+                    ),
                 )
             )
             if duplicate:
                 return response
             for alert in alerts:
-                alert.metadata.CopyFrom(response.metadata)
+                alert.metadata.audit_sequence = metadata.audit_sequence
             forget_before = event.occurred_at - dt.timedelta(
                 days=runtime.policy.alerts.retention_days
             )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import struct
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -14,6 +18,7 @@ from service.api.features import encrypted_inputs, open_row
 from service.api.runtime import RuntimeSlot
 from service.decisions.limits import Account, decide_limit
 from service.errors import FailedPrecondition
+from service.privacy.record_seal import seal_record_fields
 
 ADJUST_LIMIT_METHOD = "/privscore.v1.LimitService/AdjustLimit"
 _ACTIONS = {
@@ -88,17 +93,45 @@ def account_of(state: pb.AccountState) -> Account:
     )
 
 
-def _fingerprint(request: pb.AdjustLimitRequest, score_input_digest: str) -> str:
+_FINGERPRINT_LABEL = b"privscore.v1/limit-request-fingerprint\x00"
+
+
+def request_fingerprint(
+    key: bytes,
+    subject: common_pb2.SubjectRef,
+    account: pb.AccountState,
+    score_input_digest: str,
+) -> str:
     """What makes two requests with one request id the same request (ciphertexts differ by
-    nonce on every retry, so features count by their keyed digest, not their bytes)."""
-    body = b"\x00".join(
-        [
-            request.subject.SerializeToString(deterministic=True),
-            request.account.SerializeToString(deterministic=True),
-            score_input_digest.encode(),
-        ]
-    )
-    return hashlib.sha256(body).hexdigest()
+    nonce on every retry, so features count by their keyed digest, not their bytes).
+
+    Keyed (HMAC-SHA256 under the input-digest key): the store keeps it in clear, and an unkeyed
+    hash of an account's few small figures could be brute-forced back to them.
+    """
+    mac = hmac.new(key, _FINGERPRINT_LABEL, hashlib.sha256)
+    for part in (
+        subject.SerializeToString(deterministic=True),
+        account.SerializeToString(deterministic=True),
+        score_input_digest.encode(),
+    ):
+        mac.update(struct.pack(">I", len(part)))
+        mac.update(part)
+    return mac.hexdigest()
+
+
+def sealed_limit_fields(
+    account: pb.AccountState, response: pb.AdjustLimitResponse, fingerprint: str
+) -> dict[str, Any]:
+    """What an AdjustLimit record seals: the account's figures and everything the store row
+    holds but the record keeps in clear, so a lost row can be rebuilt from the log. `response`
+    is the reply before the audit append, i.e. without `metadata.audit_sequence`, which is the
+    record's own sequence."""
+    return {
+        "account": json_format.MessageToDict(account, preserving_proto_field_name=True),
+        "new_limit": response.new_limit.minor_units,
+        "response": base64.b64encode(response.SerializeToString()).decode("ascii"),
+        "fingerprint": fingerprint,
+    }
 
 
 class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
@@ -135,7 +168,7 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             score = request.latest_score
             inputs_digest = runtime.input_digest({"latest_score": score})
             encrypted = ""
-        fingerprint = _fingerprint(request, inputs_digest)
+        fingerprint = request_fingerprint(runtime.input_digest_key, subject, account, inputs_digest)
 
         # One request id at a time (its first decision wins, a different request under it is
         # refused), then one decision per customer at a time; always in this order.
@@ -177,17 +210,32 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
                 reasons=[common_pb2.Reason(code=c, text=t) for c, t in decision.reasons],
                 score=score,
             )
+            metadata = response.metadata
             response.metadata.audit_sequence = await runtime.audit.append(
                 runtime.record(
                     ADJUST_LIMIT_METHOD,
-                    response.metadata,
+                    metadata,
                     subject,
                     input_digest=inputs_digest,
                     encrypted_inputs=encrypted,
-                    account=json_format.MessageToDict(account, preserving_proto_field_name=True),
                     # What the cool-down rule saw, so a replay can decide exactly as this did.
                     last_increase_at=last_increase.isoformat() if last_increase else None,
-                    outputs=json_format.MessageToDict(response, preserving_proto_field_name=True),
+                    outputs={
+                        "action": pb.LimitAction.Name(response.action),
+                        "rule": decision.rule,
+                        "reasons": [code for code, _ in decision.reasons],
+                        "score": score,
+                        "grade": grade,
+                        "currency": currency,
+                    },
+                    # Limits, balance and the account's figures: personal financial data.
+                    sealed=seal_record_fields(
+                        runtime.record_key,
+                        ADJUST_LIMIT_METHOD,
+                        metadata.decision_id,
+                        metadata.request_id,
+                        sealed_limit_fields(account, response, fingerprint),
+                    ),
                 )
             )
             await runtime.in_store(

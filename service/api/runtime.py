@@ -71,6 +71,8 @@ class Runtime:
     audit: AuditSink
     audit_public_key: Ed25519PublicKey
     input_digest_key: bytes
+    # Seals the amounts in audit records (service.privacy.record_seal).
+    record_key: bytes
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     subject_locks: KeyedLocks = field(default_factory=KeyedLocks)
     # SQLite is used from this one thread only: it serialises writers and keeps the loop free.
