@@ -14,7 +14,6 @@ import grpc
 
 from service.audit.cli import add_audit_commands
 from service.config import (
-    AUDIT_ORIGIN,
     DEFAULT_DATA_DIR,
     DEFAULT_MODEL_DIR,
     DEFAULT_MODEL_PUBLIC_KEY,
@@ -263,7 +262,7 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
     except (ConfigError, KeyringError, ArtifactError, PolicyError, ServiceError) as error:
         print(f"privscore audit replay: {error}", file=sys.stderr)
         return 2
-    audit_key = keyring.audit_signing_key()[1]
+    secret = keyring.server_secret()
     try:
         found = next(
             find_records(DataLayout(data_dir).audit_dir, equals={"decision_id": args.decision}),
@@ -279,8 +278,8 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
             scorer,
             FeatureOpener(keyring),
             policy,
-            derive_input_digest_key(audit_key),
-            derive_record_key(audit_key),
+            derive_input_digest_key(secret),
+            derive_record_key(secret),
         )
     except (AuditError, OSError) as error:
         print(f"privscore audit replay: the log cannot be read: {error}", file=sys.stderr)
@@ -323,7 +322,7 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
     except (ConfigError, KeyringError) as error:
         print(f"privscore audit show: {error}", file=sys.stderr)
         return 2
-    key = derive_record_key(keyring.audit_signing_key()[1])
+    key = derive_record_key(keyring.server_secret())
     equals = {
         name: value
         for name, value in (("decision_id", args.decision), ("subject", args.subject))
@@ -348,6 +347,103 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
         print(f"privscore audit show: {error}", file=sys.stderr)
         return 1
     return 1 if unopened else 0
+
+
+def _cmd_audit_rotate_key(args: argparse.Namespace) -> int:
+    """Hand the audit log to a new signing key, with the server stopped.
+
+    In three durable steps, each safe to crash after and to re-run: the new key is saved in the
+    keyring (not yet in use); the log gets a rotation record signed by the old and the new key
+    and a checkpoint signed by both; the keyring makes the new key primary and retires the old.
+    """
+    import datetime as dt
+
+    from service.audit import (
+        ROTATE_KEY_RPC,
+        AuditError,
+        AuditLog,
+        Signer,
+        find_records,
+        read_identity,
+    )
+    from service.files import write_private
+    from service.privacy.admin import publish
+    from service.privacy.digest import derive_audit_mac_key
+    from service.privacy.keyring import Keyring, KeyringError, load_kek
+
+    try:
+        data_dir = data_dir_from(args)
+        layout = DataLayout(data_dir)
+        keyring_path, kek_file = key_paths_from(args, data_dir)
+        keyring = Keyring.load(keyring_path, load_kek(kek_file))
+        identity = read_identity(layout.audit_dir)
+        if identity is None:
+            raise AuditError(f"no audit log in {layout.audit_dir}: nothing to rotate")
+        old_id, old_key = keyring.audit_signing_key()
+        new_id, new_key = keyring.pending_audit_key() or keyring.add_audit_key()
+        old = Signer(identity.key_name, old_key)
+        new = Signer(identity.key_name, new_key)
+        rotations = find_records(layout.audit_dir, equals={"rpc": ROTATE_KEY_RPC})
+        done = any(r.record.get("new_key") == new.verifier.text for r in rotations)
+        mac_key = derive_audit_mac_key(keyring.server_secret())
+        # Opening checks the log under the key that signs it now, as the server does.
+        audit_log = AuditLog(
+            layout.audit_dir, signer=new if done else old, mac_key=mac_key, origin=identity.origin
+        )
+        try:
+            if not done:
+                now = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+                sequence = audit_log.rotate_key_sync(new, now).sequence
+        finally:
+            audit_log.close_sync()
+        keyring.promote_audit_key(new_id)
+        publish(keyring, layout)
+        write_private(layout.audit_verifier_key, (new.verifier.text + "\n").encode())
+    except (ConfigError, KeyringError, AuditError, OSError) as error:
+        print(f"privscore audit rotate-key: {error}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(
+            {
+                "old_key_id": old_id,
+                "new_key_id": new_id,
+                "old_verifier_key": old.verifier.text,
+                "new_verifier_key": new.verifier.text,
+                "rotation_record": None if done else sequence,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _local_log_origin(layout: DataLayout) -> str | None:
+    """The origin of the log under the data directory, if there is one to read."""
+    from service.audit import AuditError, read_identity
+
+    try:
+        identity = read_identity(layout.audit_dir)
+    except (AuditError, OSError):
+        return None
+    return identity.origin if identity else None
+
+
+def _local_audit_mac_key(layout: DataLayout) -> bytes:
+    """The record MAC key of the server whose keyring is under the data directory (or
+    PRIVSCORE_KEYRING), opened with its KEK: what `audit verify` needs to check every record."""
+    from service.audit import AuditError
+    from service.privacy.digest import derive_audit_mac_key
+    from service.privacy.keyring import Keyring, KeyringError, load_kek
+
+    keyring_path, kek_file = key_paths_from(argparse.Namespace(), layout.root)
+    try:
+        keyring = Keyring.load(keyring_path, load_kek(kek_file))
+    except (KeyringError, ConfigError, OSError) as error:
+        raise AuditError(
+            f"cannot load the server's keyring to check the records' MACs ({error}); "
+            "a reviewer without the server's secret passes --no-mac"
+        ) from None
+    return derive_audit_mac_key(keyring.server_secret())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit_commands = add_audit_commands(
         commands,
         default_audit_dir=str(layout.audit_dir),
-        default_public_key=str(layout.audit_public_key),
-        default_origin=AUDIT_ORIGIN,
+        default_verifier_key=str(layout.audit_verifier_key),
+        default_origin=_local_log_origin(layout),
+        mac_key=lambda: _local_audit_mac_key(layout),
     )
     replay = audit_commands.add_parser(
         "replay", help="re-run a recorded decision (needs the keyring and KEK) and compare"
@@ -396,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--model-public-key", help="the model team's key, default bundled")
     replay.add_argument("--policy", help="the recorded policy file, default the bundled one")
     replay.set_defaults(run=_cmd_audit_replay)
+    rotate_key = audit_commands.add_parser(
+        "rotate-key",
+        help="hand the log to a new signing key, recorded in the log and signed by both keys "
+        "(stop the server first)",
+    )
+    add_data_dir_argument(rotate_key)
+    add_key_arguments(rotate_key)
+    rotate_key.set_defaults(run=_cmd_audit_rotate_key)
     show = audit_commands.choices["show"]
     show.add_argument(
         "--open",

@@ -27,8 +27,6 @@ DEFAULT_MODEL_DIR = _PACKAGE_DIR / "model" / "default_artifact"
 DEFAULT_MODEL_PUBLIC_KEY = _PACKAGE_DIR / "model" / "trusted_keys" / "model-team.pub"
 DEFAULT_POLICY = _PACKAGE_DIR / "decisions" / "default_policy.toml"
 DEFAULT_AUTHZ_POLICY = _PACKAGE_DIR / "security" / "default_authz.toml"
-# Names this log in its signed checkpoints; a checkpoint for another origin never verifies.
-AUDIT_ORIGIN = "privscore.audit/v1"
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -65,6 +63,12 @@ class DataLayout:
     def audit_public_key(self) -> Path:
         """The audit checkpoint verification key (PEM), for reviewers."""
         return self.keys_dir / "audit-signing.pub"
+
+    @property
+    def audit_verifier_key(self) -> Path:
+        """The same key as a signed-note verifier key (`<origin>+<key id>+<key>`), for
+        reviewers and transparency witnesses; the server writes it when it opens the log."""
+        return self.keys_dir / "audit-signing.vkey"
 
     @property
     def decision_store(self) -> Path:
@@ -105,6 +109,7 @@ class ServerSettings:
     policy: Path
     audit_checkpoint_seconds: float
     audit_fsync: bool
+    audit_origin: str | None
     insecure: bool
     tls_cert: Path
     tls_key: Path
@@ -155,6 +160,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "on, or off for benchmarks only: off prices durability, and decisions are then lost "
         "on a crash",
         choices=("on", "off"),
+    )
+    arg(
+        "--audit-origin",
+        "the audit log's origin, the name its checkpoints carry for witnesses, e.g. "
+        "lender.example/privscore; default a unique one made when the log is first opened "
+        "(kept in DATA_DIR/audit/identity.json)",
     )
     arg(
         "--insecure",
@@ -295,6 +306,7 @@ def settings_from(
         ),
         audit_fsync=_parse_choice("--audit-fsync", pick("--audit-fsync", "on"), ("on", "off"))
         == "on",
+        audit_origin=_parse_origin(pick("--audit-origin", "")),
         insecure=insecure,
         tls_cert=tls_file("--tls-cert", certs / "server.pem"),
         tls_key=tls_file("--tls-key", certs / "server.key"),
@@ -334,6 +346,14 @@ def settings_from(
     if settings.insecure and not ipaddress.ip_address(settings.bind).is_loopback:
         raise ConfigError("--insecure is allowed only with a loopback --bind")
     return settings
+
+
+def _parse_origin(text: str) -> str | None:
+    if not text:
+        return None
+    if len(text) > 255 or any(c.isspace() or c == "+" or ord(c) < 0x20 for c in text):
+        raise ConfigError("--audit-origin must be one word of at most 255 characters, no '+'")
+    return text
 
 
 def _existing(flag: str, text: str, *, dir: bool = False) -> Path:

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
@@ -30,16 +31,22 @@ from service.api.limits import LimitServicer
 from service.api.runtime import Runtime, RuntimeSlot
 from service.api.scoring import ScoringServicer
 from service.api.validation import well_formed_request_id, well_formed_subject
-from service.audit import AuditError, AuditLog, AuditWriteError
-from service.config import AUDIT_ORIGIN, ServerSettings
+from service.audit import AuditError, AuditLog, AuditWriteError, Signer, establish_identity
+from service.config import ServerSettings
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy, PolicyError, load_policy
 from service.decisions.store import DecisionStore, StoreError
 from service.errors import ServiceError, Unavailable
+from service.files import write_private
 from service.interceptors import RequestContextInterceptor
 from service.model.manifest import ArtifactError
 from service.model.scorer import ModelBatcher, Scorer
-from service.privacy.digest import derive_input_digest_key, derive_record_key, derive_state_key
+from service.privacy.digest import (
+    derive_audit_mac_key,
+    derive_input_digest_key,
+    derive_record_key,
+    derive_state_key,
+)
 from service.privacy.keyring import Keyring, KeyringError, load_kek
 from service.privacy.sealing import FeatureOpener
 from service.security.authz import AuthzPolicyError, load_authz_policy
@@ -104,9 +111,10 @@ def _load_sync(
         policy = load_policy(settings.policy)
     except PolicyError as error:
         raise StartupError(f"policy: {error}") from None
-    _, audit_key = keyring.audit_signing_key()
     try:
-        store = DecisionStore(settings.layout.decision_store, derive_state_key(audit_key))
+        store = DecisionStore(
+            settings.layout.decision_store, derive_state_key(keyring.server_secret())
+        )
     except StoreError as error:
         raise StartupError(f"store: {error}") from None
     return keyring, scorer, policy, store
@@ -158,7 +166,7 @@ class PrivscoreServer:
             AlertServicer(self.slot), self._server
         )
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
-            AuditServicer(self.slot, settings.layout.audit_dir, AUDIT_ORIGIN), self._server
+            AuditServicer(self.slot, settings.layout.audit_dir), self._server
         )
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -201,29 +209,20 @@ class PrivscoreServer:
         """Load keys, model, policy, store and audit log, then turn health SERVING."""
         settings = self.settings
         keyring, scorer, policy, store = await asyncio.to_thread(_load_sync, settings)
-        key_name, signing_key = keyring.audit_signing_key()
+        _, signing_key = keyring.audit_signing_key()
+        secret = keyring.server_secret()
         if not settings.audit_fsync:
             log.warning("audit.fsync_off", detail="benchmark mode: decisions are not crash-safe")
         try:
             audit_log = await asyncio.to_thread(
-                lambda: AuditLog(
-                    settings.layout.audit_dir,
-                    signing_key=signing_key,
-                    key_name=key_name,
-                    origin=AUDIT_ORIGIN,
-                    checkpoint_seconds=settings.audit_checkpoint_seconds,
-                    fsync=os.fsync if settings.audit_fsync else _skip_fsync,
-                )
+                self._open_audit_log, signing_key, derive_audit_mac_key(secret)
             )
         except AuditError as error:
             raise StartupError(f"audit log: {error}") from None
         self._audit_log = audit_log
-        loop = asyncio.get_running_loop()
 
         async def fetch_alerts(cursor: int, limit: int) -> list[alert_service_pb2.Alert]:
-            rows = await loop.run_in_executor(
-                runtime.store_thread, store.alerts_after, cursor, limit
-            )
+            rows = await runtime.in_store(store.alerts_after, cursor, limit)
             alerts = []
             for sequence, blob in rows:
                 alert = alert_service_pb2.Alert.FromString(blob)
@@ -243,9 +242,10 @@ class PrivscoreServer:
                 settings.limits.max_alert_subscribers_per_identity,
             ),
             audit=FailClosedAudit(audit_log, self._audit_failed),
-            audit_public_key=signing_key.public_key(),
-            input_digest_key=derive_input_digest_key(signing_key),
-            record_key=derive_record_key(signing_key),
+            audit_verifier=audit_log.verifier,
+            audit_origin=audit_log.origin,
+            input_digest_key=derive_input_digest_key(secret),
+            record_key=derive_record_key(secret),
         )
         self.slot.fill(runtime)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -256,6 +256,28 @@ class PrivscoreServer:
             schema_version=scorer.schema_version,
             policy_version=policy.version,
         )
+
+    def _open_audit_log(self, signing_key: Ed25519PrivateKey, mac_key: bytes) -> AuditLog:
+        """Open (and so check) this deployment's log, and publish the key that verifies it."""
+        settings = self.settings
+        identity = establish_identity(settings.layout.audit_dir, settings.audit_origin)
+        audit_log = AuditLog(
+            settings.layout.audit_dir,
+            signer=Signer(identity.key_name, signing_key),
+            mac_key=mac_key,
+            origin=identity.origin,
+            checkpoint_seconds=settings.audit_checkpoint_seconds,
+            fsync=os.fsync if settings.audit_fsync else _skip_fsync,
+        )
+        write_private(settings.layout.audit_verifier_key, (audit_log.verifier.text + "\n").encode())
+        log.info(
+            "audit.opened",
+            origin=identity.origin,
+            records=audit_log.recovery.size,
+            checkpointed=audit_log.recovery.checkpointed,
+            verifier_key=audit_log.verifier.text,
+        )
+        return audit_log
 
     async def reload_keys(self) -> None:
         """Pick up `privscore keys rotate|retire` without a restart: requests sealed to a new

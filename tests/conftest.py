@@ -189,3 +189,14 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
         yield server
     finally:
         server.terminate()
+
+
+def audit_log_key(data_dir: Path) -> tuple[Any, str]:
+    """(verifier key, origin) of the audit log a server wrote under `data_dir`: what a
+    reviewer is given, read from the files the server publishes."""
+    from service.audit import VerifierKey, read_identity
+
+    layout = DataLayout(data_dir)
+    identity = read_identity(layout.audit_dir)
+    assert identity is not None, "the server has not opened its audit log"
+    return VerifierKey.parse(layout.audit_verifier_key.read_text()), identity.origin

@@ -78,10 +78,10 @@ def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def server_secret(data_dir: Path) -> Any:
+def server_secret(data_dir: Path) -> bytes:
     """What the key derivations (service.privacy.digest) take, from the server's keyring."""
     layout = DataLayout(data_dir)
-    return Keyring.load(layout.keyring, load_kek(layout.dev_kek)).audit_signing_key()[1]
+    return Keyring.load(layout.keyring, load_kek(layout.dev_kek)).server_secret()
 
 
 @dataclasses.dataclass

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from privscore.v1 import (
     alert_service_pb2,
@@ -32,8 +31,8 @@ from service.audit import (
     verify_inclusion,
 )
 from service.client.probe import health_status
-from service.config import AUDIT_ORIGIN, DataLayout
-from tests.conftest import REPO_ROOT, ServerProcess, applicants
+from service.config import DataLayout
+from tests.conftest import REPO_ROOT, ServerProcess, applicants, audit_log_key
 from tests.test_alerts import cny, event
 from tests.test_limits import GOOD_SCORE, account
 from tests.test_server import error_reason
@@ -144,8 +143,8 @@ def test_audit_service_proves_a_decision_and_a_forged_proof_fails(tmp_path: Path
     finally:
         server.terminate()
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-    public_key = load_pem_public_key(DataLayout(data_dir).audit_public_key.read_bytes())
-    checkpoint = parse_checkpoint(proven.checkpoint, public_key, AUDIT_ORIGIN)  # type: ignore[arg-type]
+    verifier, origin = audit_log_key(data_dir)
+    checkpoint = parse_checkpoint(proven.checkpoint, verifier, origin)
     assert checkpoint.size == proven.tree_size
     assert proven.sequence == decision.metadata.audit_sequence
     assert decision.metadata.decision_id.encode() in proven.record

@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -55,7 +54,7 @@ from privscore.v1 import (
     scoring_service_pb2_grpc,
 )
 from service.audit import iter_records, latest_checkpoint, verify_log
-from service.config import AUDIT_ORIGIN, DEFAULT_POLICY, DataLayout
+from service.config import DEFAULT_POLICY, DataLayout
 from service.decisions.policy import load_policy
 from service.model.schema import FeatureSpec
 from service.privacy.pseudonym import Pseudonymiser
@@ -66,7 +65,7 @@ from service.privacy.sealing import (
     encode_value,
     load_public_keyset,
 )
-from tests.conftest import REPO_ROOT, ServerProcess, applicants, served_manifest
+from tests.conftest import REPO_ROOT, ServerProcess, applicants, audit_log_key, served_manifest
 
 TENANT = "baitiao-cn"
 SCORE = "/privscore.v1.ScoringService/Score"
@@ -1523,10 +1522,10 @@ def checkpointed_decision(server: ServerProcess, timeout: float = 30.0) -> tuple
     """(sequence, decision id) of a decision the latest signed checkpoint covers, read offline;
     waits for the first checkpoint (every 10 s while decisions arrive) if there is none yet."""
     layout = DataLayout(server.data_dir)
-    public_key = load_pem_public_key(layout.audit_public_key.read_bytes())
+    verifier, origin = audit_log_key(layout.root)
     deadline = time.monotonic() + timeout
     while True:
-        checkpoint = latest_checkpoint(layout.audit_dir, public_key, AUDIT_ORIGIN)  # type: ignore[arg-type]
+        checkpoint = latest_checkpoint(layout.audit_dir, verifier, origin)
         if checkpoint is not None:
             for stored in iter_records(layout.audit_dir):
                 if stored.sequence >= checkpoint.size:
@@ -1812,8 +1811,8 @@ def test_a_concurrent_burst_of_hostile_and_valid_calls(tmp_path: Path) -> None:
     for call in calls:
         if call.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
             assert refused[call.request_id]["code"] == call.code.name, call.name
-    public_key = load_pem_public_key(layout.audit_public_key.read_bytes())
-    report = verify_log(layout.audit_dir, public_key, AUDIT_ORIGIN)  # type: ignore[arg-type]
+    verifier, origin = audit_log_key(layout.root)
+    report = verify_log(layout.audit_dir, verifier, origin)
     assert report.ok and report.size == len(records), report.problems
     assert report.proven_size == report.size  # the shutdown checkpoint covers everything
     verified = subprocess.run(

@@ -7,13 +7,12 @@ import re
 from pathlib import Path
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from privscore.v1 import audit_service_pb2 as pb
 from privscore.v1 import audit_service_pb2_grpc
 from service.api import validation as check
 from service.api.runtime import RuntimeSlot
-from service.audit import NotProvable, prove_record
+from service.audit import NotProvable, VerifierKey, prove_record
 from service.errors import FailedPrecondition, ServiceError
 
 DECISION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -25,12 +24,12 @@ class NotFound(ServiceError):
 
 
 def find_with_proof(
-    audit_dir: Path, public_key: Ed25519PublicKey, origin: str, decision_id: str
+    audit_dir: Path, verifier: VerifierKey, origin: str, decision_id: str
 ) -> pb.GetDecisionRecordResponse:
     """Search only the checkpointed prefix: it is signed, and no append is racing it."""
     try:
         checkpoint, stored, proof = prove_record(
-            audit_dir, public_key, origin, equals={"decision_id": decision_id}
+            audit_dir, verifier, origin, equals={"decision_id": decision_id}
         )
     except NotProvable as error:
         if error.why == "NO_CHECKPOINT":
@@ -46,10 +45,9 @@ def find_with_proof(
 
 
 class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
-    def __init__(self, slot: RuntimeSlot, audit_dir: Path, origin: str) -> None:
+    def __init__(self, slot: RuntimeSlot, audit_dir: Path) -> None:
         self._slot = slot
         self._audit_dir = audit_dir
-        self._origin = origin
 
     async def GetDecisionRecord(
         self,
@@ -67,7 +65,11 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
             "a UUID in canonical lower-case form",
         )
         v.raise_if_any()
-        public_key = self._slot.runtime.audit_public_key
+        runtime = self._slot.runtime
         return await asyncio.to_thread(
-            find_with_proof, self._audit_dir, public_key, self._origin, request.decision_id
+            find_with_proof,
+            self._audit_dir,
+            runtime.audit_verifier,
+            runtime.audit_origin,
+            request.decision_id,
         )

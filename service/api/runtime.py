@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf import timestamp_pb2
 
 from privscore.v1 import common_pb2
+from service.audit import VerifierKey
 from service.callctx import CALLER
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy
@@ -69,7 +69,8 @@ class Runtime:
     store: DecisionStore
     alerts: AlertStream
     audit: AuditSink
-    audit_public_key: Ed25519PublicKey
+    audit_verifier: VerifierKey  # the key that signs the log's checkpoints now
+    audit_origin: str
     input_digest_key: bytes
     # Seals the amounts in audit records (service.privacy.record_seal).
     record_key: bytes

@@ -6,8 +6,11 @@ and record lookup. This package imports nothing else of ours, so it runs alone.
 """
 
 from service.audit.checkpoint import (
+    ROTATE_KEY_RPC,
     Checkpoint,
     CheckpointError,
+    Signer,
+    VerifierKey,
     format_checkpoint,
     parse_checkpoint,
 )
@@ -18,6 +21,7 @@ from service.audit.errors import (
     LogCorruptError,
     NotProvable,
 )
+from service.audit.identity import LogIdentity, establish_identity, read_identity
 from service.audit.log import Appended, AuditLog, AuditStats, RecoveryReport
 from service.audit.merkle import ProofError, leaf_hash, verify_consistency, verify_inclusion
 from service.audit.storage import StoredRecord, TornTail
@@ -30,10 +34,12 @@ from service.audit.verify import (
     iter_records,
     latest_checkpoint,
     prove_record,
+    records_containing,
     verify_log,
 )
 
 __all__ = [
+    "ROTATE_KEY_RPC",
     "Appended",
     "AuditError",
     "AuditLog",
@@ -43,13 +49,17 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "LogCorruptError",
+    "LogIdentity",
     "NotProvable",
     "ProofError",
     "RecoveryReport",
+    "Signer",
     "StoredRecord",
     "TornTail",
+    "VerifierKey",
     "VerifyReport",
     "consistency_proof",
+    "establish_identity",
     "find_records",
     "find_with_inclusion_proof",
     "format_checkpoint",
@@ -59,6 +69,8 @@ __all__ = [
     "leaf_hash",
     "parse_checkpoint",
     "prove_record",
+    "read_identity",
+    "records_containing",
     "verify_consistency",
     "verify_inclusion",
     "verify_log",

@@ -24,10 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-from service.audit.checkpoint import Checkpoint, parse_checkpoint
+from service.audit.checkpoint import Checkpoint, VerifierKey, parse_checkpoint
 from service.audit.errors import AuditError, NotProvable
 from service.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
 from service.audit.storage import StoredRecord
@@ -71,14 +68,15 @@ def _print_records(records: Iterable[StoredRecord]) -> None:
         sys.stdout.write(stored.envelope.decode("utf-8") + "\n")
 
 
-def _public_key(args: argparse.Namespace) -> Ed25519PublicKey:
-    try:
-        key = load_pem_public_key(Path(args.public_key).read_bytes())
-    except (OSError, ValueError) as error:
-        raise _Failed(f"cannot read public key {args.public_key}: {error}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise _Failed(f"{args.public_key} is not an Ed25519 public key")
-    return key
+def _verifier(args: argparse.Namespace) -> VerifierKey:
+    """`--verifier-key`: the signed-note verifier key (`name+id+key`), or a file holding it."""
+    text = args.verifier_key
+    if "+" not in text:
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise _Failed(f"cannot read verifier key {args.verifier_key}: {error}") from None
+    return VerifierKey.parse(text)
 
 
 def _read_text(path: str) -> str:
@@ -89,12 +87,20 @@ def _read_text(path: str) -> str:
 
 
 def _checkpoint_file(args: argparse.Namespace, path: str) -> Checkpoint:
-    return parse_checkpoint(_read_text(path), _public_key(args), args.origin)
+    return parse_checkpoint(_read_text(path), _verifier(args), args.origin)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    against = _checkpoint_file(args, args.against) if args.against else None
-    report = verify_log(args.audit_dir, _public_key(args), args.origin, against=against)
+    # An exported checkpoint is checked under the key in charge at its size, by verify_log.
+    against = _read_text(args.against) if args.against else None
+    mac_key = None if args.mac_key is None or args.no_mac else args.mac_key()
+    report = verify_log(
+        args.audit_dir,
+        _verifier(args),
+        args.origin,
+        against=against,
+        mac_key=mac_key,
+    )
     _print_json(
         {
             "ok": report.ok,
@@ -106,6 +112,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             "reason": report.reason,
             "problems": list(report.problems),
             "torn_tail_bytes": report.torn_tail_bytes,
+            "mac_checked": report.mac_checked,
+            "unauthenticated_records": report.unauthenticated_records,
+            "keys": [{"from_size": first, "verifier_key": key} for first, key in report.keys],
         }
     )
     return 0 if report.ok else 1
@@ -114,7 +123,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_prove(args: argparse.Namespace) -> int:
     try:
         checkpoint, found, proof = prove_record(
-            args.audit_dir, _public_key(args), args.origin, equals={"decision_id": args.decision}
+            args.audit_dir, _verifier(args), args.origin, equals={"decision_id": args.decision}
         )
     except NotProvable as error:
         raise _Failed(str(error)) from None
@@ -147,9 +156,7 @@ def _cmd_verify_proof(args: argparse.Namespace) -> int:
         raise _Failed("not a proof printed by `audit prove`")
     sequence = _field(document, "sequence", int)
     leaf = _field(document, "leaf", str).encode("utf-8")
-    checkpoint = parse_checkpoint(
-        _field(document, "checkpoint", str), _public_key(args), args.origin
-    )
+    checkpoint = parse_checkpoint(_field(document, "checkpoint", str), _verifier(args), args.origin)
     if _field(document, "tree_size", int) != checkpoint.size:
         raise _Failed("the proof's tree size is not its checkpoint's")
     if _unb64(_field(document, "leaf_hash", str), "leaf_hash") != leaf_hash(leaf):
@@ -182,7 +189,7 @@ def _cmd_consistency(args: argparse.Namespace) -> int:
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    checkpoint = latest_checkpoint(args.audit_dir, _public_key(args), args.origin)
+    checkpoint = latest_checkpoint(args.audit_dir, _verifier(args), args.origin)
     if checkpoint is None:
         raise _Failed("the log has no checkpoint yet")
     if args.out:
@@ -229,13 +236,15 @@ def add_audit_commands(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     *,
     default_audit_dir: str | None = None,
-    default_public_key: str | None = None,
+    default_verifier_key: str | None = None,
     default_origin: str | None = None,
+    mac_key: Callable[[], bytes] | None = None,
 ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """Register `audit ...` under `subparsers`; each command sets `run(args) -> exit code`.
 
-    Defaults injected here (e.g. from the server's data directory) make the flags optional.
-    Returns the `audit` subcommands, for commands that need more than this room (replay).
+    Defaults injected here (e.g. from the server's data directory) make the flags optional;
+    `mac_key`, where the caller can load the server's secret, makes `verify` check every
+    record's MAC. Returns the `audit` subcommands, for commands that need more than this room.
     """
     audit = subparsers.add_parser("audit", help="verify, prove and read the audit log offline")
     commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -253,10 +262,11 @@ def add_audit_commands(
             )
         if key:
             parser.add_argument(
-                "--public-key",
-                default=default_public_key,
-                required=default_public_key is None,
-                help="PEM file of the log's Ed25519 public key",
+                "--verifier-key",
+                default=default_verifier_key,
+                required=default_verifier_key is None,
+                metavar="VKEY",
+                help="the log's signed-note verifier key (name+id+key), or a file holding it",
             )
             parser.add_argument(
                 "--origin",
@@ -269,6 +279,13 @@ def add_audit_commands(
 
     verify = command("verify", _cmd_verify, "recompute the tree and check every checkpoint")
     verify.add_argument("--against", metavar="FILE", help="an exported checkpoint kept elsewhere")
+    verify.set_defaults(mac_key=mac_key, no_mac=False)
+    if mac_key is not None:
+        verify.add_argument(
+            "--no-mac",
+            action="store_true",
+            help="do not check records against the server's MAC key (a reviewer without it)",
+        )
 
     prove = command("prove", _cmd_prove, "print a decision's inclusion proof")
     prove.add_argument("--decision", required=True, metavar="ID", help="the record's decision_id")

@@ -14,8 +14,6 @@ have dropped the dirty pages and a retry could report success for data that is g
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import concurrent.futures
 import contextlib
 import fcntl
@@ -30,25 +28,31 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from service.audit.checkpoint import (
+    ROTATE_KEY_RPC,
+    Checkpoint,
     CheckpointError,
-    check_key_name,
+    Signer,
+    VerifierKey,
     check_origin,
+    check_rotation,
     format_checkpoint,
     parse_body,
+    parse_checkpoint,
+    rotation_record,
+    signer_names,
     split_note,
 )
 from service.audit.errors import AuditError, AuditWriteError, LogCorruptError
 from service.audit.merkle import MerkleFrontier, leaf_hash
 from service.audit.storage import (
     CHECKPOINT_FILE,
-    RESUME_FILE,
-    LogPosition,
+    GENESIS_CHAIN,
+    LEGACY_RESUME_FILE,
+    MAC_KEY_BYTES,
     LogReader,
     TornTail,
-    canonical_json,
     encode_record,
     frame,
     list_segments,
@@ -64,6 +68,10 @@ DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_CHECKPOINT_SECONDS = 10.0
 DEFAULT_MAX_BATCH = 1024
 _FILE_MODE = 0o600  # records hold pseudonyms and sealed inputs: owner only
+# Cheap pre-filter: a rotation record's envelope holds this byte string (a value that quotes
+# it holds it escaped). Matching envelopes are parsed, and only a top-level rpc counts.
+_ROTATION_MARK = b'"rpc":"' + ROTATE_KEY_RPC.encode() + b'"'
+
 
 _log = structlog.get_logger("privscore.audit")
 
@@ -90,12 +98,12 @@ class AuditStats:
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    """What open found: the number of records, the first one it read (0, or the latest
-    checkpoint's size when it resumed there), and any torn tail it cut off."""
+    """What open found: the number of records, the latest checkpoint's size (0: none), and any
+    torn tail it cut off."""
 
     size: int
     torn_tails: tuple[TornTail, ...]
-    read_from: int = 0
+    checkpointed: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,7 @@ class _Pending:
     leaf_hash: bytes
     chain: bytes
     waiter: Waiter
+    rotate_to: Signer | None = None  # a key rotation record: sign with this key after it
 
 
 @dataclass(frozen=True)
@@ -146,22 +155,23 @@ def _settle(settled: list[tuple[Waiter, object]]) -> None:
 class AuditLog:
     """An append-only, tamper-evident record log in `directory`, open for writing.
 
-    Opening resumes where the latest checkpoint left the log (the resume point written with
-    it, checked against the checkpoint's size and root) and reads only the records after it;
-    without a usable resume point it reads every record, hashing those the latest checkpoint
-    covers against its root. Either way it checks the records it reads against the chain, cuts
-    off a torn final record (logged as `audit.torn_tail_truncated` and reported in `recovery`)
-    and refuses a log that is damaged there or shorter than its latest checkpoint; damage in
-    records it did not read is for `verify_log` to find. One process at a time: the directory
-    is locked. Opening does disk reads; on an event loop, open it with `asyncio.to_thread`.
+    Opening checks the log before anything is appended, and refuses it (AuditError naming the
+    file and the problem) unless: the latest checkpoint is signed by `signer` for `origin`; the
+    records it covers hash to its root; every record after it carries this server's MAC (it was
+    written by a holder of `mac_key`, not appended by someone else) and follows the chain; and
+    the log has not been handed to another key by a rotation record. A torn final record (an
+    append that was never acknowledged) is cut off, logged as `audit.torn_tail_truncated` and
+    reported in `recovery`. Opening reads the whole log (hashing, not parsing, what the latest
+    checkpoint covers). One process at a time: the directory is locked. Opening does disk reads;
+    on an event loop, open it with `asyncio.to_thread`.
     """
 
     def __init__(
         self,
         directory: str | os.PathLike[str],
         *,
-        signing_key: Ed25519PrivateKey,
-        key_name: str,
+        signer: Signer,
+        mac_key: bytes,
         origin: str,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
@@ -170,12 +180,13 @@ class AuditLog:
         fsync: Callable[[int], None] = os.fsync,
     ) -> None:
         check_origin(origin)
-        check_key_name(key_name)
         if min(segment_bytes, checkpoint_every, max_batch) < 1 or checkpoint_seconds <= 0:
             raise ValueError("segment size, checkpoint cadence and batch size must be positive")
+        if len(mac_key) != MAC_KEY_BYTES:
+            raise ValueError(f"the record MAC key must be {MAC_KEY_BYTES} bytes")
         self._directory = Path(directory)
-        self._signing_key = signing_key
-        self._key_name = key_name
+        self._signer = signer  # the writer thread replaces it when a key rotation commits
+        self._mac_key = mac_key
         self._origin = origin
         self._segment_bytes = segment_bytes
         self._checkpoint_every = checkpoint_every
@@ -270,19 +281,47 @@ class AuditLog:
     def stats(self) -> AuditStats:
         return AuditStats(self._records, self._batches, self._fsyncs, self._checkpoints)
 
+    @property
+    def origin(self) -> str:
+        return self._origin
+
+    @property
+    def verifier(self) -> VerifierKey:
+        """The key that signs this log's checkpoints now."""
+        return self._signer.verifier
+
+    def rotate_key_sync(self, new: Signer, time: str) -> Appended:
+        """Hand the log to `new`: append a rotation record signed by the current key and
+        `new`, sign a checkpoint with both right after it, and sign every later checkpoint
+        with `new` alone. Returns once that checkpoint is durable."""
+        if new.name != self._signer.name:
+            raise AuditError("the new key must sign under the log's key name")
+        if new.verifier == self._signer.verifier:
+            raise AuditError("the new key is the key in use")
+        future: concurrent.futures.Future[Appended] = concurrent.futures.Future()
+        with self._lock:
+            record = rotation_record(self._origin, self._next_sequence, self._signer, new, time)
+            self._enqueue_locked(encode_record(record), future, rotate_to=new)
+        return future.result()
+
     def _enqueue(self, record: Mapping[str, Any], waiter: Waiter) -> None:
         record_json = encode_record(record)
         with self._lock:
-            if self._failure is not None:
-                raise AuditWriteError(f"audit log has failed: {self._failure}") from self._failure
-            if self._closing:
-                raise AuditWriteError("audit log is closed")
-            sequence = self._next_sequence
-            envelope, self._chain = seal_envelope(sequence, record_json, self._chain)
-            self._next_sequence += 1
-            self._queue.put(
-                _Pending(sequence, frame(envelope), leaf_hash(envelope), self._chain, waiter)
-            )
+            self._enqueue_locked(record_json, waiter)
+
+    def _enqueue_locked(
+        self, record_json: bytes, waiter: Waiter, rotate_to: Signer | None = None
+    ) -> None:
+        if self._failure is not None:
+            raise AuditWriteError(f"audit log has failed: {self._failure}") from self._failure
+        if self._closing:
+            raise AuditWriteError("audit log is closed")
+        sequence = self._next_sequence
+        envelope, self._chain = seal_envelope(sequence, record_json, self._chain, self._mac_key)
+        self._next_sequence += 1
+        self._queue.put(
+            _Pending(sequence, frame(envelope), leaf_hash(envelope), self._chain, waiter, rotate_to)
+        )
 
     def _request_close(self, waiter: Waiter) -> bool:
         with self._lock:
@@ -319,58 +358,70 @@ class AuditLog:
         notes, torn_note = read_checkpoint_notes(self._directory)
         if torn_note is not None:
             torn.append(self._cut(torn_note))
-        try:
-            latest = parse_body(split_note(notes[-1].decode("utf-8"))[0]) if notes else None
-        except (UnicodeDecodeError, CheckpointError) as error:
-            raise LogCorruptError(None, f"latest checkpoint is malformed: {error}") from None
-        if latest is not None and latest[0] != self._origin:
-            raise AuditError(f"{self._directory} holds the log of {latest[0]!r}, not this one")
+        latest = self._check_latest_checkpoint(notes)
+        checkpointed = latest.size if latest is not None else 0
+        # An earlier version kept a resume point here (world-readable); the log is read whole.
+        (self._directory / LEGACY_RESUME_FILE).unlink(missing_ok=True)
 
-        # Resumed at the latest checkpoint, only the records after it are read; otherwise all.
-        resumed = self._resume_position(latest)
-        frontier = resumed[1] if resumed else MerkleFrontier()
-        reader = LogReader(self._directory, resumed[0] if resumed else None)
-        checkpointed = latest[1] if latest is not None else 0
-        at_latest = latest is not None and (resumed is not None or checkpointed == 0)
-        root_at_latest = frontier.root() if at_latest else None
-        read_from = frontier.size
-        chain = reader.chain
+        frontier = MerkleFrontier()
+        root_at_latest = frontier.root() if checkpointed == 0 else None
+        reader = LogReader(self._directory)
+        chain = GENESIS_CHAIN
+        rotated_to: VerifierKey | None = None
         try:
             for envelope in reader.envelopes():
                 sequence = frontier.size
                 if sequence >= checkpointed:
-                    chain = open_envelope(envelope, sequence, chain)[1]
+                    stored, chain = open_envelope(envelope, sequence, chain)
+                    if not stored.authentic(self._mac_key):
+                        raise LogCorruptError(
+                            sequence,
+                            "does not carry this server's MAC: the server did not write it",
+                        )
                 elif sequence == checkpointed - 1:
                     chain = stored_chain(envelope, sequence)
                 # Records the latest checkpoint covers are only hashed, not parsed: its root,
-                # compared below, vouches for every byte of them, and parsing made opening a
-                # log several times slower. Records after it are checked against the chain.
+                # compared below, vouches for every byte of them. Key rotations are parsed
+                # wherever they are, to know which key the log expects now.
+                if _ROTATION_MARK in envelope:
+                    rotated_to = self._rotation(envelope, sequence) or rotated_to
                 frontier.append(leaf_hash(envelope))
-                if frontier.size == checkpointed and latest is not None:
+                if frontier.size == checkpointed:
                     root_at_latest = frontier.root()
         except LogCorruptError as error:
             raise LogCorruptError(
-                error.sequence, f"{error.reason}; refusing to append (run `audit verify`)"
+                error.sequence,
+                f"{self._directory / reader.file}: {error.reason}; refusing to open the log "
+                "(run `privscore audit verify`)",
             ) from None
         if reader.torn is not None:
             torn.append(self._cut(reader.torn))
-        if latest is not None and latest[1] > frontier.size:
+        checkpoints = self._directory / CHECKPOINT_FILE
+        if checkpointed > frontier.size:
             raise LogCorruptError(
                 frontier.size,
-                f"the latest checkpoint covers {latest[1]} records but only {frontier.size} are "
-                "left; refusing to append (run `audit verify`)",
+                f"{checkpoints}: the latest signed checkpoint covers {checkpointed} records but "
+                f"the segments hold only {frontier.size}; refusing to open the log "
+                "(run `privscore audit verify`)",
             )
-        if latest is not None and root_at_latest != latest[2]:
+        if latest is not None and root_at_latest != latest.root_hash:
             raise LogCorruptError(
-                latest[1] - 1 if latest[1] else None,
-                f"the records no longer match the latest checkpoint (size {latest[1]}); "
-                "refusing to append (run `audit verify`)",
+                checkpointed - 1 if checkpointed else None,
+                f"{checkpoints}: the records no longer give the latest signed checkpoint's root "
+                f"(size {checkpointed}): a record was altered; refusing to open the log "
+                "(run `privscore audit verify`)",
+            )
+        if rotated_to is not None and rotated_to != self._signer.verifier:
+            raise AuditError(
+                f"{self._directory}: the log was handed to audit key {rotated_to.key_id.hex()} by "
+                f"a key rotation, but this server signs with {self.verifier.key_id.hex()}; "
+                "finish it with `privscore audit rotate-key`"
             )
 
         self._frontier = frontier
         self._next_sequence = frontier.size
         self._chain = self._committed_chain = chain
-        self._checkpointed_size = latest[1] if latest is not None else None
+        self._checkpointed_size = latest.size if latest is not None else None
         self._uncheckpointed_since = (
             time.monotonic() if frontier.size != (self._checkpointed_size or 0) else None
         )
@@ -379,49 +430,51 @@ class AuditLog:
             self._segment_first_sequence = segments[-1][0]
             self._segment_fd = os.open(segments[-1][1], os.O_WRONLY | os.O_APPEND)
             self._segment_size = os.fstat(self._segment_fd).st_size
-        return RecoveryReport(frontier.size, tuple(torn), read_from)
+        return RecoveryReport(frontier.size, tuple(torn), checkpointed)
 
-    def _resume_position(
-        self, latest: tuple[str, int, bytes] | None
-    ) -> tuple[LogPosition, MerkleFrontier] | None:
-        """Where the latest checkpoint left the log, if the resume file says so and agrees
-        with that checkpoint's size and root; else None, and open reads the whole log.
+    def _check_latest_checkpoint(self, notes: list[bytes]) -> Checkpoint | None:
+        """The latest stored checkpoint, verified under this server's key and origin."""
+        if not notes:
+            return None
+        path = self._directory / CHECKPOINT_FILE
+        try:
+            text = notes[-1].decode("utf-8")
+            origin = parse_body(split_note(text)[0])[0]
+        except (UnicodeDecodeError, CheckpointError) as error:
+            raise LogCorruptError(
+                None, f"{path}: the latest checkpoint is malformed ({error}); refusing to open"
+            ) from None
+        if origin != self._origin:
+            raise AuditError(f"{self._directory} holds the log of {origin!r}, not {self._origin!r}")
+        try:
+            return parse_checkpoint(text, self._signer.verifier, self._origin)
+        except CheckpointError as error:
+            ours = self._signer.verifier
+            raise LogCorruptError(
+                None,
+                f"{path}: the latest checkpoint is refused: {error} (this server's key: "
+                f"{ours.name} {ours.key_id.hex()}; the note is signed as "
+                f"{', '.join(signer_names(text))}); "
+                "refusing to open the log",
+            ) from None
 
-        Resuming makes opening cost the records since the latest checkpoint rather than the
-        whole log. The records before it are then not re-read: `audit verify` checks them.
-        """
-        path = self._directory / RESUME_FILE
-        if latest is None or latest[1] == 0 or not path.exists():
+    def _rotation(self, envelope: bytes, sequence: int) -> VerifierKey | None:
+        """The key a stored rotation record hands the log to, once both keys' signatures check;
+        None if the record only looked like one."""
+        record = json.loads(envelope)["record"]
+        if record.get("rpc") != ROTATE_KEY_RPC:
             return None
         try:
-            point = json.loads(path.read_bytes())
-            frontier = MerkleFrontier.restore(
-                point["size"],
-                [
-                    (start, base64.b64decode(node, validate=True))
-                    for start, node in point["frontier"]
-                ],
+            _, new = check_rotation(
+                self._origin,
+                sequence,
+                record.get("old_key"),
+                record.get("new_key"),
+                record.get("signatures"),
             )
-            position = LogPosition(
-                point["size"],
-                point["segment_first_sequence"],
-                point["offset"],
-                base64.b64decode(point["chain"], validate=True),
-            )
-            segment = self._directory / segment_name(position.segment_first_sequence)
-            usable = (
-                position.size == latest[1]
-                and frontier.root() == latest[2]
-                and type(position.offset) is int
-                and 0 <= position.segment_first_sequence <= position.size
-                and 0 <= position.offset <= segment.stat().st_size
-            )
-        except (OSError, ValueError, KeyError, TypeError, binascii.Error):
-            usable = False
-        if not usable:
-            _log.warning("audit.resume_point_unused", reason="it does not match the log")
-            return None
-        return position, frontier
+        except CheckpointError as error:
+            raise LogCorruptError(sequence, f"bad key rotation: {error}") from None
+        return new
 
     def _cut(self, torn: TornTail) -> TornTail:
         """Truncate an interrupted append off the end of a file, durably, and say so."""
@@ -488,6 +541,14 @@ class AuditLog:
         self._batches += 1
         if self._uncheckpointed_since is None:
             self._uncheckpointed_since = time.monotonic()
+        rotate_to = next((e.rotate_to for e in pending if e.rotate_to is not None), None)
+        if rotate_to is not None:
+            # The transition: one checkpoint past the rotation record, signed by both keys.
+            self._checkpoint(cosigner=rotate_to)
+            if self._failure is not None:
+                _settle([(entry.waiter, self._write_error()) for entry in pending])
+                return
+            self._signer = rotate_to
         _settle([(entry.waiter, Appended(entry.sequence, entry.leaf_hash)) for entry in pending])
 
     def _write(self, pending: list[_Pending]) -> None:
@@ -535,17 +596,12 @@ class AuditLog:
         waited = time.monotonic() - self._uncheckpointed_since
         return behind >= self._checkpoint_every or waited >= self._checkpoint_seconds
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, cosigner: Signer | None = None) -> None:
         if self._failure is not None or self._checkpoint_fd is None:
             return
         size = self._frontier.size
-        note = format_checkpoint(
-            self._origin,
-            size,
-            self._frontier.root(),
-            key_name=self._key_name,
-            signing_key=self._signing_key,
-        )
+        signers = [self._signer] if cosigner is None else [self._signer, cosigner]
+        note = format_checkpoint(self._origin, size, self._frontier.root(), signers=signers)
         try:
             _write_all(self._checkpoint_fd, frame(note.encode()))
             self._sync(self._checkpoint_fd)
@@ -555,29 +611,6 @@ class AuditLog:
         self._checkpointed_size = size
         self._uncheckpointed_since = None
         self._checkpoints += 1
-        self._write_resume_point(size)
-
-    def _write_resume_point(self, size: int) -> None:
-        """Record where this checkpoint leaves the log, for the next open. Not fsynced and not
-        needed for durability: open checks it against the checkpoint and otherwise reads all."""
-        if self._segment_fd is None:
-            return
-        point = {
-            "size": size,
-            "segment_first_sequence": self._segment_first_sequence,
-            "offset": self._segment_size,
-            "chain": base64.b64encode(self._committed_chain).decode("ascii"),
-            "frontier": [
-                [start, base64.b64encode(node).decode("ascii")]
-                for start, node in self._frontier.nodes
-            ],
-        }
-        temporary = self._directory / f"{RESUME_FILE}.tmp"
-        try:
-            temporary.write_bytes(canonical_json(point))
-            os.replace(temporary, self._directory / RESUME_FILE)
-        except OSError as error:
-            _log.warning("audit.resume_point_not_written", error=type(error).__name__)
 
     def _finish(self, close: _Close) -> None:
         # A log that failed earlier has told every appender; only a failing final checkpoint

@@ -8,11 +8,16 @@ per frame, in `checkpoints.log`.
 A record's payload, which is also its Merkle leaf, is the canonical JSON (sorted keys, compact
 separators, UTF-8) of its envelope:
 
-    {"chain":"<base64 SHA-256(previous chain || {"record":...,"seq":N})>","record":{...},"seq":N}
+    {"chain":"<base64 C>","mac":"<base64 HMAC-SHA256(K, label || C)>","record":{...},"seq":N}
+    where C = SHA-256(previous chain || {"record":...,"seq":N})
 
 `seq` numbers records from 0 without gaps; `chain` links each record to all before it (the first
 record's predecessor chain is 32 zero bytes), so an edit to one record is caught at that record,
-not only at the next signed checkpoint.
+not only at the next signed checkpoint. `mac` authenticates the record, its place and everything
+before it under K, a secret only the server holds: anyone can recompute a chain, only the server
+can make a MAC, so a record appended by someone else is refused even before a checkpoint signs
+it. Logs written before MACs existed have envelopes without `mac`; such a record is accepted only
+where a signed checkpoint covers it.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import os
 import re
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +40,11 @@ from service.audit.errors import AuditRecordError, LogCorruptError
 from service.audit.merkle import leaf_hash
 
 CHECKPOINT_FILE = "checkpoints.log"
-# Where the next open may start reading: written after each checkpoint, never trusted blindly.
-RESUME_FILE = "resume.json"
+# Where an earlier version resumed reading; open now reads the whole log and removes it.
+LEGACY_RESUME_FILE = "resume.json"
 GENESIS_CHAIN = bytes(32)
+MAC_LABEL = b"privscore.v1/audit-record-mac\x00"
+MAC_KEY_BYTES = 32
 # Below 2**24, so every length field starts with a zero byte; canonical JSON never holds one.
 MAX_PAYLOAD_BYTES = (1 << 24) - 1
 MAX_RECORD_BYTES = MAX_PAYLOAD_BYTES - 1024  # leaves room for the envelope around the record
@@ -110,16 +118,14 @@ class FrameFile:
     whole and fsynced, so a valid frame after a bad one means damage, never a crash.
     """
 
-    def __init__(self, path: Path, *, may_be_torn: bool, start: int = 0) -> None:
+    def __init__(self, path: Path, *, may_be_torn: bool) -> None:
         self.path = path
         self.may_be_torn = may_be_torn
-        self.start = start  # where a frame begins: 0, or a position the writer recorded
         self.torn: TornTail | None = None
 
     def frames(self) -> Iterator[bytes]:
         with self.path.open("rb", buffering=1 << 20) as file:
-            file.seek(self.start)
-            offset = self.start
+            offset = 0
             while True:
                 header = file.read(4)
                 if not header:
@@ -161,19 +167,39 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
     return encoded
 
 
-def seal_envelope(sequence: int, record_json: bytes, previous_chain: bytes) -> tuple[bytes, bytes]:
-    """(envelope bytes, chain) for a canonical record at `sequence`.
+def record_mac(mac_key: bytes, chain: bytes) -> bytes:
+    """The MAC of the record whose chain value is `chain` (which covers it and its past)."""
+    return hmac.digest(mac_key, MAC_LABEL + chain, "sha256")
 
-    Assembled by hand rather than re-serialised: the keys are already in sorted order, and the
-    reader checks every envelope is byte-for-byte canonical.
-    """
-    seq = str(sequence).encode()
-    chain = hashlib.sha256(previous_chain + b'{"record":' + record_json + b',"seq":' + seq + b"}")
-    digest = chain.digest()
-    envelope = (
-        b'{"chain":"' + base64.b64encode(digest) + b'","record":' + record_json + b',"seq":' + seq
+
+def _envelope(sequence: bytes, record_json: bytes, chain: bytes, mac: bytes | None) -> bytes:
+    # Assembled by hand rather than re-serialised: the keys are already in sorted order, and
+    # the reader checks every envelope is byte-for-byte canonical.
+    tagged = b'","mac":"' + base64.b64encode(mac) if mac is not None else b""
+    return (
+        b'{"chain":"'
+        + base64.b64encode(chain)
+        + tagged
+        + b'","record":'
+        + record_json
+        + b',"seq":'
+        + sequence
+        + b"}"
     )
-    return envelope + b"}", digest
+
+
+def _chain(previous_chain: bytes, record_json: bytes, sequence: bytes) -> bytes:
+    body = previous_chain + b'{"record":' + record_json + b',"seq":' + sequence + b"}"
+    return hashlib.sha256(body).digest()
+
+
+def seal_envelope(
+    sequence: int, record_json: bytes, previous_chain: bytes, mac_key: bytes
+) -> tuple[bytes, bytes]:
+    """(envelope bytes, chain) for a canonical record at `sequence`, authenticated."""
+    seq = str(sequence).encode()
+    chain = _chain(previous_chain, record_json, seq)
+    return _envelope(seq, record_json, chain, record_mac(mac_key, chain)), chain
 
 
 @dataclass(frozen=True)
@@ -181,10 +207,19 @@ class StoredRecord:
     sequence: int
     record: dict[str, Any]
     envelope: bytes  # the exact stored bytes: the Merkle leaf
+    # Set where the envelope was checked against the chain (not by lookups that only search):
+    chain: bytes = field(default=b"", compare=False)
+    mac: bytes | None = field(default=None, compare=False)  # None: written before MACs existed
 
     @property
     def leaf_hash(self) -> bytes:
         return leaf_hash(self.envelope)
+
+    def authentic(self, mac_key: bytes) -> bool:
+        """Whether the server holding `mac_key` wrote this record at this place."""
+        return self.mac is not None and hmac.compare_digest(
+            self.mac, record_mac(mac_key, self.chain)
+        )
 
 
 def open_envelope(
@@ -199,24 +234,32 @@ def open_envelope(
         envelope = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise bad("envelope is not UTF-8 JSON") from None
-    if not isinstance(envelope, dict) or set(envelope) != {"chain", "record", "seq"}:
-        raise bad("envelope does not have exactly the fields chain, record, seq")
+    if not isinstance(envelope, dict) or set(envelope) - {"mac"} != {"chain", "record", "seq"}:
+        raise bad("envelope does not have exactly the fields chain, mac, record, seq")
     sequence, record, chain = envelope["seq"], envelope["record"], envelope["chain"]
-    if type(sequence) is not int or not isinstance(record, dict) or not isinstance(chain, str):
+    mac = envelope.get("mac", "")
+    if (
+        type(sequence) is not int
+        or not isinstance(record, dict)
+        or not isinstance(chain, str)
+        or not isinstance(mac, str)
+    ):
         raise bad("envelope fields have the wrong types")
     if sequence != expected_sequence:
         raise bad(f"holds sequence {sequence}: a record was deleted, inserted or moved here")
     try:
         record_json = canonical_json(record)
         stored_chain = base64.b64decode(chain, validate=True)
+        stored_mac = base64.b64decode(mac, validate=True) if "mac" in envelope else None
     except (ValueError, binascii.Error):
         raise bad("envelope is not canonical") from None
-    expected_envelope, expected_chain = seal_envelope(sequence, record_json, previous_chain)
+    seq = str(sequence).encode()
+    expected_chain = _chain(previous_chain, record_json, seq)
     if stored_chain != expected_chain:
         raise bad("chain does not follow from the records before it: this record was altered")
-    if expected_envelope != payload:
+    if _envelope(seq, record_json, expected_chain, stored_mac) != payload:
         raise bad("envelope is not canonical")
-    return StoredRecord(sequence, record, payload), expected_chain
+    return StoredRecord(sequence, record, payload, expected_chain, stored_mac), expected_chain
 
 
 def stored_chain(payload: bytes, sequence: int) -> bytes:
@@ -227,31 +270,20 @@ def stored_chain(payload: bytes, sequence: int) -> bytes:
         raise LogCorruptError(sequence, "envelope has no readable chain value") from None
 
 
-@dataclass(frozen=True)
-class LogPosition:
-    """Where record `size` begins: a byte offset in the segment that starts at
-    `segment_first_sequence`, and the chain value of the record before it."""
-
-    size: int
-    segment_first_sequence: int
-    offset: int
-    chain: bytes
-
-
 class LogReader:
-    """Reads the records of a log directory in order, checking framing, sequence and chain:
-    all of them, or those from a position the writer recorded.
+    """Reads the records of a log directory in order, checking framing, sequence and chain.
 
     Raises LogCorruptError at the first record that does not fit; a torn final record of the last
-    segment ends the iteration and is described in `torn`. Never writes.
+    segment ends the iteration and is described in `torn`. `file` names the segment being read,
+    for messages. Never writes.
     """
 
-    def __init__(self, directory: Path, start: LogPosition | None = None) -> None:
+    def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.start = start
         self.torn: TornTail | None = None
-        self.size = start.size if start else 0
-        self.chain = start.chain if start else GENESIS_CHAIN
+        self.size = 0
+        self.chain = GENESIS_CHAIN
+        self.file = ""
 
     def __iter__(self) -> Iterator[StoredRecord]:
         for payload in self.envelopes():
@@ -263,23 +295,16 @@ class LogReader:
         neither the JSON nor the chain: for passes that only hash leaves, which is where
         their cost is."""
         segments = list_segments(self.directory)
-        offset = 0
-        if self.start is not None:
-            first = self.start.segment_first_sequence
-            if first not in {sequence for sequence, _ in segments}:
-                raise LogCorruptError(self.size, f"{segment_name(first)} is missing")
-            segments = [(s, path) for s, path in segments if s >= first]
-            offset = self.start.offset
         for index, (first_sequence, path) in enumerate(segments):
-            if offset == 0 and first_sequence != self.size:
+            self.file = path.name
+            if first_sequence != self.size:
                 raise LogCorruptError(
                     self.size, f"next file is {path.name}: records from {self.size} are missing"
                 )
-            frames = FrameFile(path, may_be_torn=index == len(segments) - 1, start=offset)
-            offset = 0
+            frames = FrameFile(path, may_be_torn=index == len(segments) - 1)
             try:
                 for payload in frames.frames():
-                    yield payload  # self.size is this envelope's sequence until resumed
+                    yield payload  # self.size is this envelope's sequence until it returns
                     self.size += 1
             except FrameError as error:
                 raise LogCorruptError(self.size, f"{path.name} {error}") from None

@@ -17,8 +17,15 @@ What `verify_log` guarantees, assuming SHA-256 and Ed25519 hold:
   last record of the first one that does not (`first_bad_sequence`).
 - A truncated tail shows only against a checkpoint larger than what is left, stored or exported
   (`against`): `first_bad_sequence` is then the first missing record.
-- Records after the last checkpoint are chained but not signed: a forger can rewrite them
-  undetectably until the next checkpoint; `proven_size` says how far the signatures reach.
+- Records after the last checkpoint are chained but not signed. With the server's record MAC
+  key (`mac_key`), each of them is checked to carry the server's MAC, so a record appended or
+  rewritten by anyone without that secret is reported at its own sequence. Without it, a forger
+  can rewrite them undetectably until the next checkpoint: `proven_size` says how far the
+  signatures reach and `unauthenticated_records` how many records nothing vouches for.
+- A log that spans several signing keys is checked key by key: a rotation record at sequence R,
+  signed by the old and the new key, hands every checkpoint of more than R records to the new
+  key. Given any one key of the chain, the rotations name the others; a checkpoint signed by a
+  key other than the one in charge at its size does not count.
 - A torn final record (an interrupted append, never acknowledged) is not a problem: it is left
   out and counted in `torn_tail_bytes`, unless a checkpoint covers it.
 """
@@ -28,14 +35,21 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from service.audit.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
+from service.audit.checkpoint import (
+    ROTATE_KEY_RPC,
+    Checkpoint,
+    CheckpointError,
+    VerifierKey,
+    check_rotation,
+    parse_body,
+    parse_checkpoint,
+    split_note,
+)
 from service.audit.errors import LogCorruptError, NotProvable
 from service.audit.merkle import (
     EMPTY_ROOT,
@@ -62,6 +76,28 @@ class VerifyReport:
     reason: str | None  # the problem at first_bad_sequence (or the first problem found)
     problems: tuple[str, ...]
     torn_tail_bytes: int  # an interrupted final append, not counted as a record
+    mac_checked: bool = False  # whether records were checked against the server's MAC key
+    unauthenticated_records: int = 0  # records no signature (and no checked MAC) vouches for
+    keys: tuple[tuple[int, str], ...] = ()  # (first size it signs, verifier key), oldest first
+
+
+class KeyChain:
+    """Which key signs the checkpoints of each size: the first key until the first rotation
+    record at sequence R, the next for sizes above R, and so on."""
+
+    def __init__(self, first: VerifierKey) -> None:
+        self.keys: list[tuple[int, VerifierKey]] = [(0, first)]
+
+    def rotate(self, sequence: int, old: VerifierKey, new: VerifierKey) -> None:
+        if old != self.keys[-1][1]:
+            raise CheckpointError("the key rotation does not start from the key in use")
+        self.keys.append((sequence + 1, new))
+
+    def at(self, size: int) -> VerifierKey:
+        return next(key for first, key in reversed(self.keys) if size >= first or first == 0)
+
+    def trusts(self, verifier: VerifierKey) -> bool:
+        return any(key == verifier for _, key in self.keys)
 
 
 def _last(size: int) -> int | None:
@@ -71,11 +107,12 @@ def _last(size: int) -> int | None:
 
 def _stored_checkpoints(
     directory: Path,
-    public_key: Ed25519PublicKey,
+    keys: KeyChain,
     origin: str,
     problems: list[tuple[int | None, str]],
 ) -> list[Checkpoint]:
-    """The log's own checkpoints that verify, oldest first; the others go to `problems`."""
+    """The log's own checkpoints that verify, each under the key in charge at its size, oldest
+    first; the others go to `problems`."""
     try:
         notes, _ = read_checkpoint_notes(directory)
     except LogCorruptError as error:
@@ -84,7 +121,7 @@ def _stored_checkpoints(
     stored: list[Checkpoint] = []
     for number, note in enumerate(notes):
         try:
-            checkpoint = parse_checkpoint(note.decode("utf-8"), public_key, origin)
+            checkpoint = _parse_under(note.decode("utf-8"), keys, origin)
         except (UnicodeDecodeError, CheckpointError) as error:
             problems.append((None, f"stored checkpoint #{number}: {error}"))
             continue
@@ -94,41 +131,118 @@ def _stored_checkpoints(
     return stored
 
 
+def _parse_under(text: str, keys: KeyChain, origin: str) -> Checkpoint:
+    """A checkpoint verified under the key in charge at the size its body claims."""
+    size = parse_body(split_note(text)[0])[1]
+    return parse_checkpoint(text, keys.at(size), origin)
+
+
+_MAC_OK, _NO_MAC, _BAD_MAC = 0, 1, 2
+
+
+@dataclass
+class _Scan:
+    """One pass over the records: their leaf hashes (32 bytes each), each one's MAC status (a
+    byte each), and the key chain the rotation records give."""
+
+    keys: KeyChain
+    leaves: bytearray
+    macs: bytearray
+    torn_tail_bytes: int
+    readable: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.macs)
+
+    def leaf_hashes(self) -> Iterator[bytes]:
+        return (bytes(self.leaves[i : i + 32]) for i in range(0, len(self.leaves), 32))
+
+
+def _scan(
+    directory: Path,
+    verifier: VerifierKey,
+    origin: str,
+    mac_key: bytes | None,
+    problems: list[tuple[int | None, str]],
+) -> _Scan:
+    reader = LogReader(directory)
+    leaves, macs = bytearray(), bytearray()
+    chain: KeyChain | None = None
+    readable = True
+    try:
+        for record in reader:
+            leaves += record.leaf_hash
+            if record.mac is None:
+                macs.append(_NO_MAC)
+            else:
+                ok = mac_key is None or record.authentic(mac_key)
+                macs.append(_MAC_OK if ok else _BAD_MAC)
+            if record.record.get("rpc") != ROTATE_KEY_RPC:
+                continue
+            try:
+                old, new = check_rotation(
+                    origin,
+                    record.sequence,
+                    record.record.get("old_key"),
+                    record.record.get("new_key"),
+                    record.record.get("signatures"),
+                )
+                chain = chain or KeyChain(old)
+                chain.rotate(record.sequence, old, new)
+            except CheckpointError as error:
+                problems.append((record.sequence, f"record {record.sequence}: {error}"))
+    except LogCorruptError as error:
+        readable = False
+        problems.append((error.sequence, str(error)))
+    chain = chain or KeyChain(verifier)
+    if not chain.trusts(verifier):
+        problems.append((None, f"the key {verifier.text} is not one of this log's signing keys"))
+    torn = reader.torn.length if reader.torn else 0
+    return _Scan(chain, leaves, macs, torn, readable)
+
+
 def verify_log(
     directory: str | os.PathLike[str],
-    public_key: Ed25519PublicKey,
+    verifier: VerifierKey,
     origin: str,
     *,
-    against: Checkpoint | None = None,
+    against: Checkpoint | str | None = None,
+    mac_key: bytes | None = None,
 ) -> VerifyReport:
-    """Recompute the log's tree and check it against every signed checkpoint (see module doc)."""
+    """Recompute the log's tree and check it against every signed checkpoint, and each record
+    against the server's MAC when `mac_key` is given (see module doc)."""
     directory = Path(directory)
-    if against is not None:  # a Checkpoint can be built by hand: trust only what verifies
-        against = parse_checkpoint(against.text, public_key, origin)
     problems: list[tuple[int | None, str]] = []  # (upper bound on the first bad record, what)
-    stored = _stored_checkpoints(directory, public_key, origin, problems)
+    scan = _scan(directory, verifier, origin, mac_key, problems)
+    keys, readable = scan.keys, scan.readable
+    trusted: list[Checkpoint] = []
+    stored: list[Checkpoint] = []
+    if keys.trusts(verifier):
+        stored = _stored_checkpoints(directory, keys, origin, problems)
+        if against is not None:  # an exported note, or a Checkpoint: trust only what verifies
+            text = against if isinstance(against, str) else against.text
+            exported = _parse_under(text, keys, origin)
+            trusted = [*stored, exported]
+        else:
+            trusted = list(stored)
     successive = [(old, new) for old, new in itertools.pairwise(stored) if old != new]
-    trusted = stored + ([against] if against is not None else [])
     wanted: set[Range] = {(0, checkpoint.size) for checkpoint in trusted if checkpoint.size}
     for old, new in successive:
         if old.size <= new.size:
             wanted.update(consistency_path(old.size, new.size))
 
     collector = SubtreeCollector(wanted)
-    reader = LogReader(directory)
-    readable = True
-    try:
-        for record in reader:
-            collector.append(record.leaf_hash)
-    except LogCorruptError as error:
-        readable = False
-        problems.append((error.sequence, str(error)))
+    for leaf in scan.leaf_hashes():
+        collector.append(leaf)
     size = collector.size
     roots = {0: EMPTY_ROOT} | {end: h for (start, end), h in collector.hashes.items() if not start}
 
     proven = 0
     for checkpoint in trusted:
-        name = "exported checkpoint" if checkpoint is against else "stored checkpoint"
+        name = (
+            "stored checkpoint" if any(checkpoint is c for c in stored) else "exported checkpoint"
+        )
         if checkpoint.size > size:
             if readable:  # else the damage found while reading already bounds it
                 problems.append(
@@ -160,20 +274,47 @@ def verify_log(
                 (_last(new.size), f"stored checkpoints {old.size} -> {new.size}: {error}")
             )
 
+    if mac_key is not None:
+        # Records the signatures vouch for may predate MACs; every later one needs the server's.
+        forged = next(
+            (
+                sequence
+                for sequence, status in enumerate(scan.macs)
+                if status == _BAD_MAC or (status == _NO_MAC and sequence >= proven)
+            ),
+            None,
+        )
+        if forged is not None:
+            problems.append(
+                (
+                    forged,
+                    f"record {forged} does not carry the server's MAC: the server did not "
+                    "write it (or the MAC key given is not the server's)",
+                )
+            )
+
     bounded = [(sequence, text) for sequence, text in problems if sequence is not None]
     first = min(bounded, key=lambda problem: problem[0]) if bounded else None
     first_bad = first[0] if first else None
     reason = first[1] if first else (problems[0][1] if problems else None)
+    proven = min(proven, first_bad) if first_bad is not None else proven
     return VerifyReport(
         ok=not problems,
         size=size,
         root_hash=collector.root(),
         checkpoints=len(stored),
-        proven_size=min(proven, first_bad) if first_bad is not None else proven,
+        proven_size=proven,
         first_bad_sequence=first_bad,
         reason=reason,
         problems=tuple(text for _, text in problems),
-        torn_tail_bytes=reader.torn.length if reader.torn else 0,
+        torn_tail_bytes=scan.torn_tail_bytes,
+        mac_checked=mac_key is not None,
+        unauthenticated_records=(
+            size - proven
+            if mac_key is None
+            else sum(status != _MAC_OK for status in scan.macs[proven:])
+        ),
+        keys=tuple((first, key.text) for first, key in keys.keys),
     )
 
 
@@ -205,14 +346,14 @@ def consistency_proof(
 
 
 def latest_checkpoint(
-    directory: str | os.PathLike[str], public_key: Ed25519PublicKey, origin: str
+    directory: str | os.PathLike[str], verifier: VerifierKey, origin: str
 ) -> Checkpoint | None:
     """The newest stored checkpoint, verified; None if none was written yet."""
     notes, _ = read_checkpoint_notes(Path(directory))
     if not notes:
         return None
     try:
-        return parse_checkpoint(notes[-1].decode("utf-8"), public_key, origin)
+        return parse_checkpoint(notes[-1].decode("utf-8"), verifier, origin)
     except UnicodeDecodeError:
         raise CheckpointError("latest checkpoint is not UTF-8") from None
 
@@ -268,14 +409,14 @@ def find_with_inclusion_proof(
 
 def prove_record(
     directory: str | os.PathLike[str],
-    public_key: Ed25519PublicKey,
+    verifier: VerifierKey,
     origin: str,
     *,
     equals: Mapping[str, str],
 ) -> tuple[Checkpoint, StoredRecord, list[bytes]]:
     """The first record whose fields equal `equals`, with its inclusion proof against the
     latest verified checkpoint; raises NotProvable when there is no such proof yet or at all."""
-    checkpoint = latest_checkpoint(directory, public_key, origin)
+    checkpoint = latest_checkpoint(directory, verifier, origin)
     if checkpoint is None or checkpoint.size == 0:
         raise NotProvable(
             "NO_CHECKPOINT", "no signed checkpoint yet; records become provable within seconds"
@@ -292,6 +433,17 @@ def prove_record(
             f"{checkpoint.size}); it is provable after the next checkpoint",
         )
     return checkpoint, record, proof
+
+
+def records_containing(
+    directory: str | os.PathLike[str], needles: Iterable[bytes]
+) -> Iterator[StoredRecord]:
+    """Every record whose stored envelope contains one of `needles`, in order: one pass that
+    parses only those, for scans that want one kind of record out of a large log."""
+    wanted = tuple(needles)
+    for sequence, envelope in enumerate(LogReader(Path(directory)).envelopes()):
+        if any(needle in envelope for needle in wanted):
+            yield StoredRecord(sequence, json.loads(envelope)["record"], envelope)
 
 
 def find_records(

@@ -1,4 +1,6 @@
-"""The server's keyring: X25519 keys that callers seal data keys to, and the audit signing key.
+"""The server's keyring: X25519 keys that callers seal data keys to, the audit signing key, and
+the server's secret (from which the keys of its own records derive: store rows, audit record
+MACs and sealed fields, input digests).
 
 Private keys rest wrapped (AES-256-GCM) under a key-encryption key (KEK) that the server is
 given by environment or file and that is never written into the keyring. One field-encryption
@@ -33,7 +35,9 @@ KEK_BYTES = 32
 KEYRING_FORMAT = 1
 FIELD_ENCRYPTION: Final = "field-encryption"
 AUDIT_SIGNING: Final = "audit-signing"
-Purpose = Literal["field-encryption", "audit-signing"]
+SERVER_SECRET: Final = "server-secret"
+SERVER_SECRET_BYTES = 32
+Purpose = Literal["field-encryption", "audit-signing", "server-secret"]
 Status = Literal["primary", "active", "retired"]
 _WRAP_LABEL = b"privscore.v1/keyring\x00"
 
@@ -135,12 +139,15 @@ class Keyring:
         self.entries = entries
         self._field_keys: dict[str, x25519.X25519PrivateKey] = {}
         self._audit_keys: dict[str, ed25519.Ed25519PrivateKey] = {}
+        self._server_secret: bytes | None = None
         for entry in entries:
             if entry.status == "retired":
                 continue
             raw = self._unwrap(entry)
             if entry.purpose == FIELD_ENCRYPTION:
                 self._field_keys[entry.key_id] = x25519.X25519PrivateKey.from_private_bytes(raw)
+            elif entry.purpose == SERVER_SECRET:
+                self._server_secret = raw
             else:
                 self._audit_keys[entry.key_id] = ed25519.Ed25519PrivateKey.from_private_bytes(raw)
 
@@ -170,6 +177,7 @@ class Keyring:
         keyring = cls(path, kek, [])
         keyring._add(FIELD_ENCRYPTION)
         keyring._add(AUDIT_SIGNING)
+        keyring._add(SERVER_SECRET)
         keyring.save()
         return keyring
 
@@ -185,8 +193,8 @@ class Keyring:
     def rotate(self, purpose: Purpose = FIELD_ENCRYPTION) -> KeyEntry:
         """Make a new primary key; the old primary stays active (it still decrypts).
 
-        Only field keys rotate from the command line: `audit verify` checks a log against one
-        public key, so a new audit signing key would need a new log.
+        For field keys. The audit signing key rotates with `add_audit_key` and
+        `promote_audit_key`, around a rotation record in the log (`privscore audit rotate-key`).
         """
         self.entries = [
             replace(e, status="active") if e.purpose == purpose and e.status == "primary" else e
@@ -256,6 +264,47 @@ class Keyring:
         entry = self.primary(AUDIT_SIGNING)
         return entry.key_id, self._audit_keys[entry.key_id]
 
+    def pending_audit_key(self) -> tuple[str, ed25519.Ed25519PrivateKey] | None:
+        """A new audit signing key made for a rotation that has not been promoted yet."""
+        entry = next(
+            (e for e in self.entries if e.purpose == AUDIT_SIGNING and e.status == "active"), None
+        )
+        return (entry.key_id, self._audit_keys[entry.key_id]) if entry else None
+
+    def add_audit_key(self) -> tuple[str, ed25519.Ed25519PrivateKey]:
+        """Make and save a new audit signing key, not yet in use: saved first, so that a log
+        handed to it can never name a key nobody holds."""
+        entry = self._add(AUDIT_SIGNING, status="active")
+        self.save()
+        return entry.key_id, self._audit_keys[entry.key_id]
+
+    def promote_audit_key(self, key_id: str) -> None:
+        """Sign with `key_id` from now on; the old signing key is retired (its wrapped copy
+        stays, and the log's rotation record keeps its public key for verifiers)."""
+        entry = self._entry(key_id)
+        if entry.purpose != AUDIT_SIGNING or entry.status != "active":
+            raise KeyringError(f"key {key_id} is not a new audit signing key")
+        now = _now()
+        self.entries = [
+            replace(e, status="retired", retired_at=now)
+            if e.purpose == AUDIT_SIGNING and e.status == "primary"
+            else replace(e, status="primary")
+            if e.key_id == key_id
+            else e
+            for e in self.entries
+        ]
+        self._audit_keys = {key_id: self._audit_keys[key_id]}
+        self.save()
+
+    def server_secret(self) -> bytes:
+        """The secret the server's own record keys derive from. It does not change when the
+        audit signing key rotates. A keyring made before it existed keeps deriving them from
+        its first audit signing key, as it always did, so existing stores and logs still open."""
+        if self._server_secret is not None:
+            return self._server_secret
+        first = next(e for e in self.entries if e.purpose == AUDIT_SIGNING)
+        return self._unwrap(first)
+
     def public_keyset(self) -> dict[str, Any]:
         """What callers need to seal to the server: current field keys, primary first."""
         usable = [
@@ -291,11 +340,14 @@ class Keyring:
                 f"key {entry.key_id} does not unwrap: wrong KEK or tampered keyring"
             ) from None
 
-    def _add(self, purpose: Purpose) -> KeyEntry:
-        prefix = "fk" if purpose == FIELD_ENCRYPTION else "ak"
+    def _add(self, purpose: Purpose, status: Status = "primary") -> KeyEntry:
+        prefix = {FIELD_ENCRYPTION: "fk", AUDIT_SIGNING: "ak", SERVER_SECRET: "ss"}[purpose]
         key_id = f"{prefix}-{dt.datetime.now(dt.UTC):%Y%m%d}-{secrets.token_hex(4)}"
         raw_public: bytes
-        if purpose == FIELD_ENCRYPTION:
+        if purpose == SERVER_SECRET:
+            raw_private = self._server_secret = secrets.token_bytes(SERVER_SECRET_BYTES)
+            raw_public = b""
+        elif purpose == FIELD_ENCRYPTION:
             field_key = x25519.X25519PrivateKey.generate()
             raw_private = field_key.private_bytes_raw()
             raw_public = field_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -307,6 +359,6 @@ class Keyring:
             self._audit_keys[key_id] = audit_key
         nonce = secrets.token_bytes(12)
         wrapped = nonce + self._kek.encrypt(nonce, raw_private, _wrap_aad(key_id, purpose))
-        entry = KeyEntry(key_id, purpose, "primary", _now(), raw_public, wrapped)
+        entry = KeyEntry(key_id, purpose, status, _now(), raw_public, wrapped)
         self.entries.append(entry)
         return entry

@@ -15,7 +15,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from service.audit import AuditLog
+from service.audit import AuditLog, Signer
+
+from .conftest import MAC_KEY
 
 APPENDERS = 16
 ORIGIN = "privscore.audit/crash-test"
@@ -34,8 +36,8 @@ async def main(directory: Path, key: Ed25519PrivateKey) -> None:
     log = await asyncio.to_thread(
         AuditLog,
         directory,
-        signing_key=key,
-        key_name=ORIGIN,
+        signer=Signer(ORIGIN, key),
+        mac_key=MAC_KEY,
         origin=ORIGIN,
         segment_bytes=16 * 1024,
         checkpoint_every=50,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from service.audit import AuditLog, AuditStats
+from service.audit import AuditLog, AuditStats, Signer
 
 ORIGIN = "privscore.audit/bench"
 
@@ -42,8 +42,8 @@ async def measure(
     log = await asyncio.to_thread(
         AuditLog,
         directory,
-        signing_key=Ed25519PrivateKey.generate(),
-        key_name=ORIGIN,
+        signer=Signer(ORIGIN, Ed25519PrivateKey.generate()),
+        mac_key=bytes(32),
         origin=ORIGIN,
         max_batch=max_batch,
     )

@@ -9,10 +9,20 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from service.audit import AuditLog, Checkpoint, latest_checkpoint
+from service.audit import AuditLog, Checkpoint, Signer, VerifierKey, latest_checkpoint
 
 ORIGIN = "privscore.audit/test-instance"
 KEY_NAME = "privscore.audit/test-instance"
+# The server's record MAC key; any 32 bytes serve in these tests.
+MAC_KEY = bytes(range(32))
+
+
+def verifier(key: Ed25519PrivateKey, name: str = KEY_NAME) -> VerifierKey:
+    return VerifierKey(name, key.public_key())
+
+
+def signer(key: Ed25519PrivateKey, name: str = KEY_NAME) -> Signer:
+    return Signer(name, key)
 
 
 def make_record(n: int) -> dict[str, Any]:
@@ -28,7 +38,7 @@ def make_record(n: int) -> dict[str, Any]:
 
 def latest(directory: Path, key: Ed25519PrivateKey) -> Checkpoint:
     """The log's newest checkpoint, which the test expects to exist."""
-    checkpoint = latest_checkpoint(directory, key.public_key(), ORIGIN)
+    checkpoint = latest_checkpoint(directory, verifier(key), ORIGIN)
     assert checkpoint is not None
     return checkpoint
 
@@ -44,9 +54,12 @@ def open_log(signing_key: Ed25519PrivateKey) -> Iterator[Callable[..., AuditLog]
     opened: list[AuditLog] = []
 
     def open_(directory: Path, **options: Any) -> AuditLog:
-        log = AuditLog(
-            directory, signing_key=signing_key, key_name=KEY_NAME, origin=ORIGIN, **options
-        )
+        defaults: dict[str, Any] = {
+            "signer": signer(signing_key),
+            "mac_key": MAC_KEY,
+            "origin": ORIGIN,
+        }
+        log = AuditLog(directory, **(defaults | options))
         opened.append(log)
         return log
 

@@ -12,13 +12,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from service.audit import CheckpointError, format_checkpoint, parse_checkpoint
 from service.audit.checkpoint import key_id, split_note
 
-from .conftest import KEY_NAME, ORIGIN
+from .conftest import KEY_NAME, ORIGIN, signer, verifier
 
 ROOT = hashlib.sha256(b"some root").digest()
 
 
 def sign(key: Ed25519PrivateKey, size: int = 42, origin: str = ORIGIN, name: str = KEY_NAME):
-    return format_checkpoint(origin, size, ROOT, key_name=name, signing_key=key)
+    return format_checkpoint(origin, size, ROOT, signers=[signer(key, name)])
 
 
 def test_format_is_the_tlog_checkpoint_signed_note(signing_key):
@@ -32,7 +32,7 @@ def test_format_is_the_tlog_checkpoint_signed_note(signing_key):
     assert signature[:4] == expected_id and len(signature) == 4 + 64
     signing_key.public_key().verify(signature[4:], (body + "\n").encode())
 
-    checkpoint = parse_checkpoint(text, signing_key.public_key(), ORIGIN)
+    checkpoint = parse_checkpoint(text, verifier(signing_key), ORIGIN)
     assert (checkpoint.origin, checkpoint.size, checkpoint.root_hash) == (ORIGIN, 42, ROOT)
     assert checkpoint.text == text
 
@@ -55,16 +55,16 @@ def test_signatures_interoperate_with_the_go_sumdb_note_vector():
 def test_wrong_key_is_rejected(signing_key):
     other = Ed25519PrivateKey.generate()
     with pytest.raises(CheckpointError, match="not signed by the expected key"):
-        parse_checkpoint(sign(other), signing_key.public_key(), ORIGIN)
+        parse_checkpoint(sign(other), verifier(signing_key), ORIGIN)
     # Even under our key's name: the key ID differs, so it is someone else's signature.
     with pytest.raises(CheckpointError, match="not signed by the expected key"):
-        parse_checkpoint(sign(other, name=KEY_NAME), signing_key.public_key(), ORIGIN)
+        parse_checkpoint(sign(other, name=KEY_NAME), verifier(signing_key), ORIGIN)
 
 
 def test_wrong_origin_is_rejected(signing_key):
     with pytest.raises(CheckpointError, match="is for log"):
         parse_checkpoint(
-            sign(signing_key, origin="privscore.audit/other"), signing_key.public_key(), ORIGIN
+            sign(signing_key, origin="privscore.audit/other"), verifier(signing_key), ORIGIN
         )
 
 
@@ -76,7 +76,7 @@ def test_altered_body_fails_the_signature(signing_key):
         text.replace(ORIGIN, ORIGIN + "x", 1),
     ):
         with pytest.raises(CheckpointError, match="does not verify"):
-            parse_checkpoint(altered, signing_key.public_key(), ORIGIN)
+            parse_checkpoint(altered, verifier(signing_key), ORIGIN)
 
 
 def test_a_bad_signature_of_ours_rejects_the_note_even_beside_a_good_one(signing_key):
@@ -86,14 +86,14 @@ def test_a_bad_signature_of_ours_rejects_the_note_even_beside_a_good_one(signing
     signature[10] ^= 1
     bad_line = f"\u2014 {KEY_NAME} {base64.b64encode(bytes(signature)).decode()}\n"
     with pytest.raises(CheckpointError, match="does not verify"):
-        parse_checkpoint(text + bad_line, signing_key.public_key(), ORIGIN)
+        parse_checkpoint(text + bad_line, verifier(signing_key), ORIGIN)
 
 
 def test_unknown_signatures_such_as_witness_cosignatures_are_ignored(signing_key):
     witness = Ed25519PrivateKey.generate()
     witness_line = sign(witness, name="witness.example/w1").split("\n\n")[1]
     text = sign(signing_key) + witness_line
-    assert parse_checkpoint(text, signing_key.public_key(), ORIGIN).size == 42
+    assert parse_checkpoint(text, verifier(signing_key), ORIGIN).size == 42
 
 
 @pytest.mark.parametrize(
@@ -115,7 +115,7 @@ def test_unknown_signatures_such_as_witness_cosignatures_are_ignored(signing_key
 )
 def test_malformed_notes_are_rejected(signing_key, mangle):
     with pytest.raises(CheckpointError):
-        parse_checkpoint(mangle(sign(signing_key)), signing_key.public_key(), ORIGIN)
+        parse_checkpoint(mangle(sign(signing_key)), verifier(signing_key), ORIGIN)
 
 
 def test_format_refuses_bad_names_and_origins(signing_key):

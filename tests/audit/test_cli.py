@@ -9,31 +9,30 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from service.audit.cli import add_audit_commands
 from service.audit.storage import CHECKPOINT_FILE, frame, list_segments
 
-from .conftest import ORIGIN, make_record
+from .conftest import ORIGIN, make_record, verifier
 
 
-def run(argv: list[str], **defaults: str) -> int:
+def run(argv: list[str], **defaults: Any) -> int:
     parser = argparse.ArgumentParser(prog="privscore")
     add_audit_commands(parser.add_subparsers(dest="command", required=True), **defaults)
     args = parser.parse_args(argv)
     return int(args.run(args))
 
 
-def write_pem(path: Path, key: Ed25519PrivateKey) -> Path:
-    path.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+def write_vkey(path: Path, key: Ed25519PrivateKey) -> Path:
+    path.write_text(verifier(key).text + "\n")
     return path
 
 
 @pytest.fixture
 def env(tmp_path, write_log, signing_key):
     log = write_log(tmp_path / "log", 25, checkpoint_every=10)
-    key = write_pem(tmp_path / "audit.pub", signing_key)
-    return log, ["--audit-dir", str(log), "--public-key", str(key), "--origin", ORIGIN]
+    key = write_vkey(tmp_path / "audit.vkey", signing_key)
+    return log, ["--audit-dir", str(log), "--verifier-key", str(key), "--origin", ORIGIN]
 
 
 def test_verify_prints_the_report(env, capsys):
@@ -93,14 +92,14 @@ def test_prove_then_verify_proof_offline(env, tmp_path, capsys):
     for forged in forgeries:
         proof_file.write_text(json.dumps(forged))
         assert run(["audit", "verify-proof", *key_flags, str(proof_file)]) == 1, forged
-    stranger = write_pem(tmp_path / "stranger.pub", Ed25519PrivateKey.generate())
+    stranger = write_vkey(tmp_path / "stranger.vkey", Ed25519PrivateKey.generate())
     proof_file.write_text(printed)
     assert (
         run(
             [
                 "audit",
                 "verify-proof",
-                "--public-key",
+                "--verifier-key",
                 str(stranger),
                 "--origin",
                 ORIGIN,
@@ -162,7 +161,7 @@ def test_defaults_can_be_injected(env, tmp_path, capsys):
     log, _ = env
     defaults = {
         "default_audit_dir": str(log),
-        "default_public_key": str(tmp_path / "audit.pub"),
+        "default_verifier_key": str(tmp_path / "audit.vkey"),
         "default_origin": ORIGIN,
     }
     assert run(["audit", "verify"], **defaults) == 0

@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from structlog.testing import capture_logs
 
-from service.audit import AuditLog, iter_records, verify_log
+from service.audit import AuditLog, Signer, VerifierKey, iter_records, verify_log
 
 from .append_child import ORIGIN
+from .conftest import MAC_KEY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WANTED_ACKS = 1500
@@ -61,13 +62,13 @@ def test_sigkill_loses_no_acknowledged_record(tmp_path):
     reader.join(timeout=10)  # lines already in the pipe were acknowledged before the kill
 
     with capture_logs():
-        log = AuditLog(directory, signing_key=key, key_name=ORIGIN, origin=ORIGIN)
+        log = AuditLog(directory, signer=Signer(ORIGIN, key), mac_key=MAC_KEY, origin=ORIGIN)
     log.close_sync()
     stored = {record.sequence: record.record["decision_id"] for record in iter_records(directory)}
     for line in acknowledged:
         sequence, decision_id = line.split()
         assert stored.get(int(sequence)) == decision_id
-    report = verify_log(directory, key.public_key(), ORIGIN)
+    report = verify_log(directory, VerifierKey(ORIGIN, key.public_key()), ORIGIN, mac_key=MAC_KEY)
     assert report.ok, report.problems
     assert report.size == log.recovery.size >= len(acknowledged)
     assert report.checkpoints > 1

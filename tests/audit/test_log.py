@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
+import hmac
 import json
 import os
 import time
@@ -21,9 +23,9 @@ from service.audit import (
     iter_records,
     verify_log,
 )
-from service.audit.storage import CHECKPOINT_FILE, RESUME_FILE, frame, list_segments
+from service.audit.storage import CHECKPOINT_FILE, frame, list_segments
 
-from .conftest import ORIGIN, latest, make_record
+from .conftest import MAC_KEY, ORIGIN, latest, make_record, signer, verifier
 
 
 def slow_fsync(delay: float):
@@ -44,10 +46,16 @@ def test_records_are_numbered_in_order_and_stored_as_canonical_envelopes(tmp_pat
     assert [s.record for s in stored] == [make_record(n) for n in range(5)]
     assert [s.leaf_hash for s in stored] == [a.leaf_hash for a in appended]
     envelope = json.loads(stored[2].envelope)
-    assert set(envelope) == {"chain", "record", "seq"} and envelope["seq"] == 2
+    assert set(envelope) == {"chain", "mac", "record", "seq"} and envelope["seq"] == 2
     assert stored[2].envelope == json.dumps(
         envelope, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     ).encode("utf-8")
+    # The MAC is HMAC-SHA256 under the server's key over a label and the record's chain value.
+    chain = base64.b64decode(envelope["chain"])
+    expected = hmac.digest(MAC_KEY, b"privscore.v1/audit-record-mac\x00" + chain, "sha256")
+    assert base64.b64decode(envelope["mac"]) == expected
+    assert all(s.authentic(MAC_KEY) for s in stored)
+    assert not stored[2].authentic(bytes(32))
 
 
 def test_appends_made_during_an_fsync_share_the_next_one(tmp_path, open_log):
@@ -100,7 +108,7 @@ def test_segments_rotate_by_size_and_reopen_continues(tmp_path, open_log, write_
     assert log.recovery.size == 60 and log.recovery.torn_tails == ()
     assert log.append_sync(make_record(60)).sequence == 60
     log.close_sync()
-    report = verify_log(tmp_path, signing_key.public_key(), ORIGIN)
+    report = verify_log(tmp_path, verifier(signing_key), ORIGIN)
     assert report.ok and report.size == 61 and report.proven_size == 61
 
 
@@ -186,7 +194,7 @@ def test_one_writer_per_directory(tmp_path, open_log):
 def test_a_directory_of_another_log_is_refused(tmp_path, open_log, signing_key):
     from service.audit import AuditLog
 
-    log = AuditLog(tmp_path, signing_key=signing_key, key_name="other", origin="other/log")
+    log = AuditLog(tmp_path, signer=signer(signing_key), mac_key=MAC_KEY, origin="other/log")
     log.close_sync()
     with pytest.raises(AuditError, match="holds the log of"):
         open_log(tmp_path)
@@ -260,7 +268,7 @@ def test_torn_final_record_is_cut_off_with_a_warning(tmp_path, open_log, write_l
     assert last.stat().st_size == size
     assert log.append_sync(make_record(12)).sequence == 12
     log.close_sync()
-    assert verify_log(tmp_path, signing_key.public_key(), ORIGIN).ok
+    assert verify_log(tmp_path, verifier(signing_key), ORIGIN).ok
 
 
 def test_zero_filled_tail_is_torn_too(tmp_path, open_log, write_log):
@@ -282,7 +290,7 @@ def test_torn_checkpoint_is_cut_off(tmp_path, open_log, write_log, signing_key):
     assert logs[0]["event"] == "audit.torn_tail_truncated"
     assert logs[0]["file"] == CHECKPOINT_FILE and logs[0]["sequence"] is None
     log.close_sync()
-    assert verify_log(tmp_path, signing_key.public_key(), ORIGIN).ok
+    assert verify_log(tmp_path, verifier(signing_key), ORIGIN).ok
 
 
 def corrupt_byte(path: Path, offset: int) -> None:
@@ -294,30 +302,21 @@ def corrupt_byte(path: Path, offset: int) -> None:
 def test_a_bad_record_before_the_end_is_refused_not_repaired(
     tmp_path, open_log, write_log, signing_key
 ):
-    """An open that reads the whole log (no resume point, as after a crash before one was
-    written) refuses damage anywhere; one resumed at the latest checkpoint does not re-read
-    the records that checkpoint covers, and `verify_log` still finds the damage."""
+    """Open reads the whole log: damage anywhere, even long checkpointed, is refused."""
     write_log(tmp_path, 12, segment_bytes=1024)
     _, first = list_segments(tmp_path)[0]
     corrupt_byte(first, 40)  # inside record 0's payload
-    resume_point = (tmp_path / RESUME_FILE).read_bytes()
-    (tmp_path / RESUME_FILE).unlink()
     with pytest.raises(LogCorruptError) as raised:
         open_log(tmp_path)
     assert raised.value.sequence == 0 and "CRC" in str(raised.value)
-
-    (tmp_path / RESUME_FILE).write_bytes(resume_point)
-    log = open_log(tmp_path)
-    assert log.recovery.read_from == log.recovery.size == 12
-    log.close_sync()
-    assert verify_log(tmp_path, signing_key.public_key(), ORIGIN).first_bad_sequence == 0
+    assert first.name in str(raised.value)
+    assert verify_log(tmp_path, verifier(signing_key), ORIGIN).first_bad_sequence == 0
 
 
 def test_a_bad_frame_followed_by_intact_ones_in_the_last_segment_is_refused(
     tmp_path, open_log, write_log
 ):
     write_log(tmp_path, 6)
-    (tmp_path / RESUME_FILE).unlink()  # read the whole log on open
     _, only = list_segments(tmp_path)[0]
     before = only.read_bytes()
     # A length field bent to point past the end would look like a torn tail, but intact frames
@@ -360,14 +359,14 @@ def test_an_altered_record_with_a_valid_frame_is_refused(
     with pytest.raises(LogCorruptError) as raised:
         open_log(tmp_path)
     message = str(raised.value)
-    assert ("no longer match the latest checkpoint" in message) == (altered < 5)
+    assert ("no longer give the latest signed checkpoint" in message) == (altered < 5)
     assert ("chain does not follow" in message) == (altered >= 5)
 
 
 def test_a_log_shorter_than_its_latest_checkpoint_is_refused(tmp_path, open_log, write_log):
     write_log(tmp_path, 30, segment_bytes=1024)
     list_segments(tmp_path)[-1][1].unlink()
-    with pytest.raises(LogCorruptError, match="latest checkpoint covers 30"):
+    with pytest.raises(LogCorruptError, match="latest signed checkpoint covers 30"):
         open_log(tmp_path)
 
 
@@ -379,46 +378,7 @@ def copy_log(source: Path, target: Path) -> Path:
     return target
 
 
-def test_open_resumes_at_the_latest_checkpoint_and_reads_only_what_follows(
-    tmp_path, open_log, write_log, signing_key
-):
-    write_log(tmp_path / "log", 5, segment_bytes=700)  # several segments; closing checkpoints 5
-    log = open_log(tmp_path / "log", segment_bytes=700, checkpoint_every=1000)
-    assert log.recovery.read_from == log.recovery.size == 5
-    for n in range(5, 12):
-        log.append_sync(make_record(n))  # durable, not checkpointed
-    # A copy taken now is what a crash would leave: records 0-11, resume point at 5.
-    crashed = copy_log(tmp_path / "log", tmp_path / "crashed")
-    log.close_sync()
-
-    reopened = open_log(crashed, segment_bytes=700)
-    assert (reopened.recovery.read_from, reopened.recovery.size) == (5, 12)
-    assert reopened.append_sync(make_record(12)).sequence == 12
-    reopened.close_sync()
-    report = verify_log(crashed, signing_key.public_key(), ORIGIN)
-    assert report.ok and report.size == 13
-    assert [s.record for s in iter_records(crashed)] == [make_record(n) for n in range(13)]
-
-
-def test_a_resume_point_that_does_not_match_is_ignored(tmp_path, open_log, write_log):
-    write_log(tmp_path, 8, checkpoint_every=4)
-    point = json.loads((tmp_path / RESUME_FILE).read_bytes())
-    for bad in (
-        b"not json",
-        json.dumps({**point, "size": 4}).encode(),  # not the latest checkpoint's size
-        json.dumps({**point, "frontier": point["frontier"][:-1]}).encode(),
-        json.dumps({**point, "offset": 10**9}).encode(),  # past the end of its segment
-        json.dumps({**point, "segment_first_sequence": "0"}).encode(),
-    ):
-        (tmp_path / RESUME_FILE).write_bytes(bad)
-        with capture_logs() as logs:
-            log = open_log(tmp_path)
-        assert [e["event"] for e in logs] == ["audit.resume_point_unused"]
-        assert (log.recovery.read_from, log.recovery.size) == (0, 8)
-        log.close_sync()
-
-
-def test_records_after_a_resume_point_are_still_checked_against_the_chain(
+def test_records_after_the_latest_checkpoint_are_checked_against_the_chain(
     tmp_path, open_log, write_log
 ):
     write_log(tmp_path / "log", 4)
@@ -434,7 +394,9 @@ def test_records_after_a_resume_point_are_still_checked_against_the_chain(
     assert raised.value.sequence == 6
 
 
-def test_a_torn_tail_after_the_resume_point_is_cut_where_it_starts(tmp_path, open_log, write_log):
+def test_a_torn_tail_after_the_latest_checkpoint_is_cut_where_it_starts(
+    tmp_path, open_log, write_log
+):
     write_log(tmp_path / "log", 5)
     log = open_log(tmp_path / "log", checkpoint_every=1000)
     for n in range(5, 9):
@@ -447,7 +409,7 @@ def test_a_torn_tail_after_the_resume_point_is_cut_where_it_starts(tmp_path, ope
         segment.write(frame(b'{"chain":"x","record":{},"seq":9}')[:-7])  # an interrupted append
 
     reopened = open_log(crashed)
-    assert (reopened.recovery.read_from, reopened.recovery.size) == (5, 9)
+    assert (reopened.recovery.checkpointed, reopened.recovery.size) == (5, 9)
     [torn] = reopened.recovery.torn_tails
     assert (torn.offset, torn.sequence) == (intact, 9)
     assert only.stat().st_size == intact

@@ -33,7 +33,7 @@ from service.audit.storage import (
 )
 from service.audit.verify import parse_time
 
-from .conftest import KEY_NAME, ORIGIN, latest, make_record
+from .conftest import KEY_NAME, MAC_KEY, ORIGIN, latest, make_record, signer, verifier
 
 RECORDS = 40
 EVERY = 10  # checkpoints at 10, 20, 30 and 40
@@ -70,13 +70,13 @@ def rechain(payloads: list[bytes], start: int) -> list[bytes]:
     out = payloads[:start]
     for sequence in range(start, len(payloads)):
         record_json = canonical_json(json.loads(payloads[sequence])["record"])
-        envelope, chain = seal_envelope(sequence, record_json, chain)
+        envelope, chain = seal_envelope(sequence, record_json, chain, MAC_KEY)
         out.append(envelope)
     return out
 
 
 def verify(directory: Path, key: Ed25519PrivateKey, **kwargs):
-    return verify_log(directory, key.public_key(), ORIGIN, **kwargs)
+    return verify_log(directory, verifier(key), ORIGIN, **kwargs)
 
 
 def test_an_intact_log_verifies(log_dir, signing_key):
@@ -118,7 +118,7 @@ def test_inserted_forged_record_is_caught_at_the_next_one(log_dir, signing_key):
     segment = only_segment(log_dir)
     payloads = read_payloads(segment)
     chain = base64.b64decode(json.loads(payloads[16])["chain"])
-    forged, _ = seal_envelope(17, canonical_json(make_record(999)), chain)
+    forged, _ = seal_envelope(17, canonical_json(make_record(999)), chain, MAC_KEY)
     write_payloads(segment, [*payloads[:17], forged, *payloads[17:]])
     report = verify(log_dir, signing_key)
     # The forgery itself fits its predecessors; the record it displaced does not.
@@ -205,7 +205,7 @@ def test_checkpoint_signed_by_another_key_is_rejected(log_dir, signing_key):
     append_note(
         log_dir,
         format_checkpoint(
-            ORIGIN, RECORDS, root, key_name=KEY_NAME, signing_key=Ed25519PrivateKey.generate()
+            ORIGIN, RECORDS, root, signers=[signer(Ed25519PrivateKey.generate(), KEY_NAME)]
         ),
     )
     report = verify(log_dir, signing_key)
@@ -215,19 +215,19 @@ def test_checkpoint_signed_by_another_key_is_rejected(log_dir, signing_key):
 def test_checkpoint_for_another_origin_is_rejected(log_dir, signing_key):
     root = verify(log_dir, signing_key).root_hash
     note = format_checkpoint(
-        "privscore.audit/elsewhere", RECORDS, root, key_name=KEY_NAME, signing_key=signing_key
+        "privscore.audit/elsewhere", RECORDS, root, signers=[signer(signing_key, KEY_NAME)]
     )
     append_note(log_dir, note)
     report = verify(log_dir, signing_key)
     assert not report.ok and "elsewhere" in report.reason
     with pytest.raises(CheckpointError):
-        parse_checkpoint(note, signing_key.public_key(), ORIGIN)
+        parse_checkpoint(note, verifier(signing_key), ORIGIN)
 
 
 def test_checkpoint_claiming_more_records_than_the_log_is_rejected(log_dir, signing_key):
     root = verify(log_dir, signing_key).root_hash
     append_note(
-        log_dir, format_checkpoint(ORIGIN, 1000, root, key_name=KEY_NAME, signing_key=signing_key)
+        log_dir, format_checkpoint(ORIGIN, 1000, root, signers=[signer(signing_key, KEY_NAME)])
     )
     report = verify(log_dir, signing_key)
     assert not report.ok and report.first_bad_sequence == RECORDS
@@ -237,7 +237,7 @@ def test_checkpoint_claiming_more_records_than_the_log_is_rejected(log_dir, sign
 def test_checkpoint_that_rolls_the_log_back_is_rejected(log_dir, signing_key):
     root = verify(log_dir, signing_key).root_hash
     append_note(
-        log_dir, format_checkpoint(ORIGIN, 20, root, key_name=KEY_NAME, signing_key=signing_key)
+        log_dir, format_checkpoint(ORIGIN, 20, root, signers=[signer(signing_key, KEY_NAME)])
     )
     report = verify(log_dir, signing_key)
     assert not report.ok
@@ -269,7 +269,7 @@ def test_proofs_from_the_directory_verify(log_dir, signing_key):
                 checkpoint.root_hash,
             )
     old = parse_checkpoint(
-        read_payloads(log_dir / CHECKPOINT_FILE)[0].decode(), signing_key.public_key(), ORIGIN
+        read_payloads(log_dir / CHECKPOINT_FILE)[0].decode(), verifier(signing_key), ORIGIN
     )
     proof = consistency_proof(log_dir, old.size, checkpoint.size)
     verify_consistency(old.size, checkpoint.size, old.root_hash, checkpoint.root_hash, proof)
