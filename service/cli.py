@@ -417,6 +417,58 @@ def _cmd_audit_rotate_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_store_verify(args: argparse.Namespace) -> int:
+    """Cross-check the decision store against the audit log (service.api.reconcile): every
+    stored limit decision, event and alert has its audit record and every such record its row,
+    and every row authenticates. Exit 0 when they agree, 1 when they do not."""
+    from service.api.reconcile import ReconcileError, compare
+    from service.audit import AuditError
+    from service.decisions.policy import PolicyError, load_policy
+    from service.decisions.store import DecisionStore, StoreError
+    from service.privacy.digest import derive_state_key
+    from service.privacy.keyring import Keyring, KeyringError, load_kek
+
+    try:
+        data_dir = data_dir_from(args)
+        layout = DataLayout(data_dir)
+        keyring_path, kek_file = key_paths_from(args, data_dir)
+        keyring = Keyring.load(keyring_path, load_kek(kek_file))
+        retention = load_policy(Path(args.policy or DEFAULT_POLICY)).alerts.retention_days
+        store = DecisionStore(layout.decision_store, derive_state_key(keyring.server_secret()))
+    except (ConfigError, KeyringError, PolicyError, StoreError) as error:
+        print(f"privscore store verify: {error}", file=sys.stderr)
+        return 2
+    try:
+        tampered = store.tampered_rows()
+        if tampered and args.delete_tampered:
+            store.delete_rows(tampered)
+        # With tampered rows left in place, the comparison would stop at the first of them.
+        report = (
+            None
+            if tampered and not args.delete_tampered
+            else compare(layout.audit_dir, store, retention)
+        )
+    except (AuditError, ReconcileError, OSError) as error:
+        print(f"privscore store verify: {error}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    summary = report.summary() if report is not None else {}
+    ok = not tampered and report is not None and not (report.missing or report.unlogged)
+    print(
+        json.dumps(
+            {
+                "ok": ok,
+                "tampered_rows": [{"table": t, "rowid": r} for t, r in tampered],
+                "tampered_rows_deleted": bool(tampered and args.delete_tampered),
+                **summary,
+            },
+            indent=2,
+        )
+    )
+    return 0 if ok else 1
+
+
 def _local_log_origin(layout: DataLayout) -> str | None:
     """The origin of the log under the data directory, if there is one to read."""
     from service.audit import AuditError, read_identity
@@ -511,6 +563,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_arguments(show)
     # Without --audit-dir, the log under --data-dir (or PRIVSCORE_DATA_DIR, or ./var).
     show.set_defaults(audit_dir=None, run=_audit_show_opening(show.get_default("run")))
+
+    store = commands.add_parser("store", help="check the decision store against the audit log")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    store_verify = store_commands.add_parser(
+        "verify",
+        help="every stored limit decision, event and alert has its audit record and vice "
+        "versa, and every row authenticates",
+    )
+    store_verify.add_argument(
+        "--delete-tampered",
+        action="store_true",
+        help="delete rows that fail their authentication (server stopped); its next start "
+        "rebuilds those the audit log records",
+    )
+    store_verify.add_argument("--policy", help="the decision policy, default the bundled one")
+    add_data_dir_argument(store_verify)
+    add_key_arguments(store_verify)
+    store_verify.set_defaults(run=_cmd_store_verify)
 
     certs = commands.add_parser("certs", help="dev certificates for mutual TLS")
     cert_commands = certs.add_subparsers(dest="certs_command", required=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from privscore.v1 import (
 from service.api.alerts import AlertServicer
 from service.api.audit import AuditServicer
 from service.api.limits import LimitServicer
+from service.api.reconcile import STORE_RECONCILE, ReconcileError, compare, restore
 from service.api.runtime import Runtime, RuntimeSlot
 from service.api.scoring import ScoringServicer
 from service.api.validation import well_formed_request_id, well_formed_subject
@@ -35,7 +37,7 @@ from service.audit import AuditError, AuditLog, AuditWriteError, Signer, establi
 from service.config import ServerSettings
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy, PolicyError, load_policy
-from service.decisions.store import DecisionStore, StoreError
+from service.decisions.store import DecisionStore, StoreError, StoreTampered
 from service.errors import ServiceError, Unavailable
 from service.files import write_private
 from service.interceptors import RequestContextInterceptor
@@ -220,6 +222,9 @@ class PrivscoreServer:
         except AuditError as error:
             raise StartupError(f"audit log: {error}") from None
         self._audit_log = audit_log
+        await asyncio.to_thread(
+            self._reconcile_store, store, audit_log, derive_record_key(secret), policy
+        )
 
         async def fetch_alerts(cursor: int, limit: int) -> list[alert_service_pb2.Alert]:
             rows = await runtime.in_store(store.alerts_after, cursor, limit)
@@ -278,6 +283,49 @@ class PrivscoreServer:
             verifier_key=audit_log.verifier.text,
         )
         return audit_log
+
+    def _reconcile_store(
+        self, store: DecisionStore, audit_log: AuditLog, record_key: bytes, policy: DecisionPolicy
+    ) -> None:
+        """Bring the store in line with the log before serving (service.api.reconcile): rows a
+        crash or a deletion lost are rebuilt from their records; rows the log does not hold,
+        or rows that fail their authentication, stop the start. Either outcome is audited."""
+        retention = policy.alerts.retention_days
+        outcome: dict[str, Any] = {}
+        try:
+            report = compare(self.settings.layout.audit_dir, store, retention)
+            if report.unlogged:
+                outcome = {
+                    "outcome": "refused",
+                    "reason": "ROWS_NOT_IN_AUDIT_LOG",
+                    "limit_decisions": len(report.unlogged_limit_decisions),
+                    "events": len(report.unlogged_events),
+                    "alerts": len(report.unlogged_alerts),
+                }
+                raise StartupError(
+                    f"the decision store holds {report.unlogged} rows the audit log does not "
+                    "record: the log lost acknowledged records or the rows were not written by "
+                    "this server; refusing to start (`privscore store verify` lists them)"
+                )
+            if report.missing:
+                written = restore(
+                    report, self.settings.layout.audit_dir, store, record_key, retention
+                )
+                outcome = {"outcome": "restored", "rows": written}
+                log.warning("store.restored_from_audit_log", rows=written)
+        except StoreTampered as error:
+            outcome = {"outcome": "refused", "reason": "STORE_TAMPERED", "table": error.table}
+            raise StartupError(
+                f"store: {error}; refusing to start (`privscore store verify` names the row: "
+                "delete it and the server rebuilds it from the audit log)"
+            ) from None
+        except (ReconcileError, AuditError) as error:
+            outcome = {"outcome": "refused", "reason": "RECONCILE_FAILED"}
+            raise StartupError(f"store: cannot reconcile with the audit log: {error}") from None
+        finally:
+            if outcome:
+                now = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+                audit_log.append_sync({"rpc": STORE_RECONCILE, "time": now, **outcome})
 
     async def reload_keys(self) -> None:
         """Pick up `privscore keys rotate|retire` without a restart: requests sealed to a new

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import structlog
 from google.protobuf import timestamp_pb2
 
 from privscore.v1 import common_pb2
@@ -21,13 +22,14 @@ from service.audit import VerifierKey
 from service.callctx import CALLER
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy
-from service.decisions.store import DecisionStore
-from service.errors import ServiceError, Unavailable
+from service.decisions.store import DecisionStore, StoreTampered
+from service.errors import DataLoss, ServiceError, Unavailable
 from service.model.scorer import ModelBatcher, Scorer
 from service.privacy.digest import input_digest
 from service.privacy.sealing import FeatureOpener
 
 T = TypeVar("T")
+_log = structlog.get_logger("privscore.store")
 
 
 class AuditSink(Protocol):
@@ -82,7 +84,18 @@ class Runtime:
     )
 
     async def in_store(self, call: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.store_thread, call, *args)
+        """Run a store call on the store's thread. A row that fails its authentication refuses
+        the call as DATA_LOSS (`STORE_TAMPERED`, audited like every refusal), naming the table:
+        no decision is ever made or replayed from an edited row."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.store_thread, call, *args)
+        except StoreTampered as error:
+            _log.error("store.tampered", table=error.table, problem=error.problem)
+            raise DataLoss(
+                f"{error}; the call is refused (run `privscore store verify`)",
+                reason="STORE_TAMPERED",
+            ) from None
 
     @property
     def scorer(self) -> Scorer:

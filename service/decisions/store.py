@@ -261,6 +261,29 @@ class DecisionStore:
             for row, sealed in self._select(kind, where, parameters, tail)
         ]
 
+    def tampered_rows(self) -> list[tuple[str, int]]:
+        """(table, SQLite rowid) of every row that fails its authentication, for `privscore
+        store verify`: the rowid names the row without showing anything in it."""
+        found = []
+        for kind, (table, _) in _TABLES.items():
+            query = f"SELECT rowid, {_columns(kind)}, sealed FROM {table}"  # type: ignore[arg-type]
+            for rowid, *values, sealed in self._db.execute(query):
+                try:
+                    self._open(_typed(kind, values), sealed)  # type: ignore[type-var,arg-type]
+                except StoreTampered:
+                    found.append((table, int(rowid)))
+        return found
+
+    def delete_rows(self, rows: Sequence[tuple[str, int]]) -> None:
+        """Delete rows by (table, rowid): tampered ones, which the next start rebuilds from
+        the audit log when the log records them."""
+        tables = {table for table, _ in _TABLES.values()}
+        with self._transaction():
+            for table, rowid in rows:
+                if table not in tables:
+                    raise StoreError(f"no table {table}")
+                self._db.execute(f"DELETE FROM {table} WHERE rowid=?", (rowid,))
+
     def _insert(self, row: _LimitRow | _EventRow | _AlertRow, plaintext: bytes) -> None:
         table, _ = _TABLES[type(row)]
         self._db.execute(
@@ -360,22 +383,31 @@ class DecisionStore:
         row = _EventRow(tenant, pseudonym, event.event_id, to_us(event.occurred_at))
         with self._transaction():
             self._insert(row, json.dumps(details).encode("utf-8"))
-            # The sequence is bound into the seal, so it is chosen before sealing: MAX+1, read
-            # inside this BEGIN IMMEDIATE transaction. The store has one writer (one process,
-            # one store thread, and the write lock held from BEGIN), so no one else can take
-            # the same number; and every row is sealed from its first write, which
-            # insert-then-update (a placeholder row, then its seal) would not give. The last
-            # row is opened first, so an edited sequence is caught instead of continued from.
-            sequence = self._last_alert_sequence()
-            sequences = []
-            for alert in alerts:
-                sequence += 1
-                self._insert(_AlertRow(sequence, to_us(raised_at)), alert)
-                sequences.append(sequence)
+            sequences = self._insert_alerts(alerts, raised_at)
             where = "tenant=? AND pseudonym=? AND occurred_at_us < ?"
             old = (tenant, pseudonym, to_us(forget_before))
             self._opened(_EventRow, where, old)
             self._db.execute(f"DELETE FROM events WHERE {where}", old)
+        return sequences
+
+    def record_alerts(self, alerts: list[bytes], raised_at: dt.datetime) -> list[int]:
+        """Store alerts alone (restoring those an audit record holds); their sequences."""
+        with self._transaction():
+            return self._insert_alerts(alerts, raised_at)
+
+    def _insert_alerts(self, alerts: list[bytes], raised_at: dt.datetime) -> list[int]:
+        # Inside a write transaction. The sequence is bound into the seal, so it is chosen
+        # before sealing: MAX+1, read inside the BEGIN IMMEDIATE transaction. The store has one
+        # writer (one process, one store thread, and the write lock held from BEGIN), so no one
+        # else can take the same number; and every row is sealed from its first write, which
+        # insert-then-update (a placeholder row, then its seal) would not give. The last row is
+        # opened first, so an edited sequence is caught instead of continued from.
+        sequence = self._last_alert_sequence()
+        sequences = []
+        for alert in alerts:
+            sequence += 1
+            self._insert(_AlertRow(sequence, to_us(raised_at)), alert)
+            sequences.append(sequence)
         return sequences
 
     def event_keys(self) -> list[tuple[str, str, str]]:

@@ -1,0 +1,272 @@
+"""The decision store against the audit log; the log is the source of truth.
+
+Servicers append a decision's audit record (fsynced) before they store its row, and the record
+holds everything the row does (the amounts sealed). So the two can disagree only one way
+honestly: a crash between the append and the store's commit leaves a record without its row.
+Every other disagreement is damage:
+
+- a record without its row (the crash above, or a deleted row) is repaired by rebuilding the
+  row from the record, so a retried request replays its decision instead of deciding twice
+  and a deleted limit decision cannot let its request id decide again;
+- a row without its record means the log lost acknowledged records (cut short) or the row was
+  not written by this server: nothing repairs that, and the server refuses to start.
+
+Events leave the store by design once they fall out of the alert rules' retention window (a
+later event of the same customer drops them), so only records still inside it are expected as
+rows. Compared by keys only (tenant + request id, tenant + pseudonym + event id, and the
+decision id an alert carries); every stored row is authenticated on the way, so an edited row
+raises `StoreTampered` here too.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from privscore.v1 import alert_service_pb2, limit_service_pb2
+from service.api.alerts import EVALUATE_EVENT_METHOD
+from service.api.limits import ADJUST_LIMIT_METHOD
+from service.audit import StoredRecord, records_containing
+from service.audit.verify import parse_time
+from service.decisions.alert_rules import Event
+from service.decisions.store import DecisionStore
+from service.privacy.record_seal import open_record
+
+# The audit record of a reconciliation at start: what was rebuilt, or why the start was refused.
+STORE_RECONCILE = "privscore.store/Reconcile"
+_ACTION_PREFIX = "LIMIT_ACTION_"
+_NEEDLES = tuple(
+    b'"rpc":"' + rpc.encode() + b'"' for rpc in (ADJUST_LIMIT_METHOD, EVALUATE_EVENT_METHOD)
+)
+
+
+class ReconcileError(Exception):
+    """A record a row should be rebuilt from does not hold what the row needs."""
+
+
+# What the comparison keeps of each record: its sequence and keys, not the record (a log holds
+# millions); restoring reads the few records it needs again.
+@dataclass(frozen=True)
+class _LimitRow:
+    sequence: int
+    key: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class _EventRecord:
+    sequence: int
+    decision_id: str
+    key: tuple[str, str, str]
+    occurred_at: dt.datetime
+    raises_alerts: bool
+
+
+@dataclass
+class Reconciliation:
+    """What the log holds that the store lacks (to rebuild), and what the store holds that the
+    log does not (unrepairable), by kind: limit decisions, events, alerts."""
+
+    missing_limit_decisions: list[_LimitRow] = field(default_factory=list)
+    missing_events: list[_EventRecord] = field(default_factory=list)
+    missing_alerts: list[_EventRecord] = field(default_factory=list)
+    unlogged_limit_decisions: list[tuple[str, str]] = field(default_factory=list)
+    unlogged_events: list[tuple[str, str, str]] = field(default_factory=list)
+    unlogged_alerts: list[int] = field(default_factory=list)  # alert stream sequences
+
+    @property
+    def missing(self) -> int:
+        return (
+            len(self.missing_limit_decisions) + len(self.missing_events) + len(self.missing_alerts)
+        )
+
+    @property
+    def unlogged(self) -> int:
+        return (
+            len(self.unlogged_limit_decisions)
+            + len(self.unlogged_events)
+            + len(self.unlogged_alerts)
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and keys (pseudonymous ids, never an amount), for logs and `store verify`."""
+        return {
+            "missing_in_store": {
+                "limit_decisions": [list(row.key) for row in self.missing_limit_decisions],
+                "events": [list(row.key) for row in self.missing_events],
+                "alerts_of_decisions": [row.decision_id for row in self.missing_alerts],
+            },
+            "missing_in_log": {
+                "limit_decisions": [list(key) for key in self.unlogged_limit_decisions],
+                "events": [list(key) for key in self.unlogged_events],
+                "alert_sequences": self.unlogged_alerts,
+            },
+        }
+
+
+def _decisions(audit_dir: Path) -> Iterator[StoredRecord]:
+    """The log's limit and event decisions (not refusals), in log order."""
+    for stored in records_containing(audit_dir, _NEEDLES):
+        record = stored.record
+        if record.get("rpc") in (ADJUST_LIMIT_METHOD, EVALUATE_EVENT_METHOD) and (
+            record.get("outcome") != "refused"
+        ):
+            yield stored
+
+
+def _event_time(stored: StoredRecord) -> dt.datetime:
+    event = stored.record.get("event")
+    moment = parse_time(event.get("occurred_at")) if isinstance(event, dict) else None
+    if moment is None:
+        raise ReconcileError(f"record {stored.sequence} has no event time")
+    return moment
+
+
+def _expected_events(
+    events: dict[tuple[str, str], list[_EventRecord]], retention: dt.timedelta
+) -> Iterator[_EventRecord]:
+    """The events the store should still hold: each customer's event survives until an event
+    stored after it lies more than the retention window later (the store's forget rule)."""
+    for history in events.values():
+        latest_after: dt.datetime | None = None
+        for event in reversed(history):
+            if latest_after is None or event.occurred_at >= latest_after - retention:
+                yield event
+            if latest_after is None or event.occurred_at > latest_after:
+                latest_after = event.occurred_at
+
+
+def compare(audit_dir: Path, store: DecisionStore, retention_days: int) -> Reconciliation:
+    """Compare the store with the log (reads both; changes nothing)."""
+    logged_limits: dict[tuple[str, str], _LimitRow] = {}
+    events: dict[tuple[str, str], list[_EventRecord]] = defaultdict(list)
+    logged_event_keys: set[tuple[str, str, str]] = set()
+    logged_decisions: set[str] = set()
+    for stored in _decisions(audit_dir):
+        record = stored.record
+        tenant, subject = str(record.get("tenant")), str(record.get("subject"))
+        logged_decisions.add(str(record.get("decision_id")))
+        if record["rpc"] == ADJUST_LIMIT_METHOD:
+            key = (tenant, str(record.get("request_id")))
+            logged_limits.setdefault(key, _LimitRow(stored.sequence, key))
+            continue
+        outputs = record.get("outputs") or {}
+        if outputs.get("duplicate"):
+            continue  # a duplicate event changed nothing in the store
+        event_id = str((record.get("event") or {}).get("event_id"))
+        entry = _EventRecord(
+            stored.sequence,
+            str(record.get("decision_id")),
+            (tenant, subject, event_id),
+            _event_time(stored),
+            bool(outputs.get("alerts")),
+        )
+        events[(tenant, subject)].append(entry)
+        logged_event_keys.add(entry.key)
+
+    report = Reconciliation()
+    stored_limits = set(store.limit_decision_keys())
+    report.missing_limit_decisions = [
+        row for key, row in logged_limits.items() if key not in stored_limits
+    ]
+    report.unlogged_limit_decisions = sorted(stored_limits - logged_limits.keys())
+
+    stored_events = set(store.event_keys())
+    expected = list(_expected_events(events, dt.timedelta(days=retention_days)))
+    report.missing_events = [event for event in expected if event.key not in stored_events]
+    report.unlogged_events = sorted(stored_events - logged_event_keys)
+
+    alert_decisions: set[str] = set()
+    for sequence, blob in store.alert_rows():
+        decision_id = alert_service_pb2.Alert.FromString(blob).metadata.decision_id
+        alert_decisions.add(decision_id)
+        if decision_id not in logged_decisions:
+            report.unlogged_alerts.append(sequence)
+    report.missing_alerts = [
+        event
+        for history in events.values()
+        for event in history
+        if event.raises_alerts and event.decision_id not in alert_decisions
+    ]
+    return report
+
+
+def restore(
+    report: Reconciliation,
+    audit_dir: Path,
+    store: DecisionStore,
+    record_key: bytes,
+    retention_days: int,
+) -> int:
+    """Rebuild every row the log holds and the store lacks, from the records' sealed fields;
+    returns how many rows were written."""
+    wanted = {row.sequence for row in report.missing_limit_decisions}
+    wanted |= {event.sequence for event in (*report.missing_events, *report.missing_alerts)}
+    records = {r.sequence: r for r in _decisions(audit_dir) if r.sequence in wanted}
+    written = 0
+    for limit in report.missing_limit_decisions:
+        stored = records[limit.sequence]
+        sealed = _opened(record_key, stored)
+        response = limit_service_pb2.AdjustLimitResponse.FromString(
+            base64.b64decode(sealed["response"])
+        )
+        response.metadata.audit_sequence = stored.sequence
+        action = str((stored.record.get("outputs") or {}).get("action", ""))
+        store.record_limit_decision(
+            tenant=limit.key[0],
+            pseudonym=str(stored.record["subject"]),
+            request_id=limit.key[1],
+            fingerprint=str(sealed["fingerprint"]),
+            decided_at=_decided_at(stored),
+            action=action.removeprefix(_ACTION_PREFIX),
+            response=response.SerializeToString(),
+        )
+        written += 1
+    alerts_missing = {event.sequence for event in report.missing_alerts}
+    for event in report.missing_events:
+        stored = records[event.sequence]
+        alerts = _alerts(record_key, stored) if event.sequence in alerts_missing else []
+        alerts_missing.discard(event.sequence)
+        tenant, pseudonym, event_id = event.key
+        details = _opened(record_key, stored)["details"]
+        store.record_event(
+            tenant,
+            pseudonym,
+            Event(event_id=event_id, occurred_at=event.occurred_at, **details),
+            alerts,
+            _decided_at(stored),
+            event.occurred_at - dt.timedelta(days=retention_days),
+        )
+        written += 1 + len(alerts)
+    for sequence in sorted(alerts_missing):
+        stored = records[sequence]
+        written += len(store.record_alerts(_alerts(record_key, stored), _decided_at(stored)))
+    return written
+
+
+def _opened(record_key: bytes, stored: StoredRecord) -> dict[str, Any]:
+    try:
+        return open_record(record_key, stored.record)
+    except ValueError as error:
+        raise ReconcileError(f"record {stored.sequence}: {error}") from None
+
+
+def _decided_at(stored: StoredRecord) -> dt.datetime:
+    moment = parse_time(stored.record.get("time"))
+    if moment is None:
+        raise ReconcileError(f"record {stored.sequence} has no time")
+    return moment
+
+
+def _alerts(record_key: bytes, stored: StoredRecord) -> list[bytes]:
+    """The alerts an event decision raised, as stored: with the record's audit sequence."""
+    blobs = []
+    for encoded in _opened(record_key, stored)["alerts"]:
+        alert = alert_service_pb2.Alert.FromString(base64.b64decode(encoded))
+        alert.metadata.audit_sequence = stored.sequence
+        blobs.append(alert.SerializeToString())
+    return blobs
