@@ -200,3 +200,16 @@ def audit_log_key(data_dir: Path) -> tuple[Any, str]:
     identity = read_identity(layout.audit_dir)
     assert identity is not None, "the server has not opened its audit log"
     return VerifierKey.parse(layout.audit_verifier_key.read_text()), identity.origin
+
+
+def privscore_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`privscore ARGS` as its own process, for the data directory `data_dir` (given as
+    PRIVSCORE_DATA_DIR, so commands whose defaults follow it find the server's files)."""
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PRIVSCORE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
+    )

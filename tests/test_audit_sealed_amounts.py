@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from service.privacy.record_seal import (
     open_record_fields,
     seal_record_fields,
 )
-from tests.conftest import REPO_ROOT, ServerProcess, applicants
+from tests.conftest import ServerProcess, applicants, privscore_cli
 from tests.test_alerts import cny, event
 from tests.test_limits import GOOD_SCORE, account
 
@@ -68,14 +67,7 @@ def standalone(number: int) -> re.Pattern[bytes]:
 
 
 def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", "audit", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PRIVSCORE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
-    )
+    return privscore_cli(data_dir, "audit", *args)
 
 
 def server_secret(data_dir: Path) -> bytes:

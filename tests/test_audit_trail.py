@@ -6,7 +6,6 @@ from __future__ import annotations
 import resource
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from service.audit import (
 )
 from service.client.probe import health_status
 from service.config import DataLayout
-from tests.conftest import REPO_ROOT, ServerProcess, applicants, audit_log_key
+from tests.conftest import ServerProcess, applicants, audit_log_key, privscore_cli
 from tests.test_alerts import cny, event
 from tests.test_limits import GOOD_SCORE, account
 from tests.test_server import error_reason
@@ -41,15 +40,7 @@ FAST_CHECKPOINTS = ("--audit-checkpoint-seconds", "0.1")
 
 
 def privscore(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    layout = DataLayout(data_dir)
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", "audit", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PRIVSCORE_DATA_DIR": str(layout.root), "PATH": "/usr/bin:/bin"},
-    )
+    return privscore_cli(data_dir, "audit", *args)
 
 
 def records_by_decision(data_dir: Path) -> dict[str, tuple[int, dict[str, object]]]:

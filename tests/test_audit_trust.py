@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +15,10 @@ from service.audit import VerifierKey, format_checkpoint, iter_records, read_ide
 from service.audit.storage import CHECKPOINT_FILE, canonical_json, frame, seal_envelope
 from service.config import DataLayout
 from tests.audit.test_trust import last_segment
-from tests.conftest import REPO_ROOT, ServerProcess, applicants, audit_log_key
+from tests.conftest import ServerProcess, applicants, audit_log_key
+from tests.conftest import privscore_cli as privscore
 from tests.test_limits import GOOD_SCORE, account
 from tests.test_model_serving import serve_once
-
-
-def privscore(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PRIVSCORE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
-    )
 
 
 def run_decisions(data_dir: Path, *, start: int = 0, count: int = 3) -> list[str]:

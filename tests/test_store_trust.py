@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 
 from service.audit import iter_records
 from service.config import DataLayout
-from tests.conftest import REPO_ROOT, ServerProcess
+from tests.conftest import ServerProcess, privscore_cli
 from tests.test_alerts import cny, event
 from tests.test_audit_trust import refused, run_decisions
 from tests.test_limits import GOOD_SCORE, account
@@ -32,14 +30,7 @@ RECONCILE = "privscore.store/Reconcile"
 
 
 def store_verify(data_dir: Path, *flags: str) -> tuple[int, dict[str, Any]]:
-    result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "store", "verify", *flags],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PRIVSCORE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
-    )
+    result = privscore_cli(data_dir, "store", "verify", *flags)
     return result.returncode, json.loads(result.stdout)
 
 
