@@ -59,14 +59,8 @@ def write_private(path: Path, data: bytes) -> None:
     temporary = path.with_name(f"{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()  # left by a crash: never reuse its mode or contents
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
-        try:
-            os.fchmod(descriptor, FILE_MODE)
-            _write_all(descriptor, data)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _write_new(temporary, data)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -79,6 +73,12 @@ def create_private(path: Path, data: bytes) -> None:
     """Create `path` holding `data`, 0600, fsynced; FileExistsError if it exists (for keys that
     must never be replaced)."""
     private_dir(path.parent)
+    _write_new(path, data)
+    _fsync_directory(path.parent)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """A new file holding `data`, 0600 whatever the umask, fsynced; FileExistsError if any."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         os.fchmod(descriptor, FILE_MODE)
@@ -86,7 +86,6 @@ def create_private(path: Path, data: bytes) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-    _fsync_directory(path.parent)
 
 
 def private_file(path: Path, *, create: bool = True) -> None:
