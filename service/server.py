@@ -316,8 +316,9 @@ class PrivscoreServer:
         except StoreTampered as error:
             outcome = {"outcome": "refused", "reason": "STORE_TAMPERED", "table": error.table}
             raise StartupError(
-                f"store: {error}; refusing to start (`privscore store verify` names the row: "
-                "delete it and the server rebuilds it from the audit log)"
+                f"store: {error}; refusing to start (`privscore store verify` lists the row; "
+                "with --delete-tampered it removes it, and the next start rebuilds it from the "
+                "audit log)"
             ) from None
         except (ReconcileError, AuditError) as error:
             outcome = {"outcome": "refused", "reason": "RECONCILE_FAILED"}

@@ -53,26 +53,6 @@ class MerkleFrontier:
     def size(self) -> int:
         return self._size
 
-    @property
-    def nodes(self) -> tuple[tuple[int, bytes], ...]:
-        return tuple(self._nodes)
-
-    @classmethod
-    def restore(cls, size: int, nodes: Iterable[tuple[int, bytes]]) -> MerkleFrontier:
-        """The frontier of a tree of `size` leaves from its `nodes`; ValueError unless they
-        are exactly its maximal perfect subtrees, largest first, as `nodes` gives them."""
-        frontier = cls()
-        expected, start = [], 0
-        for bit in reversed(range(size.bit_length())):
-            if size >> bit & 1:
-                expected.append(start)
-                start += 1 << bit
-        restored = list(nodes)
-        if [s for s, _ in restored] != expected or any(len(h) != 32 for _, h in restored):
-            raise ValueError(f"not the frontier of a tree of size {size}")
-        frontier._nodes, frontier._size = restored, size
-        return frontier
-
     def append(self, leaf_hash: bytes) -> None:
         end = self._size + 1
         node, width, size = leaf_hash, 1, self._size
