@@ -94,7 +94,7 @@ class KeyChain:
         self.keys.append((sequence + 1, new))
 
     def at(self, size: int) -> VerifierKey:
-        return next(key for first, key in reversed(self.keys) if size >= first or first == 0)
+        return next(key for first, key in reversed(self.keys) if size >= first)
 
     def trusts(self, verifier: VerifierKey) -> bool:
         return any(key == verifier for _, key in self.keys)
