@@ -280,7 +280,7 @@ class PrivscoreServer:
             origin=identity.origin,
             records=audit_log.recovery.size,
             checkpointed=audit_log.recovery.checkpointed,
-            verifier_key=audit_log.verifier.text,
+            key_id=audit_log.verifier.key_id.hex(),
         )
         return audit_log
 

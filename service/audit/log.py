@@ -343,7 +343,9 @@ class AuditLog:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise AuditError(f"{self._directory} is in use by another audit log writer") from None
+            raise AuditError(
+                f"{self._directory} is in use by another audit log writer (a running server?)"
+            ) from None
         return fd
 
     def _sync_directory(self, path: Path) -> None:
