@@ -454,7 +454,11 @@ def _cmd_store_verify(args: argparse.Namespace) -> int:
     finally:
         store.close()
     summary = report.summary() if report is not None else {}
-    ok = not tampered and report is not None and not (report.missing or report.unlogged)
+    ok = (
+        not tampered
+        and report is not None
+        and not (report.missing or report.unlogged or report.decided_twice)
+    )
     print(
         json.dumps(
             {

@@ -307,6 +307,8 @@ class PrivscoreServer:
                     "record: the log lost acknowledged records or the rows were not written by "
                     "this server; refusing to start (`privscore store verify` lists them)"
                 )
+            if report.decided_twice:
+                log.warning("store.request_decided_twice", requests=len(report.decided_twice))
             if report.missing:
                 written = restore(
                     report, self.settings.layout.audit_dir, store, record_key, retention

@@ -219,3 +219,22 @@ def test_a_row_edited_under_a_running_server_refuses_the_call_as_data_loss(
         if r.get("outcome") == "refused" and r.get("code") == "DATA_LOSS"
     ]
     assert len(refusals) == 1 and refusals[0]["reason"] == "STORE_TAMPERED"
+
+
+def test_a_row_deleted_under_a_running_server_shows_as_a_request_decided_twice(
+    tmp_path: Path,
+) -> None:
+    """Rebuilding happens at start; deleted while running, a request id can decide again. The
+    log keeps both decisions, and `store verify` names the request."""
+    data_dir = tmp_path / "var"
+    server = ServerProcess(data_dir)
+    try:
+        first = adjust(server, "req-twice")
+        sql(data_dir, "DELETE FROM limit_decisions")
+        second = adjust(server, "req-twice")
+    finally:
+        assert server.terminate() == 0
+    assert not second.replayed and second.metadata.decision_id != first.metadata.decision_id
+    assert len(limit_records(data_dir, "req-twice")) == 2
+    code, report = store_verify(data_dir)
+    assert code == 1 and report["request_ids_decided_twice"] == [["t", "req-twice"]]

@@ -77,6 +77,9 @@ class Reconciliation:
     unlogged_limit_decisions: list[tuple[str, str]] = field(default_factory=list)
     unlogged_events: list[tuple[str, str, str]] = field(default_factory=list)
     unlogged_alerts: list[int] = field(default_factory=list)  # alert stream sequences
+    # Request ids with more than one limit decision in the log: a row deleted under a running
+    # server lets its request id decide again. History cannot be undone; it is reported.
+    decided_twice: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def missing(self) -> int:
@@ -105,6 +108,7 @@ class Reconciliation:
                 "events": [list(key) for key in self.unlogged_events],
                 "alert_sequences": self.unlogged_alerts,
             },
+            "request_ids_decided_twice": [list(key) for key in self.decided_twice],
         }
 
 
@@ -143,6 +147,7 @@ def _expected_events(
 def compare(audit_dir: Path, store: DecisionStore, retention_days: int) -> Reconciliation:
     """Compare the store with the log (reads both; changes nothing)."""
     logged_limits: dict[tuple[str, str], _LimitRow] = {}
+    decided_twice: set[tuple[str, str]] = set()
     events: dict[tuple[str, str], list[_EventRecord]] = defaultdict(list)
     logged_event_keys: set[tuple[str, str, str]] = set()
     logged_decisions: set[str] = set()
@@ -152,6 +157,8 @@ def compare(audit_dir: Path, store: DecisionStore, retention_days: int) -> Recon
         logged_decisions.add(str(record.get("decision_id")))
         if record["rpc"] == ADJUST_LIMIT_METHOD:
             key = (tenant, str(record.get("request_id")))
+            if key in logged_limits:
+                decided_twice.add(key)
             logged_limits.setdefault(key, _LimitRow(stored.sequence, key))
             continue
         outputs = record.get("outputs") or {}
@@ -168,7 +175,7 @@ def compare(audit_dir: Path, store: DecisionStore, retention_days: int) -> Recon
         events[(tenant, subject)].append(entry)
         logged_event_keys.add(entry.key)
 
-    report = Reconciliation()
+    report = Reconciliation(decided_twice=sorted(decided_twice))
     stored_limits = set(store.limit_decision_keys())
     report.missing_limit_decisions = [
         row for key, row in logged_limits.items() if key not in stored_limits
