@@ -5,6 +5,7 @@ row it does not record stops the start, an edited row refuses the call (or the s
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import sqlite3
@@ -16,8 +17,13 @@ from typing import Any
 import grpc
 import pytest
 
+from privscore.v1 import common_pb2, limit_service_pb2
+from service.api.limits import legacy_fingerprint
 from service.audit import iter_records
 from service.config import DataLayout
+from service.decisions.store import DecisionStore
+from service.privacy.digest import derive_input_digest_key, derive_state_key, input_digest
+from service.privacy.keyring import Keyring, load_kek
 from tests.conftest import ServerProcess, privscore_cli
 from tests.test_alerts import cny, event
 from tests.test_audit_trust import refused, run_decisions
@@ -238,3 +244,42 @@ def test_a_row_deleted_under_a_running_server_shows_as_a_request_decided_twice(
     assert len(limit_records(data_dir, "req-twice")) == 2
     code, report = store_verify(data_dir)
     assert code == 1 and report["request_ids_decided_twice"] == [["t", "req-twice"]]
+
+
+def test_a_request_stored_with_the_unkeyed_fingerprint_of_before_still_replays(
+    tmp_path: Path,
+) -> None:
+    """Rows stored before the idempotency fingerprint was keyed hold the plain SHA-256 one: a
+    request retried across the upgrade replays instead of being refused as reused."""
+    data_dir = tmp_path / "var"
+    server = ServerProcess(data_dir)
+    first = adjust(server, "req-old")
+    assert server.terminate() == 0
+    layout = DataLayout(data_dir)
+    secret = Keyring.load(layout.keyring, load_kek(layout.dev_kek)).server_secret()
+    [record] = limit_records(data_dir, "req-old")
+    digest = input_digest(derive_input_digest_key(secret), {"latest_score": GOOD_SCORE})
+    assert record["input_digest"] == digest
+    wire_subject = common_pb2.SubjectRef(tenant="t", pseudonym=record["subject"])
+    store = DecisionStore(layout.decision_store, derive_state_key(secret))
+    try:
+        stored = store.limit_decision("t", "req-old")
+        assert stored is not None
+        sql(data_dir, "DELETE FROM limit_decisions")
+        store.record_limit_decision(
+            tenant="t",
+            pseudonym=record["subject"],
+            request_id="req-old",
+            fingerprint=legacy_fingerprint(wire_subject, account(), digest),
+            decided_at=dt.datetime.fromisoformat(record["time"]),
+            action=limit_service_pb2.LimitAction.Name(first.action).removeprefix("LIMIT_ACTION_"),
+            response=stored.response,
+        )
+    finally:
+        store.close()
+    server = ServerProcess(data_dir)
+    try:
+        again = adjust(server, "req-old")
+    finally:
+        assert server.terminate() == 0
+    assert again.replayed and again.metadata.decision_id == first.metadata.decision_id

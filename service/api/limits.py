@@ -119,6 +119,21 @@ def request_fingerprint(
     return mac.hexdigest()
 
 
+def legacy_fingerprint(
+    subject: common_pb2.SubjectRef, account: pb.AccountState, score_input_digest: str
+) -> str:
+    """The unkeyed fingerprint that rows stored before `request_fingerprint` was keyed hold, so
+    a request retried across the upgrade still replays instead of being refused as reused."""
+    body = b"\x00".join(
+        [
+            subject.SerializeToString(deterministic=True),
+            account.SerializeToString(deterministic=True),
+            score_input_digest.encode(),
+        ]
+    )
+    return hashlib.sha256(body).hexdigest()
+
+
 def sealed_limit_fields(
     account: pb.AccountState, response: pb.AdjustLimitResponse, fingerprint: str
 ) -> dict[str, Any]:
@@ -181,7 +196,10 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
                 runtime.store.limit_decision, subject.tenant, request.request_id
             )
             if stored is not None:
-                if stored.fingerprint != fingerprint:
+                if stored.fingerprint not in (
+                    fingerprint,
+                    legacy_fingerprint(subject, account, inputs_digest),
+                ):
                     raise RequestIdReused(
                         "request_id was used before for a different limit request"
                     )
