@@ -12,19 +12,65 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from service.errors import ResourceExhausted
+from service.settings import Resolved, integer, number, setting
+
+
+def _quarter_of_all(resolved: Resolved) -> str:
+    return str(max(1, resolved["max_alert_subscribers"] // 4))
 
 
 @dataclass(frozen=True)
 class CallLimits:
-    default_deadline_seconds: float = 10.0  # for calls that carry none
-    max_deadline_seconds: float = 60.0  # longer deadlines are cut to this
-    max_in_flight_per_identity: int = 64
-    calls_per_second_per_identity: float = 2000.0
-    burst_per_identity: int = 4000
-    max_alert_subscribers: int = 64
+    """The per-identity and subscriber limits; each field is a `privscore serve` setting."""
+
+    default_deadline_seconds: float = setting(
+        "--default-deadline-seconds",
+        "deadline for calls that carry none",
+        number(0.01, 3600),
+        "10",
+        value=10.0,
+    )
+    max_deadline_seconds: float = setting(
+        "--max-deadline-seconds",
+        "longer deadlines are cut to this",
+        number(0.01, 86400),
+        "60",
+        value=60.0,
+    )
+    max_in_flight_per_identity: int = setting(
+        "--max-in-flight-per-caller",
+        "concurrent calls per identity",
+        integer(1, 100_000),
+        "64",
+        value=64,
+    )
+    calls_per_second_per_identity: float = setting(
+        "--calls-per-second-per-caller",
+        "sustained call rate per identity",
+        number(0.01, 1e7),
+        "2000",
+        value=2000.0,
+    )
+    burst_per_identity: int = setting(
+        "--burst-per-caller", "rate burst per identity", integer(1, 10_000_000), "4000", value=4000
+    )
+    max_alert_subscribers: int = setting(
+        "--max-alert-subscribers",
+        "concurrent WatchAlerts streams",
+        integer(1, 100_000),
+        "64",
+        value=64,
+    )
     # One identity may hold only part of the subscriber slots, so it cannot lock out the other
-    # monitors; the settings default it to a quarter of max_alert_subscribers, at least 1.
-    max_alert_subscribers_per_identity: int = 16
+    # monitors.
+    max_alert_subscribers_per_identity: int = setting(
+        "--max-alert-subscribers-per-caller",
+        "concurrent WatchAlerts streams per identity, at most all of them",
+        integer(1, lambda resolved: int(resolved["max_alert_subscribers"])),
+        _quarter_of_all,
+        default_doc="a quarter of --max-alert-subscribers, at least 1",
+        value=16,
+    )
 
 
 class _Bucket:
