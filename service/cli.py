@@ -473,6 +473,12 @@ def _cmd_store_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _cmd_db(args: argparse.Namespace) -> int:
+    from service.db.commands import run
+
+    return run(args)
+
+
 def _local_log_origin(layout: DataLayout) -> str | None:
     """The origin of the log under the data directory, if there is one to read."""
     from service.audit import AuditError, read_identity
@@ -585,6 +591,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_dir_argument(store_verify)
     add_key_arguments(store_verify)
     store_verify.set_defaults(run=_cmd_store_verify)
+
+    # PostgreSQL (issue 13). No abbreviations: `--database-password SECRET` must not pass for
+    # `--database-password-file`, or a secret would show in `ps`.
+    from service.db.settings import add_database_arguments
+
+    db = commands.add_parser("db", help="PostgreSQL: apply schema migrations, show the version")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser(
+        "migrate",
+        allow_abbrev=False,
+        help="apply pending migrations (safe to run on several replicas at once)",
+    )
+    db_commands.add_parser(
+        "status", allow_abbrev=False, help="the database's schema version and migrations"
+    )
+    for sub in db_commands.choices.values():
+        add_database_arguments(sub)
+    db.set_defaults(run=_cmd_db)
 
     certs = commands.add_parser("certs", help="dev certificates for mutual TLS")
     cert_commands = certs.add_subparsers(dest="certs_command", required=True)
