@@ -213,3 +213,133 @@ def privscore_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str
         timeout=120,
         env={"PRIVSCORE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
     )
+
+
+# -- PostgreSQL: a fresh database per test on a real server ------------------------------------
+#
+# Tests that use `postgres_server` or `postgres_database` are marked `postgres`. Without a
+# reachable server they skip, saying how to run them; with PRIVSCORE_REQUIRE_POSTGRES=1 (CI,
+# .ci/run) such a skip is reported as a failure instead.
+
+POSTGRES_URL_ENV = "PRIVSCORE_TEST_DATABASE_URL"
+REQUIRE_POSTGRES_ENV = "PRIVSCORE_REQUIRE_POSTGRES"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+_POSTGRES_FIXTURES = frozenset({"postgres_server", "postgres_database"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"postgres: needs a real PostgreSQL ({POSTGRES_URL_ENV}, default {DEFAULT_POSTGRES_URL})",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under PRIVSCORE_REQUIRE_POSTGRES=1, a test that needs PostgreSQL and skipped fails."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if (
+        report.skipped
+        and not hasattr(report, "wasxfail")
+        and item.get_closest_marker("postgres") is not None
+        and os.environ.get(REQUIRE_POSTGRES_ENV) == "1"
+    ):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_POSTGRES_ENV}=1, and this test needs PostgreSQL: {reason}"
+
+
+class PostgresServer:
+    """The server the tests may create databases on (as a role allowed to CREATE DATABASE)."""
+
+    def __init__(self, url: str) -> None:
+        from service.db import DatabaseSettings, connection_kwargs
+
+        self.url = url
+        kwargs = connection_kwargs(DatabaseSettings(url), environ={})
+        assert kwargs is not None
+        self.kwargs = kwargs
+
+    def database_url(self, name: str) -> str:
+        """This server's URL naming database `name` instead."""
+        import urllib.parse
+
+        return urllib.parse.urlsplit(self.url)._replace(path="/" + name).geturl()
+
+    def database_kwargs(self, name: str) -> Any:
+        from service.db import ConnectionKwargs
+
+        return ConnectionKwargs({**self.kwargs, "dbname": name})
+
+
+class PostgresDatabase:
+    """A database of its own for one test, dropped after it."""
+
+    def __init__(self, server: PostgresServer, name: str) -> None:
+        self.server = server
+        self.name = name
+        self.url = server.database_url(name)  # for `privscore db ... --database-url`
+        self.kwargs = server.database_kwargs(name)
+
+    def connect(self) -> Any:
+        """An autocommit connection to this database (use as a context manager)."""
+        from service.db import connect
+
+        return connect(self.kwargs)
+
+
+def _unreachable(url: str, why: str) -> str:
+    return (
+        f"PostgreSQL at {url} is not reachable ({why}). To run these tests, start it "
+        "(`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`) or set "
+        f"{POSTGRES_URL_ENV}=postgresql://USER@HOST:PORT/postgres (a role that may CREATE "
+        f"DATABASE). CI sets {REQUIRE_POSTGRES_ENV}=1, which makes this skip a failure."
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> PostgresServer:
+    """The test PostgreSQL server, or a skip saying how to provide one."""
+    from service.db import DatabaseUnavailable
+    from service.settings import ConfigError
+
+    url = os.environ.get(POSTGRES_URL_ENV) or DEFAULT_POSTGRES_URL
+    try:
+        server = PostgresServer(url)
+    except ConfigError as error:
+        pytest.fail(f"{POSTGRES_URL_ENV}: {error}")
+    try:
+        with PostgresDatabase(server, server.kwargs.get("dbname", "postgres")).connect() as conn:
+            conn.execute("SELECT 1")
+    except DatabaseUnavailable as error:
+        pytest.skip(_unreachable(server.kwargs.describe(), str(error)))
+    return server
+
+
+@pytest.fixture
+def postgres_database(postgres_server: PostgresServer) -> Iterator[PostgresDatabase]:
+    """A fresh, empty (unmigrated) database, uniquely named, dropped after the test."""
+    import secrets
+
+    from psycopg import sql
+
+    name = f"privscore_test_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = PostgresDatabase(postgres_server, postgres_server.kwargs.get("dbname", "postgres"))
+    with admin.connect() as conn:
+        # template0: never connected to, so copying it cannot fail for a session left on it.
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    try:
+        yield PostgresDatabase(postgres_server, name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )

@@ -4,7 +4,7 @@
 A server that requires a password is needed to see a real refusal: PostgreSQL on this machine
 trusts local connections, so those tests use `PasswordRefusingServer` (the real libpq client
 path against a listener that asks for the password and refuses it). The real PostgreSQL covers
-errors raised after the password was sent.
+errors raised after the password was sent (a missing database) and a successful migration.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from service.db import (
     DatabaseUnavailable,
     connect,
     connection_kwargs,
+    migrate,
     open_async_pool,
 )
 from tests.conftest import REPO_ROOT
@@ -98,3 +99,34 @@ def test_a_pool_that_cannot_open_says_why_without_the_password(
     assert "password authentication failed" in str(raised.value)
     assert SECRET not in str(raised.value)
     assert all(SECRET not in record.getMessage() for record in caplog.records)
+
+
+def test_on_the_real_server_no_output_holds_the_password(postgres_database, tmp_path: Path) -> None:
+    """PostgreSQL here trusts the connection, so the password is sent and ignored: a successful
+    migration and a refusal after the handshake (no such database) must not show it."""
+    password_file = tmp_path / "db-password"
+    password_file.write_text(SECRET)
+    migrated = privscore_db(
+        "migrate",
+        "--database-url",
+        postgres_database.url,
+        "--database-password-file",
+        str(password_file),
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    assert "db.migration_applied" in migrated.stdout and "up to date" in migrated.stdout
+    missing = postgres_database.server.database_url(postgres_database.name + "_missing")
+    refused = privscore_db("status", "--database-url", missing, env={DATABASE_PASSWORD_ENV: SECRET})
+    assert refused.returncode == 1
+    assert "does not exist" in refused.stderr
+    for done in (migrated, refused):
+        assert SECRET not in done.stdout + done.stderr
+
+    kwargs = connection_kwargs(
+        DatabaseSettings(postgres_database.url), {DATABASE_PASSWORD_ENV: SECRET}
+    )
+    assert kwargs is not None
+    with structlog.testing.capture_logs() as logs, connect(kwargs) as conn:
+        migrate(conn)  # nothing pending: logs nothing, but must not fail with the password set
+        assert SECRET not in repr(conn) and SECRET not in str(conn.info.dsn)
+    assert all(SECRET not in repr(entry) for entry in logs)
