@@ -123,7 +123,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_prove(args: argparse.Namespace) -> int:
     try:
         checkpoint, found, proof = prove_record(
-            args.audit_dir, _verifier(args), args.origin, equals={"decision_id": args.decision}
+            args.audit_dir,
+            _verifier(args),
+            args.origin,
+            equals={"decision_id": args.decision},
+            confirm_not_found=True,  # a reviewer's copy: its index is not proof of absence
+            on_fallback=lambda reason: print(
+                f"privscore audit prove: {reason}; reading the whole log", file=sys.stderr
+            ),
         )
     except NotProvable as error:
         raise _Failed(str(error)) from None

@@ -45,6 +45,7 @@ from service.audit.checkpoint import (
     split_note,
 )
 from service.audit.errors import AuditError, AuditWriteError, LogCorruptError
+from service.audit.index import IndexedFrontier, IndexWriter
 from service.audit.merkle import MerkleFrontier, leaf_hash
 from service.audit.storage import (
     CHECKPOINT_FILE,
@@ -162,8 +163,12 @@ class AuditLog:
     the log has not been handed to another key by a rotation record. A torn final record (an
     append that was never acknowledged) is cut off, logged as `audit.torn_tail_truncated` and
     reported in `recovery`. Opening reads the whole log (hashing, not parsing, what the latest
-    checkpoint covers). One process at a time: the directory is locked. Opening does disk reads;
-    on an event loop, open it with `asyncio.to_thread`.
+    checkpoint covers), and the same pass checks the lookup index (service/audit/index.py)
+    against every record and repairs it where it differs (`audit.index_repaired`); the writer
+    then keeps it current after each durable batch. The index is derived data: a failure to
+    keep it is logged (`audit.index_failed`), never a failure of the log. One process at a
+    time: the directory is locked. Opening does disk reads; on an event loop, open it with
+    `asyncio.to_thread`.
     """
 
     def __init__(
@@ -213,6 +218,7 @@ class AuditLog:
         self._segment_size = 0
         self._committed_chain: bytes  # the chain of the last durable record (writer thread)
         self._checkpoint_fd: int | None = None
+        self._index: IndexWriter | None = None
         try:
             self.recovery: RecoveryReport = self._recover()
             self._checkpoint_fd = self._create_or_open(CHECKPOINT_FILE)
@@ -365,7 +371,10 @@ class AuditLog:
         # An earlier version kept a resume point here (world-readable); the log is read whole.
         (self._directory / LEGACY_RESUME_FILE).unlink(missing_ok=True)
 
-        frontier = MerkleFrontier()
+        # The lookup index is derived data: the same pass checks it record by record against
+        # what is read here and rewrites it where it differs (service/audit/index.py).
+        self._index = index = IndexWriter(self._directory)
+        frontier = IndexedFrontier(index)
         root_at_latest = frontier.root() if checkpointed == 0 else None
         reader = LogReader(self._directory)
         chain = GENESIS_CHAIN
@@ -373,6 +382,7 @@ class AuditLog:
         try:
             for envelope in reader.envelopes():
                 sequence = frontier.size
+                index.record(sequence, reader.offset, envelope)
                 if sequence >= checkpointed:
                     stored, chain = open_envelope(envelope, sequence, chain)
                     if not stored.authentic(self._mac_key):
@@ -420,6 +430,14 @@ class AuditLog:
                 "finish it with `privscore audit rotate-key`"
             )
 
+        repaired_from = index.finish(frontier.size)
+        if repaired_from is not None:
+            _log.warning(
+                "audit.index_repaired",
+                from_sequence=repaired_from,
+                size=frontier.size,
+                directory=str(self._directory),
+            )
         self._frontier = frontier
         self._next_sequence = frontier.size
         self._chain = self._committed_chain = chain
@@ -528,16 +546,21 @@ class AuditLog:
                 return
 
     def _commit(self, pending: list[_Pending]) -> None:
+        offsets: list[int] = []
         if self._failure is None:
             try:
-                self._write(pending)
+                offsets = self._write(pending)
             except Exception as error:  # noqa: BLE001 - whatever failed, fail closed
                 self._fail(error)
         if self._failure is not None:
             _settle([(entry.waiter, self._write_error()) for entry in pending])
             return
-        for entry in pending:
+        for entry, offset in zip(pending, offsets, strict=True):
+            if self._index is not None:
+                self._index.record(entry.sequence, offset, entry.frame[4:-4])
             self._frontier.append(entry.leaf_hash)
+        if self._index is not None:  # before any checkpoint covers the batch
+            self._index.commit(self._frontier.size)
         self._committed_chain = pending[-1].chain
         self._records += len(pending)
         self._batches += 1
@@ -553,8 +576,10 @@ class AuditLog:
             self._signer = rotate_to
         _settle([(entry.waiter, Appended(entry.sequence, entry.leaf_hash)) for entry in pending])
 
-    def _write(self, pending: list[_Pending]) -> None:
+    def _write(self, pending: list[_Pending]) -> list[int]:
+        """Write and fsync `pending`; the offset of each frame in its segment."""
         chunk: list[bytes] = []
+        offsets: list[int] = []
         for entry in pending:
             full = self._segment_size + len(entry.frame) > self._segment_bytes
             if self._segment_fd is None or (full and self._segment_size > 0):
@@ -562,8 +587,10 @@ class AuditLog:
                 chunk = []
                 self._start_segment(entry.sequence)
             chunk.append(entry.frame)
+            offsets.append(self._segment_size)
             self._segment_size += len(entry.frame)
         self._flush(chunk)
+        return offsets
 
     def _flush(self, chunk: list[bytes]) -> None:
         if chunk and self._segment_fd is not None:
@@ -625,6 +652,8 @@ class AuditLog:
         _settle([(close.waiter, self._write_error() if final_checkpoint_failed else None)])
 
     def _close_files(self) -> None:
+        if self._index is not None:
+            self._index.close()
         for fd in (self._segment_fd, self._checkpoint_fd, self._dir_fd):
             if fd is not None:
                 os.close(fd)  # closing the directory releases its lock

@@ -118,15 +118,18 @@ class FrameFile:
     whole and fsynced, so a valid frame after a bad one means damage, never a crash.
     """
 
-    def __init__(self, path: Path, *, may_be_torn: bool) -> None:
+    def __init__(self, path: Path, *, may_be_torn: bool, start: int = 0) -> None:
         self.path = path
         self.may_be_torn = may_be_torn
         self.torn: TornTail | None = None
+        self.offset = start  # where the frame last yielded begins, then where the next one does
 
     def frames(self) -> Iterator[bytes]:
         with self.path.open("rb", buffering=1 << 20) as file:
-            offset = 0
+            offset = self.offset
+            file.seek(offset)
             while True:
+                self.offset = offset
                 header = file.read(4)
                 if not header:
                     return
@@ -148,6 +151,26 @@ class FrameFile:
                     self.torn = TornTail(self.path.name, offset, len(rest), None)
                     return
                 raise FrameError(offset, _frame_problem(rest))
+
+
+def read_frame_at(path: Path, offset: int) -> bytes:
+    """The payload of the one frame at byte `offset` of `path`; FrameError unless a whole frame
+    with a matching CRC is there (for lookups that know where a record lies)."""
+    with path.open("rb", buffering=0) as file:
+        file.seek(offset)
+        header = file.read(4)
+        if len(header) < 4:
+            raise FrameError(offset, "length field cut short")
+        (length,) = _U32.unpack(header)
+        if not 0 < length <= MAX_PAYLOAD_BYTES:
+            raise FrameError(offset, f"impossible length {length}")
+        rest = file.read(length + 4)
+    if len(rest) < length + 4:
+        raise FrameError(offset, "frame cut short")
+    payload = rest[:length]
+    if zlib.crc32(payload) != _U32.unpack_from(rest, length)[0]:
+        raise FrameError(offset, "CRC mismatch")
+    return payload
 
 
 def canonical_json(value: Any) -> bytes:
@@ -284,6 +307,7 @@ class LogReader:
         self.size = 0
         self.chain = GENESIS_CHAIN
         self.file = ""
+        self.offset = 0  # where the envelope last yielded is framed in `file`
 
     def __iter__(self) -> Iterator[StoredRecord]:
         for payload in self.envelopes():
@@ -304,7 +328,9 @@ class LogReader:
             frames = FrameFile(path, may_be_torn=index == len(segments) - 1)
             try:
                 for payload in frames.frames():
-                    yield payload  # self.size is this envelope's sequence until it returns
+                    # self.size and self.offset are this envelope's until it returns
+                    self.offset = frames.offset
+                    yield payload
                     self.size += 1
             except FrameError as error:
                 raise LogCorruptError(self.size, f"{path.name} {error}") from None

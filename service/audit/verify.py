@@ -35,10 +35,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+import structlog
 
 from service.audit.checkpoint import (
     ROTATE_KEY_RPC,
@@ -51,6 +53,7 @@ from service.audit.checkpoint import (
     split_note,
 )
 from service.audit.errors import LogCorruptError, NotProvable
+from service.audit.index import IndexUnusable, find_decision
 from service.audit.merkle import (
     EMPTY_ROOT,
     ProofError,
@@ -63,6 +66,8 @@ from service.audit.merkle import (
     verify_consistency,
 )
 from service.audit.storage import LogReader, StoredRecord, read_checkpoint_notes
+
+_log = structlog.get_logger("privscore.audit")
 
 
 @dataclass(frozen=True)
@@ -407,22 +412,47 @@ def find_with_inclusion_proof(
     return found, [hashes[node] for node in path]
 
 
+def _log_fallback(reason: str) -> None:
+    _log.warning("audit.lookup_index_unusable", reason=reason)
+
+
 def prove_record(
     directory: str | os.PathLike[str],
     verifier: VerifierKey,
     origin: str,
     *,
     equals: Mapping[str, str],
+    confirm_not_found: bool = False,
+    on_fallback: Callable[[str], None] = _log_fallback,
 ) -> tuple[Checkpoint, StoredRecord, list[bytes]]:
     """The first record whose fields equal `equals`, with its inclusion proof against the
-    latest verified checkpoint; raises NotProvable when there is no such proof yet or at all."""
+    latest verified checkpoint; raises NotProvable when there is no such proof yet or at all.
+
+    A lookup by decision_id alone is answered from the log's index when it has one that covers
+    the checkpoint (O(log n) reads; what it returns is checked, see `find_decision`); otherwise,
+    or when the index disagrees with the log (`on_fallback` is told why), by one pass over the
+    log. The index cannot show that a decision is absent: with `confirm_not_found` (a reviewer
+    who does not take the index's word) the pass runs before answering NOT_FOUND.
+    """
     checkpoint = latest_checkpoint(directory, verifier, origin)
     if checkpoint is None or checkpoint.size == 0:
         raise NotProvable(
             "NO_CHECKPOINT", "no signed checkpoint yet; records become provable within seconds"
         )
     wanted = ", ".join(f"{key} {value!r}" for key, value in equals.items())
-    found = find_with_inclusion_proof(directory, checkpoint.size, equals=equals)
+    found: tuple[StoredRecord, list[bytes] | None] | None = None
+    scan = True
+    if list(equals) == ["decision_id"]:
+        try:
+            found = find_decision(
+                Path(directory), equals["decision_id"], checkpoint.size, checkpoint.root_hash
+            )
+            scan = found is None and confirm_not_found
+        except IndexUnusable as error:
+            if not error.quiet:
+                on_fallback(error.reason)
+    if scan:
+        found = find_with_inclusion_proof(directory, checkpoint.size, equals=equals)
     if found is None:
         raise NotProvable("NOT_FOUND", f"no record has {wanted}")
     record, proof = found

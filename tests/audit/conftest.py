@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from service.audit import AuditLog, Checkpoint, Signer, VerifierKey, latest_checkpoint
+from service.audit.index import DECISIONS_DB, INDEX_DIR, POSITIONS_FILE
 
 ORIGIN = "privscore.audit/test-instance"
 KEY_NAME = "privscore.audit/test-instance"
@@ -34,6 +36,32 @@ def make_record(n: int) -> dict[str, Any]:
         "rpc": "Score",
         "outputs": {"score": 600 + n, "reasons": ["R1", "R7"]},
     }
+
+
+def copy_log(source: Path, target: Path) -> Path:
+    """A copy of a log its writer may still have open, index included: what a crash at this
+    moment would leave."""
+    target.mkdir()
+    for path in source.iterdir():
+        if path.is_dir():
+            copy_log(path, target / path.name)
+        else:
+            (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def index_contents(directory: Path) -> dict[str, Any]:
+    """Every file of the index, and the database's rows, for comparing two indexes."""
+    index = directory / INDEX_DIR
+    files = {
+        path.name: path.read_bytes()
+        for path in sorted(index.iterdir())
+        if path.name == POSITIONS_FILE or path.name.startswith("level-")
+    }
+    with sqlite3.connect(index / DECISIONS_DB) as db:
+        rows = db.execute("SELECT seq, decision_id FROM decisions ORDER BY seq").fetchall()
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    return {"files": files, "rows": rows, "meta": meta}
 
 
 def latest(directory: Path, key: Ed25519PrivateKey) -> Checkpoint:

@@ -25,7 +25,7 @@ from service.audit import (
 )
 from service.audit.storage import CHECKPOINT_FILE, frame, list_segments
 
-from .conftest import MAC_KEY, ORIGIN, latest, make_record, signer, verifier
+from .conftest import MAC_KEY, ORIGIN, copy_log, latest, make_record, signer, verifier
 
 
 def slow_fsync(delay: float):
@@ -368,14 +368,6 @@ def test_a_log_shorter_than_its_latest_checkpoint_is_refused(tmp_path, open_log,
     list_segments(tmp_path)[-1][1].unlink()
     with pytest.raises(LogCorruptError, match="latest signed checkpoint covers 30"):
         open_log(tmp_path)
-
-
-def copy_log(source: Path, target: Path) -> Path:
-    """A copy of a log its writer still has open: what a crash at this moment would leave."""
-    target.mkdir()
-    for path in source.iterdir():
-        (target / path.name).write_bytes(path.read_bytes())
-    return target
 
 
 def test_records_after_the_latest_checkpoint_are_checked_against_the_chain(

@@ -33,7 +33,16 @@ from service.audit.storage import (
     seal_envelope,
 )
 
-from .conftest import KEY_NAME, MAC_KEY, ORIGIN, latest, make_record, signer, verifier
+from .conftest import (
+    KEY_NAME,
+    MAC_KEY,
+    ORIGIN,
+    copy_log,
+    latest,
+    make_record,
+    signer,
+    verifier,
+)
 
 ATTACKER_MAC_KEY = bytes(32)  # anything but the server's
 
@@ -109,10 +118,7 @@ def test_records_written_by_the_server_after_the_last_checkpoint_open_and_verify
     for n in range(6):
         log.append_sync(make_record(n))
     # What a crash leaves: records after the last checkpoint (none), all with the server's MAC.
-    crashed = tmp_path.parent / f"{tmp_path.name}-crashed"
-    crashed.mkdir()
-    for path in tmp_path.iterdir():
-        (crashed / path.name).write_bytes(path.read_bytes())
+    crashed = copy_log(tmp_path, tmp_path.parent / f"{tmp_path.name}-crashed")
     log.close_sync()
     report = verify_log(crashed, verifier(signing_key), ORIGIN, mac_key=MAC_KEY)
     assert report.ok and report.proven_size == 0 and report.unauthenticated_records == 0
@@ -259,10 +265,7 @@ def test_a_rotation_left_half_done_is_named_at_open(tmp_path, open_log, signing_
     log = open_log(tmp_path / "log", checkpoint_every=1000)
     log.append_sync(make_record(0))
     log.rotate_key_sync(signer(Ed25519PrivateKey.generate()), "2026-12-01T12:00:00Z")
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    for path in (tmp_path / "log").iterdir():
-        (crashed / path.name).write_bytes(path.read_bytes())
+    crashed = copy_log(tmp_path / "log", tmp_path / "crashed")
     log.close_sync()
     with pytest.raises(AuditError, match=r"handed to audit key .* rotate-key"):
         open_log(crashed)
