@@ -17,9 +17,12 @@ proof against the latest checkpoint cost O(log n) reads instead of a pass over t
 
 Nothing here is trusted for what a lookup returns, and nothing is fsynced:
 
-- The writer (`IndexWriter`, driven by `AuditLog`) appends after each durable batch, flat files
-  first and the SQLite transaction that raises `size` last, so a reader that believes `size`
-  finds the flat files written that far. A crash of the machine can lose or garble any of it.
+- The writer (`IndexWriter`, driven by `AuditLog`) gathers what each durable batch adds and
+  writes it every 256 records and before each checkpoint is signed (so every checkpoint a
+  reader finds is covered), flat files first and the SQLite transaction that raises `size`
+  last, so a reader that believes `size` finds the flat files written that far. Records after
+  `size` (at most those since the last write) are read from the log when a lookup misses. A
+  crash of the machine can lose or garble any of it, which the next open repairs.
 - At open, the log's own pass over every record (which hashes them all for the signed
   checkpoint) feeds the index in check mode: every position, node and decision row is compared
   with what is stored, and from the first one that differs the rest is rewritten, after `size`
@@ -79,6 +82,7 @@ _U64 = struct.Struct(">Q")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _CHECK_EVERY = 8192  # records compared per step at open: bounds the memory the check holds
+_WRITE_EVERY = 256  # records the writer gathers before writing them, unless a checkpoint is due
 _REINDEX_ABOVE = 20_000  # rows rewritten at open past which the id index is dropped and rebuilt
 _SCHEMA = {
     ("table", "meta"): "CREATE TABLE meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
@@ -211,8 +215,9 @@ class _Stream:
 class IndexWriter:
     """The writer's side, owned by `AuditLog` (one thread at a time).
 
-    Starts in check mode for the open pass (`record` and `node` for every record, then
-    `finish`), then appends after each durable batch (`record`, `node`, `commit`). It never
+    Starts in check mode for the open pass (`record` for every record, its nodes through
+    `nodes`, then `finish`), then appends what each durable batch adds (`record`, `nodes`,
+    `commit`, and `flush` before a checkpoint). It never
     raises: an error is logged once as `audit.index_failed` and the index stops being
     maintained for this process (lookups then fall back to the scan once the checkpoint passes
     it; the next open repairs it). The audit log must never fail because of derived data.
@@ -223,6 +228,7 @@ class IndexWriter:
         self._failed = False
         self._checking = True
         self._fed = 0  # records fed
+        self._size = self._written = 0  # the log's size at the last commit, and in the index
         self._diverged: int | None = None  # the first record from which anything was rewritten
         self._levels: list[_Stream] = []
         # Nodes completed and not yet in their level's stream, by level: the frontier appends
@@ -271,8 +277,18 @@ class IndexWriter:
         return None if self._failed else self._diverged
 
     def commit(self, size: int) -> None:
-        """After a durable batch: append what it added, then raise `size` to cover it."""
-        self._guarded(lambda: self._commit(size))
+        """After a durable batch of the log, now `size` records long: write what the batches
+        since the last write added, once they are `_WRITE_EVERY` records or more (each write
+        costs a few system calls and a SQLite transaction, on the writer thread)."""
+        self._size = size
+        if size - self._written >= _WRITE_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what was fed, then raise `size` to cover it: before a checkpoint is signed,
+        so that every checkpoint a reader finds is covered, and at close."""
+        if self._size > self._written:
+            self._guarded(lambda: self._commit(self._size))
 
     def close(self) -> None:
         for stream in [*self._levels, *([self._positions] if self._positions else [])]:
@@ -500,6 +516,7 @@ class IndexWriter:
         self._db.execute("UPDATE meta SET value = ? WHERE key = 'size'", (size,))
         self._db.execute("COMMIT")
         self._checking = False
+        self._size = self._written = size
 
     def _commit(self, size: int) -> None:
         assert self._db is not None and self._positions is not None
@@ -512,6 +529,7 @@ class IndexWriter:
         self._write_rows(None)
         self._db.execute("UPDATE meta SET value = ? WHERE key = 'size'", (size,))
         self._db.execute("COMMIT")
+        self._written = size
 
 
 class IndexedFrontier(MerkleFrontier):
@@ -604,8 +622,8 @@ class _Reader:
         return StoredRecord(sequence, record, envelope)
 
     def scan_after(self, size: int, decision_id: str) -> StoredRecord | None:
-        """The first record from `size` on (those the index does not cover yet: at most the
-        batch being written) that holds `decision_id`."""
+        """The first record from `size` on that holds `decision_id`: those the index does not
+        cover yet, under a running writer at most the few hundred since its last write."""
         path, offset = self.position(size - 1)
         start = offset + 8 + len(read_frame_at(path, offset))
         needle = json.dumps(decision_id, ensure_ascii=False).encode("utf-8")

@@ -165,10 +165,10 @@ class AuditLog:
     reported in `recovery`. Opening reads the whole log (hashing, not parsing, what the latest
     checkpoint covers), and the same pass checks the lookup index (service/audit/index.py)
     against every record and repairs it where it differs (`audit.index_repaired`); the writer
-    then keeps it current after each durable batch. The index is derived data: a failure to
-    keep it is logged (`audit.index_failed`), never a failure of the log. One process at a
-    time: the directory is locked. Opening does disk reads; on an event loop, open it with
-    `asyncio.to_thread`.
+    then keeps it current, covering every checkpoint before it is signed. The index is derived
+    data: a failure to keep it is logged (`audit.index_failed`), never a failure of the log.
+    One process at a time: the directory is locked. Opening does disk reads; on an event loop,
+    open it with `asyncio.to_thread`.
     """
 
     def __init__(
@@ -559,7 +559,7 @@ class AuditLog:
             if self._index is not None:
                 self._index.record(entry.sequence, offset, entry.frame[4:-4])
             self._frontier.append(entry.leaf_hash)
-        if self._index is not None:  # before any checkpoint covers the batch
+        if self._index is not None:
             self._index.commit(self._frontier.size)
         self._committed_chain = pending[-1].chain
         self._records += len(pending)
@@ -628,6 +628,8 @@ class AuditLog:
     def _checkpoint(self, cosigner: Signer | None = None) -> None:
         if self._failure is not None or self._checkpoint_fd is None:
             return
+        if self._index is not None:  # lookups find every checkpoint covered by the index
+            self._index.flush()
         size = self._frontier.size
         signers = [self._signer] if cosigner is None else [self._signer, cosigner]
         note = format_checkpoint(self._origin, size, self._frontier.root(), signers=signers)
@@ -653,6 +655,7 @@ class AuditLog:
 
     def _close_files(self) -> None:
         if self._index is not None:
+            self._index.flush()
             self._index.close()
         for fd in (self._segment_fd, self._checkpoint_fd, self._dir_fd):
             if fd is not None:

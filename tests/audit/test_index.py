@@ -17,6 +17,7 @@ import shutil
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,27 @@ def write(directory: Path, key: Any, count: int, start: int = 0, **options: Any)
     return log
 
 
+def settled(directory: Path, key: Any, first: int, count: int, every: int) -> Checkpoint:
+    """The latest checkpoint once the writer has signed the one its cadence calls for after
+    records first..count-1 were appended one by one (it signs after acknowledging)."""
+    expected = first  # closing signed one at `first`
+    for size in range(first + 1, count + 1):
+        if size - expected >= every:
+            expected = size
+    deadline = time.monotonic() + 10
+    while (checkpoint := latest(directory, key)).size != expected:
+        assert time.monotonic() < deadline, f"no checkpoint of size {expected}"
+        time.sleep(0.001)
+    return checkpoint
+
+
+def index_size(directory: Path) -> int:
+    """How many records the index says it covers."""
+    with sqlite3.connect(directory / INDEX_DIR / DECISIONS_DB) as db:
+        (size,) = db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()
+    return int(size)
+
+
 def no_fallback(reason: str) -> None:
     raise AssertionError(f"the index should have answered: {reason}")
 
@@ -198,14 +220,16 @@ def test_lookups_answer_as_the_scan_does(
     write(directory, key, first, **options).close_sync()
     log = write(directory, key, count, start=first, **options)
     try:
+        checkpoint = settled(directory, key, first, count, checkpoint_every)
+        covered = index_size(directory)
+        assert checkpoint.size <= covered <= count
         ids = decision_ids(count)
-        checkpoint = latest(directory, key)
         for decision_id in data.draw(st.lists(st.sampled_from(ids), max_size=25, unique=True)):
             assert outcome(directory, key, decision_id, on_fallback=no_fallback) == scanned(
                 directory, checkpoint, decision_id
             )
         root_at = roots(directory)
-        for size in data.draw(st.lists(st.integers(1, count), max_size=4, unique=True)):
+        for size in data.draw(st.lists(st.integers(1, covered), max_size=4, unique=True)):
             for decision_id in data.draw(st.lists(st.sampled_from(ids), max_size=8)):
                 found = find_with_inclusion_proof(
                     directory, size, equals={"decision_id": decision_id}
@@ -294,7 +318,7 @@ def test_the_writer_and_a_rebuild_make_the_same_index(tmp_path, key):
 def test_index_files_are_owner_only_whatever_the_umask(tmp_path, key):
     previous = os.umask(0o022)
     try:
-        log = write(tmp_path / "log", key, 40)
+        log = write(tmp_path / "log", key, 40, checkpoint_every=10)
         index = tmp_path / "log" / INDEX_DIR
         assert {path.name for path in index.iterdir()} >= {
             POSITIONS_FILE,
@@ -544,6 +568,7 @@ def test_a_failing_index_never_fails_the_log(tmp_path, key, monkeypatch):
     # Failing while the server runs: logged once, appends go on, lookups read the log.
     (directory / INDEX_DIR).unlink()
     log = write(directory, key, 20, start=10, checkpoint_every=5)
+    settled(directory, key, 10, 20, 5)  # the index covers the checkpoint of 20 records
 
     def broken(self: _Stream) -> None:
         raise OSError(28, "No space left on device")
