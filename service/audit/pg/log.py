@@ -9,7 +9,9 @@ transaction ran in one transaction (group commit: one per batch, never one per r
  2. `SELECT size, chain, root FROM audit_log_state ... FOR UPDATE`: the one sequencing row. It
     serialises batches across every replica until COMMIT, so numbers are dense, follow commit
     order and are never reused (a rolled-back batch leaves `size` as it was);
- 3. read the tiles on the tree's right edge and check the frontier they hold gives `root`;
+ 3. continue the tree from the frontier this process committed last if the row is still at
+    that size and root (no other replica wrote since), else from the tiles on the tree's right
+    edge, read now; either way, check the frontier gives the row's `root`;
  4. run each record's `within` hook, if any, under a savepoint with the connection and the
     sequence the record will get: a hook that raises is rolled back to its savepoint and its
     caller gets the exception; its record is neither numbered nor stored, the others go on;
@@ -184,6 +186,7 @@ class PgAuditLog:
         self._uncheckpointed_since: float | None = None
         self._next_try = 0.0  # no checkpoint attempt before (monotonic), after a busy lock
         self._wake = asyncio.Event()
+        self._frontier: TileFrontier | None = None  # after this process's last commit
         self._writer: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
@@ -399,7 +402,6 @@ class PgAuditLog:
                     _TIMEOUTS, (_ms(self._lock_timeout_s), _ms(self._idle_timeout_s))
                 )
                 state = await read_state(conn, lock=True)
-                tiles = await read_tiles(conn, frontier_tiles(state.size))
             if state.size < self._high_water:
                 raise LogCorruptError(
                     state.size,
@@ -407,10 +409,7 @@ class PgAuditLog:
                     f"it hold {self._high_water}: it was rolled back; refusing to number "
                     "records again",
                 )
-            try:
-                frontier = TileFrontier.from_tiles(state.size, tiles)
-            except TileError as error:
-                raise LogCorruptError(None, f"{TILES}: {error}") from None
+            frontier = await self._frontier_at(conn, state.size, state.root)
             if frontier.root() != state.root:
                 raise LogCorruptError(
                     None,
@@ -489,8 +488,23 @@ class PgAuditLog:
                         f"{expected}: it was edited",
                     )
             committing[0] = True
+        self._frontier = frontier
         self._committed(size, len(accepted))
         return appended
+
+    async def _frontier_at(
+        self, conn: psycopg.AsyncConnection[Any], size: int, root: bytes
+    ) -> TileFrontier:
+        """The frontier at `size` to continue: this process's own when the log has not moved
+        since its last commit, else read from the tiles."""
+        kept, self._frontier = self._frontier, None  # kept again only once a batch commits
+        if kept is not None and kept.size == size and kept.root() == root:
+            return kept.continued()
+        tiles = await read_tiles(conn, frontier_tiles(size))
+        try:
+            return TileFrontier.from_tiles(size, tiles)
+        except TileError as error:
+            raise LogCorruptError(None, f"{TILES}: {error}") from None
 
     def _committed(self, size: int, records: int) -> None:
         self._records += records

@@ -123,6 +123,13 @@ class TileFrontier(MerkleFrontier):
         frontier._size = size
         return frontier
 
+    def continued(self) -> TileFrontier:
+        """A copy to append a batch to, its `added` empty; this one stays as it is."""
+        frontier = TileFrontier()
+        frontier._nodes = list(self._nodes)
+        frontier._size = self._size
+        return frontier
+
     def _completed(self, start: int, end: int, node: bytes) -> None:
         level = (end - start).bit_length() - 1
         if level % TILE_HEIGHT == 0:
