@@ -320,6 +320,50 @@ def test_a_failed_transaction_fails_its_callers_stores_nothing_and_the_log_recov
     assert CANARY not in repr(logs) + "".join(map(str, results))
 
 
+def test_appends_arriving_while_a_transaction_runs_go_in_the_next_one(db, key) -> None:
+    """One transaction at a time per process: while the first batch's transaction is held open
+    (its hook waits), fifty more appends queue, and all of them commit in one more."""
+
+    async def main() -> tuple[list[int], int]:
+        async with opened(db, key) as log:
+            gate = asyncio.Event()
+            entered = asyncio.Event()
+
+            async def hold(conn: Any, sequence: int) -> None:
+                entered.set()
+                await gate.wait()
+
+            first = asyncio.create_task(log.append(record(0), within=hold))
+            await entered.wait()  # the writer is inside the first transaction
+            rest = [asyncio.create_task(log.append(record(n))) for n in range(1, 51)]
+            await asyncio.sleep(0.05)
+            assert not any(task.done() for task in rest)
+            gate.set()
+            results = await asyncio.gather(first, *rest)
+            return [appended.sequence for appended in results], log.stats.batches
+
+    sequences, batches = asyncio.run(main())
+    assert sequences == list(range(51)) and batches == 2
+
+
+def test_failed_clears_once_the_database_answers_again(db, key) -> None:
+    async def kill_connection(conn: Any, sequence: int) -> None:
+        await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    async def main() -> tuple[bool, float]:
+        async with opened(db, key, retry_seconds=0.05) as log:
+            with pytest.raises(AuditWriteError):
+                await log.append(record(0), within=kill_connection)
+            failed = log.failed
+            started = time.monotonic()
+            while log.failed and time.monotonic() - started < 5:
+                await asyncio.sleep(0.02)
+            return failed, time.monotonic() - started
+
+    failed, waited = asyncio.run(main())
+    assert failed and waited < 5  # the probe found the database answering, with no append
+
+
 def test_appends_after_close_are_refused(db, key) -> None:
     async def main() -> None:
         async with opened(db, key) as log:
@@ -493,6 +537,56 @@ def test_open_refuses_a_log_handed_to_another_key(db, key) -> None:
         asyncio.run(main())
     # ... and a start with the old key is refused.
     assert "was handed to audit key" in refused_at_open(db, key)
+
+
+def test_a_quick_open_checks_the_rest_in_the_background(db, key) -> None:
+    build(db, key, 300, unsigned=20)
+
+    async def main() -> tuple[Any, bool, bool, int]:
+        async with opened(db, key, full_check=False) as log:
+            quick = log.verified
+            deadline = time.monotonic() + 10
+            while not log.verified and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            return log.recovery, quick, log.verified, (await log.append(record(320))).sequence
+
+    recovery, verified_at_open, verified_after, sequence = asyncio.run(main())
+    assert (recovery.size, recovery.checkpointed) == (320, 300)
+    assert not verified_at_open and verified_after and sequence == 320
+
+
+def test_a_quick_open_still_refuses_what_it_reads(db, key) -> None:
+    """What a quick open reads (the checkpoint, the right-edge tiles, the record before the
+    unsigned ones, those records, the state row) it checks as a full open does."""
+    build(db, key, 300, unsigned=20)
+    set_envelope(db, 310, envelope_at(db, 310).replace(b'"score":910', b'"score":911'))
+    with pytest.raises(LogCorruptError, match="audit_entries: record 310: chain does not"):
+        open_log(db, key, full_check=False)
+    set_envelope(db, 310, envelope_at(db, 310).replace(b'"score":911', b'"score":910'))
+    set_envelope(db, 299, envelope_at(db, 299).replace(b'"score":899', b'"score":898'))
+    with pytest.raises(LogCorruptError, match="record 299: audit_entries: it is not the record"):
+        open_log(db, key, full_check=False)
+
+
+def test_damage_a_quick_open_skips_fails_the_log_once_the_background_check_finds_it(
+    db, key
+) -> None:
+    build(db, key, 300, unsigned=20)
+    set_envelope(db, 7, envelope_at(db, 7).replace(b'"score":607', b'"score":608'))
+
+    async def main() -> str:
+        async with opened(db, key, full_check=False) as log:
+            deadline = time.monotonic() + 10
+            while not log.failed and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            with pytest.raises(AuditWriteError) as caught:
+                await log.append(record(320))
+            assert not log.verified
+            return str(caught.value)
+
+    message = asyncio.run(main())
+    assert "no longer give the latest signed checkpoint's root" in message
+    assert CANARY not in message
 
 
 # -- tampering: caught at open, by the export's verification, or both ------------------------

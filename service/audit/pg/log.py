@@ -155,8 +155,14 @@ class PgAuditLog:
         lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
+        full_check: bool = True,
     ) -> None:
-        """Use `open`, which checks the database log before anything is appended."""
+        """Use `open`, which checks the database log before anything is appended.
+
+        `full_check=False` opens without the pass over the records the latest checkpoint
+        covers (`check_log(full=False)`: what grows with the log) and runs that pass in the
+        background right after; if it finds damage the log fails closed from then on, as
+        after any other refusal, and `verified` stays False."""
         check_origin(origin)
         if min(checkpoint_every, max_batch) < 1 or checkpoint_seconds <= 0:
             raise ValueError("the checkpoint cadence and the batch size must be positive")
@@ -174,6 +180,8 @@ class PgAuditLog:
         self._lock_timeout_s = lock_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._retry_seconds = retry_seconds
+        self._full_check = full_check
+        self._verified = False
         self._records = self._batches = self._commits = self._checkpoints = 0
         self.recovery = RecoveryReport(0, ())
 
@@ -190,6 +198,7 @@ class PgAuditLog:
         self._writer: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._verifier_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -207,8 +216,13 @@ class PgAuditLog:
         async with pool.connection() as conn:
             await log._check_identity(conn)
             checked = await check_log(
-                conn, verifier=signer.verifier, origin=log._origin, mac_key=log._mac_key
+                conn,
+                verifier=signer.verifier,
+                origin=log._origin,
+                mac_key=log._mac_key,
+                full=log._full_check,
             )
+        log._verified = log._full_check
         log.recovery = RecoveryReport(checked.size, (), checked.checkpointed)
         log._high_water = checked.size
         log._checkpointed = checked.checkpointed
@@ -216,13 +230,44 @@ class PgAuditLog:
             log._uncheckpointed_since = time.monotonic()
         log._writer = asyncio.create_task(log._run_writer(), name="audit-pg-writer")
         log._checkpointer = asyncio.create_task(log._run_checkpoints(), name="audit-pg-signer")
+        if not log._full_check:
+            log._verifier_task = asyncio.create_task(log._check_all(), name="audit-pg-check")
         _log.info(
             "audit.pg_opened",
             records=checked.size,
             checkpointed=checked.checkpointed,
             seconds=round(time.monotonic() - started, 3),
+            full_check=log._full_check,
         )
         return log
+
+    async def _check_all(self) -> None:
+        """The full check a quick open left out, on a connection of its own, until it has run
+        (a database failure is retried): a log that fails it is refused from then on."""
+        while not self._closing and self._broken is None:
+            started = time.monotonic()
+            try:
+                async with self._pool.connection() as conn:
+                    checked = await check_log(
+                        conn,
+                        verifier=self._signer.verifier,
+                        origin=self._origin,
+                        mac_key=self._mac_key,
+                    )
+            except AuditError as error:
+                self._break(error)
+                return
+            except Exception as error:  # noqa: BLE001 - the database: try again
+                _log.warning("audit.pg_full_check_failed", error=describe(error))
+                await asyncio.sleep(self._retry_seconds)
+                continue
+            self._verified = True
+            _log.info(
+                "audit.pg_verified",
+                records=checked.size,
+                seconds=round(time.monotonic() - started, 3),
+            )
+            return
 
     async def _check_identity(self, conn: psycopg.AsyncConnection[Any]) -> None:
         from service.db.schema import check_schema_async
@@ -307,9 +352,10 @@ class PgAuditLog:
         tasks = [task for task in (self._writer, self._checkpointer) if task is not None]
         self._wake.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._probe is not None:
-            self._probe.cancel()
-            await asyncio.gather(self._probe, return_exceptions=True)
+        for helper in (self._probe, self._verifier_task):
+            if helper is not None and not helper.done():
+                helper.cancel()
+                await asyncio.gather(helper, return_exceptions=True)
         if self._broken is None and self._high_water > self._checkpointed:
             await self._checkpoint(wait=True)
             if self._broken is not None or self._high_water > self._checkpointed:
@@ -320,6 +366,12 @@ class PgAuditLog:
         """True while the log cannot take records: broken for good, or the database failed
         the last transaction and has not answered since (serve NOT_SERVING meanwhile)."""
         return self._broken is not None or self._failing is not None
+
+    @property
+    def verified(self) -> bool:
+        """Whether every record was checked (at open, or by the background pass a quick open
+        starts) and found to be the server's."""
+        return self._verified
 
     @property
     def stats(self) -> AuditStats:
