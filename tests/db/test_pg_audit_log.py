@@ -688,6 +688,23 @@ def test_a_running_replica_refuses_to_number_again_after_the_state_is_rolled_bac
     assert sql(db, "SELECT count(*) FROM audit_checkpoints") == [(0,)]
 
 
+def test_a_tile_filled_under_a_running_replica_fails_the_log_for_good(db, key) -> None:
+    async def main() -> tuple[str, str, bool]:
+        async with opened(db, key, checkpoint_seconds=3600) as log:
+            await log.append_all([record(n) for n in range(10)])
+            sql(db, "UPDATE audit_tiles SET nodes = %s WHERE level = 0", (bytes(8192),))
+            with pytest.raises(AuditWriteError) as first:
+                await log.append(record(10))
+            await asyncio.sleep(0.1)  # no probe clears it: it is not the database failing
+            with pytest.raises(AuditWriteError) as later:
+                await log.append(record(11))
+            return str(first.value), str(later.value), log.failed
+
+    first, later, failed = asyncio.run(main())
+    assert "audit_tiles" in first and "has failed" in later and failed
+    assert sql(db, "SELECT size FROM audit_log_state") == [(10,)]
+
+
 def test_the_signer_refuses_a_record_the_server_did_not_write(db, key) -> None:
     """A forged record put in the table under a running server is never signed: the replica
     that would sign reads it back, finds no MAC of the server's, and the log fails closed."""

@@ -421,9 +421,18 @@ class PgAuditLog:
             for item in batch:
                 _settle(item.future, item.refusal or self._broken_error())
             return
+        import psycopg
+
         committing = [False]
         try:
-            appended = await self._transaction(batch, committing)
+            try:
+                appended = await self._transaction(batch, committing)
+            except psycopg.IntegrityError as error:
+                # Our own statements break no constraint unless the tables were edited (a
+                # hook's violation is its caller's, caught in its savepoint).
+                raise LogCorruptError(
+                    None, f"the batch broke a constraint of the audit tables: {describe(error)}"
+                ) from None
         except (LogCorruptError, AuditError) as error:
             self._break(error)
             for item in batch:
