@@ -13,7 +13,10 @@ proof against the latest checkpoint cost O(log n) reads instead of a pass over t
     index/decisions.sqlite3  table decisions(seq INTEGER PRIMARY KEY, decision_id TEXT): every
                              record whose top-level decision_id is a string, indexed by
                              (decision_id, seq); table meta: format, and size, the number of records
-                             [0, size) all four cover.
+                             [0, size) all of the above cover.
+    index/chunks             32 bytes per complete chunk of 8192 records: a tag that lets open
+                             accept the chunk's rows without reading its records again (see
+                             `IndexWriter`); lookups never read it.
 
 Nothing here is trusted for what a lookup returns, and nothing is fsynced:
 
@@ -25,10 +28,11 @@ Nothing here is trusted for what a lookup returns, and nothing is fsynced:
   crash of the machine can lose or garble any of it, which the next open repairs.
 - At open, the log's own pass over every record (which hashes them all for the signed
   checkpoint) feeds the index in check mode: every position, node and decision row is compared
-  with what is stored, and from the first one that differs the rest is rewritten, after `size`
-  is lowered to where the index still agrees with the log; entries beyond the log are cut. A
-  deleted, truncated, stale (a log rolled back to an older copy) or edited index is therefore
-  exactly the log's again before the server serves.
+  with what the records give (a chunk's rows through its tag when it has a valid one), and from
+  the first one that differs the rest is rewritten, after `size` is lowered to where the index
+  still agrees with the log; entries beyond the log are cut. A deleted, truncated, stale (a log
+  rolled back to an older copy) or edited index is therefore exactly the log's again before
+  the server serves.
 - A lookup (`find_decision`) checks what it returns: the record is read from the segment at
   the indexed position and must hold the decision id and the sequence asked about, and its
   inclusion proof, built from the stored levels, must verify against the signed checkpoint's root
@@ -45,6 +49,8 @@ from __future__ import annotations
 import array
 import bisect
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -76,12 +82,15 @@ from service.audit.storage import (
 
 INDEX_DIR = "index"
 POSITIONS_FILE = "positions"
+CHUNKS_FILE = "chunks"
 DECISIONS_DB = "decisions.sqlite3"
 FORMAT = 1
 _U64 = struct.Struct(">Q")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
-_CHECK_EVERY = 8192  # records compared per step at open: bounds the memory the check holds
+# Records per chunk: open checks the index a chunk at a time (which bounds what it holds in
+# memory), and each complete chunk's rows carry a tag (see IndexWriter).
+_CHUNK = 8192
 _WRITE_EVERY = 256  # records the writer gathers before writing them, unless a checkpoint is due
 _REINDEX_ABOVE = 20_000  # rows rewritten at open past which the id index is dropped and rebuilt
 _SCHEMA = {
@@ -91,6 +100,7 @@ _SCHEMA = {
     ),
 }
 _ID_INDEX = "CREATE INDEX decisions_by_id ON decisions(decision_id, seq)"
+_TAG_KEY_LABEL = b"privscore.v1/audit-index-chunk-tag"
 
 _log = structlog.get_logger("privscore.audit")
 
@@ -217,14 +227,24 @@ class IndexWriter:
 
     Starts in check mode for the open pass (`record` for every record, its nodes through
     `nodes`, then `finish`), then appends what each durable batch adds (`record`, `nodes`,
-    `commit`, and `flush` before a checkpoint). It never
-    raises: an error is logged once as `audit.index_failed` and the index stops being
-    maintained for this process (lookups then fall back to the scan once the checkpoint passes
-    it; the next open repairs it). The audit log must never fail because of derived data.
+    `commit`, and `flush` before a checkpoint). It never raises: an error is logged once as
+    `audit.index_failed` and the index stops being maintained for this process (lookups then
+    fall back to the scan once the checkpoint passes it; the next open repairs it). The audit
+    log must never fail because of derived data.
+
+    Checking the decision rows is what open pays most for: reading a record's decision id
+    costs more than hashing it. So every complete chunk of `_CHUNK` records gets a tag in
+    `chunks`, an HMAC under a key derived from the log's record MAC key over the chunk's leaf
+    hashes and its rows. A chunk whose stored rows carry a valid tag is exactly what this
+    server derived from these very records (the leaf hashes fix them), so open accepts its
+    rows without reading any decision id; any other chunk (no tag, a tag that does not verify,
+    the last, partial chunk) has its decision ids read from the records and compared. Without
+    the key a tag cannot be made, so an edited row never passes; lookups do not use the tags.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, mac_key: bytes) -> None:
         self._dir = directory / INDEX_DIR
+        self._tag_key = hmac.digest(mac_key, _TAG_KEY_LABEL, "sha256")
         self._failed = False
         self._checking = True
         self._fed = 0  # records fed
@@ -234,12 +254,18 @@ class IndexWriter:
         # Nodes completed and not yet in their level's stream, by level: the frontier appends
         # here directly (it is the open pass's hottest loop).
         self.nodes: list[bytearray] = [bytearray() for _ in range(64)]
-        self._rows: list[tuple[int, str]] = []
+        self._rows: list[tuple[int, str]] = []  # to insert at the next write
+        self._envelopes: list[bytes] = []  # check mode: the current chunk's, read if need be
+        self._chunk_start = 0  # the first record of the chunk not tagged yet
+        self._chunk_leaves = bytearray()  # writer: that chunk's leaf hashes and rows so far
+        self._chunk_rows: list[tuple[int, str]] = []
         self._row_cursor: sqlite3.Cursor | None = None
+        self._row_buffer: list[tuple[int, str]] = []
         self._check_db: sqlite3.Connection | None = None
         self._rewritten_rows = 0
         self._dropped_id_index = False
         self._positions: _Stream | None = None
+        self._tags: _Stream | None = None
         self._offsets = array.array("Q")  # fed, not yet in the positions stream
         self._db: sqlite3.Connection | None = None
         self._stored_size = 0  # the size the index claimed before this open
@@ -249,6 +275,7 @@ class IndexWriter:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'size'").fetchone()
             self._stored_size = int(row[0]) if row is not None else 0
             self._positions = _Stream(self._dir / POSITIONS_FILE, 8, checking=True)
+            self._tags = _Stream(self._dir / CHUNKS_FILE, HASH_SIZE, checking=True)
             self._row_cursor = self._stored_rows()
         except Exception as error:  # noqa: BLE001 - derived data: log, then do without
             self._fail(error)
@@ -256,18 +283,21 @@ class IndexWriter:
     # -- fed by the log --------------------------------------------------------------------
 
     def record(self, sequence: int, offset: int, envelope: bytes) -> None:
-        """Record `sequence`, framed at `offset` of its segment (its nodes come through
-        `nodes`, which `IndexedFrontier` fills)."""
+        """Record `sequence`, framed at `offset` of its segment, once the frontier has taken
+        its leaf (its nodes come through `nodes`, which `IndexedFrontier` fills)."""
         if self._positions is None:  # failed or closed: drop what the frontier still hands over
             self._drop_nodes()
             return
         self._offsets.append(offset)
+        self._fed = sequence + 1
+        if self._checking:
+            self._envelopes.append(envelope)
+            if self._fed % _CHUNK == 0:
+                self._guarded(self._check_step)
+            return
         decision_id = decision_id_of(envelope)
         if decision_id is not None:
             self._rows.append((sequence, decision_id))
-        self._fed = sequence + 1
-        if self._checking and self._fed % _CHECK_EVERY == 0:
-            self._guarded(self._check_step)
 
     def finish(self, size: int) -> int | None:
         """End of the open pass over `size` records: settle the check, cut what lies beyond the
@@ -291,16 +321,19 @@ class IndexWriter:
             self._guarded(lambda: self._commit(self._size))
 
     def close(self) -> None:
-        for stream in [*self._levels, *([self._positions] if self._positions else [])]:
-            with contextlib.suppress(OSError):
-                stream.close()
-        self._levels, self._positions = [], None
+        streams = [*self._levels, self._positions, self._tags]
+        for stream in streams:
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        self._levels, self._positions, self._tags = [], None, None
         for db in (self._check_db, self._db):
             if db is not None:
                 with contextlib.suppress(sqlite3.Error):
                     db.close()
         self._check_db = self._db = None
         self._row_cursor = None
+        self._envelopes = []
 
     @property
     def failed(self) -> bool:
@@ -327,6 +360,8 @@ class IndexWriter:
         self._failed = True
         self.close()
         self._rows = []
+        self._chunk_rows = []
+        self._chunk_leaves = bytearray()
 
     def _open_db(self) -> sqlite3.Connection:
         path = self._dir / DECISIONS_DB
@@ -392,11 +427,44 @@ class IndexWriter:
         )
         return self._check_db.execute("SELECT seq, decision_id FROM decisions ORDER BY seq")
 
+    def _stored_rows_below(self, end: int) -> list[tuple[int, str]]:
+        """The next stored rows, up to the first whose sequence is `end` or more."""
+        assert self._row_cursor is not None
+        rows: list[tuple[int, str]] = []
+        while True:
+            if not self._row_buffer:
+                self._row_buffer = self._row_cursor.fetchmany(8192)
+                if not self._row_buffer:
+                    return rows
+            cut = bisect.bisect_left(self._row_buffer, (end,))
+            rows += self._row_buffer[:cut]
+            del self._row_buffer[:cut]
+            if self._row_buffer:
+                return rows
+
     def _stop_reading_rows(self) -> None:
         self._row_cursor = None
+        self._row_buffer = []
         if self._check_db is not None:
             self._check_db.close()
             self._check_db = None
+
+    def _tag(self, chunk: int, leaves: bytes, rows: list[tuple[int, str]]) -> bytes | None:
+        """The chunk's tag over its leaf hashes and rows; None for rows no server wrote."""
+        try:
+            seqs = array.array("q", [seq for seq, _ in rows])
+            ids = [decision_id for _, decision_id in rows]
+            lengths = array.array("q", map(len, ids))
+            text = "".join(ids).encode("utf-8", "surrogatepass")
+        except (TypeError, OverflowError):
+            return None
+        if sys.byteorder == "little":
+            seqs.byteswap()
+            lengths.byteswap()
+        digest = hashlib.sha256(_U64.pack(chunk) + hashlib.sha256(leaves).digest())
+        for part in (_U64.pack(len(rows)), seqs.tobytes(), lengths.tobytes(), text):
+            digest.update(part)
+        return hmac.digest(self._tag_key, digest.digest(), "sha256")
 
     def _drop_nodes(self) -> None:
         for pending in self.nodes:
@@ -404,7 +472,9 @@ class IndexWriter:
                 break
             pending.clear()
 
-    def _take_nodes(self) -> None:
+    def _take_nodes(self) -> bytes:
+        """Move the nodes completed since the last call into their streams; the leaf hashes."""
+        leaves = bytes(self.nodes[0])
         for level, pending in enumerate(self.nodes):
             if not pending:  # a level only completes a node when the one below does
                 break
@@ -413,6 +483,7 @@ class IndexWriter:
                 self._levels.append(_Stream(path, HASH_SIZE, checking=self._checking))
             self._levels[level].pending += pending
             pending.clear()
+        return leaves
 
     def _take_offsets(self) -> None:
         assert self._positions is not None
@@ -430,22 +501,42 @@ class IndexWriter:
             "UPDATE meta SET value = min(value, ?) WHERE key = 'size'", (first_difference,)
         )
 
-    def _check_rows(self) -> int | None:
-        """Settle the rows that agree with the stored ones, in sequence order; the sequence from
-        which the stored rows differ (a row missing, changed or extra), if they do."""
-        if self._row_cursor is None or not self._rows:
-            return None
-        stored = self._row_cursor.fetchmany(len(self._rows))
-        if stored == self._rows:  # the usual case, compared in one go
-            self._rows.clear()
-            return None
+    def _chunk_rows_checked(
+        self, leaves: bytes
+    ) -> tuple[list[tuple[int, str]], int | None, bytes | None]:
+        """The current chunk's rows as the log gives them, the sequence from which the stored
+        rows differ if they do (then `_rows` holds what to write from there), and the chunk's
+        tag if it is complete."""
+        start, end = self._chunk_start, self._fed
+        complete = end - start == _CHUNK
+        stored = self._stored_rows_below(end) if self._row_cursor is not None else None
+        if complete and stored is not None and self._tags is not None:
+            tag = self._tag(start // _CHUNK, leaves, stored)
+            kept = os.pread(self._tags.fd, HASH_SIZE, start // _CHUNK * HASH_SIZE)
+            if tag is not None and hmac.compare_digest(tag, kept):
+                return stored, None, tag  # vouched for by this server: no decision id read
+        rows = [
+            (sequence, decision_id)
+            for sequence, envelope in enumerate(self._envelopes, start)
+            if (decision_id := decision_id_of(envelope)) is not None
+        ]
+        tag = self._tag(start // _CHUNK, leaves, rows) if complete else None
+        if stored is None:  # the stored rows differed earlier: everything is written
+            self._rows = rows
+            return rows, None, tag
+        if rows == stored:
+            return rows, None, tag
+        same = next(
+            (n for n, pair in enumerate(zip(rows, stored, strict=False)) if pair[0] != pair[1]),
+            min(len(rows), len(stored)),
+        )
+        first = min(
+            rows[same][0] if same < len(rows) else end,
+            int(stored[same][0]) if same < len(stored) else end,
+        )
         self._stop_reading_rows()
-        pairs = zip(self._rows, stored, strict=False)  # stored may end first
-        position = next((n for n, (row, kept) in enumerate(pairs) if row != kept), len(stored))
-        del self._rows[:position]
-        if position == len(stored):  # the stored rows end here: the rest are missing
-            return self._rows[0][0]
-        return min(self._rows[0][0], int(stored[position][0]))
+        self._rows = rows[same:]
+        return rows, first, tag
 
     def _write_rows(self, from_sequence: int | None) -> None:
         assert self._db is not None
@@ -463,11 +554,20 @@ class IndexWriter:
         self._rows.clear()
 
     def _check_step(self) -> None:
-        assert self._db is not None and self._positions is not None
+        """Check the chunk the pass has just finished (or the last, partial one)."""
+        assert self._db is not None and self._positions is not None and self._tags is not None
         self._take_offsets()
-        self._take_nodes()
+        leaves = self._take_nodes()
+        rows, rows_from, tag = self._chunk_rows_checked(leaves)
+        if self._fed - self._chunk_start == _CHUNK:
+            assert tag is not None  # every complete chunk has one
+            self._tags.pending += tag
+            self._chunk_start = self._fed
+        else:  # the last chunk: the writer tags it once complete
+            self._chunk_leaves = bytearray(leaves)
+            self._chunk_rows = list(rows)
+        self._envelopes = []
         differences: list[int] = []
-        rows_from = self._check_rows()
         if rows_from is not None:
             differences.append(rows_from)
         position = self._positions.check()
@@ -477,24 +577,27 @@ class IndexWriter:
             node = stream.check()
             if node is not None:
                 differences.append(((node + 1) << level) - 1)  # the record completing it
+        self._tags.check()  # lookups do not read tags: a wrong one is rewritten, no more
         self._db.execute("BEGIN")
         if differences:
             self._lower_size(min(differences))
         self._db.execute("COMMIT")  # the lower size is visible before anything is rewritten
         self._db.execute("BEGIN")
-        self._positions.write()
-        for stream in self._levels:
+        for stream in (self._positions, self._tags, *self._levels):
             stream.write()
         self._write_rows(rows_from)
         self._db.execute("COMMIT")
 
     def _finish(self, size: int) -> None:
-        assert self._db is not None and self._positions is not None
+        assert self._db is not None and self._positions is not None and self._tags is not None
         self._check_step()
         self._db.execute("BEGIN")
-        extra = self._row_cursor.fetchone() if self._row_cursor is not None else None
+        extra = None
+        if self._row_cursor is not None:
+            extra = self._row_buffer[0] if self._row_buffer else self._row_cursor.fetchone()
         self._stop_reading_rows()
         cut = [self._positions.cut(), *(stream.cut() for stream in self._levels)]
+        self._tags.cut()
         wanted = {_level_name(level) for level in range(len(self._levels))}
         for path in self._dir.glob("level-*"):  # levels a larger log left behind
             if path.name not in wanted:
@@ -519,11 +622,21 @@ class IndexWriter:
         self._size = self._written = size
 
     def _commit(self, size: int) -> None:
-        assert self._db is not None and self._positions is not None
+        assert self._db is not None and self._positions is not None and self._tags is not None
         self._take_offsets()
-        self._take_nodes()
-        self._positions.write()
-        for stream in self._levels:
+        self._chunk_leaves += self._take_nodes()
+        self._chunk_rows += self._rows
+        while len(self._chunk_leaves) >= _CHUNK * HASH_SIZE:  # a chunk complete: tag it
+            end = self._chunk_start + _CHUNK
+            within = bisect.bisect_left(self._chunk_rows, (end,))
+            leaves = bytes(self._chunk_leaves[: _CHUNK * HASH_SIZE])
+            tag = self._tag(self._chunk_start // _CHUNK, leaves, self._chunk_rows[:within])
+            assert tag is not None
+            self._tags.pending += tag
+            del self._chunk_leaves[: _CHUNK * HASH_SIZE]
+            del self._chunk_rows[:within]
+            self._chunk_start = end
+        for stream in (self._positions, self._tags, *self._levels):
             stream.write()
         self._db.execute("BEGIN")
         self._write_rows(None)

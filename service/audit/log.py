@@ -373,7 +373,7 @@ class AuditLog:
 
         # The lookup index is derived data: the same pass checks it record by record against
         # what is read here and rewrites it where it differs (service/audit/index.py).
-        self._index = index = IndexWriter(self._directory)
+        self._index = index = IndexWriter(self._directory, self._mac_key)
         frontier = IndexedFrontier(index)
         root_at_latest = frontier.root() if checkpointed == 0 else None
         reader = LogReader(self._directory)
@@ -382,7 +382,6 @@ class AuditLog:
         try:
             for envelope in reader.envelopes():
                 sequence = frontier.size
-                index.record(sequence, reader.offset, envelope)
                 if sequence >= checkpointed:
                     stored, chain = open_envelope(envelope, sequence, chain)
                     if not stored.authentic(self._mac_key):
@@ -398,6 +397,7 @@ class AuditLog:
                 if _ROTATION_MARK in envelope:
                     rotated_to = self._rotation(envelope, sequence) or rotated_to
                 frontier.append(leaf_hash(envelope))
+                index.record(sequence, reader.offset, envelope)
                 if frontier.size == checkpointed:
                     root_at_latest = frontier.root()
         except LogCorruptError as error:
@@ -556,9 +556,9 @@ class AuditLog:
             _settle([(entry.waiter, self._write_error()) for entry in pending])
             return
         for entry, offset in zip(pending, offsets, strict=True):
+            self._frontier.append(entry.leaf_hash)
             if self._index is not None:
                 self._index.record(entry.sequence, offset, entry.frame[4:-4])
-            self._frontier.append(entry.leaf_hash)
         if self._index is not None:
             self._index.commit(self._frontier.size)
         self._committed_chain = pending[-1].chain

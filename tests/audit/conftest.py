@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from service.audit import AuditLog, Checkpoint, Signer, VerifierKey, latest_checkpoint
-from service.audit.index import DECISIONS_DB, INDEX_DIR, POSITIONS_FILE
+from service.audit.index import CHUNKS_FILE, DECISIONS_DB, INDEX_DIR, POSITIONS_FILE
 
 ORIGIN = "privscore.audit/test-instance"
 KEY_NAME = "privscore.audit/test-instance"
@@ -56,7 +56,7 @@ def index_contents(directory: Path) -> dict[str, Any]:
     files = {
         path.name: path.read_bytes()
         for path in sorted(index.iterdir())
-        if path.name == POSITIONS_FILE or path.name.startswith("level-")
+        if path.name in (POSITIONS_FILE, CHUNKS_FILE) or path.name.startswith("level-")
     }
     with sqlite3.connect(index / DECISIONS_DB) as db:
         rows = db.execute("SELECT seq, decision_id FROM decisions ORDER BY seq").fetchall()

@@ -37,7 +37,9 @@ from service.audit import (
     verify_inclusion,
     verify_log,
 )
+from service.audit import index as index_module
 from service.audit.index import (
+    CHUNKS_FILE,
     DECISIONS_DB,
     INDEX_DIR,
     POSITIONS_FILE,
@@ -185,6 +187,16 @@ def sql(directory: Path, statement: str, *parameters: object) -> None:
         db.execute(statement, parameters)
 
 
+CHUNK = 16
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of 16 records instead of 8192, so that these small logs have several: the
+    tagged fast path of the open check and its edges are exercised."""
+    monkeypatch.setattr(index_module, "_CHUNK", CHUNK)
+
+
 @pytest.fixture(scope="module")
 def key() -> Any:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -303,8 +315,9 @@ def test_the_writer_and_a_rebuild_make_the_same_index(tmp_path, key):
     asyncio.run(burst())
     log.close_sync()
     kept = index_contents(directory)
-    assert kept["meta"]["size"] == 200 and len(kept["files"]) == 1 + 8  # positions, levels 0-7
+    assert kept["meta"]["size"] == 200 and len(kept["files"]) == 2 + 8  # and levels 0-7
     assert len(kept["files"]["level-00"]) == 200 * 32 and len(kept["files"]["level-07"]) == 32
+    assert len(kept["files"][CHUNKS_FILE]) == 200 // CHUNK * 32
 
     shutil.rmtree(directory / INDEX_DIR)
     with capture_logs() as logs:
@@ -476,6 +489,42 @@ def test_a_damaged_index_never_gives_a_wrong_answer_and_open_repairs_it(closed_l
     for decision_id in ids:
         answer = outcome(directory, key, decision_id, on_fallback=no_fallback)
         assert answer == expected[decision_id]
+
+
+def test_open_reads_decision_ids_only_where_no_tag_vouches_for_the_rows(
+    closed_log, key, monkeypatch
+):
+    """A chunk whose rows carry this server's tag over the chunk's leaf hashes is accepted
+    without reading a decision id; a missing, moved or outdated tag sends open to the records,
+    and a row edited without the key cannot carry a valid tag."""
+    reads: list[bytes] = []
+    real = index_module.decision_id_of
+
+    def counted(envelope: bytes) -> str | None:
+        reads.append(envelope)
+        return real(envelope)
+
+    monkeypatch.setattr(index_module, "decision_id_of", counted)
+    before = index_contents(closed_log)
+    chunks = closed_log / INDEX_DIR / CHUNKS_FILE
+
+    def reopen() -> list[Any]:
+        reads.clear()
+        with capture_logs() as logs:
+            open_writer(closed_log, key).close_sync()
+        return [(entry["event"], entry.get("from_sequence")) for entry in logs]
+
+    assert reopen() == [] and len(reads) == COUNT % CHUNK  # the last, partial chunk only
+    tags = chunks.read_bytes()
+    chunks.write_bytes(tags[32:64] + tags[:32] + tags[64:])  # tags 0 and 1 swapped
+    assert reopen() == [] and len(reads) == 2 * CHUNK + COUNT % CHUNK
+    assert index_contents(closed_log) == before  # the rows were right; the tags are again
+    chunks.unlink()
+    assert reopen() == [] and len(reads) == COUNT
+    assert index_contents(closed_log) == before
+    sql(closed_log, "UPDATE decisions SET decision_id = 'dec-9999' WHERE seq = 18")
+    assert reopen() == [("audit.index_repaired", 18)]
+    assert index_contents(closed_log) == before
 
 
 def test_an_index_left_behind_the_log_is_not_used_and_is_caught_up(tmp_path, key):
