@@ -349,3 +349,32 @@ def read_checkpoint_notes(directory: Path) -> tuple[list[bytes], TornTail | None
     except FrameError as error:
         raise LogCorruptError(None, f"{CHECKPOINT_FILE} {error}") from None
     return notes, frames.torn
+
+
+_NOTE_TAIL_BYTES = 64 * 1024  # far more than one note, even signed by several keys
+
+
+def read_latest_note(directory: Path) -> bytes | None:
+    """The last stored note (never verified here), as `read_checkpoint_notes` gives it, but
+    reading only the end of the file when it ends with a whole frame: a lookup's cost must not
+    grow with the number of checkpoints the log has signed. Scanning back from the end, the
+    first place a frame can start that ends exactly at the end of the file with a matching CRC
+    is the last note's frame (a note is text, so a length field cannot start inside one). A
+    torn or damaged end, or a note longer than the tail read, falls back to reading it all.
+    Unlike that full read, damage to an earlier note is not looked for: it is `verify_log`'s to
+    find, and the note returned is only trusted once its signature verifies."""
+    path = directory / CHECKPOINT_FILE
+    try:
+        with path.open("rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(0, size - _NOTE_TAIL_BYTES))
+            tail = file.read()
+    except FileNotFoundError:
+        return None
+    start = len(tail) - 8
+    while (start := tail.rfind(b"\x00", 0, start)) >= 0:
+        (length,) = _U32.unpack_from(tail, start)
+        if start + 8 + length == len(tail) and _frame_at(tail, start):
+            return tail[start + 4 : start + 4 + length]
+    notes, _ = read_checkpoint_notes(directory)
+    return notes[-1] if notes else None

@@ -65,7 +65,12 @@ from service.audit.merkle import (
     subtree_hashes,
     verify_consistency,
 )
-from service.audit.storage import LogReader, StoredRecord, read_checkpoint_notes
+from service.audit.storage import (
+    LogReader,
+    StoredRecord,
+    read_checkpoint_notes,
+    read_latest_note,
+)
 
 _log = structlog.get_logger("privscore.audit")
 
@@ -354,11 +359,11 @@ def latest_checkpoint(
     directory: str | os.PathLike[str], verifier: VerifierKey, origin: str
 ) -> Checkpoint | None:
     """The newest stored checkpoint, verified; None if none was written yet."""
-    notes, _ = read_checkpoint_notes(Path(directory))
-    if not notes:
+    note = read_latest_note(Path(directory))
+    if note is None:
         return None
     try:
-        return parse_checkpoint(notes[-1].decode("utf-8"), verifier, origin)
+        return parse_checkpoint(note.decode("utf-8"), verifier, origin)
     except UnicodeDecodeError:
         raise CheckpointError("latest checkpoint is not UTF-8") from None
 

@@ -30,6 +30,7 @@ from structlog.testing import capture_logs
 from service.audit import (
     AuditLog,
     Checkpoint,
+    LogCorruptError,
     NotProvable,
     find_with_inclusion_proof,
     iter_records,
@@ -50,11 +51,14 @@ from service.audit.index import (
 )
 from service.audit.merkle import MerkleFrontier, ProofError
 from service.audit.storage import (
+    CHECKPOINT_FILE,
     GENESIS_CHAIN,
     canonical_json,
     encode_record,
     frame,
     list_segments,
+    read_checkpoint_notes,
+    read_latest_note,
     seal_envelope,
 )
 
@@ -655,3 +659,30 @@ def test_find_decision_refuses_what_it_cannot_answer(tmp_path, key):
     with pytest.raises(IndexUnusable) as raised:
         find_decision(directory, "dec-0001", checkpoint.size, checkpoint.root_hash)
     assert raised.value.quiet
+
+
+def test_the_latest_note_is_read_from_the_end_of_the_file(tmp_path, key):
+    """A lookup reads the latest checkpoint without reading every checkpoint before it, and
+    finds the note the full read finds: after a torn final note, or a note longer than the
+    end it reads, it reads the file whole."""
+    directory = tmp_path / "log"
+    write(directory, key, 40, checkpoint_every=1).close_sync()
+    notes, _ = read_checkpoint_notes(directory)
+    assert len(notes) == 40 and read_latest_note(directory) == notes[-1]
+    path = directory / CHECKPOINT_FILE
+    with path.open("ab") as file:
+        file.write(frame(b"torn")[:-3])
+    assert read_latest_note(directory) == read_checkpoint_notes(directory)[0][-1] == notes[-1]
+    path.write_bytes(frame(b"a" * 10) + frame(b"b\x00" * 40_000) + frame(b"c" * 300))
+    assert read_latest_note(directory) == b"c" * 300
+    path.write_bytes(frame(b"a" * 10) + frame(b"b" * 70_000))
+    assert read_latest_note(directory) == b"b" * 70_000
+    # Damage to an earlier note is verify's to find; the latest is still read.
+    damaged = bytearray(frame(b"a" * 10) + frame(b"z" * 300))
+    damaged[6] ^= 1
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(LogCorruptError):
+        read_checkpoint_notes(directory)
+    assert read_latest_note(directory) == b"z" * 300
+    path.unlink()
+    assert read_latest_note(directory) is None
