@@ -38,10 +38,11 @@ Nothing here is trusted for what a lookup returns, and nothing is fsynced:
   inclusion proof, built from the stored levels, must verify against the signed checkpoint's root
   with the leaf hash recomputed from the bytes read. Any failure raises `IndexUnusable` and the
   caller falls back to the one-pass scan. What a lookup cannot check is absence: an index edited
-  to drop a decision's row after the server opened it (or below SQL, in the database file's
-  index pages) makes a lookup answer "not found" until the next open repairs it; never a wrong
-  record or a proof that does not verify. `prove_record(..., confirm_not_found=True)`, which
-  `privscore audit prove` uses, scans the log before answering "not found".
+  to drop a decision's row after the server opened it makes a lookup answer "not found" until
+  the next open repairs it (an edit below SQL, to the pages of SQLite's index on decision ids,
+  until the index is deleted: open reads the table, not that index); never a wrong record or a
+  proof that does not verify. `prove_record(..., confirm_not_found=True)`, which `privscore
+  audit prove` uses, scans the log before answering "not found".
 """
 
 from __future__ import annotations
