@@ -328,6 +328,11 @@ class IndexWriter:
                 with contextlib.suppress(OSError):
                     stream.close()
         self._levels, self._positions, self._tags = [], None, None
+        if self._db is not None:
+            # Closed, the database needs no -wal and -shm beside it, and a reader of a copy
+            # (read-only, mode=ro) leaves none behind; the next open turns WAL back on.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA journal_mode=DELETE")
         for db in (self._check_db, self._db):
             if db is not None:
                 with contextlib.suppress(sqlite3.Error):

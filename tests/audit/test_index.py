@@ -352,6 +352,15 @@ def test_index_files_are_owner_only_whatever_the_umask(tmp_path, key):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
 
 
+def test_a_lookup_in_a_closed_log_leaves_nothing_behind(closed_log, key):
+    """A reviewer's copy is read, not written: the closed index needs no SQLite -wal or -shm
+    files, so a lookup creates none."""
+    names = sorted(path.name for path in (closed_log / INDEX_DIR).iterdir())
+    assert not any(name.endswith(("-wal", "-shm")) for name in names)
+    assert isinstance(outcome(closed_log, key, "dec-0012", on_fallback=no_fallback), tuple)
+    assert sorted(path.name for path in (closed_log / INDEX_DIR).iterdir()) == names
+
+
 def test_a_record_newer_than_the_checkpoint_is_found_but_not_provable(tmp_path, key):
     directory = tmp_path / "log"
     write(directory, key, 20).close_sync()
