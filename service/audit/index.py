@@ -69,8 +69,9 @@ from service.audit.merkle import (
     HASH_SIZE,
     MerkleFrontier,
     ProofError,
+    fold,
     inclusion_path,
-    node_hash,
+    perfect_subtrees,
     verify_inclusion,
 )
 from service.audit.storage import (
@@ -719,13 +720,7 @@ class _Reader:
 
     def range_hash(self, start: int, end: int) -> bytes:
         """The Merkle tree hash of leaves [start, end), from the fewest stored nodes."""
-        width = end - start
-        if width & (width - 1) == 0:
-            if start % width:
-                raise IndexUnusable(f"[{start}, {end}) is not an aligned subtree")
-            return self.node(width.bit_length() - 1, start // width)
-        split = 1 << ((width - 1).bit_length() - 1)
-        return node_hash(self.range_hash(start, start + split), self.range_hash(start + split, end))
+        return fold([self.node(level, index) for level, index in perfect_subtrees(start, end)])
 
     def record(self, sequence: int, decision_id: str) -> StoredRecord:
         """Record `sequence`, read where the index says it lies. Checked to be that record and

@@ -38,6 +38,34 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
+# A perfect, aligned subtree (k, i): leaves [i * 2**k, (i + 1) * 2**k).
+Node = tuple[int, int]
+
+
+def perfect_subtrees(start: int, end: int) -> list[Node]:
+    """The perfect aligned subtrees, left to right, whose hashes folded from the right give the
+    RFC 9162 hash of leaves [start, end): the split of section 2.1.1 applied until each part is
+    perfect. Every range a proof names, and [0, n), decomposes so."""
+    if not 0 <= start < end:
+        raise ProofError(f"[{start}, {end}) is not a range of leaves")
+    width = end - start
+    if width & (width - 1) == 0:
+        if start % width:
+            raise ProofError(f"[{start}, {end}) is not an aligned subtree")
+        return [(width.bit_length() - 1, start // width)]
+    split = 1 << ((width - 1).bit_length() - 1)
+    return [*perfect_subtrees(start, start + split), *perfect_subtrees(start + split, end)]
+
+
+def fold(hashes: list[bytes]) -> bytes:
+    """The hash of consecutive subtrees from `perfect_subtrees`: right to left, as RFC 9162's
+    split nests them."""
+    result = hashes[-1]
+    for left in reversed(hashes[:-1]):
+        result = node_hash(left, result)
+    return result
+
+
 def _largest_power_of_two_below(n: int) -> int:
     return 1 << ((n - 1).bit_length() - 1)
 

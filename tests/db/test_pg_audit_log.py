@@ -42,6 +42,7 @@ from service.audit import (
 )
 from service.audit import consistency_proof as file_consistency_proof
 from service.audit.checkpoint import rotation_record
+from service.audit.merkle import perfect_subtrees
 from service.audit.pg import (
     PgAuditLog,
     consistency_proof,
@@ -50,7 +51,7 @@ from service.audit.pg import (
     latest_checkpoint,
     prove_decision,
 )
-from service.audit.pg.tiles import TileFrontier, perfect_subtrees, range_hash
+from service.audit.pg.tiles import TileFrontier, range_hash
 from service.audit.storage import list_segments
 from service.db import SchemaError, migrate, open_async_pool
 from service.db.schema import CHECKPOINT_LOCK, LOCK_SPACE

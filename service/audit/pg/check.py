@@ -36,7 +36,15 @@ from service.audit.checkpoint import (
     format_checkpoint,
 )
 from service.audit.errors import AuditError, LogCorruptError
-from service.audit.merkle import EMPTY_ROOT, ProofError, inclusion_path, leaf_hash, verify_inclusion
+from service.audit.merkle import (
+    EMPTY_ROOT,
+    ProofError,
+    fold,
+    inclusion_path,
+    leaf_hash,
+    perfect_subtrees,
+    verify_inclusion,
+)
 from service.audit.pg.tables import (
     CHECKPOINTS,
     ENTRIES,
@@ -50,10 +58,8 @@ from service.audit.pg.tables import (
 from service.audit.pg.tiles import (
     TileError,
     TileFrontier,
-    fold,
     frontier_tiles,
     node_from_tiles,
-    perfect_subtrees,
     tiles_for,
 )
 from service.audit.storage import GENESIS_CHAIN, open_envelope, stored_chain

@@ -19,7 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from service.audit.merkle import HASH_SIZE, MerkleFrontier, ProofError, node_hash
+from service.audit.merkle import (
+    HASH_SIZE,
+    MerkleFrontier,
+    Node,
+    fold,
+    node_hash,
+    perfect_subtrees,
+)
 
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT
@@ -27,32 +34,7 @@ MAX_TILE_LEVEL = 7  # audit_tiles.level's CHECK: 2**64 leaves fit
 
 TileKey = tuple[int, int]
 """(tile level, tile index)."""
-Node = tuple[int, int]
 """(tree level, node index) of a perfect aligned subtree."""
-
-
-def perfect_subtrees(start: int, end: int) -> list[Node]:
-    """The perfect aligned subtrees, left to right, whose hashes folded from the right give the
-    RFC 9162 hash of leaves [start, end): the split of section 2.1.1 applied until each part is
-    perfect. Every range a proof names, and [0, n), decomposes so."""
-    if not 0 <= start < end:
-        raise ProofError(f"[{start}, {end}) is not a range of leaves")
-    width = end - start
-    if width & (width - 1) == 0:
-        if start % width:
-            raise ProofError(f"[{start}, {end}) is not an aligned subtree")
-        return [(width.bit_length() - 1, start // width)]
-    split = 1 << ((width - 1).bit_length() - 1)
-    return [*perfect_subtrees(start, start + split), *perfect_subtrees(start + split, end)]
-
-
-def fold(hashes: list[bytes]) -> bytes:
-    """The hash of consecutive subtrees from `perfect_subtrees`: right to left, as RFC 9162's
-    split nests them."""
-    result = hashes[-1]
-    for left in reversed(hashes[:-1]):
-        result = node_hash(left, result)
-    return result
 
 
 def tile_of(node: Node) -> tuple[TileKey, int, int]:

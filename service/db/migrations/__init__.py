@@ -21,8 +21,10 @@ SQLite design notes) and Trillian (MySQL/PostgreSQL storage):
   taken in one transaction can commit after a larger one and leaves gaps on rollback.
 - **Integrated in the same transaction** (as Tessera's MySQL driver does; its POSIX and GCP
   drivers integrate later, which needs a second "integrated up to" coordinate). `size`, `root`,
-  the tiles and the entries therefore always agree; the checkpoint signer reads `size` and
-  `root` and needs no pass over the log.
+  the tiles and the entries therefore always agree. The checkpoint signer nevertheless does
+  not sign the `root` it reads: it re-reads the records since the latest checkpoint (chain and
+  MAC) and signs the root it computes itself, so a row planted in the tables is never signed
+  (service/audit/pg).
 - **Entries by sequence, as exact bytes** (Trillian's `SequencedLeafData` keyed by
   sequence; Tessera's entry bundles). `audit_entries.envelope` holds the envelope byte for byte
   as the file log frames it (`service/audit/storage.py`): it is the Merkle leaf, and an export
