@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from service.audit.cli import add_audit_commands
+from service.audit.cli import DatabaseOption, UsageError, add_audit_commands, log_source
 from service.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_MODEL_DIR,
@@ -259,15 +259,22 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
             Path(args.model_public_key or DEFAULT_MODEL_PUBLIC_KEY),
         )
         policy = load_policy(Path(args.policy or DEFAULT_POLICY))
-    except (ConfigError, KeyringError, ArtifactError, PolicyError, ServiceError) as error:
+        args.default_audit_dir = str(DataLayout(data_dir).audit_dir)
+        source = log_source(args)
+    except (
+        ConfigError,
+        KeyringError,
+        ArtifactError,
+        PolicyError,
+        ServiceError,
+        UsageError,
+    ) as error:
         print(f"privscore audit replay: {error}", file=sys.stderr)
         return 2
     secret = keyring.server_secret()
     try:
-        found = next(
-            find_records(DataLayout(data_dir).audit_dir, equals={"decision_id": args.decision}),
-            None,
-        )
+        with source.directory() as directory:
+            found = next(find_records(directory, equals={"decision_id": args.decision}), None)
         if found is None:
             print(
                 f"privscore audit replay: no record for decision {args.decision}", file=sys.stderr
@@ -299,9 +306,9 @@ def _audit_show_opening(show: Any) -> Any:
     with its sealed fields opened as `opened`; without --open, the plain `audit show`."""
 
     def run(args: argparse.Namespace) -> int:
-        if args.audit_dir is None:  # the data directory's log, as the server writes it
-            root = args.data_dir or os.environ.get("PRIVSCORE_DATA_DIR") or DEFAULT_DATA_DIR
-            args.audit_dir = str(DataLayout(Path(root)).audit_dir)
+        # Without --audit-dir or a database, the log under --data-dir, as the server writes it.
+        root = args.data_dir or os.environ.get("PRIVSCORE_DATA_DIR") or DEFAULT_DATA_DIR
+        args.default_audit_dir = str(DataLayout(Path(root)).audit_dir)
         if not args.open:
             return int(show(args))
         return _cmd_audit_show_open(args)
@@ -330,19 +337,26 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
     }
     unopened = 0
     try:
-        for stored in find_records(
-            args.audit_dir, equals=equals, since=args.since, until=args.until
-        ):
-            record: dict[str, Any] = dict(stored.record)
-            if SEALED in record:
-                try:
-                    record["opened"] = open_record(key, record)
-                except RecordSealError as error:
-                    print(
-                        f"privscore audit show: record {stored.sequence}: {error}", file=sys.stderr
-                    )
-                    unopened += 1
-            print(json.dumps({"record": record, "seq": stored.sequence}, ensure_ascii=False))
+        source = log_source(args)
+    except UsageError as error:
+        print(f"privscore audit show: {error}", file=sys.stderr)
+        return 2
+    try:
+        with source.directory() as directory:
+            for stored in find_records(
+                directory, equals=equals, since=args.since, until=args.until
+            ):
+                record: dict[str, Any] = dict(stored.record)
+                if SEALED in record:
+                    try:
+                        record["opened"] = open_record(key, record)
+                    except RecordSealError as error:
+                        print(
+                            f"privscore audit show: record {stored.sequence}: {error}",
+                            file=sys.stderr,
+                        )
+                        unopened += 1
+                print(json.dumps({"record": record, "seq": stored.sequence}, ensure_ascii=False))
     except (AuditError, OSError) as error:
         print(f"privscore audit show: {error}", file=sys.stderr)
         return 1
@@ -479,6 +493,33 @@ def _cmd_db(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _database_log(args: argparse.Namespace, *, audit_dir_given: bool) -> Any:
+    """The database log for the audit commands (service/audit/pg/review.py), when
+    --database-url or PRIVSCORE_DATABASE_URL names one, with the password from its usual
+    sources (service/db/settings.py); None to read a directory instead."""
+    from service.db.settings import connection_kwargs, database_settings_from
+
+    if audit_dir_given:
+        if getattr(args, "database_url", None) is not None:
+            raise UsageError("give --audit-dir or --database-url, not both")
+        return None  # an explicit directory beats a database named in the environment
+    try:
+        kwargs = connection_kwargs(database_settings_from(args))
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    if kwargs is None:
+        return None
+    from service.audit.pg.review import DatabaseLog
+
+    return DatabaseLog(kwargs)
+
+
+def _database_option() -> DatabaseOption:
+    from service.db.settings import add_database_arguments
+
+    return DatabaseOption(add_database_arguments, _database_log)
+
+
 def _local_log_origin(layout: DataLayout) -> str | None:
     """The origin of the log under the data directory, if there is one to read."""
     from service.audit import AuditError, read_identity
@@ -544,9 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
         default_verifier_key=str(layout.audit_verifier_key),
         default_origin=_local_log_origin(layout),
         mac_key=lambda: _local_audit_mac_key(layout),
+        database=_database_option(),
     )
     replay = audit_commands.add_parser(
-        "replay", help="re-run a recorded decision (needs the keyring and KEK) and compare"
+        "replay",
+        allow_abbrev=False,
+        help="re-run a recorded decision (needs the keyring and KEK) and compare",
     )
     replay.add_argument("--decision", required=True, metavar="ID", help="the decision id")
     add_data_dir_argument(replay)
@@ -554,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--model-dir", help="the recorded model, default the bundled model")
     replay.add_argument("--model-public-key", help="the model team's key, default bundled")
     replay.add_argument("--policy", help="the recorded policy file, default the bundled one")
-    replay.set_defaults(run=_cmd_audit_replay)
+    _database_option().add_arguments(replay)
+    replay.set_defaults(run=_cmd_audit_replay, database=_database_option())
     rotate_key = audit_commands.add_parser(
         "rotate-key",
         help="hand the log to a new signing key, recorded in the log and signed by both keys "
@@ -571,8 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_dir_argument(show)
     add_key_arguments(show)
-    # Without --audit-dir, the log under --data-dir (or PRIVSCORE_DATA_DIR, or ./var).
-    show.set_defaults(audit_dir=None, run=_audit_show_opening(show.get_default("run")))
+    # Without --audit-dir or a database, the log under --data-dir (or PRIVSCORE_DATA_DIR, or
+    # ./var).
+    show.set_defaults(run=_audit_show_opening(show.get_default("run")))
 
     store = commands.add_parser("store", help="check the decision store against the audit log")
     store_commands = store.add_subparsers(dest="store_command", required=True)

@@ -202,16 +202,19 @@ def audit_log_key(data_dir: Path) -> tuple[Any, str]:
     return VerifierKey.parse(layout.audit_verifier_key.read_text()), identity.origin
 
 
-def privscore_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def privscore_cli(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`privscore ARGS` as its own process, for the data directory `data_dir` (given as
-    PRIVSCORE_DATA_DIR, so commands whose defaults follow it find the server's files)."""
+    PRIVSCORE_DATA_DIR, so commands whose defaults follow it find the server's files), with
+    `env` added to its otherwise bare environment."""
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PRIVSCORE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin"},
+        env={"PRIVSCORE_DATA_DIR": str(data_dir), "PATH": "/usr/bin:/bin", **(env or {})},
     )
 
 

@@ -6,10 +6,16 @@
     audit consistency --old CHECKPOINT --new CHECKPOINT
     audit checkpoint  [--out FILE]                  export the latest signed checkpoint
     audit show        [--decision ID] [--subject PSEUDONYM] [--since ISO] [--until ISO]
-    audit export                                    every record, one envelope per line
+    audit export      [--out DIR]                   every record, one envelope per line; or
+                                                    the log as a file-log directory in DIR
 
 Output is JSON with hashes in base64 (show and export: one stored envelope per line; checkpoint:
-the signed note). Exit 0 on success, 1 when verification fails or nothing is found.
+the signed note). Exit 0 on success, 1 when verification fails or nothing is found, 2 for wrong
+flags or settings.
+
+Where the log is: `--audit-dir`, else (where the caller wires a `DatabaseOption`, as the
+`privscore` command line does) the database log when a database is configured, else the
+injected default directory. verify, prove, show and export read either (service/audit/review.py).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import binascii
 import json
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +34,7 @@ from typing import Any, TypeVar
 from service.audit.checkpoint import Checkpoint, VerifierKey, parse_checkpoint
 from service.audit.errors import AuditError, NotProvable
 from service.audit.merkle import leaf_hash, verify_consistency, verify_inclusion
+from service.audit.review import FileLog, LogSource
 from service.audit.storage import StoredRecord
 from service.audit.verify import (
     consistency_proof,
@@ -34,7 +42,6 @@ from service.audit.verify import (
     iter_records,
     latest_checkpoint,
     parse_time,
-    prove_record,
     verify_log,
 )
 
@@ -44,6 +51,48 @@ _T = TypeVar("_T")
 
 class _Failed(Exception):
     """A command's expected failure: its message goes to stderr and the exit code is 1."""
+
+
+class UsageError(Exception):
+    """Wrong flags or settings: the message goes to stderr and the exit code is 2."""
+
+
+@dataclass(frozen=True)
+class DatabaseOption:
+    """How the commands that read a log (verify, prove, show, export) reach a database log.
+
+    `add_arguments` declares the database flags on such a command's parser (built with
+    allow_abbrev=False, so no abbreviation can take a secret as a flag's value); `source`
+    returns the database's log, or None to read a directory: when no database is configured,
+    or when `audit_dir_given` (an explicit --audit-dir beats a database named by the
+    environment; with one named by a flag as well it raises UsageError)."""
+
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    source: Callable[..., LogSource | None]  # (args, *, audit_dir_given: bool)
+
+
+def log_source(args: argparse.Namespace) -> LogSource:
+    """The log a command reads: --audit-dir if given; else the database, if one is configured
+    and the command takes one; else the default directory."""
+    audit_dir = getattr(args, "audit_dir", None)
+    database: DatabaseOption | None = getattr(args, "database", None)
+    if database is not None:
+        found = database.source(args, audit_dir_given=audit_dir is not None)
+        if found is not None:
+            return found
+    directory = audit_dir or getattr(args, "default_audit_dir", None)
+    if directory is None:
+        raise UsageError("the following argument is required: --audit-dir")
+    return FileLog(Path(directory))
+
+
+def _origin(args: argparse.Namespace, source: LogSource | None = None) -> str:
+    """--origin, else the log's own (the database's identity row), else the default."""
+    origin = args.origin or (source.origin() if source is not None else None)
+    origin = origin or args.default_origin
+    if origin is None:
+        raise UsageError("the following argument is required: --origin")
+    return str(origin)
 
 
 def _b64(data: bytes) -> str:
@@ -87,20 +136,17 @@ def _read_text(path: str) -> str:
 
 
 def _checkpoint_file(args: argparse.Namespace, path: str) -> Checkpoint:
-    return parse_checkpoint(_read_text(path), _verifier(args), args.origin)
+    return parse_checkpoint(_read_text(path), _verifier(args), _origin(args))
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    source = log_source(args)
+    origin, verifier = _origin(args, source), _verifier(args)
     # An exported checkpoint is checked under the key in charge at its size, by verify_log.
     against = _read_text(args.against) if args.against else None
     mac_key = None if args.mac_key is None or args.no_mac else args.mac_key()
-    report = verify_log(
-        args.audit_dir,
-        _verifier(args),
-        args.origin,
-        against=against,
-        mac_key=mac_key,
-    )
+    with source.directory() as directory:
+        report = verify_log(directory, verifier, origin, against=against, mac_key=mac_key)
     _print_json(
         {
             "ok": report.ok,
@@ -121,13 +167,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_prove(args: argparse.Namespace) -> int:
+    source = log_source(args)
+    origin, verifier = _origin(args, source), _verifier(args)
     try:
-        checkpoint, found, proof = prove_record(
-            args.audit_dir,
-            _verifier(args),
-            args.origin,
-            equals={"decision_id": args.decision},
-            confirm_not_found=True,  # a reviewer's copy: its index is not proof of absence
+        checkpoint, found, proof = source.prove(
+            args.decision,
+            verifier,
+            origin,
             on_fallback=lambda reason: print(
                 f"privscore audit prove: {reason}; reading the whole log", file=sys.stderr
             ),
@@ -163,7 +209,9 @@ def _cmd_verify_proof(args: argparse.Namespace) -> int:
         raise _Failed("not a proof printed by `audit prove`")
     sequence = _field(document, "sequence", int)
     leaf = _field(document, "leaf", str).encode("utf-8")
-    checkpoint = parse_checkpoint(_field(document, "checkpoint", str), _verifier(args), args.origin)
+    checkpoint = parse_checkpoint(
+        _field(document, "checkpoint", str), _verifier(args), _origin(args)
+    )
     if _field(document, "tree_size", int) != checkpoint.size:
         raise _Failed("the proof's tree size is not its checkpoint's")
     if _unb64(_field(document, "leaf_hash", str), "leaf_hash") != leaf_hash(leaf):
@@ -182,7 +230,8 @@ def _cmd_verify_proof(args: argparse.Namespace) -> int:
 
 def _cmd_consistency(args: argparse.Namespace) -> int:
     old, new = _checkpoint_file(args, args.old), _checkpoint_file(args, args.new)
-    proof = consistency_proof(args.audit_dir, old.size, new.size)
+    with log_source(args).directory() as directory:
+        proof = consistency_proof(directory, old.size, new.size)
     verify_consistency(old.size, new.size, old.root_hash, new.root_hash, proof)
     _print_json(
         {
@@ -196,7 +245,8 @@ def _cmd_consistency(args: argparse.Namespace) -> int:
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    checkpoint = latest_checkpoint(args.audit_dir, _verifier(args), args.origin)
+    with log_source(args).directory() as directory:
+        checkpoint = latest_checkpoint(directory, _verifier(args), _origin(args))
     if checkpoint is None:
         raise _Failed("the log has no checkpoint yet")
     if args.out:
@@ -212,12 +262,27 @@ def _cmd_show(args: argparse.Namespace) -> int:
         for field, value in (("decision_id", args.decision), ("subject", args.subject))
         if value is not None
     }
-    _print_records(find_records(args.audit_dir, equals=equals, since=args.since, until=args.until))
+    with log_source(args).directory() as directory:
+        _print_records(find_records(directory, equals=equals, since=args.since, until=args.until))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    _print_records(iter_records(args.audit_dir))
+    source = log_source(args)
+    if args.out is None:
+        with source.directory() as directory:
+            _print_records(iter_records(directory))
+        return 0
+    report = source.export(Path(args.out))
+    _print_json(
+        {
+            "directory": str(report.directory),
+            "records": report.records,
+            "checkpoints": report.checkpoints,
+            "segments": report.segments,
+            "bytes": report.bytes,
+        }
+    )
     return 0
 
 
@@ -225,6 +290,9 @@ def _guarded(command: Command, name: str) -> Command:
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
+        except UsageError as error:
+            print(f"privscore audit {name}: {error}", file=sys.stderr)
+            return 2
         except (_Failed, AuditError, OSError) as error:
             print(f"privscore audit {name}: {error}", file=sys.stderr)
             return 1
@@ -246,26 +314,38 @@ def add_audit_commands(
     default_verifier_key: str | None = None,
     default_origin: str | None = None,
     mac_key: Callable[[], bytes] | None = None,
+    database: DatabaseOption | None = None,
 ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """Register `audit ...` under `subparsers`; each command sets `run(args) -> exit code`.
 
     Defaults injected here (e.g. from the server's data directory) make the flags optional;
     `mac_key`, where the caller can load the server's secret, makes `verify` check every
-    record's MAC. Returns the `audit` subcommands, for commands that need more than this room.
+    record's MAC; `database` lets verify, prove, show and export read a database log, whose
+    identity row then gives the default origin. Returns the `audit` subcommands, for commands
+    that need more than this room (they may call `log_source` with `database` set on their
+    arguments).
     """
     audit = subparsers.add_parser("audit", help="verify, prove and read the audit log offline")
     commands = audit.add_subparsers(dest="audit_command", required=True)
 
     def command(
-        name: str, run: Command, help_text: str, *, log: bool = True, key: bool = True
+        name: str,
+        run: Command,
+        help_text: str,
+        *,
+        log: bool = True,
+        key: bool = True,
+        reads_database: bool = False,
     ) -> argparse.ArgumentParser:
-        parser = commands.add_parser(name, help=help_text)
+        option = database if reads_database else None
+        # No abbreviations where a database password file flag exists (DatabaseOption).
+        parser = commands.add_parser(name, help=help_text, allow_abbrev=option is None)
         if log:
             parser.add_argument(
                 "--audit-dir",
-                default=default_audit_dir,
-                required=default_audit_dir is None,
-                help="directory of the audit log",
+                required=default_audit_dir is None and option is None,
+                help="directory of the audit log"
+                + (", instead of the database" if option is not None else ""),
             )
         if key:
             parser.add_argument(
@@ -277,14 +357,26 @@ def add_audit_commands(
             )
             parser.add_argument(
                 "--origin",
-                default=default_origin,
-                required=default_origin is None,
-                help="the log's origin line, e.g. privscore.audit/<instance>",
+                required=default_origin is None and option is None,
+                help="the log's origin line, e.g. privscore.audit/<instance>"
+                + ("; default the database log's own" if option is not None else ""),
             )
-        parser.set_defaults(run=_guarded(run, name))
+        if option is not None:
+            option.add_arguments(parser)
+        parser.set_defaults(
+            run=_guarded(run, name),
+            default_audit_dir=default_audit_dir,
+            default_origin=default_origin,
+            database=option,
+        )
         return parser
 
-    verify = command("verify", _cmd_verify, "recompute the tree and check every checkpoint")
+    verify = command(
+        "verify",
+        _cmd_verify,
+        "recompute the tree and check every checkpoint",
+        reads_database=True,
+    )
     verify.add_argument("--against", metavar="FILE", help="an exported checkpoint kept elsewhere")
     verify.set_defaults(mac_key=mac_key, no_mac=False)
     if mac_key is not None:
@@ -294,7 +386,7 @@ def add_audit_commands(
             help="do not check records against the server's MAC key (a reviewer without it)",
         )
 
-    prove = command("prove", _cmd_prove, "print a decision's inclusion proof")
+    prove = command("prove", _cmd_prove, "print a decision's inclusion proof", reads_database=True)
     prove.add_argument("--decision", required=True, metavar="ID", help="the record's decision_id")
 
     verify_proof = command(
@@ -311,11 +403,23 @@ def add_audit_commands(
     checkpoint = command("checkpoint", _cmd_checkpoint, "export the latest signed checkpoint")
     checkpoint.add_argument("--out", metavar="FILE", help="write here instead of stdout")
 
-    show = command("show", _cmd_show, "print matching records", key=False)
+    show = command("show", _cmd_show, "print matching records", key=False, reads_database=True)
     show.add_argument("--decision", metavar="ID", help="decision_id equals")
     show.add_argument("--subject", metavar="PSEUDONYM", help="subject equals")
     show.add_argument("--since", type=_iso_time, metavar="ISO", help="time at or after")
     show.add_argument("--until", type=_iso_time, metavar="ISO", help="time before")
 
-    command("export", _cmd_export, "print every record as JSON lines", key=False)
+    export = command(
+        "export",
+        _cmd_export,
+        "print every record as JSON lines, or write the log to a directory (--out)",
+        key=False,
+        reads_database=True,
+    )
+    export.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write the log as a file-log directory (segments, checkpoints.log, identity.json; "
+        "new or empty, owner-only) that `audit verify --audit-dir DIR` checks offline",
+    )
     return commands

@@ -5,7 +5,7 @@ Importing this package does not import psycopg (the `postgres` extra): the embed
 the command line run without it, and psycopg is loaded when a connection is first made.
 """
 
-from service.db.connect import DatabaseUnavailable, connect, open_async_pool
+from service.db.connect import DatabaseUnavailable, connect, connect_async, open_async_pool
 from service.db.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -40,6 +40,7 @@ __all__ = [
     "check_schema",
     "check_schema_async",
     "connect",
+    "connect_async",
     "connection_kwargs",
     "database_settings_from",
     "migrate",

@@ -48,6 +48,20 @@ def connect(kwargs: ConnectionKwargs, *, autocommit: bool = True) -> psycopg.Con
         raise unavailable(kwargs, error) from None
 
 
+async def connect_async(
+    kwargs: ConnectionKwargs, *, autocommit: bool = True
+) -> psycopg.AsyncConnection[Any]:
+    """`connect` for asyncio: one connection (for a command; a server uses a pool)."""
+    import psycopg
+
+    try:
+        return await psycopg.AsyncConnection.connect(
+            **_with_defaults(kwargs), autocommit=autocommit
+        )
+    except psycopg.OperationalError as error:
+        raise unavailable(kwargs, error) from None
+
+
 async def open_async_pool(
     kwargs: ConnectionKwargs,
     *,

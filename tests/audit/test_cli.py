@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from service.audit import establish_identity
 from service.audit.cli import add_audit_commands
 from service.audit.storage import CHECKPOINT_FILE, frame, list_segments
 
@@ -176,3 +178,28 @@ def test_damaged_log_is_reported_not_raised(env, capsys):
         file.write(frame(b"not a checkpoint"))
     assert run(["audit", "checkpoint", *flags]) == 1
     assert "privscore audit checkpoint:" in capsys.readouterr().err
+
+
+def test_export_out_copies_what_verify_reads(env, tmp_path, capsys):
+    log, flags = env
+    establish_identity(log, ORIGIN)  # as the server writes it
+    (log / "index").mkdir(exist_ok=True)  # derived data: not part of the copy
+    out = tmp_path / "copy"
+    capsys.readouterr()
+    assert run(["audit", "export", *flags[:2], "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["records"], summary["checkpoints"]) == (25, 3)
+    copied = sorted(path.name for path in out.iterdir())
+    assert copied == sorted(
+        [CHECKPOINT_FILE, "identity.json", *(path.name for _, path in list_segments(log))]
+    )
+    for name in copied:
+        assert (out / name).read_bytes() == (log / name).read_bytes()
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert run(["audit", "verify", "--audit-dir", str(out), *flags[2:]]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+    assert run(["audit", "export", *flags[:2], "--out", str(out)]) == 1
+    assert "is not empty" in capsys.readouterr().err
+    assert run(["audit", "export", "--audit-dir", str(tmp_path / "none"), "--out", "x"]) == 1
+    assert "no audit log in" in capsys.readouterr().err

@@ -145,11 +145,20 @@ def test_no_flag_takes_the_password_itself() -> None:
     """`--database-password VALUE` is not an abbreviation of `--database-password-file`: argparse
     would otherwise take the secret as a file name, and it would have been in `ps`."""
     parser = build_parser()
-    for command in ("migrate", "status"):
+    commands = [
+        ["db", "migrate"],
+        ["db", "status"],
+        ["audit", "verify"],
+        ["audit", "prove", "--decision", "d"],
+        ["audit", "show"],
+        ["audit", "export"],
+        ["audit", "replay", "--decision", "d"],
+    ]
+    for command in commands:
         with pytest.raises(SystemExit) as exited:
-            parser.parse_args(["db", command, "--database-password", "x"])
+            parser.parse_args([*command, "--database-password", "x"])
         assert exited.value.code == 2
-        parsed = parser.parse_args(["db", command, "--database-password-file", "f"])
+        parsed = parser.parse_args([*command, "--database-password-file", "f"])
         assert parsed.database_password_file == "f"
 
 

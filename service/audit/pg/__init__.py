@@ -3,7 +3,9 @@
 `PgAuditLog` appends (group commit: one transaction per batch under the locked state row),
 signs checkpoints (one replica at a time) and checks the whole log at open; `prove_decision`
 and `consistency_proof` answer from the decision index and the tiles without a pass over the
-log; `export_log` writes the database log as a file-log directory for `privscore audit verify`.
+log; `export_log` writes the database log as a file-log directory for `privscore audit verify`;
+`review.DatabaseLog` is the database log as the review commands read it (`audit ...
+--database-url`).
 Records, tree and checkpoints are byte for byte the file log's (service/audit/storage.py,
 merkle.py, checkpoint.py); the tables are schema 1 (service/db/migrations/0001_initial.sql).
 

@@ -9,18 +9,18 @@ was done to the tables (an edited, inserted or deleted record, a rolled-back sta
 same report. Records are numbered in the files by their place, as the file log numbers them, so
 a deleted row shows as the next record out of place.
 
-Files are owner-only (0600, directories 0700), fsynced before the function returns.
+Files are owner-only (0600, directories 0700), fsynced before the function returns
+(service/audit/export.py, which also copies a file log the same way).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.audit.errors import AuditError
+from service.audit.export import ExportReport, PrivateDirectory
 from service.audit.identity import IDENTITY_FILE
 from service.audit.log import DEFAULT_SEGMENT_BYTES
 from service.audit.pg.check import STREAM_ROWS
@@ -29,43 +29,7 @@ from service.audit.storage import CHECKPOINT_FILE, frame, segment_name
 if TYPE_CHECKING:
     import psycopg
 
-_FILE_MODE = 0o600
-_DIR_MODE = 0o700
-
-
-@dataclass(frozen=True)
-class ExportReport:
-    directory: Path
-    records: int
-    checkpoints: int
-    segments: int
-    bytes: int  # of the segment files
-
-
-class _Writer:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.written: list[Path] = []
-
-    def create(self, name: str) -> int:
-        path = self.directory / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
-        os.fchmod(fd, _FILE_MODE)  # whatever the umask
-        self.written.append(path)
-        return fd
-
-    @staticmethod
-    def write(fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-
-    @staticmethod
-    def finish(fd: int) -> None:
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+__all__ = ["ExportReport", "export_log"]
 
 
 def export_log(
@@ -77,12 +41,7 @@ def export_log(
     """Write the database log of `conn` (an autocommit connection) to `out`, which must not
     exist or be empty; see the module doc. Raises AuditError when there is no log to export or
     `out` is not empty."""
-    directory = Path(out)
-    if directory.exists() and any(directory.iterdir()):
-        raise AuditError(f"{directory} is not empty: export into a new directory")
-    directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(directory, _DIR_MODE)
-    writer = _Writer(directory)
+    writer = PrivateDirectory(out)
     records = checkpoints = segments = total = 0
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -91,10 +50,8 @@ def export_log(
         ).fetchone()
         if identity is None:
             raise AuditError("audit_log_identity has no row: this database holds no audit log")
-        fd = writer.create(IDENTITY_FILE)
         document = {"key_name": str(identity[1]), "origin": str(identity[0])}
-        writer.write(fd, json.dumps(document, sort_keys=True).encode() + b"\n")
-        writer.finish(fd)
+        writer.write_file(IDENTITY_FILE, json.dumps(document, sort_keys=True).encode() + b"\n")
 
         fd = writer.create(CHECKPOINT_FILE)
         try:
@@ -127,9 +84,5 @@ def export_log(
         finally:
             if segment_fd is not None:
                 writer.finish(segment_fd)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return ExportReport(directory, records, checkpoints, segments, total)
+    writer.sync()
+    return ExportReport(writer.directory, records, checkpoints, segments, total)
