@@ -488,6 +488,10 @@ def _cmd_store_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
+    if args.db_command == "import":
+        from service.db.importer import run as run_import
+
+        return run_import(args)
     from service.db.commands import run
 
     return run(args)
@@ -642,7 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     # `--database-password-file`, or a secret would show in `ps`.
     from service.db.settings import add_database_arguments
 
-    db = commands.add_parser("db", help="PostgreSQL: apply schema migrations, show the version")
+    db = commands.add_parser(
+        "db", help="PostgreSQL: apply schema migrations, show the version, import a deployment"
+    )
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser(
         "migrate",
@@ -652,6 +658,14 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser(
         "status", allow_abbrev=False, help="the database's schema version and migrations"
     )
+    db_import = db_commands.add_parser(
+        "import",
+        allow_abbrev=False,
+        help="move the embedded audit log and decision store under --data-dir into an empty, "
+        "migrated database (stop the server first; needs the keyring and KEK)",
+    )
+    add_data_dir_argument(db_import)
+    add_key_arguments(db_import)
     for sub in db_commands.choices.values():
         add_database_arguments(sub)
     db.set_defaults(run=_cmd_db)

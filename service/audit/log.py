@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,31 @@ def _settle(settled: list[tuple[Waiter, object]]) -> None:
     for loop, on_loop in by_loop.items():
         with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
             loop.call_soon_threadsafe(_settle_on_loop, on_loop)
+
+
+def lock_log_directory(directory: Path) -> int:
+    """Take the lock a log's writer holds on its directory (which must exist): the directory's
+    open descriptor, whose closing releases it. AuditError when another writer holds it: a
+    running server, or a command that must not run beside one."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AuditError(
+            f"{directory} is in use by another audit log writer (a running server?)"
+        ) from None
+    return fd
+
+
+@contextlib.contextmanager
+def log_directory_locked(directory: Path) -> Iterator[None]:
+    """`lock_log_directory` for the length of a `with` block."""
+    fd = lock_log_directory(directory)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 class AuditLog:
@@ -344,15 +369,7 @@ class AuditLog:
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if created:
             self._sync_directory(self._directory.parent)
-        fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AuditError(
-                f"{self._directory} is in use by another audit log writer (a running server?)"
-            ) from None
-        return fd
+        return lock_log_directory(self._directory)
 
     def _sync_directory(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

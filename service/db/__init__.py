@@ -1,5 +1,6 @@
 """PostgreSQL, the shared store of scaled-out deployments (issue 13): settings, connections,
-schema migrations and the schema check a server makes at start.
+schema migrations and the schema check a server makes at start; `privscore db migrate|status`
+(commands.py) and `privscore db import` (importer.py, loaded only by that command).
 
 Importing this package does not import psycopg (the `postgres` extra): the embedded default and
 the command line run without it, and psycopg is loaded when a connection is first made.

@@ -27,7 +27,7 @@ import datetime as dt
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar, get_type_hints
@@ -164,6 +164,16 @@ _TABLES: dict[type[tuple[object, ...]], tuple[str, tuple[type, ...]]] = {
 }
 
 
+def table_columns(table: str) -> tuple[tuple[str, type], ...]:
+    """The columns of store table `table` in order, with their Python types: the plain columns
+    (times as `*_at_us` microseconds, ints), then `sealed` (bytes). KeyError for another name."""
+    for kind, (name, types) in _TABLES.items():
+        if name == table:
+            names: tuple[str, ...] = kind._fields  # type: ignore[attr-defined]
+            return (*zip(names, types, strict=True), ("sealed", bytes))
+    raise KeyError(table)
+
+
 def _associated_data(row: _LimitRow | _EventRow | _AlertRow) -> bytes:
     """The table's name and each plain column (integers in decimal), length-prefixed."""
     table, _ = _TABLES[type(row)]
@@ -273,6 +283,20 @@ class DecisionStore:
                 except StoreTampered:
                     found.append((table, int(rowid)))
         return found
+
+    def stored_rows(self, table: str) -> Iterator[tuple[object, ...]]:
+        """Every row of `table` as stored, in `table_columns` order (the plain columns, then
+        the sealed blob untouched), each opened first: StoreTampered stops at a row that fails
+        its authentication. For moving the store elsewhere (`privscore db import`)."""
+        kind = next((k for k, (name, _) in _TABLES.items() if name == table), None)
+        if kind is None:
+            raise StoreError(f"no table {table}")
+        columns = _columns(kind)  # type: ignore[arg-type]
+        query = f"SELECT {columns}, sealed FROM {table} ORDER BY rowid"
+        for *values, sealed in self._db.execute(query):
+            row = _typed(kind, values)  # type: ignore[type-var]
+            self._open(row, sealed)  # type: ignore[arg-type]
+            yield (*row, sealed)
 
     def delete_rows(self, rows: Sequence[tuple[str, int]]) -> None:
         """Delete rows by (table, rowid): tampered ones, which the next start rebuilds from

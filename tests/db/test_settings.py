@@ -153,6 +153,7 @@ def test_no_flag_takes_the_password_itself() -> None:
         ["audit", "show"],
         ["audit", "export"],
         ["audit", "replay", "--decision", "d"],
+        ["db", "import"],
     ]
     for command in commands:
         with pytest.raises(SystemExit) as exited:

@@ -5,7 +5,7 @@ signs checkpoints (one replica at a time) and checks the whole log at open; `pro
 and `consistency_proof` answer from the decision index and the tiles without a pass over the
 log; `export_log` writes the database log as a file-log directory for `privscore audit verify`;
 `review.DatabaseLog` is the database log as the review commands read it (`audit ...
---database-url`).
+--database-url`); `load.load_file_log` moves a file log in (`privscore db import`).
 Records, tree and checkpoints are byte for byte the file log's (service/audit/storage.py,
 merkle.py, checkpoint.py); the tables are schema 1 (service/db/migrations/0001_initial.sql).
 

@@ -8,7 +8,9 @@ chain and carries this server's MAC; no key rotation hands the log to another ke
 row and the tiles are exactly what the records give. A quick open (`full=False`) leaves out
 the pass over what the checkpoint covers, and resumes at it as a signer does (below); the
 pass then runs apart (service/audit/pg/log.py), because at a million records it takes seconds
-where the rest takes milliseconds.
+where the rest takes milliseconds. `check_tables` is the same check inside a transaction the
+caller holds: `privscore db import` runs it on what it wrote before committing
+(service/audit/pg/load.py).
 
 Signing: a replica signs only a root it recomputed itself. It takes the frontier at the latest
 checkpoint's size from the tiles and checks it gives that checkpoint's (signed) root, reads the
@@ -198,49 +200,68 @@ async def check_log(
     edge, and the record just before the rest by its inclusion proof, as a signer resumes; the
     records under the checkpoint, the other tiles and the key rotations among them are not
     read. Run the full check later to cover them."""
-    refusing = "refusing to open the log (run `privscore audit export` and `audit verify`)"
     async with conn.transaction():
         await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        row = await latest_checkpoint_row(conn)
-        latest = verify_checkpoint_row(row, verifier, origin) if row is not None else None
-        checkpointed = latest.size if latest is not None else 0
-        state = await read_state(conn)
-        frontier, chain, start = TileFrontier(), GENESIS_CHAIN, 0
-        if not full and latest is not None:
-            frontier, chain = await _resume_at(conn, latest, refusing)
-            start = checkpointed
-        walk = _Walk(
-            frontier, mac_key=mac_key, origin=origin, trusted_below=checkpointed, chain=chain
+        return await check_tables(
+            conn,
+            verifier=verifier,
+            origin=origin,
+            mac_key=mac_key,
+            full=full,
+            refusing="refusing to open the log (run `privscore audit export` and `audit verify`)",
         )
-        if start:
-            walk.root_at_trusted = frontier.root()  # _resume_at checked it is the signed one
-        try:
-            await stream(conn, "privscore_audit_open", _ENTRIES_FROM, (start, 2**63 - 1), walk.feed)
-        except LogCorruptError as error:
-            raise _refused(error, refusing) from None
-        frontier = walk.frontier
-        size = frontier.size
-        if checkpointed > size:
-            raise LogCorruptError(
-                size,
-                f"{CHECKPOINTS} row {row.id if row else '?'}: the latest signed checkpoint covers "
-                f"{checkpointed} records but {ENTRIES} holds only {size}: records from {size} "
-                f"were deleted; {refusing}",
-            )
-        if latest is not None and walk.root_at_trusted != latest.root_hash:
-            raise LogCorruptError(
-                checkpointed - 1 if checkpointed else None,
-                f"{ENTRIES}: the records no longer give the latest signed checkpoint's root (size "
-                f"{checkpointed}): a record was altered; {refusing}",
-            )
-        if walk.rotated_to is not None and walk.rotated_to != verifier:
-            raise AuditError(
-                f"{ENTRIES}: the log was handed to audit key {walk.rotated_to.key_id.hex()} by a "
-                f"key rotation, but this server signs with {verifier.key_id.hex()}"
-            )
-        _check_state(state.size, state.chain, state.root, size, walk.chain, frontier, refusing)
-        if not start:
-            await _check_tiles(conn, frontier, refusing)
+
+
+async def check_tables(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    verifier: VerifierKey,
+    origin: str,
+    mac_key: bytes,
+    full: bool,
+    refusing: str,
+) -> Checked:
+    """`check_log`'s checks inside the caller's transaction, which must be open: `privscore db
+    import` runs them on the rows it wrote, before it commits them. `refusing` ends each
+    error's message."""
+    row = await latest_checkpoint_row(conn)
+    latest = verify_checkpoint_row(row, verifier, origin) if row is not None else None
+    checkpointed = latest.size if latest is not None else 0
+    state = await read_state(conn)
+    frontier, chain, start = TileFrontier(), GENESIS_CHAIN, 0
+    if not full and latest is not None:
+        frontier, chain = await _resume_at(conn, latest, refusing)
+        start = checkpointed
+    walk = _Walk(frontier, mac_key=mac_key, origin=origin, trusted_below=checkpointed, chain=chain)
+    if start:
+        walk.root_at_trusted = frontier.root()  # _resume_at checked it is the signed one
+    try:
+        await stream(conn, "privscore_audit_open", _ENTRIES_FROM, (start, 2**63 - 1), walk.feed)
+    except LogCorruptError as error:
+        raise _refused(error, refusing) from None
+    frontier = walk.frontier
+    size = frontier.size
+    if checkpointed > size:
+        raise LogCorruptError(
+            size,
+            f"{CHECKPOINTS} row {row.id if row else '?'}: the latest signed checkpoint covers "
+            f"{checkpointed} records but {ENTRIES} holds only {size}: records from {size} "
+            f"were deleted; {refusing}",
+        )
+    if latest is not None and walk.root_at_trusted != latest.root_hash:
+        raise LogCorruptError(
+            checkpointed - 1 if checkpointed else None,
+            f"{ENTRIES}: the records no longer give the latest signed checkpoint's root (size "
+            f"{checkpointed}): a record was altered; {refusing}",
+        )
+    if walk.rotated_to is not None and walk.rotated_to != verifier:
+        raise AuditError(
+            f"{ENTRIES}: the log was handed to audit key {walk.rotated_to.key_id.hex()} by a "
+            f"key rotation, but this server signs with {verifier.key_id.hex()}"
+        )
+    _check_state(state.size, state.chain, state.root, size, walk.chain, frontier, refusing)
+    if not start:
+        await _check_tiles(conn, frontier, refusing)
     return Checked(size, walk.chain, frontier.root(), checkpointed)
 
 
