@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import hashlib
 import random
 import shutil
@@ -29,6 +28,7 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.audit_lookup import decision_id, record
 from service.audit import Signer, verify_inclusion
 from service.audit.pg import PgAuditLog, export_log
 from service.db import DatabaseSettings, connect, connection_kwargs, migrate, open_async_pool
@@ -38,29 +38,6 @@ MAC_KEY = bytes(range(32))
 # A fixed key, so that a database built by an earlier run opens under it.
 SIGNING_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"bench-pg").digest())
 CHUNK = 1000
-
-
-def decision_id(n: int) -> str:
-    return str(uuid.UUID(bytes=hashlib.sha256(n.to_bytes(8, "big")).digest()[:16], version=4))
-
-
-def record(n: int, rng: random.Random) -> dict[str, Any]:
-    """About 1.9 kB once sealed in its envelope, like a server Score record."""
-    return {
-        "rpc": "privscore.v1.ScoringService/Score",
-        "decision_id": decision_id(n),
-        "request_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-        "time": "2026-12-01T10:00:00.000000Z",
-        "caller": "CN=scorer,O=lender",
-        "tenant": "lender",
-        "subject": base64.b64encode(rng.randbytes(24)).decode(),
-        "model_version": "german-credit-2026.11",
-        "manifest_sha256": hashlib.sha256(b"manifest").hexdigest(),
-        "policy_version": "2026.11",
-        "input_digest": base64.b64encode(rng.randbytes(32)).decode(),
-        "encrypted_inputs": base64.b64encode(rng.randbytes(1100)).decode(),
-        "outputs": {"score": 600 + n % 200, "grade": "B", "reasons": ["R1", "R7", "R12"]},
-    }
 
 
 async def build(pool: Any, signer: Signer, records: int) -> float:

@@ -24,8 +24,9 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -257,6 +258,9 @@ def check_rotation(
 
 
 ROTATE_KEY_RPC = "privscore.audit/RotateKey"
+# Cheap pre-filter for a pass over stored envelopes: a rotation record's envelope holds these
+# bytes (a value that quotes them holds them escaped); `rotation_in` decides on the parsed record.
+ROTATION_MARK = b'"rpc":"' + ROTATE_KEY_RPC.encode() + b'"'
 
 
 def rotation_record(
@@ -273,3 +277,14 @@ def rotation_record(
             base64.b64encode(signer.key.sign(statement)).decode() for signer in (old, new)
         ],
     }
+
+
+def rotation_in(origin: str, sequence: int, record: Mapping[str, Any]) -> VerifierKey | None:
+    """The key a log record at `sequence` hands the log to, once both keys' signatures check
+    (CheckpointError if they do not); None for a record that is no key rotation."""
+    if record.get("rpc") != ROTATE_KEY_RPC:
+        return None
+    _, new = check_rotation(
+        origin, sequence, record.get("old_key"), record.get("new_key"), record.get("signatures")
+    )
+    return new

@@ -30,16 +30,16 @@ from typing import Any
 import structlog
 
 from service.audit.checkpoint import (
-    ROTATE_KEY_RPC,
+    ROTATION_MARK,
     Checkpoint,
     CheckpointError,
     Signer,
     VerifierKey,
     check_origin,
-    check_rotation,
     format_checkpoint,
     parse_body,
     parse_checkpoint,
+    rotation_in,
     rotation_record,
     signer_names,
     split_note,
@@ -69,11 +69,6 @@ DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_CHECKPOINT_SECONDS = 10.0
 DEFAULT_MAX_BATCH = 1024
 _FILE_MODE = 0o600  # records hold pseudonyms and sealed inputs: owner only
-# Cheap pre-filter: a rotation record's envelope holds this byte string (a value that quotes
-# it holds it escaped). Matching envelopes are parsed, and only a top-level rpc counts.
-_ROTATION_MARK = b'"rpc":"' + ROTATE_KEY_RPC.encode() + b'"'
-
-
 _log = structlog.get_logger("privscore.audit")
 
 Waiter = asyncio.Future[Any] | concurrent.futures.Future[Any]
@@ -411,7 +406,7 @@ class AuditLog:
                 # Records the latest checkpoint covers are only hashed, not parsed: its root,
                 # compared below, vouches for every byte of them. Key rotations are parsed
                 # wherever they are, to know which key the log expects now.
-                if _ROTATION_MARK in envelope:
+                if ROTATION_MARK in envelope:
                     rotated_to = self._rotation(envelope, sequence) or rotated_to
                 frontier.append(leaf_hash(envelope))
                 index.record(sequence, reader.offset, envelope)
@@ -498,20 +493,10 @@ class AuditLog:
     def _rotation(self, envelope: bytes, sequence: int) -> VerifierKey | None:
         """The key a stored rotation record hands the log to, once both keys' signatures check;
         None if the record only looked like one."""
-        record = json.loads(envelope)["record"]
-        if record.get("rpc") != ROTATE_KEY_RPC:
-            return None
         try:
-            _, new = check_rotation(
-                self._origin,
-                sequence,
-                record.get("old_key"),
-                record.get("new_key"),
-                record.get("signatures"),
-            )
+            return rotation_in(self._origin, sequence, json.loads(envelope)["record"])
         except CheckpointError as error:
             raise LogCorruptError(sequence, f"bad key rotation: {error}") from None
-        return new
 
     def _cut(self, torn: TornTail) -> TornTail:
         """Truncate an interrupted append off the end of a file, durably, and say so."""

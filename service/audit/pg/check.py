@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from service.audit.checkpoint import (
-    ROTATE_KEY_RPC,
+    ROTATION_MARK,
     Checkpoint,
     CheckpointError,
     Signer,
     VerifierKey,
-    check_rotation,
     format_checkpoint,
+    rotation_in,
 )
 from service.audit.errors import AuditError, LogCorruptError
 from service.audit.merkle import (
@@ -70,8 +70,6 @@ if TYPE_CHECKING:
     import psycopg
 
 STREAM_ROWS = 2000  # rows a server-side cursor hands over per round trip
-# Cheap pre-filter, as the file log's: a rotation record's envelope holds this byte string.
-_ROTATION_MARK = b'"rpc":"' + ROTATE_KEY_RPC.encode() + b'"'
 _ENTRIES_FROM = (
     "SELECT sequence, envelope FROM audit_entries WHERE sequence >= %s AND sequence < %s "
     "ORDER BY sequence"
@@ -139,27 +137,17 @@ class _Walk:
                     )
             elif sequence == self.trusted_below - 1:
                 self.chain = stored_chain(envelope, sequence)
-            if _ROTATION_MARK in envelope:
+            if ROTATION_MARK in envelope:
                 self.rotated_to = self._rotation(envelope, sequence) or self.rotated_to
             frontier.append(leaf_hash(envelope))
             if frontier.size == self.trusted_below:
                 self.root_at_trusted = frontier.root()
 
     def _rotation(self, envelope: bytes, sequence: int) -> VerifierKey | None:
-        record = json.loads(envelope)["record"]
-        if record.get("rpc") != ROTATE_KEY_RPC:
-            return None
         try:
-            _, new = check_rotation(
-                self.origin,
-                sequence,
-                record.get("old_key"),
-                record.get("new_key"),
-                record.get("signatures"),
-            )
+            return rotation_in(self.origin, sequence, json.loads(envelope)["record"])
         except CheckpointError as error:
             raise LogCorruptError(sequence, f"bad key rotation: {error}") from None
-        return new
 
 
 async def stream(
