@@ -435,7 +435,7 @@ def _cmd_store_verify(args: argparse.Namespace) -> int:
     """Cross-check the decision store against the audit log (service.api.reconcile): every
     stored limit decision, event and alert has its audit record and every such record its row,
     and every row authenticates. Exit 0 when they agree, 1 when they do not."""
-    from service.api.reconcile import ReconcileError, compare
+    from service.api.reconcile import LoggedDecisions, ReconcileError, compare
     from service.audit import AuditError
     from service.decisions.policy import PolicyError, load_policy
     from service.decisions.store import DecisionStore, StoreError
@@ -460,7 +460,7 @@ def _cmd_store_verify(args: argparse.Namespace) -> int:
         report = (
             None
             if tampered and not args.delete_tampered
-            else compare(layout.audit_dir, store, retention)
+            else compare(LoggedDecisions.from_log(layout.audit_dir), store, retention)
         )
     except (AuditError, ReconcileError, OSError) as error:
         print(f"privscore store verify: {error}", file=sys.stderr)

@@ -29,7 +29,13 @@ from privscore.v1 import (
 from service.api.alerts import AlertServicer
 from service.api.audit import AuditServicer
 from service.api.limits import LimitServicer
-from service.api.reconcile import STORE_RECONCILE, ReconcileError, compare, restore
+from service.api.reconcile import (
+    STORE_RECONCILE,
+    LoggedDecisions,
+    ReconcileError,
+    compare,
+    restore,
+)
 from service.api.runtime import Runtime, RuntimeSlot
 from service.api.scoring import ScoringServicer
 from service.api.validation import well_formed_request_id, well_formed_subject
@@ -216,14 +222,15 @@ class PrivscoreServer:
         if not settings.audit_fsync:
             log.warning("audit.fsync_off", detail="benchmark mode: decisions are not crash-safe")
         try:
+            logged = LoggedDecisions()
             audit_log = await asyncio.to_thread(
-                self._open_audit_log, signing_key, derive_audit_mac_key(secret)
+                self._open_audit_log, signing_key, derive_audit_mac_key(secret), logged.see
             )
         except AuditError as error:
             raise StartupError(f"audit log: {error}") from None
         self._audit_log = audit_log
         await asyncio.to_thread(
-            self._reconcile_store, store, audit_log, derive_record_key(secret), policy
+            self._reconcile_store, store, audit_log, logged, derive_record_key(secret), policy
         )
 
         async def fetch_alerts(cursor: int, limit: int) -> list[alert_service_pb2.Alert]:
@@ -262,8 +269,14 @@ class PrivscoreServer:
             policy_version=policy.version,
         )
 
-    def _open_audit_log(self, signing_key: Ed25519PrivateKey, mac_key: bytes) -> AuditLog:
-        """Open (and so check) this deployment's log, and publish the key that verifies it."""
+    def _open_audit_log(
+        self,
+        signing_key: Ed25519PrivateKey,
+        mac_key: bytes,
+        observe: Callable[[int, bytes], None],
+    ) -> AuditLog:
+        """Open (and so check) this deployment's log, showing `observe` every record of the
+        pass that checks it, and publish the key that verifies it."""
         settings = self.settings
         identity = establish_identity(settings.layout.audit_dir, settings.audit_origin)
         audit_log = AuditLog(
@@ -273,6 +286,7 @@ class PrivscoreServer:
             origin=identity.origin,
             checkpoint_seconds=settings.audit_checkpoint_seconds,
             fsync=os.fsync if settings.audit_fsync else _skip_fsync,
+            observe=observe,
         )
         write_private(settings.layout.audit_verifier_key, (audit_log.verifier.text + "\n").encode())
         log.info(
@@ -285,7 +299,12 @@ class PrivscoreServer:
         return audit_log
 
     def _reconcile_store(
-        self, store: DecisionStore, audit_log: AuditLog, record_key: bytes, policy: DecisionPolicy
+        self,
+        store: DecisionStore,
+        audit_log: AuditLog,
+        logged: LoggedDecisions,
+        record_key: bytes,
+        policy: DecisionPolicy,
     ) -> None:
         """Bring the store in line with the log before serving (service.api.reconcile): rows a
         crash or a deletion lost are rebuilt from their records; rows the log does not hold,
@@ -293,7 +312,7 @@ class PrivscoreServer:
         retention = policy.alerts.retention_days
         outcome: dict[str, Any] = {}
         try:
-            report = compare(self.settings.layout.audit_dir, store, retention)
+            report = compare(logged, store, retention)
             if report.unlogged:
                 outcome = {
                     "outcome": "refused",

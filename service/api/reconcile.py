@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -115,11 +116,65 @@ class Reconciliation:
 def _decisions(audit_dir: Path) -> Iterator[StoredRecord]:
     """The log's limit and event decisions (not refusals), in log order."""
     for stored in records_containing(audit_dir, _NEEDLES):
-        record = stored.record
-        if record.get("rpc") in (ADJUST_LIMIT_METHOD, EVALUATE_EVENT_METHOD) and (
-            record.get("outcome") != "refused"
-        ):
+        if _is_decision(stored.record):
             yield stored
+
+
+def _is_decision(record: dict[str, Any]) -> bool:
+    return record.get("rpc") in (ADJUST_LIMIT_METHOD, EVALUATE_EVENT_METHOD) and (
+        record.get("outcome") != "refused"
+    )
+
+
+class LoggedDecisions:
+    """What the log holds of limit and event decisions, gathered from one pass over its
+    envelopes: the server feeds it the pass that opens (and checks) the log, so start-up reads
+    the log once; `store verify` runs a pass of its own (`from_log`)."""
+
+    def __init__(self) -> None:
+        self.limits: dict[tuple[str, str], _LimitRow] = {}
+        self.decided_twice: set[tuple[str, str]] = set()
+        self.events: dict[tuple[str, str], list[_EventRecord]] = defaultdict(list)
+        self.event_keys: set[tuple[str, str, str]] = set()
+        self.decision_ids: set[str] = set()
+
+    @classmethod
+    def from_log(cls, audit_dir: Path) -> LoggedDecisions:
+        gathered = cls()
+        for stored in _decisions(audit_dir):
+            gathered.add(stored)
+        return gathered
+
+    def see(self, sequence: int, envelope: bytes) -> None:
+        """One stored envelope of the log, in order: parsed only if it may be a decision."""
+        if any(needle in envelope for needle in _NEEDLES):
+            stored = StoredRecord(sequence, json.loads(envelope)["record"], envelope)
+            if _is_decision(stored.record):
+                self.add(stored)
+
+    def add(self, stored: StoredRecord) -> None:
+        record = stored.record
+        tenant, subject = str(record.get("tenant")), str(record.get("subject"))
+        self.decision_ids.add(str(record.get("decision_id")))
+        if record["rpc"] == ADJUST_LIMIT_METHOD:
+            key = (tenant, str(record.get("request_id")))
+            if key in self.limits:
+                self.decided_twice.add(key)
+            self.limits.setdefault(key, _LimitRow(stored.sequence, key))
+            return
+        outputs = record.get("outputs") or {}
+        if outputs.get("duplicate"):
+            return  # a duplicate event changed nothing in the store
+        event_id = str((record.get("event") or {}).get("event_id"))
+        entry = _EventRecord(
+            stored.sequence,
+            str(record.get("decision_id")),
+            (tenant, subject, event_id),
+            _event_time(stored),
+            bool(outputs.get("alerts")),
+        )
+        self.events[(tenant, subject)].append(entry)
+        self.event_keys.add(entry.key)
 
 
 def _event_time(stored: StoredRecord) -> dt.datetime:
@@ -144,38 +199,10 @@ def _expected_events(
                 latest_after = event.occurred_at
 
 
-def compare(audit_dir: Path, store: DecisionStore, retention_days: int) -> Reconciliation:
-    """Compare the store with the log (reads both; changes nothing)."""
-    logged_limits: dict[tuple[str, str], _LimitRow] = {}
-    decided_twice: set[tuple[str, str]] = set()
-    events: dict[tuple[str, str], list[_EventRecord]] = defaultdict(list)
-    logged_event_keys: set[tuple[str, str, str]] = set()
-    logged_decisions: set[str] = set()
-    for stored in _decisions(audit_dir):
-        record = stored.record
-        tenant, subject = str(record.get("tenant")), str(record.get("subject"))
-        logged_decisions.add(str(record.get("decision_id")))
-        if record["rpc"] == ADJUST_LIMIT_METHOD:
-            key = (tenant, str(record.get("request_id")))
-            if key in logged_limits:
-                decided_twice.add(key)
-            logged_limits.setdefault(key, _LimitRow(stored.sequence, key))
-            continue
-        outputs = record.get("outputs") or {}
-        if outputs.get("duplicate"):
-            continue  # a duplicate event changed nothing in the store
-        event_id = str((record.get("event") or {}).get("event_id"))
-        entry = _EventRecord(
-            stored.sequence,
-            str(record.get("decision_id")),
-            (tenant, subject, event_id),
-            _event_time(stored),
-            bool(outputs.get("alerts")),
-        )
-        events[(tenant, subject)].append(entry)
-        logged_event_keys.add(entry.key)
-
-    report = Reconciliation(decided_twice=sorted(decided_twice))
+def compare(logged: LoggedDecisions, store: DecisionStore, retention_days: int) -> Reconciliation:
+    """Compare the store with what the log holds (reads the store; changes nothing)."""
+    logged_limits, events = logged.limits, logged.events
+    report = Reconciliation(decided_twice=sorted(logged.decided_twice))
     stored_limits = set(store.limit_decision_keys())
     report.missing_limit_decisions = [
         row for key, row in logged_limits.items() if key not in stored_limits
@@ -185,13 +212,13 @@ def compare(audit_dir: Path, store: DecisionStore, retention_days: int) -> Recon
     stored_events = set(store.event_keys())
     expected = list(_expected_events(events, dt.timedelta(days=retention_days)))
     report.missing_events = [event for event in expected if event.key not in stored_events]
-    report.unlogged_events = sorted(stored_events - logged_event_keys)
+    report.unlogged_events = sorted(stored_events - logged.event_keys)
 
     alert_decisions: set[str] = set()
     for sequence, blob in store.alert_rows():
         decision_id = alert_service_pb2.Alert.FromString(blob).metadata.decision_id
         alert_decisions.add(decision_id)
-        if decision_id not in logged_decisions:
+        if decision_id not in logged.decision_ids:
             report.unlogged_alerts.append(sequence)
     report.missing_alerts = [
         event

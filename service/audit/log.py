@@ -203,6 +203,7 @@ class AuditLog:
         checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
         max_batch: int = DEFAULT_MAX_BATCH,
         fsync: Callable[[int], None] = os.fsync,
+        observe: Callable[[int, bytes], None] | None = None,
     ) -> None:
         check_origin(origin)
         if min(segment_bytes, checkpoint_every, max_batch) < 1 or checkpoint_seconds <= 0:
@@ -218,6 +219,9 @@ class AuditLog:
         self._checkpoint_seconds = checkpoint_seconds
         self._max_batch = max_batch
         self._fsync = fsync
+        # Shown every stored envelope (sequence, bytes) during the open's pass, so a caller that
+        # needs to read the log at start (the server's store reconciliation) reads it once.
+        self._observe = observe
         self._records = self._batches = self._fsyncs = self._checkpoints = 0
 
         self._lock = threading.Lock()  # guards sequence, chain, failure and closing
@@ -408,6 +412,8 @@ class AuditLog:
                 # wherever they are, to know which key the log expects now.
                 if ROTATION_MARK in envelope:
                     rotated_to = self._rotation(envelope, sequence) or rotated_to
+                if self._observe is not None:
+                    self._observe(sequence, envelope)
                 frontier.append(leaf_hash(envelope))
                 index.record(sequence, reader.offset, envelope)
                 if frontier.size == checkpointed:
