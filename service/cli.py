@@ -557,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privscore", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
+    serve = commands.add_parser(
+        "serve", allow_abbrev=False, help="run the gRPC server until SIGTERM/SIGINT"
+    )
     add_server_arguments(serve)
     serve.set_defaults(run=_cmd_serve)
 

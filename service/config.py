@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from service.db.settings import DatabaseSettings
 from service.files import private_dir
 from service.security.limits import CallLimits
 from service.settings import (
@@ -252,6 +253,26 @@ class ServerSettings:
     )
     # A group: CallLimits' own fields are settings too, resolved here in their order.
     limits: CallLimits = field(default_factory=CallLimits, metadata={SETTING: CallLimits})
+    # A group: where PostgreSQL is (service/db/settings.py); unset, the embedded store and log.
+    database: DatabaseSettings = field(
+        default_factory=DatabaseSettings, metadata={SETTING: DatabaseSettings}
+    )
+    database_pool_size: int = setting(
+        "--database-pool-size",
+        "connections each server process keeps to PostgreSQL (the audit writer, the checkpoint "
+        "signer, the alert listener and lookups share them)",
+        integer(4, 200),
+        "8",
+        value=8,
+    )
+    workers: int = setting(
+        "--workers",
+        "server processes sharing the port (SO_REUSEPORT), supervised by this one; more than "
+        "one needs --database-url",
+        integer(1, 64),
+        "1",
+        value=1,
+    )
 
     @property
     def layout(self) -> DataLayout:
@@ -332,6 +353,12 @@ def settings_from(
     settings = ServerSettings(**resolved)
     if settings.insecure and not ipaddress.ip_address(settings.bind).is_loopback:
         raise ConfigError("--insecure is allowed only with a loopback --bind")
+    if settings.workers > 1 and settings.database.database_url is None:
+        raise ConfigError(
+            "--workers above 1 needs --database-url: the embedded store and file log belong to "
+            "one process (the log is held under an exclusive lock, SQLite has one writer and "
+            "the alert stream is numbered in memory), so a second worker could not start"
+        )
     return settings
 
 

@@ -8,7 +8,7 @@ key, so the file holds none in clear. Only what the queries need stays plain: ke
 decision's action and fingerprint, an alert's sequence.
 
 Every row is authenticated whole: its plain columns are the AES-GCM associated data of its
-sealed blob (`_associated_data`, one function for the writer and the reader), so a row whose
+sealed blob (`associated_data`, one function for the writer and the reader), so a row whose
 columns or blob were edited, or which was copied under another key, fails to open and raises
 StoreTampered. No query trusts a plain column it has not verified: rows are selected by their
 plain columns, then each candidate is opened before anything is concluded from it. What
@@ -24,29 +24,52 @@ serialises writers.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import sqlite3
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, TypeVar, get_type_hints
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from service.decisions.alert_rules import Event
+from service.decisions.rows import (
+    ALERTS,
+    EVENTS,
+    LIMIT_DECISIONS,
+    ROW_LABEL_V2,
+    TABLES,
+    AlertRow,
+    AnyRow,
+    EventRow,
+    LimitRow,
+    Row,
+    RowSealer,
+    StoredLimitDecision,
+    StoreError,
+    StoreTampered,
+    columns,
+    event_details,
+    event_of,
+    from_us,
+    table_columns,
+    table_of,
+    to_us,
+    typed,
+)
 from service.files import private_file
 from service.privacy.encoding import length_prefixed
 
-_ROW_LABEL = b"privscore.v1/store-row/v3\x00"
-_ROW_LABEL_V2 = b"privscore.v1/store-row\x00"  # read by the v2 -> v3 migration only
-_NONCE_BYTES = 12
-_TAG_BYTES = 16
+__all__ = [  # what the store's callers import from here
+    "ALERTS",
+    "EVENTS",
+    "LIMIT_DECISIONS",
+    "DecisionStore",
+    "StoreError",
+    "StoreTampered",
+    "StoredLimitDecision",
+    "from_us",
+    "table_columns",
+    "to_us",
+]
+
 SCHEMA_VERSION = 3
-LIMIT_DECISIONS = "limit_decisions"
-EVENTS = "events"
-ALERTS = "alerts"
 _ALERTS_TABLE = """
 CREATE TABLE IF NOT EXISTS alerts (
     sequence INTEGER PRIMARY KEY,
@@ -82,118 +105,6 @@ CREATE INDEX IF NOT EXISTS events_by_time ON events (tenant, pseudonym, occurred
 )
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_MICROSECOND = dt.timedelta(microseconds=1)
-
-
-def to_us(moment: dt.datetime) -> int:
-    """Microseconds since the epoch, exactly (no float rounding)."""
-    if moment.tzinfo is None:
-        raise ValueError("times must be timezone-aware")
-    return (moment - _EPOCH) // _MICROSECOND
-
-
-def from_us(micros: int) -> dt.datetime:
-    return _EPOCH + micros * _MICROSECOND
-
-
-@dataclass(frozen=True)
-class StoredLimitDecision:
-    fingerprint: str
-    response: bytes
-
-
-class StoreError(RuntimeError):
-    """The store file is of another schema version, or a row does not open with the key."""
-
-
-class StoreTampered(StoreError):
-    """A row does not authenticate: edited, copied under another key, or another state key.
-
-    The message names the table and the fault, never a value from the row. `table` lets the
-    caller map it (DATA_LOSS) and audit it.
-    """
-
-    def __init__(self, table: str, problem: str) -> None:
-        super().__init__(f"decision store table {table}: {problem}")
-        self.table = table
-        self.problem = problem
-
-
-_DOES_NOT_OPEN = (
-    "a row does not authenticate: its plain columns or sealed data were edited, "
-    "it was copied under another key, or the state key is wrong"
-)
-
-
-# The plain columns of each table, in associated-data order. The same tuple is written to the
-# columns and bound into the seal, and read back from the columns to open it.
-class _LimitRow(NamedTuple):
-    tenant: str
-    request_id: str
-    pseudonym: str
-    fingerprint: str
-    decided_at_us: int
-    action: str
-
-
-class _EventRow(NamedTuple):
-    tenant: str
-    pseudonym: str
-    event_id: str
-    occurred_at_us: int
-
-
-class _AlertRow(NamedTuple):
-    sequence: int
-    raised_at_us: int
-
-
-_Row = TypeVar("_Row", _LimitRow, _EventRow, _AlertRow)
-
-
-def _table(name: str, kind: type[tuple[object, ...]]) -> tuple[str, tuple[type, ...]]:
-    hints = get_type_hints(kind)
-    return name, tuple(hints[column] for column in kind._fields)  # type: ignore[attr-defined]
-
-
-_TABLES: dict[type[tuple[object, ...]], tuple[str, tuple[type, ...]]] = {
-    _LimitRow: _table(LIMIT_DECISIONS, _LimitRow),
-    _EventRow: _table(EVENTS, _EventRow),
-    _AlertRow: _table(ALERTS, _AlertRow),
-}
-
-
-def table_columns(table: str) -> tuple[tuple[str, type], ...]:
-    """The columns of store table `table` in order, with their Python types: the plain columns
-    (times as `*_at_us` microseconds, ints), then `sealed` (bytes). KeyError for another name."""
-    for kind, (name, types) in _TABLES.items():
-        if name == table:
-            names: tuple[str, ...] = kind._fields  # type: ignore[attr-defined]
-            return (*zip(names, types, strict=True), ("sealed", bytes))
-    raise KeyError(table)
-
-
-def _associated_data(row: _LimitRow | _EventRow | _AlertRow) -> bytes:
-    """The table's name and each plain column (integers in decimal), length-prefixed."""
-    table, _ = _TABLES[type(row)]
-    return length_prefixed(_ROW_LABEL, table, *(str(value) for value in row))
-
-
-def _columns(kind: type[_LimitRow | _EventRow | _AlertRow]) -> str:
-    return ", ".join(kind._fields)
-
-
-def _typed(kind: type[_Row], values: Sequence[object]) -> _Row:
-    """The row as read, refused if a column holds another type than the schema's (SQLite keeps
-    e.g. a blob written into a TEXT column as a blob)."""
-    table, types = _TABLES[kind]
-    for column, value, expected in zip(kind._fields, values, types, strict=True):
-        if type(value) is not expected:
-            raise StoreTampered(table, f"a row's {column} column holds a value of the wrong type")
-    return kind._make(values)
-
-
 class _NotUtf8(bytes):
     """Text in the file that is not UTF-8, which nothing of ours writes: kept apart from str and
     bytes so that the type checks refuse it, where sqlite3 would fail the whole query."""
@@ -210,7 +121,7 @@ class DecisionStore:
     def __init__(self, path: Path, state_key: bytes) -> None:
         # 0600 before SQLite opens it: SQLite gives its -wal and -shm files the database's mode.
         private_file(path)
-        self._aead = AESGCM(state_key)
+        self._rows = RowSealer(state_key)
         # autocommit off (isolation_level=None + explicit BEGIN) so each change is one transaction
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.text_factory = _text
@@ -237,34 +148,28 @@ class DecisionStore:
 
     # -- sealing --------------------------------------------------------------------------
 
-    def _seal(self, row: _LimitRow | _EventRow | _AlertRow, plaintext: bytes) -> bytes:
-        nonce = os.urandom(_NONCE_BYTES)
-        return nonce + self._aead.encrypt(nonce, plaintext, _associated_data(row))
+    def _seal(self, row: AnyRow, plaintext: bytes) -> bytes:
+        return self._rows.seal(row, plaintext)
 
-    def _open(self, row: _LimitRow | _EventRow | _AlertRow, sealed: object) -> bytes:
-        return self._decrypt(_TABLES[type(row)][0], sealed, _associated_data(row))
+    def _open(self, row: AnyRow, sealed: object) -> bytes:
+        return self._rows.open(row, sealed)
 
     def _decrypt(self, table: str, sealed: object, associated_data: bytes) -> bytes:
-        if type(sealed) is not bytes or len(sealed) < _NONCE_BYTES + _TAG_BYTES:
-            raise StoreTampered(table, "a row's sealed column is not a sealed value")
-        try:
-            return self._aead.decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], associated_data)
-        except InvalidTag:
-            raise StoreTampered(table, _DOES_NOT_OPEN) from None
+        return self._rows.decrypt(table, sealed, associated_data)
 
     def _select(
-        self, kind: type[_Row], where: str, parameters: Sequence[object] = (), tail: str = ""
-    ) -> list[tuple[_Row, object]]:
+        self, kind: type[Row], where: str, parameters: Sequence[object] = (), tail: str = ""
+    ) -> list[tuple[Row, object]]:
         """Rows of `kind`'s table as (plain columns, sealed blob), not yet opened."""
-        table, _ = _TABLES[kind]
+        table, _ = TABLES[kind]
         rows = self._db.execute(
-            f"SELECT {_columns(kind)}, sealed FROM {table} WHERE {where} {tail}", parameters
+            f"SELECT {columns(kind)}, sealed FROM {table} WHERE {where} {tail}", parameters
         ).fetchall()
-        return [(_typed(kind, row[:-1]), row[-1]) for row in rows]
+        return [(typed(kind, row[:-1]), row[-1]) for row in rows]
 
     def _opened(
-        self, kind: type[_Row], where: str, parameters: Sequence[object] = (), tail: str = ""
-    ) -> list[tuple[_Row, bytes]]:
+        self, kind: type[Row], where: str, parameters: Sequence[object] = (), tail: str = ""
+    ) -> list[tuple[Row, bytes]]:
         """Rows of `kind`'s table, each opened (so authenticated) with its plaintext."""
         return [
             (row, self._open(row, sealed))
@@ -275,11 +180,11 @@ class DecisionStore:
         """(table, SQLite rowid) of every row that fails its authentication, for `privscore
         store verify`: the rowid names the row without showing anything in it."""
         found = []
-        for kind, (table, _) in _TABLES.items():
-            query = f"SELECT rowid, {_columns(kind)}, sealed FROM {table}"  # type: ignore[arg-type]
+        for kind, (table, _) in TABLES.items():
+            query = f"SELECT rowid, {columns(kind)}, sealed FROM {table}"  # type: ignore[arg-type]
             for rowid, *values, sealed in self._db.execute(query):
                 try:
-                    self._open(_typed(kind, values), sealed)  # type: ignore[type-var,arg-type]
+                    self._open(typed(kind, values), sealed)  # type: ignore[type-var,arg-type]
                 except StoreTampered:
                     found.append((table, int(rowid)))
         return found
@@ -288,30 +193,27 @@ class DecisionStore:
         """Every row of `table` as stored, in `table_columns` order (the plain columns, then
         the sealed blob untouched), each opened first: StoreTampered stops at a row that fails
         its authentication. For moving the store elsewhere (`privscore db import`)."""
-        kind = next((k for k, (name, _) in _TABLES.items() if name == table), None)
-        if kind is None:
-            raise StoreError(f"no table {table}")
-        columns = _columns(kind)  # type: ignore[arg-type]
-        query = f"SELECT {columns}, sealed FROM {table} ORDER BY rowid"
+        kind = table_of(table)
+        query = f"SELECT {columns(kind)}, sealed FROM {table} ORDER BY rowid"
         for *values, sealed in self._db.execute(query):
-            row = _typed(kind, values)  # type: ignore[type-var]
-            self._open(row, sealed)  # type: ignore[arg-type]
+            row = typed(kind, values)  # type: ignore[type-var]
+            self._open(row, sealed)
             yield (*row, sealed)
 
     def delete_rows(self, rows: Sequence[tuple[str, int]]) -> None:
         """Delete rows by (table, rowid): tampered ones, which the next start rebuilds from
         the audit log when the log records them."""
-        tables = {table for table, _ in _TABLES.values()}
+        tables = {table for table, _ in TABLES.values()}
         with self._transaction():
             for table, rowid in rows:
                 if table not in tables:
                     raise StoreError(f"no table {table}")
                 self._db.execute(f"DELETE FROM {table} WHERE rowid=?", (rowid,))
 
-    def _insert(self, row: _LimitRow | _EventRow | _AlertRow, plaintext: bytes) -> None:
-        table, _ = _TABLES[type(row)]
+    def _insert(self, row: AnyRow, plaintext: bytes) -> None:
+        table, _ = TABLES[type(row)]
         self._db.execute(
-            f"INSERT INTO {table} ({_columns(type(row))}, sealed) "
+            f"INSERT INTO {table} ({columns(type(row))}, sealed) "
             f"VALUES ({', '.join('?' * (len(row) + 1))})",
             (*row, self._seal(row, plaintext)),
         )
@@ -319,7 +221,7 @@ class DecisionStore:
     # -- limits ---------------------------------------------------------------------------
 
     def limit_decision(self, tenant: str, request_id: str) -> StoredLimitDecision | None:
-        rows = self._opened(_LimitRow, "tenant=? AND request_id=?", (tenant, request_id))
+        rows = self._opened(LimitRow, "tenant=? AND request_id=?", (tenant, request_id))
         if not rows:
             return None
         [(row, response)] = rows
@@ -333,7 +235,7 @@ class DecisionStore:
         """When this customer's limit was last increased. Every decision of the customer is
         opened, whatever its plain action and time say: a query over `action='INCREASE'` alone
         would never see an increase whose action was edited, nor notice its time moved."""
-        rows = self._opened(_LimitRow, "tenant=? AND pseudonym=?", (tenant, pseudonym))
+        rows = self._opened(LimitRow, "tenant=? AND pseudonym=?", (tenant, pseudonym))
         increases = [row.decided_at_us for row, _ in rows if row.action == "INCREASE"]
         return from_us(max(increases)) if increases else None
 
@@ -349,14 +251,14 @@ class DecisionStore:
         response: bytes,
     ) -> None:
         """Store a decision: its serialized response sealed, its action plain for cool-downs."""
-        row = _LimitRow(tenant, request_id, pseudonym, fingerprint, to_us(decided_at), action)
+        row = LimitRow(tenant, request_id, pseudonym, fingerprint, to_us(decided_at), action)
         with self._transaction():
             self._insert(row, response)
 
     def limit_decision_keys(self) -> list[tuple[str, str]]:
         """(tenant, request_id) of every limit decision, each row authenticated, in key order:
         for reconciling the store with the audit log."""
-        rows = self._opened(_LimitRow, "1", tail="ORDER BY tenant, request_id")
+        rows = self._opened(LimitRow, "1", tail="ORDER BY tenant, request_id")
         return [(row.tenant, row.request_id) for row, _ in rows]
 
     # -- behaviour events and alerts ------------------------------------------------------
@@ -366,18 +268,15 @@ class DecisionStore:
         event not yet seen would otherwise make that event a silent duplicate."""
         return bool(
             self._opened(
-                _EventRow, "tenant=? AND pseudonym=? AND event_id=?", (tenant, pseudonym, event_id)
+                EventRow, "tenant=? AND pseudonym=? AND event_id=?", (tenant, pseudonym, event_id)
             )
         )
 
     def events(self, tenant: str, pseudonym: str) -> list[Event]:
         rows = self._opened(
-            _EventRow, "tenant=? AND pseudonym=?", (tenant, pseudonym), "ORDER BY occurred_at_us"
+            EventRow, "tenant=? AND pseudonym=?", (tenant, pseudonym), "ORDER BY occurred_at_us"
         )
-        return [
-            Event(event_id=row.event_id, occurred_at=from_us(row.occurred_at_us), **json.loads(p))
-            for row, p in rows
-        ]
+        return [event_of(row, plaintext) for row, plaintext in rows]
 
     def record_event(
         self,
@@ -396,21 +295,13 @@ class DecisionStore:
         Events older than `forget_before` (event time) are dropped for this customer, once each
         has been authenticated: an edited time must not silently erase a row.
         """
-        details = {
-            "kind": event.kind,
-            "currency": event.currency,
-            "amount": event.amount,
-            "succeeded": event.succeeded,
-            "days_past_due": event.days_past_due,
-            "balance_after": event.balance_after,
-        }
-        row = _EventRow(tenant, pseudonym, event.event_id, to_us(event.occurred_at))
+        row = EventRow(tenant, pseudonym, event.event_id, to_us(event.occurred_at))
         with self._transaction():
-            self._insert(row, json.dumps(details).encode("utf-8"))
+            self._insert(row, event_details(event))
             sequences = self._insert_alerts(alerts, raised_at)
             where = "tenant=? AND pseudonym=? AND occurred_at_us < ?"
             old = (tenant, pseudonym, to_us(forget_before))
-            self._opened(_EventRow, where, old)
+            self._opened(EventRow, where, old)
             self._db.execute(f"DELETE FROM events WHERE {where}", old)
         return sequences
 
@@ -430,25 +321,25 @@ class DecisionStore:
         sequences = []
         for alert in alerts:
             sequence += 1
-            self._insert(_AlertRow(sequence, to_us(raised_at)), alert)
+            self._insert(AlertRow(sequence, to_us(raised_at)), alert)
             sequences.append(sequence)
         return sequences
 
     def event_keys(self) -> list[tuple[str, str, str]]:
         """(tenant, pseudonym, event_id) of every stored event, each row authenticated."""
-        rows = self._opened(_EventRow, "1", tail="ORDER BY tenant, pseudonym, event_id")
+        rows = self._opened(EventRow, "1", tail="ORDER BY tenant, pseudonym, event_id")
         return [(row.tenant, row.pseudonym, row.event_id) for row, _ in rows]
 
     def alerts_after(self, sequence: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` alerts after `sequence`: (sequence, serialized Alert), authenticated."""
         rows = self._opened(
-            _AlertRow, "sequence > ?", (sequence, limit), "ORDER BY sequence LIMIT ?"
+            AlertRow, "sequence > ?", (sequence, limit), "ORDER BY sequence LIMIT ?"
         )
         return [(row.sequence, alert) for row, alert in rows]
 
     def alert_rows(self) -> list[tuple[int, bytes]]:
         """Every alert as (sequence, serialized Alert), each row authenticated."""
-        rows = self._opened(_AlertRow, "1", tail="ORDER BY sequence")
+        rows = self._opened(AlertRow, "1", tail="ORDER BY sequence")
         return [(row.sequence, alert) for row, alert in rows]
 
     def last_alert_sequence(self) -> int:
@@ -456,7 +347,7 @@ class DecisionStore:
         return self._last_alert_sequence()
 
     def _last_alert_sequence(self) -> int:
-        rows = self._opened(_AlertRow, "1", tail="ORDER BY sequence DESC LIMIT 1")
+        rows = self._opened(AlertRow, "1", tail="ORDER BY sequence DESC LIMIT 1")
         return rows[0][0].sequence if rows else 0
 
     # -- schema ---------------------------------------------------------------------------
@@ -472,23 +363,23 @@ class DecisionStore:
         whose key-bound seal does not open stops the migration with StoreTampered.
         """
         with self._transaction():
-            limits = self._select(_LimitRow, "1")
+            limits = self._select(LimitRow, "1")
             for row, sealed in limits:
                 response = self._decrypt(
                     LIMIT_DECISIONS,
                     sealed,
-                    length_prefixed(_ROW_LABEL_V2, "limit", row.tenant, row.request_id),
+                    length_prefixed(ROW_LABEL_V2, "limit", row.tenant, row.request_id),
                 )
                 self._db.execute(
                     "UPDATE limit_decisions SET sealed=? WHERE tenant=? AND request_id=?",
                     (self._seal(row, response), row.tenant, row.request_id),
                 )
-            for event, sealed in self._select(_EventRow, "1"):
+            for event, sealed in self._select(EventRow, "1"):
                 details = self._decrypt(
                     EVENTS,
                     sealed,
                     length_prefixed(
-                        _ROW_LABEL_V2, "event", event.tenant, event.pseudonym, event.event_id
+                        ROW_LABEL_V2, "event", event.tenant, event.pseudonym, event.event_id
                     ),
                 )
                 self._db.execute(
@@ -506,7 +397,7 @@ class DecisionStore:
                 blob = values[2]
                 if type(blob) is not bytes:
                     raise StoreTampered(ALERTS, "a v2 alert is not a serialized message")
-                self._insert(_typed(_AlertRow, values[:2]), blob)
+                self._insert(typed(AlertRow, values[:2]), blob)
             self._db.execute("DROP TABLE alerts_v2")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
