@@ -53,15 +53,25 @@ def add_caller_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    """One server; or, with --workers above 1, a supervisor of that many (service.workers),
+    which hands each worker the flags parsed here rather than sys.argv: `main` may be given
+    its own argv."""
     from service.logs import configure_logging
-    from service.server import StartupError, serve
+    from service.workers import check_shareable, join_supervisor, serve_workers
 
+    join_supervisor()
     try:
         settings = settings_from(args)
+        check_shareable(settings)
     except ConfigError as error:
         print(f"privscore serve: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    if settings.workers > 1:
+        return serve_workers(settings, args)
+    # Imported only here: a supervisor never loads the server, its model runtime among it.
+    from service.server import StartupError, serve
+
     try:
         asyncio.run(serve(settings))
     except StartupError as error:

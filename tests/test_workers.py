@@ -1,0 +1,311 @@
+"""`privscore serve --workers N` (service.workers): the supervisor over real processes.
+
+Most tests supervise a small worker of their own (WORKER below) rather than a server: what is
+checked is the supervision (restart, give-up, signals, no process left behind), and a server's
+start-up would only slow it down. The command line's refusals run the real `privscore serve`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.cli import build_parser
+from service.workers import RestartPolicy, worker_command
+from tests.conftest import REPO_ROOT, privscore_cli
+
+WAIT_S = 15.0
+
+# The supervisor, logging JSON lines, over the command and policy given as JSON in argv[1].
+SUPERVISOR = """
+import asyncio, json, os, sys
+from service.logs import configure_logging
+from service.workers import RestartPolicy, Supervisor
+spec = json.loads(sys.argv[1])
+configure_logging("json", "info")
+supervisor = Supervisor(
+    spec["count"],
+    spec["command"],
+    os.environ,
+    stop_timeout=spec["stop_timeout"],
+    policy=RestartPolicy(**spec["policy"]),
+)
+sys.exit(asyncio.run(supervisor.run()))
+"""
+
+# A worker: joins the supervisor as `privscore serve` does, then behaves as argv[2] says, and
+# leaves files in the directory argv[1] for the test to see: ready-PID once its handlers are
+# in place, hup-PID for each SIGHUP it receives.
+WORKER = """
+import os, signal, sys, time
+from pathlib import Path
+from service.workers import join_supervisor
+run, mode = Path(sys.argv[1]), sys.argv[2]
+if mode == "slow-start":
+    time.sleep(1.0)  # a SIGHUP sent now must wait, not kill this worker
+join_supervisor()
+if mode == "fail":
+    sys.exit(3)
+index = os.environ["PRIVSCORE_WORKER_INDEX"]
+if mode == "fail-once" and not (run / f"failed-{index}").exists():
+    (run / f"failed-{index}").touch()
+    sys.exit(3)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else lambda *_: sys.exit(0))
+signal.signal(signal.SIGHUP, lambda *_: (run / f"hup-{os.getpid()}").touch())
+(run / f"ready-{os.getpid()}").touch()
+while True:
+    time.sleep(0.05)
+"""
+
+FAST = RestartPolicy(first_backoff=0.1, max_backoff=0.4, settled_seconds=5.0, give_up_after=3)
+
+
+def eventually(predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+    """The first true value of `predicate`, polled until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s")
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its exit status waiting to be collected (a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with contextlib.suppress(FileNotFoundError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] == "Z"
+    return True
+
+
+class Supervised:
+    """A supervisor in its own process; its JSON log lines collected as they arrive."""
+
+    def __init__(self, command: list[str], *, count: int = 2, **spec: Any) -> None:
+        self.records: list[dict[str, Any]] = []
+        spec = {
+            "count": count,
+            "command": command,
+            "stop_timeout": 10.0,
+            "policy": dataclasses.asdict(FAST),
+            **spec,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SUPERVISOR, json.dumps(spec)],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with contextlib.suppress(json.JSONDecodeError):
+                self.records.append(json.loads(line))
+
+    def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            r for r in list(self.records) if r.get("event") == event and fields.items() <= r.items()
+        ]
+
+    def started_pids(self) -> dict[int, int]:
+        """The latest pid of each worker."""
+        return {r["worker"]: r["pid"] for r in self.events("worker.started")}
+
+    def all_pids(self) -> set[int]:
+        return {r["pid"] for r in self.events("worker.started")}
+
+    def wait(self, timeout: float = WAIT_S) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for pid in self.all_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def supervise(tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
+    """Start supervisors of WORKER in `mode`; whatever is left is killed after the test."""
+    started: list[Supervised] = []
+
+    def start(mode: str, **spec: Any) -> Supervised:
+        supervisor = Supervised([sys.executable, "-c", WORKER, str(tmp_path), mode], **spec)
+        started.append(supervisor)
+        return supervisor
+
+    yield start
+    for supervisor in started:
+        supervisor.close()
+
+
+def ready(run: Path, pids: set[int] | dict[int, int]) -> bool:
+    wanted = set(pids.values()) if isinstance(pids, dict) else pids
+    return bool(wanted) and all((run / f"ready-{pid}").exists() for pid in wanted)
+
+
+def test_a_killed_worker_is_restarted_with_a_new_pid(supervise, tmp_path) -> None:
+    supervisor = supervise("run")
+    first = eventually(lambda: len(supervisor.started_pids()) == 2 and supervisor.started_pids())
+    eventually(lambda: ready(tmp_path, first))
+    os.kill(first[1], signal.SIGKILL)
+    exited = eventually(lambda: supervisor.events("worker.exited", worker=1))
+    assert exited[0]["pid"] == first[1]
+    assert exited[0]["signal"] == "SIGKILL"
+    again = eventually(
+        lambda: supervisor.started_pids()[1] != first[1] and supervisor.started_pids()
+    )
+    assert again[0] == first[0]  # the other worker went on
+    eventually(lambda: ready(tmp_path, again))
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert supervisor.wait() == 0
+    assert all(gone(pid) for pid in supervisor.all_pids())
+
+
+def test_a_worker_that_fails_once_is_restarted_and_the_supervisor_carries_on(
+    supervise, tmp_path
+) -> None:
+    supervisor = supervise("fail-once")
+    eventually(lambda: len(supervisor.events("worker.exited", exit_code=3)) == 2)
+    eventually(
+        lambda: len(supervisor.all_pids()) == 4 and ready(tmp_path, supervisor.started_pids())
+    )
+    assert not supervisor.events("workers.giving_up")
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert supervisor.wait() == 0
+
+
+def test_workers_failing_at_start_make_the_supervisor_give_up(supervise) -> None:
+    started = time.monotonic()
+    supervisor = supervise("fail")
+    assert supervisor.wait() == 1
+    assert time.monotonic() - started < WAIT_S
+    (giving_up,) = supervisor.events("workers.giving_up")
+    assert giving_up["exit_code"] == 3
+    assert giving_up["early_exits"] == FAST.give_up_after
+    # Each restart waited longer than the one before.
+    waits = [r["restart_in_seconds"] for r in supervisor.events("worker.exited", worker=0)]
+    assert waits == sorted(waits) and waits[0] < waits[-1]
+    assert supervisor.events("workers.stopped", exit_code=1)
+    assert all(gone(pid) for pid in supervisor.all_pids())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_stops_every_worker_and_exits_zero(supervise, tmp_path, signum) -> None:
+    supervisor = supervise("run", count=3)
+    pids = eventually(lambda: len(supervisor.started_pids()) == 3 and supervisor.started_pids())
+    eventually(lambda: ready(tmp_path, pids))
+    supervisor.process.send_signal(signum)
+    assert supervisor.wait() == 0
+    stopped = supervisor.events("worker.stopped", exit_code=0)
+    assert {r["pid"] for r in stopped} == set(pids.values())
+    assert not supervisor.events("worker.exited")
+    assert all(gone(pid) for pid in pids.values())
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_stop_timeout(
+    supervise, tmp_path
+) -> None:
+    supervisor = supervise("stubborn", count=1, stop_timeout=0.5)
+    pids = eventually(lambda: supervisor.started_pids())
+    eventually(lambda: ready(tmp_path, pids))
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert supervisor.wait() == 1
+    assert supervisor.events("worker.killed", pid=pids[0])
+    assert supervisor.events("worker.stopped", signal="SIGKILL")
+    assert gone(pids[0])
+
+
+def test_sighup_is_forwarded_to_every_worker(supervise, tmp_path) -> None:
+    supervisor = supervise("run")
+    pids = eventually(lambda: len(supervisor.started_pids()) == 2 and supervisor.started_pids())
+    eventually(lambda: ready(tmp_path, pids))
+    supervisor.process.send_signal(signal.SIGHUP)
+    eventually(lambda: all((tmp_path / f"hup-{pid}").exists() for pid in pids.values()))
+    assert supervisor.process.poll() is None
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert supervisor.wait() == 0
+
+
+def test_a_sighup_while_a_worker_starts_does_not_kill_it(supervise, tmp_path) -> None:
+    supervisor = supervise("slow-start", count=1)
+    pids = eventually(lambda: supervisor.started_pids())
+    supervisor.process.send_signal(signal.SIGHUP)  # the worker is still in its first second
+    eventually(lambda: ready(tmp_path, pids))
+    assert not supervisor.events("worker.exited")
+    assert supervisor.started_pids() == pids
+    supervisor.process.send_signal(signal.SIGHUP)  # once it has its handler, it gets them
+    eventually(lambda: (tmp_path / f"hup-{pids[0]}").exists())
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert supervisor.wait() == 0
+
+
+def test_workers_stop_when_their_supervisor_is_killed(supervise, tmp_path) -> None:
+    supervisor = supervise("run")
+    pids = eventually(lambda: len(supervisor.started_pids()) == 2 and supervisor.started_pids())
+    eventually(lambda: ready(tmp_path, pids))
+    supervisor.process.kill()
+    supervisor.wait()
+    eventually(lambda: all(gone(pid) for pid in pids.values()), timeout=5)
+
+
+def test_the_workers_get_the_flags_they_were_given_less_workers() -> None:
+    given = [
+        "serve",
+        "--workers",
+        "3",
+        "--port",
+        "6000",
+        "--insecure",
+        "--database-url",
+        "postgresql://127.0.0.1/x",
+        "--audit-origin",
+        "lender.example/privscore",
+    ]
+    args = build_parser().parse_args(given)
+    command = worker_command(args)
+    assert command[:4] == [sys.executable, "-m", "service.cli", "serve"]
+    assert "--workers" not in " ".join(command)
+    again = build_parser().parse_args(command[3:])
+    assert {**vars(again), "workers": "3"} == {**vars(args), "run": again.run}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--insecure"], "--database-url"),
+        (["--insecure", "--port", "0", "--database-url", "postgresql://127.0.0.1/x"], "--port 0"),
+    ],
+)
+def test_workers_that_cannot_share_are_refused(tmp_path, args, message) -> None:
+    result = privscore_cli(
+        tmp_path, "serve", "--workers", "2", "--data-dir", str(tmp_path / "var"), *args
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
