@@ -93,6 +93,13 @@ class Unavailable(ServiceError):
     audited = False
 
 
+class Aborted(ServiceError):
+    """A concurrency conflict the server could not settle by retrying: the caller may retry."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "ABORTED"
+
+
 class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"

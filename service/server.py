@@ -6,8 +6,8 @@ import asyncio
 import datetime as dt
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -27,7 +27,8 @@ from privscore.v1 import (
     scoring_service_pb2_grpc,
 )
 from service.api.alerts import AlertServicer
-from service.api.audit import AuditServicer
+from service.api.audit import AuditServicer, file_prover
+from service.api.ledger import EmbeddedLedger, FailClosedAudit, Ledger
 from service.api.limits import LimitServicer
 from service.api.reconcile import (
     STORE_RECONCILE,
@@ -36,7 +37,7 @@ from service.api.reconcile import (
     compare,
     restore,
 )
-from service.api.runtime import Runtime, RuntimeSlot
+from service.api.runtime import Prover, Runtime, RuntimeSlot
 from service.api.scoring import ScoringServicer
 from service.api.validation import well_formed_request_id, well_formed_subject
 from service.audit import AuditError, AuditLog, AuditWriteError, Signer, establish_identity
@@ -44,7 +45,7 @@ from service.config import ServerSettings
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy, PolicyError, load_policy
 from service.decisions.store import DecisionStore, StoreError, StoreTampered
-from service.errors import ServiceError, Unavailable
+from service.errors import ServiceError
 from service.files import write_private
 from service.interceptors import RequestContextInterceptor
 from service.model.manifest import ArtifactError
@@ -59,6 +60,10 @@ from service.privacy.keyring import Keyring, KeyringError, load_kek
 from service.privacy.sealing import FeatureOpener
 from service.security.authz import AuthzPolicyError, load_authz_policy
 
+if TYPE_CHECKING:
+    from service.audit.pg import PgAuditLog
+    from service.server_pg import DatabaseParts
+
 SERVICE_NAMES = (
     scoring_service_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name,
     limit_service_pb2.DESCRIPTOR.services_by_name["LimitService"].full_name,
@@ -67,6 +72,7 @@ SERVICE_NAMES = (
 )
 # "" is the whole server's status, as grpc_health_probe and Kubernetes ask by default.
 HEALTH_NAMES = ("", *SERVICE_NAMES)
+HEALTH_POLL_SECONDS = 0.5  # how soon health follows the database going and coming back
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 log = structlog.get_logger("privscore.server")
@@ -76,36 +82,30 @@ def _skip_fsync(_fd: int) -> None:
     """`--audit-fsync off`: benchmarks only, to price durability."""
 
 
+class AlertSource:
+    """What the alert stream reads from the ledger: stored alerts after a cursor, and the
+    highest number stored."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    async def fetch(self, cursor: int, limit: int) -> list[alert_service_pb2.Alert]:
+        alerts = []
+        for sequence, blob in await self._ledger.alerts_after(cursor, limit):
+            alert = alert_service_pb2.Alert.FromString(blob)
+            alert.sequence = sequence
+            alerts.append(alert)
+        return alerts
+
+    async def last_stored(self) -> int:
+        return await self._ledger.last_alert_sequence()
+
+
 class StartupError(RuntimeError):
     """The server cannot start; the message says why, without secrets."""
 
 
-class FailClosedAudit:
-    """The audit log as servicers see it: a failed append answers UNAVAILABLE and turns the
-    whole server NOT_SERVING, so no decision ever leaves without its record."""
-
-    def __init__(self, audit_log: AuditLog, on_failure: Callable[[], Awaitable[None]]) -> None:
-        self._log = audit_log
-        self._on_failure = on_failure
-
-    async def append(self, record: Mapping[str, Any]) -> int:
-        (sequence,) = await self.append_all([record])
-        return sequence
-
-    async def append_all(self, records: Sequence[Mapping[str, Any]]) -> list[int]:
-        try:
-            appended = await self._log.append_all(records)
-        except AuditWriteError:
-            await self._on_failure()
-            raise Unavailable(
-                "the audit log cannot be written; no decision is made", reason="AUDIT_UNAVAILABLE"
-            ) from None
-        return [entry.sequence for entry in appended]
-
-
-def _load_sync(
-    settings: ServerSettings,
-) -> tuple[Keyring, Scorer, DecisionPolicy, DecisionStore]:
+def _load_sync(settings: ServerSettings) -> tuple[Keyring, Scorer, DecisionPolicy]:
     """The blocking part of start-up, run off the event loop."""
     try:
         keyring = Keyring.load(settings.keyring, load_kek(settings.kek_file))
@@ -119,13 +119,14 @@ def _load_sync(
         policy = load_policy(settings.policy)
     except PolicyError as error:
         raise StartupError(f"policy: {error}") from None
+    return keyring, scorer, policy
+
+
+def _open_store(settings: ServerSettings, state_key: bytes) -> DecisionStore:
     try:
-        store = DecisionStore(
-            settings.layout.decision_store, derive_state_key(keyring.server_secret())
-        )
+        return DecisionStore(settings.layout.decision_store, state_key)
     except StoreError as error:
         raise StartupError(f"store: {error}") from None
-    return keyring, scorer, policy, store
 
 
 def _tls(settings: ServerSettings) -> grpc.ServerCredentials:
@@ -148,7 +149,9 @@ class PrivscoreServer:
         self.settings = settings
         self.health = health_aio.HealthServicer()
         self.slot = RuntimeSlot()
-        self._audit_log: AuditLog | None = None
+        self._audit_log: AuditLog | PgAuditLog | None = None
+        self._database: DatabaseParts | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.port = 0
         try:
             authz = load_authz_policy(settings.authz_policy)
@@ -174,7 +177,7 @@ class PrivscoreServer:
             AlertServicer(self.slot), self._server
         )
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
-            AuditServicer(self.slot, settings.layout.audit_dir), self._server
+            AuditServicer(self.slot), self._server
         )
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -216,58 +219,115 @@ class PrivscoreServer:
     async def become_ready(self) -> None:
         """Load keys, model, policy, store and audit log, then turn health SERVING."""
         settings = self.settings
-        keyring, scorer, policy, store = await asyncio.to_thread(_load_sync, settings)
+        keyring, scorer, policy = await asyncio.to_thread(_load_sync, settings)
         _, signing_key = keyring.audit_signing_key()
         secret = keyring.server_secret()
         if not settings.audit_fsync:
             log.warning("audit.fsync_off", detail="benchmark mode: decisions are not crash-safe")
+        if settings.database.database_url is None:
+            ledger, prove, alerts = await self._embedded(signing_key, secret, policy)
+        else:
+            ledger, prove, alerts = await self._postgres(signing_key, secret)
+        audit_log = self._audit_log
+        assert audit_log is not None
+        runtime = Runtime(
+            model=ModelBatcher(scorer),
+            opener=FeatureOpener(keyring),
+            policy=policy,
+            ledger=ledger,
+            alerts=AlertStream(
+                alerts.fetch,
+                await ledger.last_alert_sequence(),
+                settings.limits.max_alert_subscribers,
+                settings.limits.max_alert_subscribers_per_identity,
+                last_stored=alerts.last_stored,
+            ),
+            audit=ledger.audit,
+            audit_verifier=audit_log.verifier,
+            audit_origin=audit_log.origin,
+            input_digest_key=derive_input_digest_key(secret),
+            record_key=derive_record_key(secret),
+            prove=prove,
+        )
+        if self._database is not None:
+            self._database.listen(runtime.alerts)
+        self.slot.fill(runtime)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self._database is not None:
+            self._watch = asyncio.create_task(self._watch_database(), name="database-health")
+        log.info(
+            "server.ready",
+            port=self.port,
+            pid=os.getpid(),
+            model_version=scorer.model_version,
+            schema_version=scorer.schema_version,
+            policy_version=policy.version,
+            backend="embedded" if self._database is None else "postgresql",
+        )
+
+    async def _embedded(
+        self, signing_key: Ed25519PrivateKey, secret: bytes, policy: DecisionPolicy
+    ) -> tuple[Ledger, Prover, AlertSource]:
+        """SQLite and the file log under the data directory, reconciled before serving."""
+        store = await asyncio.to_thread(_open_store, self.settings, derive_state_key(secret))
         try:
             logged = LoggedDecisions()
             audit_log = await asyncio.to_thread(
                 self._open_audit_log, signing_key, derive_audit_mac_key(secret), logged.see
             )
         except AuditError as error:
+            store.close()
             raise StartupError(f"audit log: {error}") from None
         self._audit_log = audit_log
-        await asyncio.to_thread(
-            self._reconcile_store, store, audit_log, logged, derive_record_key(secret), policy
-        )
+        try:
+            await asyncio.to_thread(
+                self._reconcile_store, store, audit_log, logged, derive_record_key(secret), policy
+            )
+        except StartupError:
+            store.close()
+            raise
+        ledger = EmbeddedLedger(store, FailClosedAudit(audit_log, self._audit_failed))
+        prove = file_prover(self.settings.layout.audit_dir, audit_log.verifier, audit_log.origin)
+        return ledger, prove, AlertSource(ledger)
 
-        async def fetch_alerts(cursor: int, limit: int) -> list[alert_service_pb2.Alert]:
-            rows = await runtime.in_store(store.alerts_after, cursor, limit)
-            alerts = []
-            for sequence, blob in rows:
-                alert = alert_service_pb2.Alert.FromString(blob)
-                alert.sequence = sequence
-                alerts.append(alert)
-            return alerts
+    async def _postgres(
+        self, signing_key: Ed25519PrivateKey, secret: bytes
+    ) -> tuple[Ledger, Prover, AlertSource]:
+        """The store and the log in PostgreSQL (service/server_pg.py)."""
+        from service.server_pg import open_database
 
-        runtime = Runtime(
-            model=ModelBatcher(scorer),
-            opener=FeatureOpener(keyring),
-            policy=policy,
-            store=store,
-            alerts=AlertStream(
-                fetch_alerts,
-                store.last_alert_sequence(),
-                settings.limits.max_alert_subscribers,
-                settings.limits.max_alert_subscribers_per_identity,
-            ),
-            audit=FailClosedAudit(audit_log, self._audit_failed),
-            audit_verifier=audit_log.verifier,
-            audit_origin=audit_log.origin,
-            input_digest_key=derive_input_digest_key(secret),
-            record_key=derive_record_key(secret),
+        parts = await open_database(
+            self.settings,
+            signing_key=signing_key,
+            secret=secret,
+            on_audit_failure=self._audit_failed,
         )
-        self.slot.fill(runtime)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "server.ready",
-            port=self.port,
-            model_version=scorer.model_version,
-            schema_version=scorer.schema_version,
-            policy_version=policy.version,
+        self._database = parts
+        self._audit_log = parts.audit_log
+        write_private(
+            self.settings.layout.audit_verifier_key, (parts.audit_log.verifier.text + "\n").encode()
         )
+        return parts.ledger, parts.audit_log.prove, AlertSource(parts.ledger)
+
+    async def _watch_database(self) -> None:
+        """Health follows the database: NOT_SERVING while the log cannot commit or the
+        database does not answer, SERVING again by itself once it does."""
+        assert self._database is not None
+        serving = True
+        while True:
+            healthy = await self._database.healthy()
+            if healthy != serving:
+                serving = healthy
+                if healthy:
+                    log.info("server.database_back", action="health SERVING")
+                else:
+                    log.error("server.database_down", action="health NOT_SERVING")
+                await self._set_health(
+                    health_pb2.HealthCheckResponse.SERVING
+                    if healthy
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
 
     def _open_audit_log(
         self,
@@ -398,10 +458,17 @@ class PrivscoreServer:
             runtime.alerts.close()
         await self._server.stop(self.settings.grace_seconds)
         self.slot.fill(None)
-        if self._audit_log is not None:
-            await self._audit_log.close()  # writes the final signed checkpoint
+        if self._watch is not None:
+            self._watch.cancel()
+        try:
+            if self._audit_log is not None:
+                await self._audit_log.close()  # writes the final signed checkpoint
+        except AuditWriteError as error:
+            log.error("audit.close_failed", reason=str(error))
         if runtime is not None:
             runtime.close()
+        if self._database is not None:
+            await self._database.close()
         log.info("server.stopped")
 
 

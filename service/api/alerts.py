@@ -14,9 +14,11 @@ from google.protobuf import json_format
 from privscore.v1 import alert_service_pb2 as pb
 from privscore.v1 import alert_service_pb2_grpc, common_pb2
 from service.api import validation as check
-from service.api.runtime import RuntimeSlot
+from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot
 from service.callctx import CALLER
 from service.decisions.alert_rules import MISSED_PAYMENT, REPAYMENT, Event, evaluate
+from service.decisions.rows import StateChanged
+from service.errors import Aborted
 from service.privacy.record_seal import seal_record_fields
 
 EVALUATE_EVENT_METHOD = "/privscore.v1.AlertService/EvaluateEvent"
@@ -164,81 +166,101 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
         validate_evaluate_event(request)
         runtime = self._slot.runtime
         subject = request.subject
-        event = to_event(request.event)
         async with runtime.subject_locks.hold((subject.tenant, subject.pseudonym)):
-            now = runtime.clock()
-            response = pb.EvaluateEventResponse(metadata=runtime.metadata(request.request_id, now))
-            duplicate = await runtime.in_store(
-                runtime.store.has_event, subject.tenant, subject.pseudonym, event.event_id
+            for _ in range(DECISION_ATTEMPTS):
+                try:
+                    response = await self._evaluate(runtime, request)
+                    break
+                except StateChanged:
+                    continue
+            else:
+                raise Aborted(
+                    "other replicas kept changing this customer's events; retry the request",
+                    reason="CONCURRENT_DECISIONS",
+                )
+        runtime.alerts.publish(response.alerts)
+        return response
+
+    async def _evaluate(
+        self, runtime: Runtime, request: pb.EvaluateEventRequest
+    ) -> pb.EvaluateEventResponse:
+        """Evaluate the event on the customer's stored history and commit it with its alerts
+        (a duplicate event id is logged, not stored again)."""
+        subject = request.subject
+        event = to_event(request.event)
+        ledger = runtime.ledger
+        now = runtime.clock()
+        response = pb.EvaluateEventResponse(metadata=runtime.metadata(request.request_id, now))
+        duplicate = await ledger.has_event(subject.tenant, subject.pseudonym, event.event_id)
+        raised = []
+        history: list[Event] = []
+        if not duplicate:
+            history = await ledger.events(subject.tenant, subject.pseudonym)
+            raised = evaluate(runtime.policy.alerts, event, history)
+        alerts = [
+            pb.Alert(
+                subject=subject,
+                rule=alert.rule,
+                severity=_SEVERITIES[alert.outcome.severity],
+                recommended_action=_ACTIONS[alert.outcome.action],
+                reasons=[common_pb2.Reason(code=c, text=t) for c, t in alert.reasons],
+                event_id=event.event_id,
+                metadata=response.metadata,
             )
-            raised = []
-            if not duplicate:
-                history = await runtime.in_store(
-                    runtime.store.events, subject.tenant, subject.pseudonym
-                )
-                raised = evaluate(runtime.policy.alerts, event, history)
-            alerts = [
-                pb.Alert(
-                    subject=subject,
-                    rule=alert.rule,
-                    severity=_SEVERITIES[alert.outcome.severity],
-                    recommended_action=_ACTIONS[alert.outcome.action],
-                    reasons=[common_pb2.Reason(code=c, text=t) for c, t in alert.reasons],
-                    event_id=event.event_id,
-                    metadata=response.metadata,
-                )
-                for alert in raised
-            ]
-            alerts.sort(key=lambda a: -a.severity)
-            response.duplicate = duplicate
-            metadata = response.metadata
-            metadata.audit_sequence = await runtime.audit.append(
-                runtime.record(
-                    EVALUATE_EVENT_METHOD,
-                    metadata,
-                    subject,
-                    event=clear_event_fields(request.event, event),
-                    outputs={
-                        "duplicate": duplicate,
-                        "alerts": [
-                            {
-                                "rule": a.rule,
-                                "severity": pb.Severity.Name(a.severity),
-                                "action": pb.RecommendedAction.Name(a.recommended_action),
-                                "reasons": [r.code for r in a.reasons],
-                            }
-                            for a in alerts
-                        ],
-                    },
-                    # Amounts, balance, outcome and days past due: personal financial data.
-                    sealed=seal_record_fields(
-                        runtime.record_key,
-                        EVALUATE_EVENT_METHOD,
-                        metadata.decision_id,
-                        metadata.request_id,
-                        sealed_event_fields(request.event, event, alerts),
-                    ),
-                )
-            )
-            if duplicate:
-                return response
+            for alert in raised
+        ]
+        alerts.sort(key=lambda a: -a.severity)
+        response.duplicate = duplicate
+        metadata = response.metadata
+        record = runtime.record(
+            EVALUATE_EVENT_METHOD,
+            metadata,
+            subject,
+            event=clear_event_fields(request.event, event),
+            outputs={
+                "duplicate": duplicate,
+                "alerts": [
+                    {
+                        "rule": a.rule,
+                        "severity": pb.Severity.Name(a.severity),
+                        "action": pb.RecommendedAction.Name(a.recommended_action),
+                        "reasons": [r.code for r in a.reasons],
+                    }
+                    for a in alerts
+                ],
+            },
+            # Amounts, balance, outcome and days past due: personal financial data.
+            sealed=seal_record_fields(
+                runtime.record_key,
+                EVALUATE_EVENT_METHOD,
+                metadata.decision_id,
+                metadata.request_id,
+                sealed_event_fields(request.event, event, alerts),
+            ),
+        )
+
+        def stored_alerts(sequence: int) -> list[bytes]:
             for alert in alerts:
-                alert.metadata.audit_sequence = metadata.audit_sequence
-            forget_before = event.occurred_at - dt.timedelta(
-                days=runtime.policy.alerts.retention_days
-            )
-            sequences = await runtime.in_store(
-                runtime.store.record_event,
-                subject.tenant,
-                subject.pseudonym,
-                event,
-                [a.SerializeToString() for a in alerts],
-                now,
-                forget_before,
-            )
+                alert.metadata.audit_sequence = sequence
+            return [alert.SerializeToString() for alert in alerts]
+
+        metadata.audit_sequence, sequences = await ledger.commit_event(
+            record,
+            tenant=subject.tenant,
+            pseudonym=subject.pseudonym,
+            event=event,
+            duplicate=duplicate,
+            seen_history=[known.event_id for known in history],
+            alerts=stored_alerts,
+            raised_at=now,
+            forget_before=event.occurred_at
+            - dt.timedelta(days=runtime.policy.alerts.retention_days),
+        )
+        if duplicate:
+            return response
         for alert, sequence in zip(alerts, sequences, strict=True):
+            alert.metadata.audit_sequence = metadata.audit_sequence
             alert.sequence = sequence
-        runtime.alerts.publish(alerts)
         response.alerts.extend(alerts)
         return response
 

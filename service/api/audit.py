@@ -11,7 +11,7 @@ import grpc
 from privscore.v1 import audit_service_pb2 as pb
 from privscore.v1 import audit_service_pb2_grpc
 from service.api import validation as check
-from service.api.runtime import RuntimeSlot
+from service.api.runtime import Proven, Prover, RuntimeSlot
 from service.audit import NotProvable, VerifierKey, prove_record
 from service.errors import FailedPrecondition, ServiceError
 
@@ -23,14 +23,21 @@ class NotFound(ServiceError):
     reason = "DECISION_NOT_FOUND"
 
 
-def find_with_proof(
-    audit_dir: Path, verifier: VerifierKey, origin: str, decision_id: str
-) -> pb.GetDecisionRecordResponse:
-    """Search only the checkpointed prefix: it is signed, and no append is racing it."""
-    try:
-        checkpoint, stored, proof = prove_record(
-            audit_dir, verifier, origin, equals={"decision_id": decision_id}
+def file_prover(audit_dir: Path, verifier: VerifierKey, origin: str) -> Prover:
+    """The file log's lookup (through its index), off the event loop. It searches only the
+    checkpointed prefix: it is signed, and no append is racing it."""
+
+    async def prove(decision_id: str) -> Proven:
+        return await asyncio.to_thread(
+            prove_record, audit_dir, verifier, origin, equals={"decision_id": decision_id}
         )
+
+    return prove
+
+
+async def find_with_proof(prove: Prover, decision_id: str) -> pb.GetDecisionRecordResponse:
+    try:
+        checkpoint, stored, proof = await prove(decision_id)
     except NotProvable as error:
         if error.why == "NO_CHECKPOINT":
             raise FailedPrecondition(str(error), reason="NOT_YET_CHECKPOINTED") from None
@@ -45,9 +52,8 @@ def find_with_proof(
 
 
 class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
-    def __init__(self, slot: RuntimeSlot, audit_dir: Path) -> None:
+    def __init__(self, slot: RuntimeSlot) -> None:
         self._slot = slot
-        self._audit_dir = audit_dir
 
     async def GetDecisionRecord(
         self,
@@ -65,11 +71,4 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
             "a UUID in canonical lower-case form",
         )
         v.raise_if_any()
-        runtime = self._slot.runtime
-        return await asyncio.to_thread(
-            find_with_proof,
-            self._audit_dir,
-            runtime.audit_verifier,
-            runtime.audit_origin,
-            request.decision_id,
-        )
+        return await find_with_proof(self._slot.runtime.prove, request.decision_id)

@@ -15,9 +15,10 @@ from privscore.v1 import common_pb2, limit_service_pb2_grpc
 from privscore.v1 import limit_service_pb2 as pb
 from service.api import validation as check
 from service.api.features import encrypted_inputs, open_row
-from service.api.runtime import RuntimeSlot
+from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot
 from service.decisions.limits import Account, decide_limit
-from service.errors import FailedPrecondition
+from service.decisions.rows import StateChanged
+from service.errors import Aborted, FailedPrecondition
 from service.privacy.record_seal import seal_record_fields
 
 ADJUST_LIMIT_METHOD = "/privscore.v1.LimitService/AdjustLimit"
@@ -186,85 +187,108 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
         fingerprint = request_fingerprint(runtime.input_digest_key, subject, account, inputs_digest)
 
         # One request id at a time (its first decision wins, a different request under it is
-        # refused), then one decision per customer at a time; always in this order.
+        # refused), then one decision per customer at a time; always in this order. Across
+        # replicas the ledger settles the same races (StateChanged: decide again).
         request_key = (subject.tenant, f"request:{request.request_id}")
         async with (
             runtime.subject_locks.hold(request_key),
             runtime.subject_locks.hold((subject.tenant, subject.pseudonym)),
         ):
-            stored = await runtime.in_store(
-                runtime.store.limit_decision, subject.tenant, request.request_id
-            )
-            if stored is not None:
-                if stored.fingerprint not in (
-                    fingerprint,
-                    legacy_fingerprint(subject, account, inputs_digest),
-                ):
-                    raise RequestIdReused(
-                        "request_id was used before for a different limit request"
+            for _ in range(DECISION_ATTEMPTS):
+                try:
+                    return await self._decide(
+                        runtime, request, score, inputs_digest, encrypted, fingerprint
                     )
-                replay = pb.AdjustLimitResponse.FromString(stored.response)
-                replay.replayed = True
-                return replay
-            last_increase = await runtime.in_store(
-                runtime.store.last_increase_at, subject.tenant, subject.pseudonym
-            )
-            now = runtime.clock()
-            grade = runtime.policy.score.grade_of(score)
-            decision = decide_limit(
-                runtime.policy.limits,
-                account_of(account),
-                score,
-                grade,
-                last_increase,
-                now,
-            )
-            response = pb.AdjustLimitResponse(
-                metadata=runtime.metadata(request.request_id, now),
-                previous_limit=account.current_limit,
-                new_limit=common_pb2.Money(currency_code=currency, minor_units=decision.new_limit),
-                action=_ACTIONS[decision.action],
-                rule=decision.rule,
-                reasons=[common_pb2.Reason(code=c, text=t) for c, t in decision.reasons],
-                score=score,
-            )
-            metadata = response.metadata
-            response.metadata.audit_sequence = await runtime.audit.append(
-                runtime.record(
-                    ADJUST_LIMIT_METHOD,
-                    metadata,
-                    subject,
-                    input_digest=inputs_digest,
-                    encrypted_inputs=encrypted,
-                    # What the cool-down rule saw, so a replay can decide exactly as this did.
-                    last_increase_at=last_increase.isoformat() if last_increase else None,
-                    outputs={
-                        "action": pb.LimitAction.Name(response.action),
-                        "rule": decision.rule,
-                        "reasons": [code for code, _ in decision.reasons],
-                        "score": score,
-                        "grade": grade,
-                        "currency": currency,
-                    },
-                    # Limits, balance and the account's figures: personal financial data.
-                    sealed=seal_record_fields(
-                        runtime.record_key,
-                        ADJUST_LIMIT_METHOD,
-                        metadata.decision_id,
-                        metadata.request_id,
-                        sealed_limit_fields(account, response, fingerprint),
-                    ),
-                )
-            )
-            await runtime.in_store(
-                lambda: runtime.store.record_limit_decision(
-                    tenant=subject.tenant,
-                    pseudonym=subject.pseudonym,
-                    request_id=request.request_id,
-                    fingerprint=fingerprint,
-                    decided_at=now,
-                    action=decision.action,
-                    response=response.SerializeToString(),
-                )
-            )
-            return response
+                except StateChanged:
+                    continue
+        raise Aborted(
+            "other replicas kept changing this customer's limit; retry the request",
+            reason="CONCURRENT_DECISIONS",
+        )
+
+    async def _decide(
+        self,
+        runtime: Runtime,
+        request: pb.AdjustLimitRequest,
+        score: int,
+        inputs_digest: str,
+        encrypted: str,
+        fingerprint: str,
+    ) -> pb.AdjustLimitResponse:
+        """Replay the request's stored decision, or decide it on the stored state and commit."""
+        subject, account = request.subject, request.account
+        currency = account.current_limit.currency_code
+        ledger = runtime.ledger
+        stored = await ledger.limit_decision(subject.tenant, request.request_id)
+        if stored is not None:
+            if stored.fingerprint not in (
+                fingerprint,
+                legacy_fingerprint(subject, account, inputs_digest),
+            ):
+                raise RequestIdReused("request_id was used before for a different limit request")
+            replay = pb.AdjustLimitResponse.FromString(stored.response)
+            replay.replayed = True
+            return replay
+        last_increase = await ledger.last_increase_at(subject.tenant, subject.pseudonym)
+        now = runtime.clock()
+        grade = runtime.policy.score.grade_of(score)
+        decision = decide_limit(
+            runtime.policy.limits,
+            account_of(account),
+            score,
+            grade,
+            last_increase,
+            now,
+        )
+        response = pb.AdjustLimitResponse(
+            metadata=runtime.metadata(request.request_id, now),
+            previous_limit=account.current_limit,
+            new_limit=common_pb2.Money(currency_code=currency, minor_units=decision.new_limit),
+            action=_ACTIONS[decision.action],
+            rule=decision.rule,
+            reasons=[common_pb2.Reason(code=c, text=t) for c, t in decision.reasons],
+            score=score,
+        )
+        metadata = response.metadata
+        record = runtime.record(
+            ADJUST_LIMIT_METHOD,
+            metadata,
+            subject,
+            input_digest=inputs_digest,
+            encrypted_inputs=encrypted,
+            # What the cool-down rule saw, so a replay can decide exactly as this did.
+            last_increase_at=last_increase.isoformat() if last_increase else None,
+            outputs={
+                "action": pb.LimitAction.Name(response.action),
+                "rule": decision.rule,
+                "reasons": [code for code, _ in decision.reasons],
+                "score": score,
+                "grade": grade,
+                "currency": currency,
+            },
+            # Limits, balance and the account's figures: personal financial data.
+            sealed=seal_record_fields(
+                runtime.record_key,
+                ADJUST_LIMIT_METHOD,
+                metadata.decision_id,
+                metadata.request_id,
+                sealed_limit_fields(account, response, fingerprint),
+            ),
+        )
+
+        def stored_reply(sequence: int) -> bytes:
+            response.metadata.audit_sequence = sequence
+            return response.SerializeToString()
+
+        response.metadata.audit_sequence = await ledger.commit_limit(
+            record,
+            tenant=subject.tenant,
+            pseudonym=subject.pseudonym,
+            request_id=request.request_id,
+            fingerprint=fingerprint,
+            decided_at=now,
+            action=decision.action,
+            response=stored_reply,
+            seen_last_increase=last_increase,
+        )
+        return response

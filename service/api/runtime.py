@@ -9,27 +9,31 @@ import asyncio
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-import structlog
 from google.protobuf import timestamp_pb2
 
 from privscore.v1 import common_pb2
-from service.audit import VerifierKey
+from service.api.ledger import Ledger
+from service.audit import Checkpoint, StoredRecord, VerifierKey
 from service.callctx import CALLER
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy
-from service.decisions.store import DecisionStore, StoreTampered
-from service.errors import DataLoss, ServiceError, Unavailable
+from service.errors import ServiceError, Unavailable
 from service.model.scorer import ModelBatcher, Scorer
 from service.privacy.digest import input_digest
 from service.privacy.sealing import FeatureOpener
 
-T = TypeVar("T")
-_log = structlog.get_logger("privscore.store")
+# A decision's record with its inclusion proof against the latest checkpoint, by decision id:
+# the file log's index or the database's (raises NotProvable).
+Proven = tuple[Checkpoint, StoredRecord, list[bytes]]
+Prover = Callable[[str], Awaitable[Proven]]
+
+# How many times a decision is made again when another replica changed what it was made on
+# (service/api/ledger.py) before the call gives up with ABORTED.
+DECISION_ATTEMPTS = 8
 
 
 class AuditSink(Protocol):
@@ -68,7 +72,7 @@ class Runtime:
     model: ModelBatcher
     opener: FeatureOpener
     policy: DecisionPolicy
-    store: DecisionStore
+    ledger: Ledger
     alerts: AlertStream
     audit: AuditSink
     audit_verifier: VerifierKey  # the key that signs the log's checkpoints now
@@ -76,26 +80,9 @@ class Runtime:
     input_digest_key: bytes
     # Seals the amounts in audit records (service.privacy.record_seal).
     record_key: bytes
+    prove: Prover
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     subject_locks: KeyedLocks = field(default_factory=KeyedLocks)
-    # SQLite is used from this one thread only: it serialises writers and keeps the loop free.
-    store_thread: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-    )
-
-    async def in_store(self, call: Callable[..., T], *args: Any) -> T:
-        """Run a store call on the store's thread. A row that fails its authentication refuses
-        the call as DATA_LOSS (`STORE_TAMPERED`, audited like every refusal), naming the table:
-        no decision is ever made or replayed from an edited row."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self.store_thread, call, *args)
-        except StoreTampered as error:
-            _log.error("store.tampered", table=error.table, problem=error.problem)
-            raise DataLoss(
-                f"{error}; the call is refused (run `privscore store verify`)",
-                reason="STORE_TAMPERED",
-            ) from None
 
     @property
     def scorer(self) -> Scorer:
@@ -162,8 +149,7 @@ class Runtime:
 
     def close(self) -> None:
         self.model.close()
-        self.store_thread.shutdown(wait=True)
-        self.store.close()
+        self.ledger.close()
 
 
 class RuntimeSlot:

@@ -20,6 +20,7 @@ CACHED_ALERTS = 10_000
 FETCH_BATCH = 500
 
 FetchAfter = Callable[[int, int], Awaitable[list[pb.Alert]]]
+LastStored = Callable[[], Awaitable[int]]
 
 
 class AlertStream:
@@ -29,12 +30,16 @@ class AlertStream:
         last_sequence: int,
         max_subscribers: int,
         max_subscribers_per_identity: int,
+        last_stored: LastStored | None = None,
     ) -> None:
         """`fetch_after(cursor, limit)` returns stored alerts with sequence > cursor, in order.
         At most `max_subscribers` subscriptions at once, and at most
         `max_subscribers_per_identity` of them for any one caller identity, so one caller
-        cannot take every slot and lock the other monitors out."""
+        cannot take every slot and lock the other monitors out. `last_stored()` reads the
+        highest stored sequence: where other processes also raise alerts, a cursor ahead of
+        what this stream has heard of is checked against it before being refused."""
         self._fetch_after = fetch_after
+        self._last_stored = last_stored
         self._max_subscribers = max_subscribers
         self._max_per_identity = max_subscribers_per_identity
         self._subscribers = 0
@@ -56,6 +61,13 @@ class AlertStream:
         while len(self._cache) > CACHED_ALERTS:
             self._cache.popitem(last=False)
         self._wake()
+
+    def advance(self, sequence: int) -> None:
+        """Announce that alerts up to `sequence` are stored (raised elsewhere: another worker
+        or replica), without their content: subscribers read them from the store."""
+        if sequence > self._last_sequence:
+            self._last_sequence = sequence
+            self._wake()
 
     def close(self) -> None:
         """End every subscription cleanly once it has delivered what is already published."""
@@ -94,6 +106,12 @@ class AlertStream:
     ) -> AsyncGenerator[pb.Alert, None]:
         """Yield alerts of at least `min_severity` after `after_sequence` (None: from now on)
         to the caller `identity`; its slot is freed when the subscription ends, however."""
+        if (
+            after_sequence is not None
+            and after_sequence > self._last_sequence
+            and self._last_stored is not None
+        ):
+            self.advance(await self._last_stored())
         if after_sequence is not None and after_sequence > self._last_sequence:
             raise OutOfRange(
                 f"cursor {after_sequence} is ahead of the stream (last is {self._last_sequence})",

@@ -71,6 +71,15 @@ class StoreTampered(StoreError):
         self.problem = problem
 
 
+class StateChanged(StoreError):
+    """What a decision was made on changed before it could commit (another replica decided for
+    the same customer meanwhile): decide again on what is stored now."""
+
+
+class AlreadyStored(StateChanged):
+    """The request or event the decision is for was stored meanwhile: read it and replay."""
+
+
 DOES_NOT_OPEN = (
     "a row does not authenticate: its plain columns or sealed data were edited, "
     "it was copied under another key, or the state key is wrong"

@@ -1,0 +1,234 @@
+"""Where decisions are kept: the decision store and the audit log behind one interface, so the
+servicers never know which backend runs (`Ledger`).
+
+Both backends keep the rule of the data flow: no decision is answered that is not in the audit
+log. They differ in how the store row follows the record:
+
+- embedded (`EmbeddedLedger`): the record is appended to the file log (fsynced), then the row
+  is written to SQLite. A crash in between leaves a record without its row, which the next
+  start rebuilds from the log (service/api/reconcile.py). One process owns both, so a
+  customer's decisions are serialised by the servicers' locks alone.
+- PostgreSQL (service/api/pg_ledger.py): the row is written inside the log's batch transaction,
+  so both commit or neither does; several replicas share them, and a decision made on state
+  another replica changed meanwhile is withdrawn (`StateChanged`) for the servicer to make
+  again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import structlog
+
+from service.audit import AuditLog, AuditWriteError
+from service.decisions.alert_rules import Event
+from service.decisions.rows import StoredLimitDecision, StoreTampered
+from service.decisions.store import DecisionStore
+from service.errors import DataLoss, Unavailable
+
+if TYPE_CHECKING:
+    from service.audit.pg import PgAuditLog
+
+T = TypeVar("T")
+_log = structlog.get_logger("privscore.store")
+
+# The stored reply of a decision, given the audit sequence its record got.
+ResponseFor = Callable[[int], bytes]
+# The serialized alerts an event raised, given the audit sequence of its record.
+AlertsFor = Callable[[int], list[bytes]]
+
+
+class FailClosedAudit:
+    """The audit log as servicers see it: a failed append answers UNAVAILABLE and turns the
+    whole server NOT_SERVING, so no decision ever leaves without its record."""
+
+    def __init__(
+        self, audit_log: AuditLog | PgAuditLog, on_failure: Callable[[], Awaitable[None]]
+    ) -> None:
+        """`audit_log`: the file log, or the PostgreSQL log, which also takes `within` hooks
+        (service/audit/pg/log.py)."""
+        self._log: Any = audit_log  # the two logs' append_all differ only in `within`
+        self._on_failure = on_failure
+
+    async def append(self, record: Mapping[str, Any], within: Any = None) -> int:
+        """Append one record; with `within` (PostgreSQL only) the caller's statements commit
+        in its transaction, and what they raise reaches the caller as it is."""
+        options = {"within": [within]} if within is not None else {}
+        (sequence,) = await self.append_all([record], **options)
+        return sequence
+
+    async def append_all(self, records: Sequence[Mapping[str, Any]], **options: Any) -> list[int]:
+        try:
+            appended = await self._log.append_all(records, **options)
+        except AuditWriteError:
+            await self._on_failure()
+            raise Unavailable(
+                "the audit log cannot be written; no decision is made", reason="AUDIT_UNAVAILABLE"
+            ) from None
+        return [entry.sequence for entry in appended]
+
+
+def tampered(error: StoreTampered) -> DataLoss:
+    """The refusal for a row that fails its authentication (audited like every refusal),
+    naming the table: no decision is ever made or replayed from an edited row."""
+    _log.error("store.tampered", table=error.table, problem=error.problem)
+    return DataLoss(
+        f"{error}; the call is refused (run `privscore store verify`)", reason="STORE_TAMPERED"
+    )
+
+
+class Ledger(Protocol):
+    """The decisions' state and their commit, whichever backend keeps them."""
+
+    @property
+    def audit(self) -> FailClosedAudit: ...
+
+    async def limit_decision(self, tenant: str, request_id: str) -> StoredLimitDecision | None: ...
+
+    async def last_increase_at(self, tenant: str, pseudonym: str) -> dt.datetime | None: ...
+
+    async def has_event(self, tenant: str, pseudonym: str, event_id: str) -> bool: ...
+
+    async def events(self, tenant: str, pseudonym: str) -> list[Event]: ...
+
+    async def alerts_after(self, sequence: int, limit: int) -> list[tuple[int, bytes]]: ...
+
+    async def last_alert_sequence(self) -> int: ...
+
+    async def commit_limit(
+        self,
+        record: Mapping[str, Any],
+        *,
+        tenant: str,
+        pseudonym: str,
+        request_id: str,
+        fingerprint: str,
+        decided_at: dt.datetime,
+        action: str,
+        response: ResponseFor,
+        seen_last_increase: dt.datetime | None,
+    ) -> int:
+        """Log the decision's record and store its row; the record's audit sequence.
+        StateChanged (PostgreSQL): nothing was logged or stored; decide again."""
+        ...
+
+    async def commit_event(
+        self,
+        record: Mapping[str, Any],
+        *,
+        tenant: str,
+        pseudonym: str,
+        event: Event,
+        duplicate: bool,
+        seen_history: Sequence[str],
+        alerts: AlertsFor,
+        raised_at: dt.datetime,
+        forget_before: dt.datetime,
+    ) -> tuple[int, list[int]]:
+        """Log the evaluation's record and, unless `duplicate`, store the event and its alerts;
+        (audit sequence, alert sequences). StateChanged as for `commit_limit`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class EmbeddedLedger:
+    """SQLite and the file log: the record first, then the row (module doc)."""
+
+    def __init__(self, store: DecisionStore, audit: FailClosedAudit) -> None:
+        self._store = store
+        self._audit = audit
+        # SQLite is used from this one thread only: it serialises writers, keeps the loop free.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    @property
+    def audit(self) -> FailClosedAudit:
+        return self._audit
+
+    async def _in_store(self, call: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._thread, call, *args)
+        except StoreTampered as error:
+            raise tampered(error) from None
+
+    async def limit_decision(self, tenant: str, request_id: str) -> StoredLimitDecision | None:
+        return await self._in_store(self._store.limit_decision, tenant, request_id)
+
+    async def last_increase_at(self, tenant: str, pseudonym: str) -> dt.datetime | None:
+        return await self._in_store(self._store.last_increase_at, tenant, pseudonym)
+
+    async def has_event(self, tenant: str, pseudonym: str, event_id: str) -> bool:
+        return await self._in_store(self._store.has_event, tenant, pseudonym, event_id)
+
+    async def events(self, tenant: str, pseudonym: str) -> list[Event]:
+        return await self._in_store(self._store.events, tenant, pseudonym)
+
+    async def alerts_after(self, sequence: int, limit: int) -> list[tuple[int, bytes]]:
+        return await self._in_store(self._store.alerts_after, sequence, limit)
+
+    async def last_alert_sequence(self) -> int:
+        return await self._in_store(self._store.last_alert_sequence)
+
+    async def commit_limit(
+        self,
+        record: Mapping[str, Any],
+        *,
+        tenant: str,
+        pseudonym: str,
+        request_id: str,
+        fingerprint: str,
+        decided_at: dt.datetime,
+        action: str,
+        response: ResponseFor,
+        seen_last_increase: dt.datetime | None,
+    ) -> int:
+        sequence = await self._audit.append(record)
+        stored = response(sequence)
+        await self._in_store(
+            lambda: self._store.record_limit_decision(
+                tenant=tenant,
+                pseudonym=pseudonym,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                decided_at=decided_at,
+                action=action,
+                response=stored,
+            )
+        )
+        return sequence
+
+    async def commit_event(
+        self,
+        record: Mapping[str, Any],
+        *,
+        tenant: str,
+        pseudonym: str,
+        event: Event,
+        duplicate: bool,
+        seen_history: Sequence[str],
+        alerts: AlertsFor,
+        raised_at: dt.datetime,
+        forget_before: dt.datetime,
+    ) -> tuple[int, list[int]]:
+        sequence = await self._audit.append(record)
+        if duplicate:
+            return sequence, []
+        sequences = await self._in_store(
+            self._store.record_event,
+            tenant,
+            pseudonym,
+            event,
+            alerts(sequence),
+            raised_at,
+            forget_before,
+        )
+        return sequence, sequences
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self._store.close()
