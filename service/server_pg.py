@@ -27,7 +27,7 @@ from service.audit import AuditError, Signer
 from service.audit.pg import PgAuditLog, establish_identity
 from service.config import ConfigError, ServerSettings
 from service.db.connect import DatabaseUnavailable, open_async_pool
-from service.db.schema import SchemaError
+from service.db.schema import SchemaError, check_schema_async
 from service.db.settings import ConnectionKwargs, connection_kwargs
 from service.decisions.alert_stream import AlertStream
 from service.decisions.pg_alerts import AlertListener
@@ -121,6 +121,7 @@ async def _open_log(
     where = kwargs.describe()
     try:
         async with pool.connection() as conn:
+            await check_schema_async(conn)  # before anything reads or writes a table
             identity = await establish_identity(conn, settings.audit_origin)
         options: dict[str, Any] = {"checkpoint_seconds": settings.audit_checkpoint_seconds}
         return await PgAuditLog.open(
