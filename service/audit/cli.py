@@ -15,7 +15,8 @@ flags or settings.
 
 Where the log is: `--audit-dir`, else (where the caller wires a `DatabaseOption`, as the
 `privscore` command line does) the database log when a database is configured, else the
-injected default directory. verify, prove, show and export read either (service/audit/review.py).
+injected default directory. verify, prove, consistency, checkpoint, show and export read either
+(service/audit/review.py).
 """
 
 from __future__ import annotations
@@ -135,8 +136,10 @@ def _read_text(path: str) -> str:
         raise _Failed(f"cannot read {path}: {error}") from None
 
 
-def _checkpoint_file(args: argparse.Namespace, path: str) -> Checkpoint:
-    return parse_checkpoint(_read_text(path), _verifier(args), _origin(args))
+def _checkpoint_file(
+    args: argparse.Namespace, path: str, source: LogSource | None = None
+) -> Checkpoint:
+    return parse_checkpoint(_read_text(path), _verifier(args), _origin(args, source))
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -229,8 +232,9 @@ def _cmd_verify_proof(args: argparse.Namespace) -> int:
 
 
 def _cmd_consistency(args: argparse.Namespace) -> int:
-    old, new = _checkpoint_file(args, args.old), _checkpoint_file(args, args.new)
-    with log_source(args).directory() as directory:
+    source = log_source(args)
+    old, new = _checkpoint_file(args, args.old, source), _checkpoint_file(args, args.new, source)
+    with source.directory() as directory:
         proof = consistency_proof(directory, old.size, new.size)
     verify_consistency(old.size, new.size, old.root_hash, new.root_hash, proof)
     _print_json(
@@ -245,8 +249,9 @@ def _cmd_consistency(args: argparse.Namespace) -> int:
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    with log_source(args).directory() as directory:
-        checkpoint = latest_checkpoint(directory, _verifier(args), _origin(args))
+    source = log_source(args)
+    with source.directory() as directory:
+        checkpoint = latest_checkpoint(directory, _verifier(args), _origin(args, source))
     if checkpoint is None:
         raise _Failed("the log has no checkpoint yet")
     if args.out:
@@ -395,12 +400,17 @@ def add_audit_commands(
     verify_proof.add_argument("file", metavar="FILE", help="the printed proof ('-': stdin)")
 
     consistency = command(
-        "consistency", _cmd_consistency, "prove and check one checkpoint extends another"
+        "consistency",
+        _cmd_consistency,
+        "prove and check one checkpoint extends another",
+        reads_database=True,
     )
     consistency.add_argument("--old", required=True, metavar="CHECKPOINT")
     consistency.add_argument("--new", required=True, metavar="CHECKPOINT")
 
-    checkpoint = command("checkpoint", _cmd_checkpoint, "export the latest signed checkpoint")
+    checkpoint = command(
+        "checkpoint", _cmd_checkpoint, "export the latest signed checkpoint", reads_database=True
+    )
     checkpoint.add_argument("--out", metavar="FILE", help="write here instead of stdout")
 
     show = command("show", _cmd_show, "print matching records", key=False, reads_database=True)

@@ -189,6 +189,28 @@ def test_prove_from_the_database_and_check_the_proof_offline(deployment, tmp_pat
     assert unknown.returncode == 1 and "no record has decision_id" in unknown.stderr
 
 
+def test_checkpoint_and_consistency_from_the_database(deployment, tmp_path) -> None:
+    """The latest signed checkpoint exported from the database, and a consistency proof from
+    the earlier one to it, checked as the file log's are."""
+    latest = tmp_path / "latest.note"
+    exported = deployment.audit("checkpoint", "--out", str(latest))
+    assert exported.returncode == 0, exported.stderr
+    note = latest.read_text()
+    [(stored,)] = deployment.sql("SELECT note FROM audit_checkpoints WHERE tree_size = 40")
+    assert note.encode() == bytes(stored) and "\n40\n" in note
+    [(older,)] = deployment.sql("SELECT note FROM audit_checkpoints WHERE tree_size = 30")
+    earlier = tmp_path / "earlier.note"
+    earlier.write_bytes(bytes(older))
+    proved = deployment.audit("consistency", "--old", str(earlier), "--new", str(latest))
+    assert proved.returncode == 0, proved.stderr
+    assert report(proved)["ok"] and report(proved)["old_size"] == 30
+    # A checkpoint of another tree of size 40 does not extend the earlier one.
+    forged = tmp_path / "forged.note"
+    forged.write_text(note.replace(note.splitlines()[2], "A" * 43 + "="))
+    refused = deployment.audit("consistency", "--old", str(earlier), "--new", str(forged))
+    assert refused.returncode == 1
+
+
 def test_show_finds_the_record_in_the_database(deployment) -> None:
     wanted = deployment.records[12]["decision_id"]
     shown = deployment.audit("show", "--decision", wanted)
