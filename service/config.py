@@ -41,6 +41,7 @@ DEFAULT_POLICY = _PACKAGE_DIR / "decisions" / "default_policy.toml"
 DEFAULT_AUTHZ_POLICY = _PACKAGE_DIR / "security" / "default_authz.toml"
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUDIT_OPEN_CHECKS = ("full", "latest")
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,16 @@ class ServerSettings:
         lambda flag, text, _: _parse_origin(text),
         "",
         default_doc="a unique one made when the log is first opened",
+    )
+    audit_open_check: str = setting(
+        "--audit-open-check",
+        "what of the PostgreSQL audit log is checked before serving: full (every record "
+        "rehashed against the latest checkpoint) or latest (that checkpoint, the records after "
+        "it, the state and the tiles; the full pass right after, in the background, the log "
+        "failing closed if it finds damage); the file log is always checked in full",
+        choice(AUDIT_OPEN_CHECKS),
+        "full",
+        choices=AUDIT_OPEN_CHECKS,
     )
     insecure: bool = setting(
         "--insecure",

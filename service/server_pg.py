@@ -123,7 +123,11 @@ async def _open_log(
         async with pool.connection() as conn:
             await check_schema_async(conn)  # before anything reads or writes a table
             identity = await establish_identity(conn, settings.audit_origin)
-        options: dict[str, Any] = {"checkpoint_seconds": settings.audit_checkpoint_seconds}
+        options: dict[str, Any] = {
+            "checkpoint_seconds": settings.audit_checkpoint_seconds,
+            # `latest`: serve once the tail is checked; the rest is checked right after.
+            "full_check": settings.audit_open_check == "full",
+        }
         return await PgAuditLog.open(
             pool,
             signer=Signer(identity.key_name, signing_key),

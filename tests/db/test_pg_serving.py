@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from privscore.v1 import alert_service_pb2, audit_service_pb2, audit_service_pb2_grpc
 from privscore.v1 import limit_service_pb2 as limit_pb
@@ -266,3 +267,45 @@ def test_alerts_raised_on_every_replica_reach_every_subscriber_in_order_without_
         stream = server.client(channel).watch_alerts(after_sequence=middle, timeout=10)
         resumed = [next(stream).sequence for _ in range(total - middle)]
     assert resumed == list(range(middle + 1, total + 1))
+
+
+def serving(server: ServerProcess) -> int:
+    with server.channel() as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    return int(reply.status)
+
+
+def test_a_quick_open_serves_at_once_and_fails_closed_when_the_full_check_finds_damage(
+    postgres_database: PostgresDatabase,
+    data_dir: Path,
+    replicas: Callable[[int], list[ServerProcess]],
+) -> None:
+    """`--audit-open-check latest` trades the check before serving for a check right after:
+    a record edited under the checkpoint is found by the background pass, which fails the log
+    closed (health NOT_SERVING, calls UNAVAILABLE), where `full` refuses to start."""
+    (first,) = replicas(1)
+    with first.channel() as channel:
+        client = first.client(channel)
+        for n in range(5):
+            client.score("t", f"quick-{n}", applicants()[n % len(applicants())])
+    assert first.terminate() == 0  # its final checkpoint covers every record
+    with postgres_database.connect() as conn:
+        conn.execute(
+            "UPDATE audit_entries SET envelope = overlay(envelope placing 'X'::bytea from 30) "
+            "WHERE sequence = 1"
+        )
+    with pytest.raises(AssertionError, match="exited early"):
+        replica(postgres_database, data_dir)
+
+    quick = replica(postgres_database, data_dir, "--audit-open-check", "latest")
+    try:
+        until(
+            lambda: True if serving(quick) == health_pb2.HealthCheckResponse.NOT_SERVING else None
+        )
+        with quick.channel() as channel, pytest.raises(grpc.RpcError) as refused:
+            quick.client(channel).score("t", "quick-late", applicants()[0])
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        quick.terminate()
