@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from privscore.v1 import alert_service_pb2 as pb
 from privscore.v1 import alert_service_pb2_grpc, common_pb2
 from service.api import validation as check
-from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot
+from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot, decided_again
 from service.callctx import CALLER
 from service.decisions.alert_rules import MISSED_PAYMENT, REPAYMENT, Event, evaluate
 from service.decisions.rows import StateChanged
@@ -167,12 +167,12 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
         runtime = self._slot.runtime
         subject = request.subject
         async with runtime.subject_locks.hold((subject.tenant, subject.pseudonym)):
-            for _ in range(DECISION_ATTEMPTS):
+            for attempt in range(1, DECISION_ATTEMPTS + 1):
                 try:
                     response = await self._evaluate(runtime, request)
                     break
-                except StateChanged:
-                    continue
+                except StateChanged as changed:
+                    decided_again(EVALUATE_EVENT_METHOD, attempt, changed)
             else:
                 raise Aborted(
                     "other replicas kept changing this customer's events; retry the request",

@@ -15,7 +15,7 @@ from privscore.v1 import common_pb2, limit_service_pb2_grpc
 from privscore.v1 import limit_service_pb2 as pb
 from service.api import validation as check
 from service.api.features import encrypted_inputs, open_row
-from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot
+from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot, decided_again
 from service.decisions.limits import Account, decide_limit
 from service.decisions.rows import StateChanged
 from service.errors import Aborted, FailedPrecondition
@@ -194,13 +194,13 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             runtime.subject_locks.hold(request_key),
             runtime.subject_locks.hold((subject.tenant, subject.pseudonym)),
         ):
-            for _ in range(DECISION_ATTEMPTS):
+            for attempt in range(1, DECISION_ATTEMPTS + 1):
                 try:
                     return await self._decide(
                         runtime, request, score, inputs_digest, encrypted, fingerprint
                     )
-                except StateChanged:
-                    continue
+                except StateChanged as changed:
+                    decided_again(ADJUST_LIMIT_METHOD, attempt, changed)
         raise Aborted(
             "other replicas kept changing this customer's limit; retry the request",
             reason="CONCURRENT_DECISIONS",

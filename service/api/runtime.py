@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import structlog
 from google.protobuf import timestamp_pb2
 
 from privscore.v1 import common_pb2
@@ -34,6 +35,13 @@ Prover = Callable[[str], Awaitable[Proven]]
 # How many times a decision is made again when another replica changed what it was made on
 # (service/api/ledger.py) before the call gives up with ABORTED.
 DECISION_ATTEMPTS = 8
+_decisions_log = structlog.get_logger("privscore.decisions")
+
+
+def decided_again(method: str, attempt: int, error: Exception) -> None:
+    """Log that a decision is made again because its state changed under it (another replica
+    decided for the same request or customer): which table, never a value."""
+    _decisions_log.info("decision.decided_again", method=method, attempt=attempt, why=str(error))
 
 
 class AuditSink(Protocol):
