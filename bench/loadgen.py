@@ -12,13 +12,14 @@ os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # the in-process ceiling loads onnxru
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import itertools
 import json
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +130,46 @@ class Requests:
         )
 
 
-def _channel(target: str, data_dir: Path) -> grpc.aio.Channel:
+def _channel(target: str, data_dir: Path, *, own_connection: bool = False) -> grpc.aio.Channel:
     certs = CertPaths(DataLayout(data_dir).certs_dir)
     credentials = grpc.ssl_channel_credentials(
         certs.ca.read_bytes(),
         certs.client_key("dev").read_bytes(),
         certs.client_cert("dev").read_bytes(),
     )
-    return grpc.aio.secure_channel(target, credentials)
+    # Channels of one process to one target share a connection (gRPC's global subchannel
+    # pool) unless each keeps its own pool.
+    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def _caller(
+    args: argparse.Namespace, requests: Requests, channels: Sequence[grpc.aio.Channel]
+) -> Callable[[], Any]:
+    """One call of `args.rpc`, each on the next of `channels` in turn."""
+    turn = itertools.cycle(range(len(channels)))
+    if args.rpc == "score":
+        cycle = itertools.cycle([requests.score(n) for n in range(POOL)])
+        stubs = [scoring_service_pb2_grpc.ScoringServiceStub(c) for c in channels]
+        return lambda: stubs[next(turn)].Score(next(cycle), timeout=30)
+    if args.rpc == "score_batch":
+        pool = [requests.batch(n, args.batch) for n in range(max(8, POOL // args.batch))]
+        cycle_b = itertools.cycle(pool)
+        stubs_b = [scoring_service_pb2_grpc.ScoringServiceStub(c) for c in channels]
+        return lambda: stubs_b[next(turn)].ScoreBatch(next(cycle_b), timeout=30)
+    if args.rpc == "adjust_limit":
+        stubs_l = [limit_service_pb2_grpc.LimitServiceStub(c) for c in channels]
+        return lambda: stubs_l[next(turn)].AdjustLimit(requests.limit(), timeout=30)
+    if args.rpc == "evaluate_event":
+        stubs_e = [alert_service_pb2_grpc.AlertServiceStub(c) for c in channels]
+        return lambda: stubs_e[next(turn)].EvaluateEvent(requests.event(), timeout=30)
+    # echo: a message of a Score request's size, a reply of a Score response's size
+    payload = requests.score(0).SerializeToString()
+    echoes = [
+        c.unary_unary("/bench.Echo/Echo", request_serializer=bytes, response_deserializer=bytes)
+        for c in channels
+    ]
+    return lambda: echoes[next(turn)](payload, timeout=30)
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -147,24 +180,71 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_cpu_seconds(databases: Sequence[str]) -> dict[int, float]:
+    """CPU time, by pid, of the PostgreSQL processes that work for `databases` (on this
+    machine): their backends and autovacuum workers, named in the process title, and the
+    server's shared helpers (WAL writer, checkpointer, background writer), which other
+    databases' work keeps busy too."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            words = title.split()
+            serves_one = "(" in title or "[local]" in title or "autovacuum worker" in title
+            if any(name in words for name in databases) or not serves_one:
+                found[int(entry.name)] = cpu_seconds(int(entry.name))
+        except OSError:  # it ended meanwhile
+            continue
+    return found
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core spent on anything but idling, since boot (/proc/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class CpuWindow:
-    """CPU used by this process and the server while measuring."""
+    """CPU used while measuring: by this process, the server's processes (summed: a supervisor's
+    workers), PostgreSQL's for the databases `db_names` (postgres_cpu_seconds), and the whole
+    machine (in busy cores)."""
 
-    server_pid: int | None
-    started: tuple[float, float] = (0.0, 0.0)
-    used: tuple[float, float] = (0.0, 0.0)
+    server_pids: Sequence[int] = ()
+    db_names: Sequence[str] = ()
+    started: dict[str, Any] = field(default_factory=dict)
+    used: dict[str, float] = field(default_factory=dict)
 
-    def _now(self) -> tuple[float, float]:
-        server = cpu_seconds(self.server_pid) if self.server_pid else 0.0
-        return cpu_seconds(), server
+    def _now(self) -> dict[str, Any]:
+        now: dict[str, Any] = {
+            "client": cpu_seconds(),
+            "machine": machine_busy_seconds(),
+            "wall": time.monotonic(),
+        }
+        if self.server_pids:
+            now["server"] = sum(cpu_seconds(pid) for pid in self.server_pids)
+        if self.db_names:
+            now["db"] = postgres_cpu_seconds(self.db_names)
+        return now
 
     def start(self) -> None:
         self.started = self._now()
 
     def stop(self) -> None:
         now = self._now()
-        self.used = (now[0] - self.started[0], now[1] - self.started[1])
+        self.used = {
+            key: now[key] - self.started[key]
+            for key in ("client", "machine", "wall", "server")
+            if key in now
+        }
+        if "db" in now:  # a process that started meanwhile counts from zero
+            before = self.started["db"]
+            self.used["db"] = sum(cpu - before.get(pid, 0.0) for pid, cpu in now["db"].items())
 
 
 async def drive(
@@ -228,42 +308,34 @@ def summary(
     }
     if cpu is not None:
         # CPU per call: what the ratios come down to on a machine whose cores are all busy.
-        result["client_cpu_us_per_call"] = per_call(cpu.used[0])
-        if cpu.server_pid is not None:
-            result["server_cpu_us_per_call"] = per_call(cpu.used[1])
+        result["client_cpu_us_per_call"] = per_call(cpu.used["client"])
+        if "server" in cpu.used:
+            result["server_cpu_us_per_call"] = per_call(cpu.used["server"])
+        if "db" in cpu.used:
+            result["db_cpu_us_per_call"] = per_call(cpu.used["db"])
+        wall = cpu.used["wall"]
+        result["client_cores"] = round(cpu.used["client"] / wall, 2)
+        result["machine_busy_cores"] = round(cpu.used["machine"] / wall, 2)
     return result
 
 
 async def run_grpc(args: argparse.Namespace) -> dict[str, Any]:
     requests = Requests(args.data_dir)
-    async with _channel(args.target, args.data_dir) as channel:
-        rows = 1
-        if args.rpc == "score":
-            pool = [requests.score(n) for n in range(POOL)]
-            stub = scoring_service_pb2_grpc.ScoringServiceStub(channel)
-            cycle = itertools.cycle(pool)
-            call: Callable[[], Any] = lambda: stub.Score(next(cycle), timeout=30)  # noqa: E731
-        elif args.rpc == "score_batch":
-            rows = args.batch
-            pool_b = [requests.batch(n, args.batch) for n in range(max(8, POOL // args.batch))]
-            stub_b = scoring_service_pb2_grpc.ScoringServiceStub(channel)
-            cycle_b = itertools.cycle(pool_b)
-            call = lambda: stub_b.ScoreBatch(next(cycle_b), timeout=30)  # noqa: E731
-        elif args.rpc == "adjust_limit":
-            stub_l = limit_service_pb2_grpc.LimitServiceStub(channel)
-            call = lambda: stub_l.AdjustLimit(requests.limit(), timeout=30)  # noqa: E731
-        elif args.rpc == "evaluate_event":
-            stub_e = alert_service_pb2_grpc.AlertServiceStub(channel)
-            call = lambda: stub_e.EvaluateEvent(requests.event(), timeout=30)  # noqa: E731
-        else:  # echo: a message of a Score request's size, a reply of a Score response's size
-            payload = requests.score(0).SerializeToString()
-            echo = channel.unary_unary(
-                "/bench.Echo/Echo", request_serializer=bytes, response_deserializer=bytes
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(
+                _channel(args.target, args.data_dir, own_connection=args.channels > 1)
             )
-            call = lambda: echo(payload, timeout=30)  # noqa: E731
-        cpu = CpuWindow(args.server_pid)
+            for _ in range(args.channels)
+        ]
+        call = _caller(args, requests, channels)
+        cpu = CpuWindow(args.server_pid, args.db_name)
         latencies, errors = await drive(call, args.concurrency, args.warmup, args.duration, cpu)
-    return summary(latencies, errors, args.duration, rows, cpu)
+    rows = args.batch if args.rpc == "score_batch" else 1
+    result = summary(latencies, errors, args.duration, rows, cpu)
+    if args.raw is not None:  # for a caller that merges the runs of several processes
+        args.raw.write_text(json.dumps({"latencies_s": latencies, "cpu_s": cpu.used}))
+    return result
 
 
 def run_onnxruntime(args: argparse.Namespace) -> dict[str, Any]:
@@ -299,7 +371,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--server-pid", type=int, help="also report this process's CPU per call")
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        help="spread the calls over this many connections, in turn (SO_REUSEPORT workers "
+        "share out connections, not calls)",
+    )
+    parser.add_argument(
+        "--server-pid",
+        type=int,
+        action="append",
+        default=[],
+        help="also report the CPU per call of this process (repeat: summed, for workers)",
+    )
+    parser.add_argument(
+        "--db-name",
+        action="append",
+        default=[],
+        help="also report the CPU per call of the local PostgreSQL's processes for this "
+        "database (its backends) and of its shared helpers (WAL writer, checkpointer)",
+    )
+    parser.add_argument(
+        "--raw", type=Path, help="also write the latencies and CPU seconds to this JSON file"
+    )
     args = parser.parse_args()
     result = run_onnxruntime(args) if args.rpc == "onnxruntime" else asyncio.run(run_grpc(args))
     print(json.dumps(result), flush=True)

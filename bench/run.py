@@ -8,11 +8,17 @@ in alternating rounds, all servers up, and the ratios are taken from their media
 of a shared machine weighs on both sides alike. Then times each stage of a Score in process
 (bench/stages.py), to show where the server's time goes. Writes bench/results.json and
 bench/latency.png and prints a table with the ratios to the ceilings.
+
+Last, when PostgreSQL is reachable, the scale-out part (bench/scale_out.py): Score at 32
+callers on the file log against PostgreSQL, and `--workers 2` against one worker; its results
+go under `scale_out` in the same JSON. `--only scale-out` runs that part alone, `--skip
+scale-out` leaves it out.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -23,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 3  # of the steps the target ratios compare, by default
 RESULTS = REPO / "bench" / "results.json"
 PLOT = REPO / "bench" / "latency.png"
+SCALE_OUT = "scale-out"  # the part in bench/scale_out.py, when PostgreSQL is reachable
 
 
 @dataclass
@@ -42,6 +50,11 @@ class Server:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+    # The processes that serve: the server itself, or a supervisor's workers.
+    pids: list[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pids = self.pids or [self.process.pid]
 
     def _status_mb(self, field: str) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -59,7 +72,25 @@ class Server:
         self.process.wait(timeout=60)
 
 
-def start_privscore(data_dir: Path, *extra: str) -> Server:
+def _log_records(log: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in log.read_text().splitlines():
+        try:
+            records.append(json.loads(line) if line.startswith("{") else {})
+        except ValueError:  # a line being written
+            continue
+    return records
+
+
+def start_privscore(
+    data_dir: Path,
+    *extra: str,
+    port: int = 0,
+    workers: int = 1,
+    env: Mapping[str, str] | None = None,
+) -> Server:
+    """`privscore serve` on `data_dir` with `extra` flags, once `workers` processes are ready
+    (with `--workers N` in `extra`, `port` must be a port number)."""
     log = data_dir / f"server-{time.monotonic_ns()}.log"
     with log.open("wb") as out:  # a file, not a pipe: logging must never block the server
         process = subprocess.Popen(
@@ -69,7 +100,7 @@ def start_privscore(data_dir: Path, *extra: str) -> Server:
                 "service.cli",
                 "serve",
                 "--port",
-                "0",
+                str(port),
                 "--data-dir",
                 str(data_dir),
                 "--log-format",
@@ -79,16 +110,17 @@ def start_privscore(data_dir: Path, *extra: str) -> Server:
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=None if env is None else dict(env),
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            record = json.loads(line) if line.startswith("{") else {}
-            if record.get("event") == "server.ready":
-                return Server(process, int(record["port"]), log)
+        ready = [r for r in _log_records(log) if r.get("event") == "server.ready"]
+        if len(ready) >= workers:
+            return Server(process, int(ready[0]["port"]), log, [int(r["pid"]) for r in ready])
         if process.poll() is not None:
             raise SystemExit(f"privscore did not start: {log.read_text()[-2000:]}")
         time.sleep(0.1)
+    process.kill()
     raise SystemExit("privscore did not become ready within 60 s")
 
 
@@ -120,7 +152,11 @@ def load(
     batch: int = 1,
     warmup: float,
     duration: float,
+    channels: int = 1,
+    db_name: str | None = None,
+    raw: Path | None = None,
 ) -> dict[str, Any]:
+    """One run of the load generator (bench/loadgen.py) in its own process; its JSON result."""
     command = [
         sys.executable,
         "-m",
@@ -137,9 +173,17 @@ def load(
         str(warmup),
         "--duration",
         str(duration),
+        "--channels",
+        str(channels),
     ]
     if target is not None:
-        command += ["--target", f"127.0.0.1:{target.port}", "--server-pid", str(target.process.pid)]
+        command += ["--target", f"127.0.0.1:{target.port}"]
+        for pid in target.pids:
+            command += ["--server-pid", str(pid)]
+    if db_name is not None:
+        command += ["--db-name", db_name]
+    if raw is not None:
+        command += ["--raw", str(raw)]
     done = subprocess.run(
         command,
         cwd=REPO,
@@ -182,7 +226,15 @@ def run(
         round_: int | None = None,
         **shape: int,
     ) -> None:
-        result = load(server, data_dir, rpc, warmup=warmup, duration=duration, **shape)
+        result = load(
+            server,
+            data_dir,
+            rpc,
+            warmup=warmup,
+            duration=duration,
+            concurrency=shape.get("concurrency", 1),
+            batch=shape.get("batch", 1),
+        )
         steps.append(
             {
                 "target": target,
@@ -263,7 +315,7 @@ def run(
     return report
 
 
-def _find(steps: list[dict[str, Any]], target: str, rpc: str, **shape: int) -> dict[str, Any]:
+def find_step(steps: list[dict[str, Any]], target: str, rpc: str, **shape: int) -> dict[str, Any]:
     """The step of that shape; for a step run in rounds, the median of each measure."""
     runs = [
         s
@@ -286,11 +338,11 @@ def _find(steps: list[dict[str, Any]], target: str, rpc: str, **shape: int) -> d
 
 def ratios(steps: list[dict[str, Any]]) -> dict[str, float]:
     """The target ratios, from the medians of the rounds (or from `steps` of one round)."""
-    score32 = _find(steps, "privscore", "score", concurrency=32)
-    echo32 = _find(steps, "grpc-echo", "echo", concurrency=32)
-    batch128 = _find(steps, "privscore", "score_batch", batch_size=128)
-    ort128 = _find(steps, "onnxruntime", "onnxruntime", batch_size=128)
-    no_fsync = _find(steps, "privscore-no-fsync", "score", concurrency=32)
+    score32 = find_step(steps, "privscore", "score", concurrency=32)
+    echo32 = find_step(steps, "grpc-echo", "echo", concurrency=32)
+    batch128 = find_step(steps, "privscore", "score_batch", batch_size=128)
+    ort128 = find_step(steps, "onnxruntime", "onnxruntime", batch_size=128)
+    no_fsync = find_step(steps, "privscore-no-fsync", "score", concurrency=32)
     return {
         "score_c32_rps_vs_echo": round(score32["rps"] / echo32["rps"], 3),
         "score_c32_p99_vs_echo": round(score32["p99_ms"] / echo32["p99_ms"], 3),
@@ -306,8 +358,8 @@ def cpu_budget(steps: list[dict[str, Any]], cores: int) -> dict[str, float]:
     cores / (server + client CPU per call): at 0.6x the echo's requests/s, a Score may cost
     the server no more than what that leaves after the client's share.
     """
-    score32 = _find(steps, "privscore", "score", concurrency=32)
-    echo32 = _find(steps, "grpc-echo", "echo", concurrency=32)
+    score32 = find_step(steps, "privscore", "score", concurrency=32)
+    echo32 = find_step(steps, "grpc-echo", "echo", concurrency=32)
     target_rps = 0.6 * echo32["rps"]
     allowed = cores * 1e6 / target_rps - score32["client_cpu_us_per_call"]
     return {
@@ -333,7 +385,7 @@ def draw(steps: list[dict[str, Any]], path: Path) -> None:
         points = sorted(
             (c, median["p50_ms"], median["p99_ms"])
             for c in {s["concurrency"] for s in steps if (s["target"], s["rpc"]) == (target, rpc)}
-            for median in [_find(steps, target, rpc, concurrency=c)]
+            for median in [find_step(steps, target, rpc, concurrency=c)]
         )
         xs = [p[0] for p in points]
         axes.plot(xs, [p[1] for p in points], marker="o", label=f"{label} p50")
@@ -416,7 +468,22 @@ def main() -> None:
         metavar="SECONDS",
         help="instead: Score at 8 callers for this long, sampling server RSS",
     )
+    parser.add_argument(
+        "--only",
+        choices=(SCALE_OUT,),
+        help="run only this part: Score on the file log vs PostgreSQL, --workers 2 vs 1 "
+        "(bench/scale_out.py; added to --out under its name)",
+    )
+    parser.add_argument(
+        "--skip", choices=(SCALE_OUT,), action="append", default=[], help="leave this part out"
+    )
     args = parser.parse_args()
+    from bench import scale_out  # it builds on this module
+
+    if args.only == SCALE_OUT:
+        scale_out.write(scale_out.run(args.warmup, args.duration, args.rounds), args.out)
+        print(f"\nwrote the key scale_out of {args.out}")
+        return
     if args.soak:
         report = soak(args.soak, args.out)
         print(
@@ -455,6 +522,8 @@ def main() -> None:
         f"CPU per Score; it uses {budget['score_server_cpu_us_measured']:.0f} "
         f"(the echo server: {budget['echo_server_cpu_us_measured']:.0f})"
     )
+    if SCALE_OUT not in args.skip:  # skipped, saying why, when no PostgreSQL answers
+        scale_out.write(scale_out.run(args.warmup, args.duration, args.rounds), args.out)
     print(f"\nwrote {args.out} and {args.plot}")
 
 

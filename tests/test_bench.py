@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO_ROOT
+from service.db import connect
+from tests.conftest import REPO_ROOT, PostgresServer
 
 
 def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
@@ -27,6 +29,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
             str(out),
             "--plot",
             str(plot),
+            "--skip",
+            "scale-out",  # its own test, below
         ],
         cwd=REPO_ROOT,
         check=True,
@@ -98,3 +102,65 @@ def test_the_soak_samples_server_memory(tmp_path: Path) -> None:
     assert report["load"]["count"] > 0 and report["load"]["errors"] == 0
     assert len(report["rss_mb_samples"]) >= 2 and report["rss_mb_max"] > 0
     assert report["rss_growth_second_half_vs_first"] > 0
+
+
+def _scale_out(out: Path, database_server: str) -> str:
+    """`make bench`'s scale-out part alone, one short round; its output."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--only",
+            "scale-out",
+            "--warmup",
+            "0.2",
+            "--duration",
+            "0.8",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PRIVSCORE_BENCH_DATABASE_URL": database_server},
+    )
+    return done.stdout
+
+
+def test_the_scale_out_part_runs_on_postgresql(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"steps": []}))  # the rest of an earlier run's results
+    printed = _scale_out(out, postgres_server.url)
+    results = json.loads(out.read_text())
+    assert results["steps"] == []  # kept
+    report = results["scale_out"]
+    steps = report["steps"]
+    assert [s["target"] for s in steps] == ["file-log", "pg-w1", "pg-w2", "pg-w2-2gen"]
+    assert all(s["errors"] == 0 and s["count"] > 0 for s in steps)
+    assert all(s["server_cpu_us_per_call"] > 0 and s["client_cpu_us_per_call"] > 0 for s in steps)
+    assert all(s["db_cpu_us_per_call"] > 0 and s["db_records_per_commit"] > 0 for s in steps[1:])
+    assert [s["workers"] for s in steps] == [1, 1, 2, 2]
+    assert [s["load_processes"] for s in steps] == [1, 1, 1, 2]
+    assert all(len(s["calls_by_worker"]) == 2 for s in steps[2:])
+    assert set(report["met"]) == {"pg_vs_file_rps", "workers2_vs_1_rps"}
+    assert set(report["ratios"]) == set(report["ratios_by_round"][0]) >= set(report["met"])
+    assert "pg_vs_file_rps" in printed and ("PASS" in printed or "MISS" in printed)
+    with connect(postgres_server.kwargs) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_database WHERE datname = ANY(%s)", (report["databases"],)
+        ).fetchone()
+    assert left == (0,)  # dropped
+
+
+def test_the_scale_out_part_says_why_it_is_skipped(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    printed = _scale_out(out, "postgresql://postgres@127.0.0.1:1/postgres")
+    assert "scale-out part skipped" in printed and "127.0.0.1:1" in printed
+    assert "cannot connect" in json.loads(out.read_text())["scale_out"]["skipped"]
