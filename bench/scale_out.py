@@ -21,8 +21,9 @@ process runs on one core at most) and how busy the whole machine was; and each r
 drives the two workers from two load-generator processes of 16 callers each: if one process
 were the limit, two would get more. It also reports, from the server's log, how the calls were
 shared between the workers, and from PostgreSQL's statistics, how many records each commit
-carried (group commit). Drops the databases at the end. Not a test: it prints numbers, writes
-JSON, and asserts nothing.
+carried (group commit). Drops the databases at the end. About two minutes at the defaults; the
+report goes under `scale_out` in bench/results.json (or `--out`), beside the rest of the
+bench's results. Not a test: it prints numbers and asserts nothing.
 """
 
 from __future__ import annotations
