@@ -152,6 +152,7 @@ class PrivscoreServer:
         self._audit_log: AuditLog | PgAuditLog | None = None
         self._database: DatabaseParts | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._serving = False  # what health says of the whole server now
         self.port = 0
         try:
             authz = load_authz_policy(settings.authz_policy)
@@ -313,15 +314,17 @@ class PrivscoreServer:
         """Health follows the database: NOT_SERVING while the log cannot commit or the
         database does not answer, SERVING again by itself once it does."""
         assert self._database is not None
-        serving = True
+        up = True
         while True:
             healthy = await self._database.healthy()
-            if healthy != serving:
-                serving = healthy
+            if healthy != up:
+                up = healthy
                 if healthy:
                     log.info("server.database_back", action="health SERVING")
                 else:
                     log.error("server.database_down", action="health NOT_SERVING")
+            # Set whenever health says otherwise, whoever changed it (a failed append too).
+            if healthy != self._serving:
                 await self._set_health(
                     health_pb2.HealthCheckResponse.SERVING
                     if healthy
@@ -445,6 +448,7 @@ class PrivscoreServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_health(self, status: Any) -> None:
+        self._serving = status == health_pb2.HealthCheckResponse.SERVING
         for name in HEALTH_NAMES:
             await self.health.set(name, status)
 
@@ -452,14 +456,14 @@ class PrivscoreServer:
         """Stop accepting, end alert streams, drain in-flight calls within the grace period,
         then flush and close the audit log and the store."""
         log.info("server.stopping", grace_seconds=self.settings.grace_seconds)
+        if self._watch is not None:
+            self._watch.cancel()  # health stays NOT_SERVING from here, whatever the database
         await self.health.enter_graceful_shutdown()
         runtime = self.slot.peek()
         if runtime is not None:
             runtime.alerts.close()
         await self._server.stop(self.settings.grace_seconds)
         self.slot.fill(None)
-        if self._watch is not None:
-            self._watch.cancel()
         try:
             if self._audit_log is not None:
                 await self._audit_log.close()  # writes the final signed checkpoint

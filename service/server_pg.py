@@ -57,9 +57,16 @@ class DatabaseParts:
         self.listener.start()
 
     async def healthy(self) -> bool:
-        """The log takes records and the database answers a query within a moment."""
-        if self.audit_log.failed:
-            return False
+        """The log takes records and the database answers a query within a moment; while not,
+        the ledger refuses calls at once."""
+        answers = await self._answers()
+        if not answers:
+            self.audit_log.unreachable()
+        healthy = answers and not self.audit_log.failed
+        self.ledger.down = not healthy
+        return healthy
+
+    async def _answers(self) -> bool:
         try:
             async with asyncio.timeout(HEALTH_CHECK_SECONDS):
                 async with self.pool.connection(timeout=HEALTH_CHECK_SECONDS) as conn:

@@ -29,9 +29,10 @@ from service.errors import Unavailable
 _log = structlog.get_logger("privscore.store")
 
 
-def database_unavailable(error: BaseException) -> Unavailable:
-    sqlstate = getattr(error, "sqlstate", None)
-    _log.warning("store.database_error", error=type(error).__name__, sqlstate=sqlstate)
+def database_unavailable(error: BaseException | None) -> Unavailable:
+    if error is not None:
+        sqlstate = getattr(error, "sqlstate", None)
+        _log.warning("store.database_error", error=type(error).__name__, sqlstate=sqlstate)
     return Unavailable(
         "the database is unavailable; nothing was decided, retry shortly",
         reason="DATABASE_UNAVAILABLE",
@@ -39,7 +40,9 @@ def database_unavailable(error: BaseException) -> Unavailable:
 
 
 @contextlib.asynccontextmanager
-async def _database() -> AsyncIterator[None]:
+async def _database(down: bool = False) -> AsyncIterator[None]:
+    if down:  # known down: answer now rather than wait for a connection in vain
+        raise database_unavailable(None)
     try:
         yield
     except StoreTampered as error:
@@ -52,33 +55,36 @@ class PgLedger:
     def __init__(self, store: PgDecisionStore, audit: FailClosedAudit) -> None:
         self._store = store
         self._audit = audit
+        # Set by the server's health watch while the database does not answer: calls are
+        # refused at once instead of each waiting out the pool.
+        self.down = False
 
     @property
     def audit(self) -> FailClosedAudit:
         return self._audit
 
     async def limit_decision(self, tenant: str, request_id: str) -> StoredLimitDecision | None:
-        async with _database():
+        async with _database(self.down):
             return await self._store.limit_decision(tenant, request_id)
 
     async def last_increase_at(self, tenant: str, pseudonym: str) -> dt.datetime | None:
-        async with _database():
+        async with _database(self.down):
             return await self._store.last_increase_at(tenant, pseudonym)
 
     async def has_event(self, tenant: str, pseudonym: str, event_id: str) -> bool:
-        async with _database():
+        async with _database(self.down):
             return await self._store.has_event(tenant, pseudonym, event_id)
 
     async def events(self, tenant: str, pseudonym: str) -> list[Event]:
-        async with _database():
+        async with _database(self.down):
             return await self._store.events(tenant, pseudonym)
 
     async def alerts_after(self, sequence: int, limit: int) -> list[tuple[int, bytes]]:
-        async with _database():
+        async with _database(self.down):
             return await self._store.alerts_after(sequence, limit)
 
     async def last_alert_sequence(self) -> int:
-        async with _database():
+        async with _database(self.down):
             return await self._store.last_alert_sequence()
 
     async def commit_limit(
@@ -107,7 +113,7 @@ class PgLedger:
                 seen_last_increase=seen_last_increase,
             )
 
-        async with _database():
+        async with _database(self.down):
             return await self._audit.append(record, within=store_row)
 
     async def commit_event(
@@ -124,7 +130,7 @@ class PgLedger:
         forget_before: dt.datetime,
     ) -> tuple[int, list[int]]:
         if duplicate:
-            async with _database():
+            async with _database(self.down):
                 return await self._audit.append(record), []
         numbered: list[int] = []
 
@@ -140,7 +146,7 @@ class PgLedger:
                 forget_before=forget_before,
             )
 
-        async with _database():
+        async with _database(self.down):
             sequence = await self._audit.append(record, within=store_rows)
         return sequence, numbered
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 APPLICATION_NAME = "privscore"  # how our sessions appear in pg_stat_activity
 DEFAULT_CONNECT_TIMEOUT_S = 10
+DEFAULT_RECONNECT_TIMEOUT_S = 10.0
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -68,9 +69,15 @@ async def open_async_pool(
     min_size: int = 1,
     max_size: int = 8,
     timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S,
 ) -> psycopg_pool.AsyncConnectionPool:
     """An open asyncio pool of autocommit connections, its first `min_size` connected, or
-    DatabaseUnavailable. Close it with `await pool.close()`."""
+    DatabaseUnavailable. Close it with `await pool.close()`.
+
+    A connection lost with the database is re-made in the background with a doubling delay;
+    after `reconnect_timeout_s` that attempt gives up and the pool makes a fresh one (from the
+    shortest delay) when a caller next waits. psycopg_pool's own default lets the delay grow to
+    minutes, so a server would come back long after its database did."""
     import psycopg
     import psycopg_pool
 
@@ -83,6 +90,7 @@ async def open_async_pool(
         min_size=min_size,
         max_size=max_size,
         timeout=timeout_s,
+        reconnect_timeout=reconnect_timeout_s,
         name=APPLICATION_NAME,
         open=False,
     )

@@ -6,12 +6,9 @@ A TCP proxy (tests/db/proxy.py) stands between the server and PostgreSQL, which 
 share: cutting the proxy takes the database from this server alone. The test migrates and
 reads the database directly, never through the proxy.
 
-While the database is down, each call that needs it waits up to the pool's wait (5 s,
-service/server_pg.py POOL_WAIT_SECONDS) before it is refused; calls on one customer wait for
-each other, and audit appends wait for the writer's batch ahead of them, which waits the same.
-So the calls made during the outage here have deadlines above one wait and a customer each,
-and the outage under load is shorter than one wait. Beyond that a caller gets
-DEADLINE_EXCEEDED instead of UNAVAILABLE (reported as a service issue; not asserted here).
+Once the server knows the database is down (health NOT_SERVING), calls that need it are
+refused at once: the ledger and the audit log do not wait for a connection in vain. Calls in
+flight when it goes wait at most the pool's wait (service/server_pg.py POOL_WAIT_SECONDS).
 """
 
 from __future__ import annotations
@@ -47,6 +44,7 @@ from tests.test_server import error_reason
 GOOD_SCORE = 800
 TENANT = "t"
 CALL_TIMEOUT_S = 8.0  # every call's deadline: a refusal must come clearly before it
+REFUSED_AT_ONCE_S = 1.5  # a call made while health is NOT_SERVING is refused within this
 DOWN_WITHIN_S = 10.0  # health turns NOT_SERVING within this of the cut
 BACK_WITHIN_S = 15.0  # ... and SERVING again within this of the restore
 REFUSAL_REASONS = ("DATABASE_UNAVAILABLE", "AUDIT_UNAVAILABLE")
@@ -313,6 +311,7 @@ def test_database_down_turns_health_not_serving_refuses_calls_and_recovers_by_it
         refusals = list(pool.map(during, [*outage.items(), ("AdjustLimit", before[0])]))
     for failure in refusals:
         check_refusal(failure, served.password)
+        assert failure.seconds < REFUSED_AT_ONCE_S, failure  # known down: no waiting
     assert health(server) == "NOT_SERVING"
     assert server.process.poll() is None, "the server exited while the database was down"
     down_for = time.monotonic() - cut_at

@@ -291,8 +291,9 @@ def test_a_failed_transaction_fails_its_callers_stores_nothing_and_the_log_recov
     db, key
 ) -> None:
     """A batch whose connection dies is rolled back whole: every caller of it gets
-    AuditWriteError saying nothing was stored, `failed` turns True, and the next transaction
-    (on a new connection) succeeds and clears it."""
+    AuditWriteError saying nothing was stored, `failed` turns True, appends meanwhile are
+    refused at once (no caller waits on a database that just failed), and once the probe finds
+    the database answering, the next transaction (on a new connection) succeeds."""
 
     async def kill_connection(conn: Any, sequence: int) -> None:
         await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
@@ -307,6 +308,12 @@ def test_a_failed_transaction_fails_its_callers_stores_nothing_and_the_log_recov
                 return_exceptions=True,
             )
             failed = log.failed
+            started = time.monotonic()
+            with pytest.raises(AuditWriteError, match="has not answered since"):
+                await log.append(record(9))
+            assert time.monotonic() - started < 0.5
+            while log.failed and time.monotonic() - started < 10:
+                await asyncio.sleep(0.05)
             after = (await log.append(record(4))).sequence
             return list(results), failed, after, log.failed
 

@@ -24,10 +24,10 @@ transaction ran in one transaction (group commit: one per batch, never one per r
 A failed transaction rolls back whole and fails its callers with AuditWriteError, saying whether
 nothing was stored (an error before COMMIT) or the outcome is unknown (COMMIT itself failed: the
 records may be in the log, never half of one). Such a failure is a database's: `failed` is True
-until a transaction succeeds again (a probe retries every `retry_seconds`), and later appends
-are tried. What shows the log is not the one the server wrote (the state row behind what this
-process saw or behind the entries, a tile of the wrong length, a record without the server's
-MAC) breaks the log for good: every later append fails at once, as the file log does.
+until the database answers again (a probe asks every `retry_seconds`), and appends meanwhile
+are refused at once. What shows the log is not the one the server wrote (the state row behind
+what this process saw or behind the entries, a tile of the wrong length, a record without the
+server's MAC) breaks the log for good: every later append fails at once, as the file log does.
 
 Checkpoints: one replica at a time, under the transaction-level advisory lock CHECKPOINT_LOCK,
 signs the size it recomputed itself (service/audit/pg/check.py) every `checkpoint_every`
@@ -293,12 +293,14 @@ class PgAuditLog:
     async def append(self, record: Mapping[str, Any], *, within: Within | None = None) -> Appended:
         """Log `record` (a JSON object); return once its transaction committed.
 
-        With `within`, the caller's own statements run in that transaction first (see
+        While the database has failed and not answered since (`failed`), the append is refused
+        at once. With `within`, the caller's own statements run in that transaction first (see
         `Within`): the record is logged only if they succeed, and commits with them; if they
         raise, the caller gets that exception and nothing of theirs or the record's remains.
         Raises AuditWriteError if the log has failed, is closed or the transaction failed,
-        AuditRecordError if the record cannot be logged. A caller cancelled while waiting does
-        not withdraw the record.
+        AuditRecordError if the record cannot be logged. A caller cancelled while waiting
+        withdraws its record if its transaction has not begun; once it has, the record commits
+        with the rest.
         """
         (appended,) = await self.append_all([record], within=[within])
         return appended
@@ -361,6 +363,15 @@ class PgAuditLog:
             if self._broken is not None or self._high_water > self._checkpointed:
                 raise AuditWriteError("audit log: the final checkpoint could not be signed")
 
+    def unreachable(self) -> None:
+        """The caller found the database not answering (a health check): refuse appends at
+        once, as after a failed transaction, until the probe finds it answering again."""
+        if self._failing is None and self._broken is None and not self._closing:
+            self._failing = ConnectionError("the database does not answer")
+            _log.warning("audit.pg_database_unreachable")
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.create_task(self._wait_for_database(), name="audit-pg-probe")
+
     @property
     def failed(self) -> bool:
         """True while the log cannot take records: broken for good, or the database failed
@@ -417,9 +428,26 @@ class PgAuditLog:
                 await self._commit(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        # A caller that gave up (its deadline passed, it was cancelled) before its record's
+        # transaction began withdraws it: it will never answer, so nothing need be logged.
+        batch = [item for item in batch if not item.future.done()]
+        if not batch:
+            return
         if self._broken is not None:
             for item in batch:
                 _settle(item.future, item.refusal or self._broken_error())
+            return
+        if self._failing is not None:
+            # The database failed the last transaction and has not answered the probe since:
+            # refuse at once rather than make every caller wait for a connection in vain.
+            for item in batch:
+                _settle(
+                    item.future,
+                    AuditWriteError(
+                        "audit log write refused: the database failed and has not answered "
+                        "since; nothing was stored"
+                    ),
+                )
             return
         import psycopg
 
