@@ -49,7 +49,9 @@ model-sign: dev
 model-verify: dev
 	$(BIN)/privscore-model verify $(MODEL_DIR) --data $(MODEL_DATA)
 
-# Privscore against its ceilings (echo server, onnxruntime alone, audit fsync off); ~3 minutes.
+# Privscore against its ceilings (echo server, onnxruntime alone, audit fsync off), then the
+# scale-out part (PostgreSQL against the file log, two workers against one) when PostgreSQL
+# is reachable; about 5 minutes.
 bench: dev
 	$(BIN)/python -m bench.run
 
