@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import io
 import os
 import signal
 import sys
@@ -108,6 +109,7 @@ def worker_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str
 def serve_workers(settings: ServerSettings, args: argparse.Namespace) -> int:
     """Run `settings.workers` workers until SIGTERM or SIGINT; the exit status (0: all stopped
     cleanly)."""
+    whole_lines()
     supervisor = Supervisor(
         settings.workers,
         worker_command(args),
@@ -117,9 +119,19 @@ def serve_workers(settings: ServerSettings, args: argparse.Namespace) -> int:
     return asyncio.run(supervisor.run())
 
 
+def whole_lines() -> None:
+    """Write each line to stdout in one write: the supervisor and its workers share it, and a
+    line written in pieces can be cut by another process's line. Unbuffered stdout
+    (PYTHONUNBUFFERED, set in many container images) writes a log line and its newline apart;
+    line-buffered, a line goes out at once (a pipe keeps a write of up to PIPE_BUF whole)."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(write_through=False, line_buffering=True)
+
+
 def join_supervisor(environ: Mapping[str, str] = os.environ) -> None:
-    """In a worker (WORKER_INDEX_ENV set), before anything else: name the worker in every log
-    line, let SIGHUP wait for the server's handler, and stop when the supervisor dies.
+    """In a worker (WORKER_INDEX_ENV set), before anything else: write whole log lines, name
+    the worker in each, let SIGHUP wait for the server's handler, and stop when the supervisor
+    dies.
 
     The supervisor starts workers with SIGHUP blocked, so a reload forwarded while a worker is
     still starting cannot kill it (the default action of SIGHUP); from here on it is ignored
@@ -134,6 +146,7 @@ def join_supervisor(environ: Mapping[str, str] = os.environ) -> None:
     index = environ.get(WORKER_INDEX_ENV)
     if index is None:
         return
+    whole_lines()
     structlog.contextvars.bind_contextvars(worker=int(index))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})

@@ -2,7 +2,8 @@
 
 Most tests supervise a small worker of their own (WORKER below) rather than a server: what is
 checked is the supervision (restart, give-up, signals, no process left behind), and a server's
-start-up would only slow it down. The command line's refusals run the real `privscore serve`.
+start-up would only slow it down. The command line's refusals run the real `privscore serve`,
+and one test runs real servers sharing one port on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -12,21 +13,38 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from privscore.v1 import scoring_service_pb2, scoring_service_pb2_grpc
 from service.cli import build_parser
+from service.client.channel import open_channel
+from service.client.sdk import SCORE_METHOD, PrivscoreClient
+from service.config import DataLayout
+from service.security.certs import CertPaths
 from service.workers import RestartPolicy, worker_command
-from tests.conftest import REPO_ROOT, privscore_cli
+from tests.conftest import (
+    LOOPBACK,
+    REPO_ROOT,
+    applicants,
+    init_dev_keys,
+    privscore_cli,
+    served_manifest,
+)
 
 WAIT_S = 15.0
+START_S = 60.0  # real servers, started together on a busy machine
 
 # The supervisor, logging JSON lines, over the command and policy given as JSON in argv[1].
 SUPERVISOR = """
@@ -45,9 +63,9 @@ supervisor = Supervisor(
 sys.exit(asyncio.run(supervisor.run()))
 """
 
-# A worker: joins the supervisor as `privscore serve` does, then behaves as argv[2] says, and
-# leaves files in the directory argv[1] for the test to see: ready-PID once its handlers are
-# in place, hup-PID for each SIGHUP it receives.
+# A worker: joins the supervisor as `privscore serve` does, then behaves as argv[2] says (a
+# chatty one first logs argv[3] lines), and leaves files in the directory argv[1] for the test
+# to see: ready-PID once its handlers are in place, hup-PID for each SIGHUP it receives.
 WORKER = """
 import os, signal, sys, time
 from pathlib import Path
@@ -58,6 +76,12 @@ if mode == "slow-start":
 join_supervisor()
 if mode == "fail":
     sys.exit(3)
+if mode == "chatty":
+    import structlog
+    from service.logs import configure_logging
+    configure_logging("json", "info")
+    for n in range(int(sys.argv[3])):
+        structlog.get_logger("test").info("chatty.line", n=n)
 index = os.environ["PRIVSCORE_WORKER_INDEX"]
 if mode == "fail-once" and not (run / f"failed-{index}").exists():
     (run / f"failed-{index}").touch()
@@ -96,10 +120,12 @@ def gone(pid: int) -> bool:
 
 
 class Supervised:
-    """A supervisor in its own process; its JSON log lines collected as they arrive."""
+    """A supervisor in its own process; its JSON log lines collected as they arrive. It and
+    its workers run with unbuffered output (PYTHONUNBUFFERED), as in many container images."""
 
     def __init__(self, command: list[str], *, count: int = 2, **spec: Any) -> None:
         self.records: list[dict[str, Any]] = []
+        self.unparsed: list[str] = []
         spec = {
             "count": count,
             "command": command,
@@ -110,6 +136,7 @@ class Supervised:
         self.process = subprocess.Popen(
             [sys.executable, "-c", SUPERVISOR, json.dumps(spec)],
             cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -120,8 +147,10 @@ class Supervised:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            with contextlib.suppress(json.JSONDecodeError):
+            try:
                 self.records.append(json.loads(line))
+            except json.JSONDecodeError:
+                self.unparsed.append(line)
 
     def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         return [
@@ -154,8 +183,9 @@ def supervise(tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
     """Start supervisors of WORKER in `mode`; whatever is left is killed after the test."""
     started: list[Supervised] = []
 
-    def start(mode: str, **spec: Any) -> Supervised:
-        supervisor = Supervised([sys.executable, "-c", WORKER, str(tmp_path), mode], **spec)
+    def start(mode: str, *args: str, **spec: Any) -> Supervised:
+        command = [sys.executable, "-c", WORKER, str(tmp_path), mode, *args]
+        supervisor = Supervised(command, **spec)
         started.append(supervisor)
         return supervisor
 
@@ -276,6 +306,20 @@ def test_workers_stop_when_their_supervisor_is_killed(supervise, tmp_path) -> No
     eventually(lambda: all(gone(pid) for pid in pids.values()), timeout=5)
 
 
+def test_workers_sharing_stdout_write_whole_log_lines_naming_the_worker(
+    supervise, tmp_path
+) -> None:
+    supervisor = supervise("chatty", "3000", count=3)
+    pids = eventually(lambda: len(supervisor.started_pids()) == 3 and supervisor.started_pids())
+    eventually(lambda: ready(tmp_path, pids))  # each has written its lines
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert supervisor.wait() == 0  # and every line is read
+    assert len(supervisor.unparsed) == 0, supervisor.unparsed[:3]
+    for worker in range(3):
+        lines = supervisor.events("chatty.line", worker=worker)
+        assert sorted(r["n"] for r in lines) == list(range(3000))
+
+
 def test_the_workers_get_the_flags_they_were_given_less_workers() -> None:
     given = [
         "serve",
@@ -311,3 +355,186 @@ def test_workers_that_cannot_share_are_refused(tmp_path, args, message) -> None:
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- real servers sharing one port on PostgreSQL ---------------------------------------------
+
+
+def free_port() -> int:
+    """A port free now; the workers bind it by number, as port 0 cannot be shared."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class ServingWorkers:
+    """`privscore serve --workers N` on PostgreSQL, one port, mutual TLS; the log lines of
+    the supervisor and its workers collected as they arrive (they share its stdout)."""
+
+    def __init__(self, database: Any, data_dir: Path, count: int) -> None:
+        self.data_dir = data_dir
+        init_dev_keys(data_dir)
+        migrated = privscore_cli(data_dir, "db", "migrate", "--database-url", database.url)
+        assert migrated.returncode == 0, migrated.stderr
+        self.target = f"{LOOPBACK}:{free_port()}"
+        self.records: list[dict[str, Any]] = []
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                f"--workers={count}",
+                f"--database-url={database.url}",
+                f"--bind={LOOPBACK}",
+                f"--port={self.target.rsplit(':', 1)[1]}",
+                f"--data-dir={data_dir}",
+                "--log-format=json",
+                "--grace-seconds=2",
+            ],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with contextlib.suppress(json.JSONDecodeError):
+                self.records.append(json.loads(line))
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in list(self.records) if r.get("event") == event]
+
+    def ready(self) -> dict[int, int]:
+        """{worker: pid} of the workers whose latest start logged `server.ready`."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"the supervisor exited:\n{self.story()}")
+        found: dict[int, tuple[int, bool]] = {}
+        for record in list(self.records):
+            if record.get("event") == "worker.started":
+                found[record["worker"]] = (record["pid"], False)
+            elif record.get("event") == "server.ready" and record.get("worker") in found:
+                found[record["worker"]] = (found[record["worker"]][0], True)
+        return {worker: pid for worker, (pid, up) in found.items() if up}
+
+    def all_ready(self, count: int) -> dict[int, int]:
+        try:
+            ready: dict[int, int] = eventually(
+                lambda: len(self.ready()) == count and self.ready(), START_S
+            )
+        except AssertionError:
+            self.close()
+            raise AssertionError(f"not all ready within {START_S}s:\n{self.story()}") from None
+        return ready
+
+    def pids(self) -> set[int]:
+        return {r["pid"] for r in self.events("worker.started")}
+
+    def story(self) -> str:
+        """The supervisor's lines, the workers' readiness and refusals, and stderr (once the
+        supervisor has exited), to show when an assertion fails."""
+        shown = ("worker.", "workers.", "server.refused", "server.ready")
+        lines = [
+            " ".join(f"{k}={v}" for k, v in r.items() if k not in ("level", "timestamp"))
+            for r in list(self.records)
+            if str(r.get("event")).startswith(shown)
+        ]
+        if self.process.poll() is not None and self.process.stderr is not None:
+            lines.append(self.process.stderr.read())
+        return "\n".join(lines)
+
+    def fresh_channel(self) -> grpc.Channel:
+        """Mutual TLS as the dev client, on a connection of its own: channels of one process
+        otherwise share a connection to the same target, and so one worker."""
+        certs = CertPaths(DataLayout(self.data_dir).certs_dir)
+        credentials = grpc.ssl_channel_credentials(
+            certs.ca.read_bytes(),
+            certs.client_key("dev").read_bytes(),
+            certs.client_cert("dev").read_bytes(),
+        )
+        return grpc.secure_channel(
+            self.target, credentials, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+
+    def score_over_fresh_channels(self, calls: int) -> set[int]:
+        """Score over `calls` channels of their own (a channel keeps to one worker); the
+        workers whose log lines show the calls."""
+        served = set()
+        for n in range(calls):
+            request_id = str(uuid.uuid4())
+            with self.fresh_channel() as channel:
+                client = PrivscoreClient.from_data_dir(
+                    channel, self.data_dir, served_manifest().schema_version
+                )
+                subject = client.subject("t1", f"customer-{n}")
+                request = scoring_service_pb2.ScoreRequest(
+                    request_id=request_id,
+                    subject=subject,
+                    features=client.seal(SCORE_METHOD, request_id, subject, applicants()[n]),
+                )
+                # The header names the call in the serving worker's log line.
+                reply = scoring_service_pb2_grpc.ScoringServiceStub(channel).Score(
+                    request, metadata=(("x-request-id", request_id),), timeout=10
+                )
+                assert reply.score.score > 0
+
+            def logged(rid: str = request_id) -> dict[str, Any] | None:
+                return next((r for r in list(self.records) if r.get("request_id") == rid), None)
+
+            served.add(eventually(logged)["worker"])
+        return served
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self._reader.join(timeout=5)
+        return code
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def serve_workers(postgres_database, tmp_path) -> Iterator[Callable[[int], ServingWorkers]]:
+    started: list[ServingWorkers] = []
+
+    def start(count: int) -> ServingWorkers:
+        started.append(ServingWorkers(postgres_database, tmp_path / "var", count))
+        return started[-1]
+
+    yield start
+    for workers in started:
+        workers.close()
+
+
+def test_workers_share_one_port_on_postgresql(serve_workers) -> None:
+    workers = serve_workers(2)
+    first = workers.all_ready(2)
+    with open_channel(workers.target, workers.data_dir) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        assert check(health_pb2.HealthCheckRequest(), timeout=5).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+    assert workers.score_over_fresh_channels(16) == {0, 1}, workers.story()
+    os.kill(first[1], signal.SIGKILL)
+    eventually(lambda: workers.ready().get(1) not in (None, first[1]), timeout=START_S)
+    (killed,) = [r for r in workers.events("worker.exited") if r["pid"] == first[1]]
+    assert killed["signal"] == "SIGKILL"
+    assert workers.score_over_fresh_channels(16) == {0, 1}, workers.story()
+    last = workers.ready()
+    assert workers.stop() == 0, workers.story()
+    assert {(r["worker"], r["pid"]) for r in workers.events("worker.stopped")} == set(last.items())
+    events = [r.get("event") for r in workers.records]
+    after_stop = workers.records[events.index("workers.stopping") :]
+    assert {r["worker"] for r in after_stop if r.get("event") == "server.stopped"} == {0, 1}
+    assert all(gone(pid) for pid in workers.pids())
