@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 
 DIR_MODE = 0o700
@@ -54,11 +55,13 @@ def _write_all(descriptor: int, data: bytes) -> None:
 
 def write_private(path: Path, data: bytes) -> None:
     """Replace `path` with `data` atomically, 0600: a temporary file beside it, fsynced, renamed
-    over it, and the directory fsynced, so a crash leaves the old file or the new one whole."""
+    over it, and the directory fsynced, so a crash leaves the old file or the new one whole.
+
+    The temporary file's name is this call's own (process id and a random part): processes
+    that write one file at once (workers publishing the same key) each rename a whole file of
+    their own, and the last rename wins."""
     private_dir(path.parent)
-    temporary = path.with_name(f"{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        temporary.unlink()  # left by a crash: never reuse its mode or contents
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         _write_new(temporary, data)
         os.replace(temporary, path)

@@ -59,6 +59,7 @@ from service.privacy.digest import (
 from service.privacy.keyring import Keyring, KeyringError, load_kek
 from service.privacy.sealing import FeatureOpener
 from service.security.authz import AuthzPolicyError, load_authz_policy
+from service.workers import WORKER_INDEX_ENV
 
 if TYPE_CHECKING:
     from service.audit.pg import PgAuditLog
@@ -165,6 +166,9 @@ class PrivscoreServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # Share the port only with the other workers of one supervisor: a second server
+                # started by mistake on a port in use must fail, not quietly take half the calls.
+                ("grpc.so_reuseport", 1 if WORKER_INDEX_ENV in os.environ else 0),
             ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

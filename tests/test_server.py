@@ -29,7 +29,7 @@ from service.cli import build_parser
 from service.client.probe import health_status, list_services
 from service.config import settings_from
 from service.server import SERVICE_NAMES, PrivscoreServer
-from tests.conftest import REPO_ROOT, ServerProcess, aio_channel, init_dev_keys
+from tests.conftest import REPO_ROOT, ServerProcess, aio_channel, init_dev_keys, privscore_cli
 
 PSEUDONYM = "ab" * 32
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -294,3 +294,21 @@ def test_flag_beats_environment_beats_default(
     assert server.terminate() == 0
     stopping = next(r for r in server.records() if r["event"] == "server.stopping")
     assert stopping["grace_seconds"] == expected
+
+
+def test_a_second_server_on_a_port_in_use_is_refused(
+    shared_server: ServerProcess, tmp_path: Path
+) -> None:
+    """Only a supervisor's workers share a port (SO_REUSEPORT); a second server started on a
+    port in use by mistake fails instead of quietly taking some of the connections."""
+    second = privscore_cli(
+        tmp_path / "other",
+        "serve",
+        "--insecure",
+        "--port",
+        str(shared_server.port),
+        "--data-dir",
+        str(tmp_path / "other"),
+    )
+    assert second.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{shared_server.port}" in second.stderr

@@ -538,3 +538,13 @@ def test_workers_share_one_port_on_postgresql(serve_workers) -> None:
     after_stop = workers.records[events.index("workers.stopping") :]
     assert {r["worker"] for r in after_stop if r.get("event") == "server.stopped"} == {0, 1}
     assert all(gone(pid) for pid in workers.pids())
+
+
+def test_workers_started_together_all_start_the_first_time(serve_workers) -> None:
+    """Nothing a worker does at start-up may race another starting beside it on the same data
+    directory and database: the supervisor would restart the loser and hide the fault."""
+    workers = serve_workers(4)
+    workers.all_ready(4)
+    stopped = workers.stop()
+    assert not workers.events("worker.exited"), workers.story()
+    assert stopped == 0, workers.story()
