@@ -321,14 +321,13 @@ class PrivscoreServer:
         up = True
         while True:
             healthy = await self._database.healthy()
-            if healthy != up:
-                up = healthy
+            if not healthy and up:
+                log.error("server.database_down", action="health NOT_SERVING")
+            up = healthy
+            # Set whenever health says otherwise, whoever turned it (a failed append too).
+            if healthy != self._serving:
                 if healthy:
                     log.info("server.database_back", action="health SERVING")
-                else:
-                    log.error("server.database_down", action="health NOT_SERVING")
-            # Set whenever health says otherwise, whoever changed it (a failed append too).
-            if healthy != self._serving:
                 await self._set_health(
                     health_pb2.HealthCheckResponse.SERVING
                     if healthy
