@@ -177,14 +177,29 @@ def test_oversized_batch_is_refused(shared_server: ServerProcess) -> None:
     assert violations(caught.value) == {"items": "must hold at most 256 items"}
 
 
-def test_request_id_is_echoed_and_bound_to_the_log_line(shared_server: ServerProcess) -> None:
+def test_request_id_is_echoed_in_the_trailers_and_bound_to_the_log_line(
+    shared_server: ServerProcess,
+) -> None:
+    """In the trailers, whatever the outcome (a refusal here, a decision below), and never as
+    an early header of a unary call (a HEADERS write of its own)."""
+    # Imported here: tests.test_privacy imports this module's helpers.
+    from tests.test_privacy import sealed_request
+
     request = scoring_service_pb2.ScoreRequest(request_id="x")  # invalid: no subject/features
     with shared_server.channel() as channel:
         stub = scoring_service_pb2_grpc.ScoringServiceStub(channel)
         call = stub.Score.future(request, metadata=(("x-request-id", "trace-abc.123"),), timeout=5)
         with pytest.raises(grpc.RpcError):
             call.result()
-        assert ("x-request-id", "trace-abc.123") in call.initial_metadata()
+        assert ("x-request-id", "trace-abc.123") in call.trailing_metadata()
+        assert not any(key == "x-request-id" for key, _ in call.initial_metadata())
+        _, ok = stub.Score.with_call(
+            sealed_request(shared_server, "trace-ok.1"),
+            metadata=(("x-request-id", "trace-ok.1"),),
+            timeout=10,
+        )
+        assert ("x-request-id", "trace-ok.1") in ok.trailing_metadata()
+        assert not any(key == "x-request-id" for key, _ in ok.initial_metadata())
     line = shared_server.wait_for_record(lambda r: r.get("request_id") == "trace-abc.123")
     assert line["event"] == "rpc.finished"
     assert line["method"] == "/privscore.v1.ScoringService/Score"

@@ -128,11 +128,15 @@ class _Call:
     async def __aenter__(self) -> _Call:
         self._bound.__enter__()
         self._caller_token = CALLER.set(self.identity or f"unauthenticated:{self.context.peer()}")
+        # The request id travels in the trailers, with the status, whatever the outcome: an
+        # early header would cost every unary call a HEADERS write of its own.
+        self.context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
         return self
 
-    async def announce(self) -> None:
-        """Send the request id header; sent once admitted, so a caller that has the headers
-        knows its call holds a slot."""
+    async def announce_stream(self) -> None:
+        """A stream's headers, with its request id, sent once admitted: a subscriber that has
+        them knows its stream holds a slot (and a stream sends headers before its first
+        message anyway)."""
         await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
 
     def admit(self) -> Any:
@@ -170,11 +174,17 @@ class _Call:
         if isinstance(error, ServiceError):
             self.code = error.code
             status = rpc_status.to_status(error.to_status())
-            await self.context.abort(status.code, status.details, status.trailing_metadata)
+            await self.context.abort(
+                status.code,
+                status.details,
+                (*status.trailing_metadata, (REQUEST_ID_HEADER, self.request_id)),
+            )
         self.code = grpc.StatusCode.INTERNAL
         log.error("rpc.unexpected_error", error_type=type(error).__name__, origin=_origin(error))
         await self.context.abort(
-            grpc.StatusCode.INTERNAL, f"internal error (request id {self.request_id})"
+            grpc.StatusCode.INTERNAL,
+            f"internal error (request id {self.request_id})",
+            ((REQUEST_ID_HEADER, self.request_id),),
         )
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -230,7 +240,6 @@ class RequestContextInterceptor(Interceptor):
             async with _Call(self, method, context, request_id) as call:
                 try:
                     with call.admit():
-                        await call.announce()
                         _refuse_malformed(request)
                         async with asyncio.timeout(call.deadline()):
                             return await behavior(request, context)
@@ -248,7 +257,7 @@ class RequestContextInterceptor(Interceptor):
             async with _Call(self, method, context, request_id) as call:
                 try:
                     call.admit_stream()
-                    await call.announce()
+                    await call.announce_stream()
                     _refuse_malformed(request)
                     async for response in behavior(request, context):
                         yield response
