@@ -1,5 +1,10 @@
-"""The ceiling for Python gRPC alone: a bare grpc.aio server that answers each message with a
-reply of a fixed size, over the same mutual TLS as privscore. No validation, no model, no disk."""
+"""The ceilings for Python gRPC alone: a bare grpc.aio server that answers each message with a
+reply of a fixed size. No validation, no model, no disk, no interceptor.
+
+By default it listens with the same mutual TLS credentials as the privscore server (its
+certificate and key, client certificates required from the same CA: service/server.py `_tls`,
+from the data directory's dev certificates), so the mTLS echo is the ceiling a Score is measured
+against; `--plaintext` listens without TLS, the ceiling for gRPC without the TLS cost."""
 
 from __future__ import annotations
 
@@ -21,7 +26,17 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-async def serve(data_dir: Path, reply_bytes: int) -> None:
+def mutual_tls(data_dir: Path) -> grpc.ServerCredentials:
+    """The privscore server's credentials for `data_dir`'s dev certificates."""
+    certs = CertPaths(DataLayout(data_dir).certs_dir)
+    return grpc.ssl_server_credentials(
+        [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())],
+        root_certificates=certs.ca.read_bytes(),
+        require_client_auth=True,
+    )
+
+
+async def serve(data_dir: Path, reply_bytes: int, plaintext: bool = False) -> None:
     reply = b"\x00" * reply_bytes
 
     async def echo(_request: bytes, _context: Any) -> bytes:
@@ -35,15 +50,12 @@ async def serve(data_dir: Path, reply_bytes: int) -> None:
             )
         },
     )
-    certs = CertPaths(DataLayout(data_dir).certs_dir)
-    credentials = grpc.ssl_server_credentials(
-        [(certs.server_key.read_bytes(), certs.server_cert.read_bytes())],
-        root_certificates=certs.ca.read_bytes(),
-        require_client_auth=True,
-    )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_secure_port("127.0.0.1:0", credentials)
+    if plaintext:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", mutual_tls(data_dir))
     await server.start()
     print(f"listening {port}", flush=True)
     stop = asyncio.Event()
@@ -56,8 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--reply-bytes", type=int, required=True)
+    parser.add_argument("--plaintext", action="store_true", help="listen without TLS")
     args = parser.parse_args()
-    asyncio.run(serve(args.data_dir, args.reply_bytes))
+    asyncio.run(serve(args.data_dir, args.reply_bytes, args.plaintext))
 
 
 if __name__ == "__main__":

@@ -130,16 +130,20 @@ class Requests:
         )
 
 
-def _channel(target: str, data_dir: Path, *, own_connection: bool = False) -> grpc.aio.Channel:
+def _channel(
+    target: str, data_dir: Path, *, own_connection: bool = False, plaintext: bool = False
+) -> grpc.aio.Channel:
+    # Channels of one process to one target share a connection (gRPC's global subchannel
+    # pool) unless each keeps its own pool.
+    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+    if plaintext:  # only the plaintext echo ceiling listens so
+        return grpc.aio.insecure_channel(target, options=options)
     certs = CertPaths(DataLayout(data_dir).certs_dir)
     credentials = grpc.ssl_channel_credentials(
         certs.ca.read_bytes(),
         certs.client_key("dev").read_bytes(),
         certs.client_cert("dev").read_bytes(),
     )
-    # Channels of one process to one target share a connection (gRPC's global subchannel
-    # pool) unless each keeps its own pool.
-    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
     return grpc.aio.secure_channel(target, credentials, options=options)
 
 
@@ -324,7 +328,12 @@ async def run_grpc(args: argparse.Namespace) -> dict[str, Any]:
     async with contextlib.AsyncExitStack() as stack:
         channels = [
             await stack.enter_async_context(
-                _channel(args.target, args.data_dir, own_connection=args.channels > 1)
+                _channel(
+                    args.target,
+                    args.data_dir,
+                    own_connection=args.channels > 1,
+                    plaintext=args.plaintext,
+                )
             )
             for _ in range(args.channels)
         ]
@@ -394,6 +403,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--raw", type=Path, help="also write the latencies and CPU seconds to this JSON file"
+    )
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="call without TLS (the plaintext echo ceiling, bench/echo.py --plaintext)",
     )
     args = parser.parse_args()
     result = run_onnxruntime(args) if args.rpc == "onnxruntime" else asyncio.run(run_grpc(args))

@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT, PostgresServer
 
 def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     out, plot = tmp_path / "results.json", tmp_path / "latency.png"
-    subprocess.run(
+    done = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -36,6 +36,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         check=True,
         timeout=300,
         capture_output=True,
+        text=True,
     )
     report = json.loads(out.read_text())
     keys = {
@@ -57,20 +58,42 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         ("privscore", "adjust_limit"),
         ("privscore", "evaluate_event"),
         ("privscore-no-fsync", "score"),
-        ("grpc-echo", "echo"),
+        ("mtls-echo", "echo"),
+        ("plaintext-echo", "echo"),
         ("onnxruntime", "onnxruntime"),
     }
     assert all(step["errors"] == 0 and step["count"] > 0 for step in report["steps"])
     rounds = [(s["target"], s["round"]) for s in report["steps"] if "round" in s]
-    assert sorted(rounds).count(("grpc-echo", 2)) == 1 and len(rounds) == 10  # 5 steps, 2 rounds
+    assert sorted(rounds).count(("mtls-echo", 2)) == 1 and len(rounds) == 12  # 6 steps, 2 rounds
     assert set(report["ratios"]) == {
-        "score_c32_rps_vs_echo",
-        "score_c32_p99_vs_echo",
+        "score_c32_server_cpu_vs_mtls_echo",
+        "score_c32_rps_vs_mtls_echo",
+        "score_c32_p99_fsync_on_vs_off",
+        "batch128_server_cpu_us_per_row",
+        "score_c32_p99_vs_mtls_echo",
         "batch128_rows_vs_onnxruntime",
         "audit_fsync_on_vs_off_rps",
+        "mtls_echo_vs_plaintext_rps",
+        "mtls_echo_vs_plaintext_server_cpu",
     }
     assert report["peak_rss_mb"]["privscore"] > 0
     assert [set(r) for r in report["ratios_by_round"]] == [set(report["ratios"])] * 2
+    # Issue 14's targets: each measured, with every round's value and a verdict.
+    targets = {t["measure"]: t for t in report["targets"]}
+    assert list(targets) == [
+        "score_c32_server_cpu_vs_mtls_echo",
+        "score_c32_rps_vs_mtls_echo",
+        "score_c32_p99_fsync_on_vs_off",
+        "batch128_server_cpu_us_per_row",
+        "peak_rss_mb",
+    ]
+    assert all(t["measured"] > 0 and len(t["rounds"]) == 2 for t in targets.values())
+    assert all(isinstance(t["met"], bool) for t in targets.values())
+    assert targets["peak_rss_mb"]["measured"] == max(report["peak_rss_mb"].values())
+    cpu = targets["score_c32_server_cpu_vs_mtls_echo"]["from_medians"]
+    assert cpu["score_server_cpu_us_per_call"] > cpu["mtls_echo_server_cpu_us_per_call"] > 0
+    printed = done.stdout
+    assert printed.count("PASS") + printed.count("MISS") >= 5 and "mTLS echo" in printed
     served = [s for s in report["steps"] if s["target"] != "onnxruntime"]
     assert all(s["server_cpu_us_per_call"] > 0 and s["client_cpu_us_per_call"] > 0 for s in served)
     assert report["cpu_budget"]["score_server_cpu_us_measured"] > 0
@@ -87,6 +110,74 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert all(micros > 0 for micros in stages["stages_us"].values())
     assert stages["fields_per_request"] == 18 and 0 < stages["adverse_share"] < 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _worktrees() -> set[str]:
+    listed = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "worktree", "list", "--porcelain"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return {line.split(" ", 1)[1] for line in listed.splitlines() if line.startswith("worktree ")}
+
+
+def test_the_ab_mode_compares_a_revision_with_this_checkout(tmp_path: Path) -> None:
+    """bench/ab.py: HEAD in a temporary git worktree against this checkout, one short round;
+    the worktree is gone after."""
+    out = tmp_path / "ab.json"
+    before = _worktrees()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.ab",
+            "--before",
+            "HEAD",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0.2",
+            "--duration",
+            "0.8",
+            "--workdir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(out.read_text())
+    assert report["sides"]["before"]["spec"] == "HEAD"
+    assert report["sides"]["after"]["tree"].startswith("this checkout")
+    steps = report["steps"]
+    assert [(s["target"], s["rpc"]) for s in steps] == [
+        ("before", "score"),
+        ("after", "score"),
+        ("before", "score_batch"),
+        ("after", "score_batch"),
+    ]
+    assert all(
+        s["errors"] == 0 and s["count"] > 0 and s["server_cpu_us_per_call"] > 0 for s in steps
+    )
+    assert [s["batch_size"] for s in steps] == [1, 1, 128, 128]
+    compared = {row["key"]: row for row in report["compared"]}
+    assert set(compared) == {
+        "rps",
+        "server_cpu_us_per_call",
+        "p99_ms",
+        "server_cpu_us_per_row",
+        "rows_per_s",
+    }
+    assert all(row["after_vs_before"] > 0 and len(row["rounds"]) == 1 for row in compared.values())
+    assert all(mb > 0 for mb in report["peak_rss_mb"].values())
+    assert "after/before" in done.stdout
+    assert _worktrees() <= before  # ours removed (others may come and go)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("privscore-ab-")]
 
 
 def test_the_soak_samples_server_memory(tmp_path: Path) -> None:
