@@ -27,8 +27,10 @@ It prints each step as it runs, then for each measure the median of each side ov
 the ratio after/before of the medians, and each round's own ratio: Score req/s, server CPU
 us/call and p99; ScoreBatch(128) server CPU us/row and rows/s; and each server's peak RSS. Below
 1 is better for CPU and p99, above 1 for req/s and rows/s. `--out` also writes it all as JSON.
-A round takes about 4 x (warm-up + duration + 3 s): at the defaults, with the servers' start,
-about 3 minutes; `--rounds 3 --duration 4` about 1.5. It asserts nothing: numbers to read.
+A round takes about 4 x (warm-up + duration + 1 s): at the defaults, with the servers' start,
+about 2.5 minutes; `--rounds 3 --duration 4` about 1.3. It asserts nothing: numbers to read.
+A run of one tree against itself (`--before X --after X`) shows how far apart two identical
+sides land on the machine at that moment: read a lever's ratio against that.
 
 `--client own` drives each server with its own tree's load generator instead, for a change to
 the wire contract (the way requests are sealed) that one load generator cannot serve to both
@@ -193,6 +195,9 @@ def compare(steps: list[dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
                 "after": round(after, 3),
                 "after_vs_before": round(after / before, 3) if before else None,
                 "rounds": by_round,
+                # Each round's sides ran back to back: the median of their ratios is the
+                # steadier estimate when the machine's load moves between rounds.
+                "median_of_rounds": round(statistics.median(by_round), 3) if by_round else None,
             }
         )
     return compared
@@ -255,19 +260,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_report(report: dict[str, Any]) -> None:
     print(
-        f"\nafter / before, ratio of the medians of {report['rounds']} alternating rounds, then "
-        "each round's own ratio (below 1 is better for CPU and p99, above 1 for req/s, rows/s):"
+        f"\nafter / before: the medians of {report['rounds']} alternating rounds and their "
+        "ratio, the median of the rounds' own ratios, and each round's (below 1 is better for "
+        "CPU and p99, above 1 for req/s and rows/s):"
     )
-    print(f"  {'measure':<40}{'before':>10}{'after':>10}{'after/before':>14}   rounds")
+    print(f"  {'measure':<40}{'before':>10}{'after':>10}{'ratio':>9}{'rounds med':>12}   rounds")
+    nan = float("nan")
     for row in report["compared"]:
-        ratio = row["after_vs_before"]
+        ratio, paired = row["after_vs_before"], row["median_of_rounds"]
         print(
-            f"  {row['measure']:<40}{row['before']:>10g}{row['after']:>10g}"
-            f"{ratio if ratio is not None else float('nan'):>13.3f}x   "
+            f"  {row['measure']:<40}{row['before']:>10.5g}{row['after']:>10.5g}"
+            f"{ratio if ratio is not None else nan:>8.3f}x"
+            f"{paired if paired is not None else nan:>11.3f}x   "
             + ", ".join(f"{r:.3f}" for r in row["rounds"])
         )
     rss = report["peak_rss_mb"]
-    print(f"  {'peak RSS MB':<40}{rss.get('before', 0):>10g}{rss.get('after', 0):>10g}")
+    print(f"  {'peak RSS MB':<40}{rss.get('before', 0):>10.5g}{rss.get('after', 0):>10.5g}")
     if report["client"] == "own":
         print("  (each side driven by its own tree's load generator)")
     print(f"\n{report['elapsed_s']} s")
@@ -305,7 +313,7 @@ def main() -> None:
         "--workdir", type=Path, help="where the temporary trees and data go (default: TMPDIR)"
     )
     args = parser.parse_args()
-    per_step = args.warmup + args.duration + 3
+    per_step = args.warmup + args.duration + 1
     print(
         f"privscore A/B: Score at 32 callers and ScoreBatch({BATCH}) at 4, {args.rounds} "
         f"alternating rounds, {args.warmup:g} s warm-up + {args.duration:g} s per step "

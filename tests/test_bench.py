@@ -174,6 +174,7 @@ def test_the_ab_mode_compares_a_revision_with_this_checkout(tmp_path: Path) -> N
         "rows_per_s",
     }
     assert all(row["after_vs_before"] > 0 and len(row["rounds"]) == 1 for row in compared.values())
+    assert all(row["median_of_rounds"] == row["rounds"][0] for row in compared.values())
     assert all(mb > 0 for mb in report["peak_rss_mb"].values())
     assert "after/before" in done.stdout
     assert _worktrees() <= before  # ours removed (others may come and go)
