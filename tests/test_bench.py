@@ -176,7 +176,7 @@ def test_the_ab_mode_compares_a_revision_with_this_checkout(tmp_path: Path) -> N
     assert all(row["after_vs_before"] > 0 and len(row["rounds"]) == 1 for row in compared.values())
     assert all(row["median_of_rounds"] == row["rounds"][0] for row in compared.values())
     assert all(mb > 0 for mb in report["peak_rss_mb"].values())
-    assert "after/before" in done.stdout
+    assert "after / before" in done.stdout and "rounds med" in done.stdout
     assert _worktrees() <= before  # ours removed (others may come and go)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("privscore-ab-")]
 
