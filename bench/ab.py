@@ -23,7 +23,8 @@ checkout's bench/loadgen.py, requests sealed before the clock starts) drives eac
 32 callers and ScoreBatch(128) at 4 callers, in rounds whose order alternates (round 1 before
 first, round 2 after first, ...), so the drift of a shared machine weighs on both sides alike.
 
-It prints each step as it runs, then for each measure the median of each side over the rounds,
+It prints each step as it runs (with `other`: the cores other work on the machine took
+meanwhile), then for each measure the median of each side over the rounds,
 the ratio after/before of the medians, and each round's own ratio: Score req/s, server CPU
 us/call and p99; ScoreBatch(128) server CPU us/row and rows/s; and each server's peak RSS. Below
 1 is better for CPU and p99, above 1 for req/s and rows/s. `--out` also writes it all as JSON.
@@ -60,6 +61,7 @@ from service.privacy.admin import init_keys
 from service.security.certs import init_certs
 
 WORKTREE = "worktree"  # this checkout as it is on disk
+HEADER = TABLE_HEADER + f"{'other':>6}"
 ROUNDS = 4
 BATCH = 128
 
@@ -160,6 +162,9 @@ def measure(
     }
     if shape == "score_batch" and result.get("server_cpu_us_per_call"):
         step["server_cpu_us_per_row"] = round(result["server_cpu_us_per_call"] / BATCH, 1)
+    ours = sum(step.get(f"{key}_cpu_us_per_call") or 0 for key in ("server", "client"))
+    # What else the machine did meanwhile (other work on a shared machine), in cores.
+    step["other_cores"] = round(step["machine_busy_cores"] - ours * step["rps"] / 1e6, 2)
     return step
 
 
@@ -223,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 side.data_dir = temp / f"var-{side.name}"
                 shutil.copytree(data_dir, side.data_dir)  # the same keys, a log of its own
                 side.server = start_privscore(side.data_dir, *side.server_args, tree=side.tree)
-            print(TABLE_HEADER, flush=True)
+            print(HEADER, flush=True)
             own_client = args.client == "own"
             for n in range(1, args.rounds + 1):
                 order = sides if n % 2 else sides[::-1]
@@ -232,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         steps.append(
                             measure(side, shape, n, args.warmup, args.duration, own_client)
                         )
-                        print(table_row(steps[-1]), flush=True)
+                        print(f"{table_row(steps[-1])}{steps[-1]['other_cores']:>6.2f}", flush=True)
             peak_rss = {s.name: round(s.server.peak_rss_mb(), 1) for s in sides if s.server}
         finally:
             for side in sides:
