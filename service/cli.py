@@ -36,8 +36,11 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     from service.client.channel import open_channel
 
     target = args.target or os.environ.get("PRIVSCORE_TARGET", DEFAULT_TARGET)
-    cert_name = args.cert_name or os.environ.get("PRIVSCORE_CERT_NAME", "dev")
-    return open_channel(target, data_dir_from(args), cert_name, insecure=args.insecure)
+    return open_channel(target, data_dir_from(args), _cert_name(args), insecure=args.insecure)
+
+
+def _cert_name(args: argparse.Namespace) -> str:
+    return str(args.cert_name or os.environ.get("PRIVSCORE_CERT_NAME", "dev"))
 
 
 def add_caller_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,7 +163,10 @@ def _client(args: argparse.Namespace, channel: grpc.Channel) -> Any:
 
     # The schema version is public; the server refuses a mismatch, so no signature is needed.
     schema_version = load_unverified_manifest(args.model_dir or DEFAULT_MODEL_DIR).schema_version
-    return PrivscoreClient.from_data_dir(channel, data_dir_from(args), schema_version)
+    # Data keys are sealed for the identity of the certificate the channel presents.
+    return PrivscoreClient.from_data_dir(
+        channel, data_dir_from(args), schema_version, cert_name=_cert_name(args)
+    )
 
 
 def _read_json(path: str) -> Any:

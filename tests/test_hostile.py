@@ -65,6 +65,7 @@ from service.privacy.sealing import (
     encode_value,
     load_public_keyset,
 )
+from service.security.certs import client_identity
 from tests.conftest import REPO_ROOT, ServerProcess, applicants, audit_log_key, served_manifest
 
 TENANT = "baitiao-cn"
@@ -298,6 +299,10 @@ class Caller:
             tenant=tenant, pseudonym=self.pseudonymiser.pseudonym(tenant, customer)
         )
 
+    def data_key(self, method: str) -> DataKey:
+        """A data key sealed as the SDK seals it, by the dev identity the tests call as."""
+        return DataKey(self.server_key, method, identity=client_identity("dev"))
+
 
 def typed(values: Mapping[str, FeatureInput]) -> list[tuple[str, bytes]]:
     return [(name, encode_value(value)) for name, value in values.items()]
@@ -315,11 +320,12 @@ def score_request(
     schema_version: str | None = None,
 ) -> scoring_service_pb2.ScoreRequest:
     version = caller.schema_version if schema_version is None else schema_version
-    data_key = DataKey(caller.server_key, SCORE, request_id)
     return scoring_service_pb2.ScoreRequest(
         request_id=request_id,
         subject=subject,
-        features=data_key.seal_encoded(version, subject, plaintexts),
+        features=caller.data_key(SCORE).seal_encoded(
+            version, subject, plaintexts, request_id=request_id
+        ),
     )
 
 
@@ -688,6 +694,7 @@ ITEM_KINDS = (
     "no_features",
     "empty_item",
     "foreign_data_key",
+    "other_request",
     "unknown_key_id",
     "tampered",
 )
@@ -706,13 +713,14 @@ def batch_item(
         values["credit_amount"] = math.nan
     if kind == "unknown_category":
         values["purpose"] = "a purpose no schema has"
-    sealer = (
-        DataKey(caller.server_key, SCORE_BATCH, "another-request")
-        if (kind == "foreign_data_key")
-        else data_key
-    )
+    # A data key sealed for another method; fields sealed for another request.
+    sealer = caller.data_key(SCORE) if kind == "foreign_data_key" else data_key
+    sealed_for = "another-request" if kind == "other_request" else request_id
     item = scoring_service_pb2.ScoreBatchItem(
-        subject=subject, features=sealer.seal_encoded(caller.schema_version, subject, typed(values))
+        subject=subject,
+        features=sealer.seal_encoded(
+            caller.schema_version, subject, typed(values), request_id=sealed_for
+        ),
     )
     expected: tuple[grpc.StatusCode, set[str] | str | None] = (grpc.StatusCode.OK, None)
     if kind == "bad_pseudonym":
@@ -730,6 +738,8 @@ def batch_item(
         expected = (invalid, {"subject", "features"})
     elif kind == "foreign_data_key":
         expected = (invalid, {"features.data_key"})
+    elif kind == "other_request":
+        expected = (invalid, {f"features.fields[{i}].ciphertext" for i in range(len(values))})
     elif kind == "unknown_key_id":
         item.features.data_key.key_id = "fk-19990101-00000000"
         for encrypted in item.features.fields:
@@ -759,7 +769,7 @@ def test_batch_items_fail_on_their_own(shared_server: ServerProcess) -> None:
         )
         def examples(kinds: list[tuple[str, int]], request_id: str) -> None:
             request_id = request_id or new_id("batch")
-            data_key = DataKey(caller.server_key, SCORE_BATCH, request_id)
+            data_key = caller.data_key(SCORE_BATCH)
             built = [batch_item(caller, data_key, request_id, k, w) for k, w in kinds]
             request = scoring_service_pb2.ScoreBatchRequest(
                 request_id=request_id, items=[item for item, _ in built]
@@ -805,7 +815,7 @@ def test_batch_size_limits(shared_server: ServerProcess) -> None:
     caller = Caller.of(shared_server)
     tail = LogTail(shared_server)
     request_id = new_id("full")
-    data_key = DataKey(caller.server_key, SCORE_BATCH, request_id)
+    data_key = caller.data_key(SCORE_BATCH)
     items = []
     for index in range(MAX_BATCH_ITEMS):
         subject = caller.subject(f"full-{index}")
@@ -813,7 +823,7 @@ def test_batch_size_limits(shared_server: ServerProcess) -> None:
             scoring_service_pb2.ScoreBatchItem(
                 subject=subject,
                 features=data_key.seal_encoded(
-                    caller.schema_version, subject, typed(applicant(index))
+                    caller.schema_version, subject, typed(applicant(index)), request_id=request_id
                 ),
             )
         )
@@ -1196,9 +1206,10 @@ def test_adjust_limit_money_and_counts(shared_server: ServerProcess) -> None:
                 values = applicant(0)
                 if source == "nan-features":
                     values["credit_amount"] = math.nan
-                data_key = DataKey(caller.server_key, ADJUST_LIMIT, request_id)
                 request.features.CopyFrom(
-                    data_key.seal_encoded(caller.schema_version, subject, typed(values))
+                    caller.data_key(ADJUST_LIMIT).seal_encoded(
+                        caller.schema_version, subject, typed(values), request_id=request_id
+                    )
                 )
             header = new_id("lim")
             outcome = invoke(stub.AdjustLimit, request, header)

@@ -22,6 +22,7 @@ from service.config import DataLayout
 from service.privacy.keyring import Keyring, KeyringError, create_kek_file, load_kek
 from service.privacy.pseudonym import Pseudonymiser
 from service.privacy.sealing import DataKey, load_public_keyset
+from service.security.certs import client_identity
 from tests.conftest import REPO_ROOT, ServerProcess, applicants, served_manifest
 from tests.test_alerts import cny, event
 from tests.test_limits import account
@@ -30,25 +31,36 @@ from tests.test_server import error_reason, violations
 TENANT = "baitiao-cn"
 
 
+DEV_IDENTITY = client_identity("dev")
+
+
 def sealed_request(
-    server: ServerProcess, request_id: str, customer: str = "c-1", **overrides: object
+    server: ServerProcess,
+    request_id: str,
+    customer: str = "c-1",
+    *,
+    data_key: DataKey | None = None,
+    **overrides: object,
 ) -> pb.ScoreRequest:
-    """A Score request sealed as the SDK does; `overrides` change the seal's inputs."""
+    """A Score request sealed as the SDK does, by the dev identity under a fresh data key (or
+    `data_key`); `overrides` change the seal's inputs."""
     layout = DataLayout(server.data_dir)
     pseudonymiser = Pseudonymiser.from_file(layout.pseudonym_key)
     subject = common_pb2.SubjectRef(
         tenant=TENANT, pseudonym=pseudonymiser.pseudonym(TENANT, customer)
     )
     seal_subject = overrides.get("seal_subject", subject)
-    data_key = DataKey(
-        overrides.get("server_key", load_public_keyset(layout.public_keyset)),  # type: ignore[arg-type]
-        str(overrides.get("method", SCORE_METHOD)),
-        str(overrides.get("seal_request_id", request_id)),
-    )
+    if data_key is None:
+        data_key = DataKey(
+            overrides.get("server_key", load_public_keyset(layout.public_keyset)),  # type: ignore[arg-type]
+            str(overrides.get("method", SCORE_METHOD)),
+            identity=str(overrides.get("identity", DEV_IDENTITY)),
+        )
     features = data_key.seal(
         str(overrides.get("schema_version", served_manifest().schema_version)),
         seal_subject,  # type: ignore[arg-type]
         applicants()[0],
+        request_id=str(overrides.get("seal_request_id", request_id)),
     )
     return pb.ScoreRequest(request_id=request_id, subject=subject, features=features)
 
@@ -131,11 +143,26 @@ def test_schema_version_is_bound(shared_server: ServerProcess) -> None:
     assert all(f.endswith(".ciphertext") for f in violations(error))
 
 
-def test_a_data_key_opens_only_for_its_own_request(shared_server: ServerProcess) -> None:
+def test_fields_open_only_in_the_request_they_were_sealed_for(
+    shared_server: ServerProcess,
+) -> None:
+    """The request id is in every field's associated data (since sealing format 2, where one
+    data key may serve many requests): fields sealed for request A do not open in B."""
     replayed = call(shared_server, sealed_request(shared_server, "req-B", seal_request_id="req-A"))
-    assert violations(replayed) == {
-        "features.data_key": "does not open for this server key, method and request id"
-    }
+    assert replayed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(replayed)
+    assert set(found) == {f"features.fields[{i}].ciphertext" for i in range(len(applicants()[0]))}
+    assert all("request" in description for description in found.values())
+
+
+def test_a_data_key_opens_only_for_its_own_method_and_caller(shared_server: ServerProcess) -> None:
+    refusal = {"features.data_key": "does not open for this server key, method and caller"}
+    other_method = sealed_request(
+        shared_server, "other-method", method="/privscore.v1.LimitService/AdjustLimit"
+    )
+    assert violations(call(shared_server, other_method)) == refusal
+    other_caller = sealed_request(shared_server, "other-caller", identity=client_identity("scorer"))
+    assert violations(call(shared_server, other_caller)) == refusal
 
 
 def test_unknown_key_id_is_a_failed_precondition_naming_it(shared_server: ServerProcess) -> None:

@@ -14,7 +14,7 @@ from service.audit import iter_records
 from service.client.probe import health_status
 from service.config import DataLayout
 from service.security.authz import peer_identity
-from service.security.certs import CertPaths, init_certs
+from service.security.certs import CertPaths, client_identity, init_certs
 from tests.conftest import REPO_ROOT, ServerProcess, applicants
 from tests.test_privacy import sealed_request
 from tests.test_server import error_reason
@@ -76,7 +76,9 @@ def test_a_client_without_a_certificate_from_the_ca_cannot_connect(
 def test_each_identity_may_call_only_its_roles_methods(
     shared_server: ServerProcess, cert_name: str, allowed: bool
 ) -> None:
-    request = sealed_request(shared_server, f"role-{cert_name}")
+    request = sealed_request(
+        shared_server, f"role-{cert_name}", identity=client_identity(cert_name)
+    )
     with shared_server.channel(cert_name) as channel:
         stub = scoring_service_pb2_grpc.ScoringServiceStub(channel)
         if allowed:
@@ -162,10 +164,11 @@ def test_rate_and_concurrency_limits_are_per_identity(tmp_path: Path) -> None:
     try:
         with server.channel("scorer") as scorer_channel, server.channel() as dev_channel:
             scorer = scoring_service_pb2_grpc.ScoringServiceStub(scorer_channel)
+            as_scorer = client_identity("scorer")  # data keys open only for their sealer
             for n in range(3):
-                scorer.Score(sealed_request(server, f"burst-{n}"), timeout=10)
+                scorer.Score(sealed_request(server, f"burst-{n}", identity=as_scorer), timeout=10)
             with pytest.raises(grpc.RpcError) as limited:
-                scorer.Score(sealed_request(server, "burst-3"), timeout=10)
+                scorer.Score(sealed_request(server, "burst-3", identity=as_scorer), timeout=10)
             assert limited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert error_reason(limited.value) == "RATE_LIMITED"
 

@@ -28,6 +28,7 @@ from privscore.v1 import (
 from service.cli import build_parser
 from service.client.probe import health_status, list_services
 from service.config import settings_from
+from service.privacy.sealing import ENCAPSULATED_KEY_BYTES, SEALED_DATA_KEY_BYTES
 from service.server import SERVICE_NAMES, PrivscoreServer
 from tests.conftest import REPO_ROOT, ServerProcess, aio_channel, init_dev_keys, privscore_cli
 
@@ -40,7 +41,9 @@ def valid_features() -> common_pb2.EncryptedFeatures:
     return common_pb2.EncryptedFeatures(
         schema_version="german-credit-1",
         data_key=common_pb2.SealedDataKey(
-            key_id="k1", encapsulated_key=bytes(32), sealed_key=bytes(48)
+            key_id="k1",
+            encapsulated_key=bytes(ENCAPSULATED_KEY_BYTES),
+            sealed_key=bytes(SEALED_DATA_KEY_BYTES),
         ),
         fields=[
             common_pb2.EncryptedField(

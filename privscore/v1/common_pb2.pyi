@@ -79,8 +79,11 @@ Global___Money: _TypeAlias = Money  # noqa: Y015
 
 @_typing.final
 class SealedDataKey(_message.Message):
-    """SealedDataKey carries a fresh random AES-256 data key sealed to one of the server's HPKE
-    (RFC 9180) public keys; the fields of the request are encrypted under that data key.
+    """SealedDataKey carries a random AES-256 data key sealed to one of the server's HPKE (RFC 9180)
+    public keys for one caller identity and one RPC method (sealing format 2: the HPKE info holds
+    the method and the SPIFFE id of the caller's client certificate). A caller may reuse one sealed
+    data key for many requests of that method within the limits sealed with it; the server opens
+    it only for a call from that identity to that method, and only within those limits.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -93,7 +96,11 @@ class SealedDataKey(_message.Message):
     encapsulated_key: _builtins.bytes
     """HPKE encapsulated key (the sender's ephemeral public key), 32 bytes for X25519."""
     sealed_key: _builtins.bytes
-    """HPKE ciphertext of the 32-byte data key, including its 16-byte authentication tag."""
+    """HPKE ciphertext of the 56-byte grant, including its 16-byte authentication tag: 72 bytes.
+    The grant is the 32-byte data key, then big-endian: when it was made (uint64 milliseconds
+    since the Unix epoch), its maximum age (uint32 milliseconds), maximum requests (uint32) and
+    maximum plaintext bytes of the fields sealed under it (uint64).
+    """
     def __init__(
         self,
         *,
@@ -112,8 +119,9 @@ Global___SealedDataKey: _TypeAlias = SealedDataKey  # noqa: Y015
 @_typing.final
 class EncryptedField(_message.Message):
     """EncryptedField is one feature value encrypted with AES-256-GCM under the request's data key.
-    The associated data binds it to the field name, the subject pseudonym and the schema version,
-    so a ciphertext moved to another field, subject or schema version fails to decrypt.
+    The associated data binds it to the field name, the subject pseudonym, the request id and the
+    schema version, so a ciphertext moved to another field, subject, request or schema version
+    fails to decrypt, even under the same data key.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

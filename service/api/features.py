@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
 
 from privscore.v1 import common_pb2
+from service.callctx import CALLER
 from service.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from service.model.schema import validate_record
 from service.model.scorer import Row, Scorer
-from service.privacy.sealing import FeatureInput, FeatureOpener
+from service.privacy.sealing import FeatureInput, FeatureOpener, RequestKeys
 
 
 class SchemaVersionMismatch(FailedPrecondition):
@@ -24,10 +24,17 @@ def open_row(
     *,
     method: str,
     request_id: str,
+    identity: str | None = None,
     path: str = "features",
-    opened_keys: dict[bytes, Any] | None = None,
+    opened_keys: RequestKeys | None = None,
+    at: float | None = None,
 ) -> Row:
-    """Decrypt and validate against the served model's schema; errors name fields only."""
+    """Decrypt and validate against the served model's schema; errors name fields only.
+
+    The data key must have been sealed by `identity`: by default the verified caller of the
+    current call (`CALLER`, which the interceptor sets before any servicer runs). `at` opens
+    a recorded request as of its decision time (replay; see `FeatureOpener.open`).
+    """
     served = scorer.schema_version
     if features.schema_version != served:
         raise SchemaVersionMismatch(
@@ -37,9 +44,11 @@ def open_row(
         features,
         subject,
         method=method,
+        identity=CALLER.get() if identity is None else identity,
         request_id=request_id,
         path=path,
         opened_keys=opened_keys,
+        at=at,
     )
     problems = validate_record(scorer.manifest.schema, values)
     if problems:

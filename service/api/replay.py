@@ -105,6 +105,10 @@ def _open_inputs(record: dict[str, Any], scorer: Scorer, keys: _Keys) -> tuple[R
         raise NotReplayable("the record's encrypted inputs are not a serialised message") from None
     rpc = _text(record, "rpc")
     try:
+        decided_at = dt.datetime.fromisoformat(_text(record, "time")).timestamp()
+    except ValueError:
+        raise NotReplayable("the record's time is not an ISO 8601 time") from None
+    try:
         row = open_row(
             scorer,
             keys.opener,
@@ -112,6 +116,8 @@ def _open_inputs(record: dict[str, Any], scorer: Scorer, keys: _Keys) -> tuple[R
             _subject(record),
             method=rpc,
             request_id=_text(record, "request_id"),
+            identity=_text(record, "caller"),  # the data key is sealed for the caller
+            at=decided_at,  # and was within its grant when the decision was made
         )
     except ServiceError as error:
         raise NotReplayable(f"the recorded inputs do not open here: {error}") from None

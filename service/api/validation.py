@@ -15,6 +15,12 @@ from google.protobuf.descriptor import EnumDescriptor
 
 from privscore.v1 import common_pb2
 from service.errors import FieldViolation, InvalidArgument
+from service.privacy.sealing import (  # crypto sizes have one home: the sealing format
+    ENCAPSULATED_KEY_BYTES as X25519_ENCAPSULATED_KEY_BYTES,
+)
+from service.privacy.sealing import NONCE_BYTES as AES_GCM_NONCE_BYTES
+from service.privacy.sealing import SEALED_DATA_KEY_BYTES
+from service.privacy.sealing import TAG_BYTES as AES_GCM_TAG_BYTES
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 TENANT = re.compile(r"[a-z][a-z0-9-]{0,62}")
@@ -26,10 +32,6 @@ FEATURE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 MAX_BATCH_ITEMS = 256
 MAX_FIELDS = 64
-X25519_ENCAPSULATED_KEY_BYTES = 32
-SEALED_DATA_KEY_BYTES = 32 + 16  # AES-256 key + AEAD tag
-AES_GCM_NONCE_BYTES = 12
-AES_GCM_TAG_BYTES = 16
 MAX_FIELD_CIPHERTEXT_BYTES = 1024
 # Times privscore accepts: 1900-01-01 to 2200-01-01 UTC. Narrower than Timestamp's own range
 # (years 1-9999), so window and retention arithmetic on any accepted time stays in range.

@@ -1,17 +1,25 @@
 """The client SDK: one call per RPC from a tenant, a raw customer id and plain feature values.
 
-It pseudonymises the id with the caller's own key, seals a fresh data key to the server's
-primary public key, encrypts every feature field by field and calls the RPC. It needs the
-generated stubs and the privacy room only: no model runtime.
+It pseudonymises the id with the caller's own key, seals a data key to the server's primary
+public key for its own certificate identity and the method, encrypts every feature field by
+field under it (bound to the request id and subject) and calls the RPC. Sealed data keys are
+reused across requests within `KeyLimits` (by default 5 minutes, 10,000 requests or 16 MiB of
+field plaintext, whichever comes first; 0 turns reuse off), so most calls cost the server no
+HPKE open. It needs the generated stubs and the privacy room only: no model runtime.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
+from cryptography import x509
 
 from privscore.v1 import (
     alert_service_pb2,
@@ -24,17 +32,124 @@ from privscore.v1 import (
 )
 from service.config import DataLayout
 from service.privacy.pseudonym import Pseudonymiser
-from service.privacy.sealing import DataKey, FeatureInput, ServerPublicKey, load_public_keyset
+from service.privacy.sealing import (
+    DEFAULT_MAX_AGE_S,
+    MAX_ENCRYPTIONS_PER_KEY,
+    DataKey,
+    FeatureInput,
+    KeyLimits,
+    ServerPublicKey,
+    encode_value,
+    load_public_keyset,
+)
+from service.security.certs import CertPaths
 
 Features = Mapping[str, FeatureInput]
 SCORE_METHOD = "/privscore.v1.ScoringService/Score"
 SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch"
 ADJUST_LIMIT_METHOD = "/privscore.v1.LimitService/AdjustLimit"
 DEFAULT_TIMEOUT_S = 10.0
+Response = TypeVar("Response")
 
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def certificate_identity(pem: bytes) -> str | None:
+    """The identity the server reads from this client certificate: its one SPIFFE URI SAN
+    (gRPC's `peer_spiffe_id`, which it sets only for exactly one URI SAN), or None."""
+    certificate = x509.load_pem_x509_certificate(pem)
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if len(uris) == 1 and uris[0].startswith("spiffe://") else None
+
+
+@dataclass
+class _InUse:
+    key: DataKey
+    retires_at: float
+    requests: int = 0
+    plaintext_bytes: int = 0
+    encryptions: int = 0
+
+
+class DataKeyCache:
+    """Sealed data keys reused across requests: one per method, retired when a request would
+    take it past its age, requests, bytes or `MAX_ENCRYPTIONS_PER_KEY` fields. Thread-safe:
+    a request reserves its share of a key under a lock, then encrypts outside it.
+
+    The sealed grant carries the same limits, so the server honours a key no longer than
+    this cache uses it. With reuse off (any limit 0) every request gets its own key, granted
+    one request; so does a request larger than a key's byte limit.
+    """
+
+    def __init__(
+        self,
+        server_key: ServerPublicKey,
+        identity: str | None,
+        limits: KeyLimits,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.server_key = server_key
+        self.identity = identity
+        self.limits = limits
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._keys: dict[str, _InUse] = {}
+        self.sealed_keys = 0  # HPKE seals so far
+
+    def _seal(self, method: str, limits: KeyLimits) -> DataKey:
+        if self.identity is None:
+            raise ValueError(
+                "sealing binds the caller's certificate identity, and this client has none: "
+                "give identity= (the SPIFFE id of the client certificate)"
+            )
+        self.sealed_keys += 1
+        return DataKey(self.server_key, method, identity=self.identity, limits=limits)
+
+    def take(self, method: str, plaintext_bytes: int, fields: int) -> DataKey:
+        """A key for one request that encrypts `fields` fields of `plaintext_bytes` bytes."""
+        limits = self.limits
+        if not limits.reuse or plaintext_bytes > limits.max_bytes:
+            single = KeyLimits(limits.max_age_s or DEFAULT_MAX_AGE_S, 1, max(plaintext_bytes, 1))
+            with self._lock:
+                return self._seal(method, single)
+        now = self._clock()
+        with self._lock:
+            in_use = self._keys.get(method)
+            if (
+                in_use is None
+                or now >= in_use.retires_at
+                or in_use.requests >= limits.max_requests
+                or in_use.plaintext_bytes + plaintext_bytes > limits.max_bytes
+                or in_use.encryptions + fields > MAX_ENCRYPTIONS_PER_KEY
+            ):
+                in_use = _InUse(self._seal(method, limits), now + limits.max_age_s)
+                self._keys[method] = in_use
+            in_use.requests += 1
+            in_use.plaintext_bytes += plaintext_bytes
+            in_use.encryptions += fields
+            return in_use.key
+
+    def retire(self, method: str, key: DataKey) -> None:
+        """Stop reusing `key` (a call under it failed: the server may refuse it from now on)."""
+        with self._lock:
+            in_use = self._keys.get(method)
+            if in_use is not None and in_use.key is key:
+                del self._keys[method]
+
+
+def _encoded(features: Features) -> list[tuple[str, bytes]]:
+    return [(name, encode_value(value)) for name, value in features.items()]
+
+
+def _size(plaintexts: Sequence[tuple[str, bytes]]) -> int:
+    return sum(len(plaintext) for _, plaintext in plaintexts)
 
 
 class PrivscoreClient:
@@ -44,25 +159,46 @@ class PrivscoreClient:
         server_key: ServerPublicKey,
         pseudonymiser: Pseudonymiser,
         schema_version: str,
+        *,
+        identity: str | None,
+        key_limits: KeyLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._server_key = server_key
+        """`identity` is the SPIFFE id of the client certificate the channel presents (the
+        server opens a data key only for the identity it was sealed for); `key_limits` bound
+        the reuse of sealed data keys (`KeyLimits()` by default; `KeyLimits(max_requests=0)`
+        seals a fresh key for every request)."""
         self._pseudonymiser = pseudonymiser
         self.schema_version = schema_version
+        self.data_keys = DataKeyCache(
+            server_key, identity, KeyLimits() if key_limits is None else key_limits, clock=clock
+        )
         self._scoring = scoring_service_pb2_grpc.ScoringServiceStub(channel)
         self._limits = limit_service_pb2_grpc.LimitServiceStub(channel)
         self._alerts = alert_service_pb2_grpc.AlertServiceStub(channel)
 
     @classmethod
     def from_data_dir(
-        cls, channel: grpc.Channel, data_dir: Path | str, schema_version: str
+        cls,
+        channel: grpc.Channel,
+        data_dir: Path | str,
+        schema_version: str,
+        *,
+        cert_name: str = "dev",
+        key_limits: KeyLimits | None = None,
     ) -> PrivscoreClient:
-        """Use the dev keys `privscore keys init` put under the data directory."""
+        """Use the dev keys `privscore keys init` put under the data directory, sealing for the
+        identity of the `cert_name` client certificate (the one the channel presents)."""
         layout = DataLayout(Path(data_dir))
+        certificate = CertPaths(layout.certs_dir).client_cert(cert_name)
+        identity = certificate_identity(certificate.read_bytes()) if certificate.exists() else None
         return cls(
             channel,
             load_public_keyset(layout.public_keyset),
             Pseudonymiser.from_file(layout.pseudonym_key),
             schema_version,
+            identity=identity,
+            key_limits=key_limits,
         )
 
     def subject(self, tenant: str, customer_id: str) -> common_pb2.SubjectRef:
@@ -73,8 +209,32 @@ class PrivscoreClient:
     def seal(
         self, method: str, request_id: str, subject: common_pb2.SubjectRef, features: Features
     ) -> common_pb2.EncryptedFeatures:
-        data_key = DataKey(self._server_key, method, request_id)
-        return data_key.seal(self.schema_version, subject, features)
+        """One request's features, sealed under the method's current data key."""
+        return self._seal(method, request_id, subject, features)[0]
+
+    def _seal(
+        self, method: str, request_id: str, subject: common_pb2.SubjectRef, features: Features
+    ) -> tuple[common_pb2.EncryptedFeatures, DataKey]:
+        plaintexts = _encoded(features)
+        key = self.data_keys.take(method, _size(plaintexts), len(plaintexts))
+        sealed = key.seal_encoded(self.schema_version, subject, plaintexts, request_id=request_id)
+        return sealed, key
+
+    def _call(
+        self,
+        rpc: Callable[..., Response],
+        request: Any,
+        timeout: float,
+        used: tuple[str, DataKey] | None,
+    ) -> Response:
+        """Call; a failed call retires the data key it used, so the next call seals anew
+        (the server may have refused the key: retired server key, spent or expired grant)."""
+        try:
+            return rpc(request, timeout=timeout)
+        except grpc.RpcError:
+            if used is not None:
+                self.data_keys.retire(*used)
+            raise
 
     def score(
         self,
@@ -87,13 +247,11 @@ class PrivscoreClient:
     ) -> scoring_service_pb2.ScoreResponse:
         request_id = request_id or new_request_id()
         subject = self.subject(tenant, customer_id)
+        sealed, key = self._seal(SCORE_METHOD, request_id, subject, features)
         request = scoring_service_pb2.ScoreRequest(
-            request_id=request_id,
-            subject=subject,
-            features=self.seal(SCORE_METHOD, request_id, subject, features),
+            request_id=request_id, subject=subject, features=sealed
         )
-        response: scoring_service_pb2.ScoreResponse = self._scoring.Score(request, timeout=timeout)
-        return response
+        return self._call(self._scoring.Score, request, timeout, (SCORE_METHOD, key))
 
     def score_batch(
         self,
@@ -103,23 +261,29 @@ class PrivscoreClient:
         request_id: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> scoring_service_pb2.ScoreBatchResponse:
-        """Score (customer id, features) pairs; one data key is sealed for the whole batch."""
+        """Score (customer id, features) pairs; every item is sealed under one data key (the
+        batch counts as one request against its limits, its items' bytes all count)."""
         request_id = request_id or new_request_id()
-        data_key = DataKey(self._server_key, SCORE_BATCH_METHOD, request_id)
-        items = []
-        for customer_id, features in applicants:
-            subject = self.subject(tenant, customer_id)
-            items.append(
-                scoring_service_pb2.ScoreBatchItem(
-                    subject=subject,
-                    features=data_key.seal(self.schema_version, subject, features),
-                )
-            )
-        request = scoring_service_pb2.ScoreBatchRequest(request_id=request_id, items=items)
-        response: scoring_service_pb2.ScoreBatchResponse = self._scoring.ScoreBatch(
-            request, timeout=timeout
+        encoded = [
+            (self.subject(tenant, customer_id), _encoded(features))
+            for customer_id, features in applicants
+        ]
+        key = self.data_keys.take(
+            SCORE_BATCH_METHOD,
+            sum(_size(plaintexts) for _, plaintexts in encoded),
+            sum(len(plaintexts) for _, plaintexts in encoded),
         )
-        return response
+        items = [
+            scoring_service_pb2.ScoreBatchItem(
+                subject=subject,
+                features=key.seal_encoded(
+                    self.schema_version, subject, plaintexts, request_id=request_id
+                ),
+            )
+            for subject, plaintexts in encoded
+        ]
+        request = scoring_service_pb2.ScoreBatchRequest(request_id=request_id, items=items)
+        return self._call(self._scoring.ScoreBatch, request, timeout, (SCORE_BATCH_METHOD, key))
 
     def adjust_limit(
         self,
@@ -140,14 +304,14 @@ class PrivscoreClient:
         request = limit_service_pb2.AdjustLimitRequest(
             request_id=request_id, subject=subject, account=account
         )
+        used = None
         if features is not None:
-            request.features.CopyFrom(self.seal(ADJUST_LIMIT_METHOD, request_id, subject, features))
+            sealed, key = self._seal(ADJUST_LIMIT_METHOD, request_id, subject, features)
+            request.features.CopyFrom(sealed)
+            used = (ADJUST_LIMIT_METHOD, key)
         else:
             request.latest_score = latest_score  # type: ignore[assignment]
-        response: limit_service_pb2.AdjustLimitResponse = self._limits.AdjustLimit(
-            request, timeout=timeout
-        )
-        return response
+        return self._call(self._limits.AdjustLimit, request, timeout, used)
 
     def evaluate_event(
         self,

@@ -38,11 +38,11 @@ from typing import Any
 
 # Third-party code is imported first and uninstrumented: coverage feedback comes from ours.
 import atheris  # type: ignore[import-untyped, import-not-found, unused-ignore]
+import cryptography.hazmat.primitives.ciphers.aead  # noqa: F401
 import google.protobuf.json_format  # noqa: F401
 import grpc  # noqa: F401
 import numpy  # noqa: F401
 import onnxruntime  # noqa: F401
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.descriptor import FieldDescriptor
 
 with atheris.instrument_imports(include=["service", "privscore"]):
@@ -69,14 +69,9 @@ with atheris.instrument_imports(include=["service", "privscore"]):
     from service.privacy.keyring import Keyring
     from service.privacy.pseudonym import Pseudonymiser
     from service.privacy.sealing import (
-        ENCAPSULATED_KEY_BYTES,
-        SUITE,
         DataKey,
         FeatureOpener,
         ServerPublicKey,
-        field_aad,
-        field_aad_prefix,
-        hpke_info,
         load_public_keyset,
     )
 
@@ -84,6 +79,8 @@ SCORE = "/privscore.v1.ScoringService/Score"
 SCORE_BATCH = "/privscore.v1.ScoringService/ScoreBatch"
 ADJUST_LIMIT = "/privscore.v1.LimitService/AdjustLimit"
 TENANT = "baitiao-cn"
+# The verified caller the servicers would see: data keys are sealed for it.
+IDENTITY = "spiffe://privscore.dev/client/dev"
 MODES = 6
 SEALED_MODE = 5
 MAX_SEALED_FIELDS = 24
@@ -141,6 +138,7 @@ def open_features(
         subject,
         method=method,
         request_id=request_id,
+        identity=IDENTITY,
         opened_keys=opened_keys,
     )
     assert set(row) == {spec.name for spec in SCHEMA.model_features}
@@ -252,29 +250,9 @@ def _seal(
     subject: common_pb2.SubjectRef,
     plaintexts: Sequence[tuple[str, bytes]],
 ) -> common_pb2.EncryptedFeatures:
-    """As the SDK seals (`DataKey`), but any plaintext bytes, not only typed values."""
-    key = AESGCM.generate_key(bit_length=256)
-    sealed_key = SUITE.encrypt(key, SERVER_KEY.public_key, info=hpke_info(SCORE, request_id))
-    data_key = common_pb2.SealedDataKey(
-        key_id=SERVER_KEY.key_id,
-        encapsulated_key=sealed_key[:ENCAPSULATED_KEY_BYTES],
-        sealed_key=sealed_key[ENCAPSULATED_KEY_BYTES:],
-    )
-    aead = AESGCM(key)
-    features = common_pb2.EncryptedFeatures(schema_version=version, data_key=data_key)
-    for name, plaintext in plaintexts:
-        nonce = os.urandom(12)
-        features.fields.append(
-            common_pb2.EncryptedField(
-                name=name,
-                key_id=SERVER_KEY.key_id,
-                nonce=nonce,
-                ciphertext=aead.encrypt(
-                    nonce, plaintext, field_aad(field_aad_prefix(version, subject), name)
-                ),
-            )
-        )
-    return features
+    """As the SDK seals, but any plaintext bytes, not only typed values."""
+    data_key = DataKey(SERVER_KEY, SCORE, identity=IDENTITY)
+    return data_key.seal_encoded(version, subject, plaintexts, request_id=request_id)
 
 
 TARGETS: tuple[Callable[[bytes], None], ...] = (
@@ -436,7 +414,9 @@ def write_seeds(directory: Path) -> None:
     for index in range(2):
         values = applicants()[index]
         request_id = f"seed-{index}"
-        features = DataKey(SERVER_KEY, SCORE, request_id).seal(SCHEMA_VERSION, subject, values)
+        features = DataKey(SERVER_KEY, SCORE, identity=IDENTITY).seal(
+            SCHEMA_VERSION, subject, values, request_id=request_id
+        )
         seeds.append(
             (
                 0,
@@ -445,10 +425,13 @@ def write_seeds(directory: Path) -> None:
                 ).SerializeToString(),
             )
         )
-    batch_key = DataKey(SERVER_KEY, SCORE_BATCH, "seed-batch")
+    batch_key = DataKey(SERVER_KEY, SCORE_BATCH, identity=IDENTITY)
     items = [
         scoring_service_pb2.ScoreBatchItem(
-            subject=subject, features=batch_key.seal(SCHEMA_VERSION, subject, applicants()[i])
+            subject=subject,
+            features=batch_key.seal(
+                SCHEMA_VERSION, subject, applicants()[i], request_id="seed-batch"
+            ),
         )
         for i in range(2)
     ]
@@ -471,8 +454,8 @@ def write_seeds(directory: Path) -> None:
                 request_id="seed-limit",
                 subject=subject,
                 account=account,
-                features=DataKey(SERVER_KEY, ADJUST_LIMIT, "seed-limit").seal(
-                    SCHEMA_VERSION, subject, applicants()[0]
+                features=DataKey(SERVER_KEY, ADJUST_LIMIT, identity=IDENTITY).seal(
+                    SCHEMA_VERSION, subject, applicants()[0], request_id="seed-limit"
                 ),
             ).SerializeToString(),
         )
