@@ -35,17 +35,20 @@ from privscore.v1 import (
     scoring_service_pb2,
     scoring_service_pb2_grpc,
 )
-from service.client.sdk import SCORE_BATCH_METHOD, SCORE_METHOD
+from service.client.sdk import SCORE_BATCH_METHOD, SCORE_METHOD, certificate_identity
 from service.config import DEFAULT_MODEL_DIR, DataLayout
 from service.model.manifest import load_unverified_manifest
 from service.model.schema import parse_text
 from service.privacy.pseudonym import Pseudonymiser
-from service.privacy.sealing import DataKey, load_public_keyset
+from service.privacy.sealing import DataKey, KeyLimits, load_public_keyset
 from service.security.certs import CertPaths
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "model_export" / "data" / "german_credit.csv"
 POOL = 512  # distinct pre-sealed requests per step
+# Score requests of the pool share a data key per 64 (as the SDK shares one per 10,000 fresh
+# requests): the pool is sent over and over, and each send counts against its key's limits.
+REQUESTS_PER_KEY = 64
 
 
 def applicants() -> list[dict[str, Any]]:
@@ -67,6 +70,21 @@ class Requests:
         self.schema_version = load_unverified_manifest(DEFAULT_MODEL_DIR).schema_version
         self.rows = applicants()
         self.counter = itertools.count()
+        certificate = CertPaths(layout.certs_dir).client_cert("dev").read_bytes()
+        identity = certificate_identity(certificate)
+        assert identity is not None
+        self.identity = identity
+        self._keys: dict[int, DataKey] = {}
+
+    def _key(self, method: str, group: int) -> DataKey:
+        if group not in self._keys:
+            self._keys[group] = DataKey(
+                self.server_key,
+                method,
+                identity=self.identity,
+                limits=KeyLimits(max_requests=1_000_000, max_bytes=1 << 30),
+            )
+        return self._keys[group]
 
     def subject(self, n: int) -> common_pb2.SubjectRef:
         return common_pb2.SubjectRef(
@@ -76,16 +94,18 @@ class Requests:
     def score(self, n: int) -> scoring_service_pb2.ScoreRequest:
         request_id = f"bench-{n}"
         subject = self.subject(n)
-        key = DataKey(self.server_key, SCORE_METHOD, request_id)
+        key = self._key(SCORE_METHOD, n // REQUESTS_PER_KEY)
         return scoring_service_pb2.ScoreRequest(
             request_id=request_id,
             subject=subject,
-            features=key.seal(self.schema_version, subject, self.rows[n % len(self.rows)]),
+            features=key.seal(
+                self.schema_version, subject, self.rows[n % len(self.rows)], request_id=request_id
+            ),
         )
 
     def batch(self, n: int, size: int) -> scoring_service_pb2.ScoreBatchRequest:
         request_id = f"bench-batch-{n}"
-        key = DataKey(self.server_key, SCORE_BATCH_METHOD, request_id)
+        key = self._key(SCORE_BATCH_METHOD, -1 - n)  # one key per pooled batch
         items = []
         for i in range(size):
             subject = self.subject(n * size + i)
@@ -93,7 +113,10 @@ class Requests:
                 scoring_service_pb2.ScoreBatchItem(
                     subject=subject,
                     features=key.seal(
-                        self.schema_version, subject, self.rows[(n * size + i) % len(self.rows)]
+                        self.schema_version,
+                        subject,
+                        self.rows[(n * size + i) % len(self.rows)],
+                        request_id=request_id,
                     ),
                 )
             )

@@ -67,6 +67,7 @@ def measure(data_dir: Path, count: int = 200) -> dict[str, Any]:
             request.subject,
             method=SCORE_METHOD,
             request_id=request.request_id,
+            identity=requests.identity,
             opened_keys=keys,
         )
 
@@ -111,7 +112,7 @@ def measure(data_dir: Path, count: int = 200) -> dict[str, Any]:
             "hpke_open_data_key": median_us(
                 lambda i: opener.open_data_key(
                     pool[i].features.data_key,
-                    hpke_info(SCORE_METHOD, pool[i].request_id),
+                    hpke_info(SCORE_METHOD, requests.identity),
                     "features",
                 ),
                 count,
