@@ -17,9 +17,11 @@ log. They differ in how the store row follows the record:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
@@ -40,6 +42,22 @@ _log = structlog.get_logger("privscore.store")
 ResponseFor = Callable[[int], bytes]
 # The serialized alerts an event raised, given the audit sequence of its record.
 AlertsFor = Callable[[int], list[bytes]]
+
+
+@dataclass(frozen=True)
+class LimitRow:
+    """What a limit decision's store row holds beside its reply: one value for both ledgers."""
+
+    tenant: str
+    pseudonym: str
+    request_id: str
+    fingerprint: str
+    decided_at: dt.datetime
+    action: str
+
+    def columns(self) -> dict[str, Any]:
+        """As the stores' keyword arguments."""
+        return dataclasses.asdict(self)
 
 
 class FailClosedAudit:
@@ -102,13 +120,8 @@ class Ledger(Protocol):
     async def commit_limit(
         self,
         record: Mapping[str, Any],
+        decision: LimitRow,
         *,
-        tenant: str,
-        pseudonym: str,
-        request_id: str,
-        fingerprint: str,
-        decided_at: dt.datetime,
-        action: str,
         response: ResponseFor,
         seen_last_increase: dt.datetime | None,
     ) -> int:
@@ -177,28 +190,15 @@ class EmbeddedLedger:
     async def commit_limit(
         self,
         record: Mapping[str, Any],
+        decision: LimitRow,
         *,
-        tenant: str,
-        pseudonym: str,
-        request_id: str,
-        fingerprint: str,
-        decided_at: dt.datetime,
-        action: str,
         response: ResponseFor,
         seen_last_increase: dt.datetime | None,
     ) -> int:
         sequence = await self._audit.append(record)
         stored = response(sequence)
         await self._in_store(
-            lambda: self._store.record_limit_decision(
-                tenant=tenant,
-                pseudonym=pseudonym,
-                request_id=request_id,
-                fingerprint=fingerprint,
-                decided_at=decided_at,
-                action=action,
-                response=stored,
-            )
+            lambda: self._store.record_limit_decision(**decision.columns(), response=stored)
         )
         return sequence
 

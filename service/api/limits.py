@@ -15,6 +15,7 @@ from privscore.v1 import common_pb2, limit_service_pb2_grpc
 from privscore.v1 import limit_service_pb2 as pb
 from service.api import validation as check
 from service.api.features import encrypted_inputs, open_row
+from service.api.ledger import LimitRow
 from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot, decided_again
 from service.decisions.limits import Account, decide_limit
 from service.decisions.rows import StateChanged
@@ -280,15 +281,10 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             response.metadata.audit_sequence = sequence
             return response.SerializeToString()
 
+        row = LimitRow(
+            subject.tenant, subject.pseudonym, request.request_id, fingerprint, now, decision.action
+        )
         response.metadata.audit_sequence = await ledger.commit_limit(
-            record,
-            tenant=subject.tenant,
-            pseudonym=subject.pseudonym,
-            request_id=request.request_id,
-            fingerprint=fingerprint,
-            decided_at=now,
-            action=decision.action,
-            response=stored_reply,
-            seen_last_increase=last_increase,
+            record, row, response=stored_reply, seen_last_increase=last_increase
         )
         return response

@@ -20,7 +20,7 @@ import psycopg
 import psycopg_pool
 import structlog
 
-from service.api.ledger import AlertsFor, FailClosedAudit, ResponseFor, tampered
+from service.api.ledger import AlertsFor, FailClosedAudit, LimitRow, ResponseFor, tampered
 from service.decisions.alert_rules import Event
 from service.decisions.pg_store import PgDecisionStore
 from service.decisions.rows import StoredLimitDecision, StoreTampered
@@ -90,25 +90,15 @@ class PgLedger:
     async def commit_limit(
         self,
         record: Mapping[str, Any],
+        decision: LimitRow,
         *,
-        tenant: str,
-        pseudonym: str,
-        request_id: str,
-        fingerprint: str,
-        decided_at: dt.datetime,
-        action: str,
         response: ResponseFor,
         seen_last_increase: dt.datetime | None,
     ) -> int:
         async def store_row(conn: psycopg.AsyncConnection[Any], sequence: int) -> None:
             await self._store.insert_limit_decision(
                 conn,
-                tenant=tenant,
-                pseudonym=pseudonym,
-                request_id=request_id,
-                fingerprint=fingerprint,
-                decided_at=decided_at,
-                action=action,
+                **decision.columns(),
                 response=response(sequence),
                 seen_last_increase=seen_last_increase,
             )
