@@ -18,6 +18,7 @@ from typing import Any
 
 from service.db.settings import DatabaseSettings
 from service.files import private_dir
+from service.monitoring.settings import MonitoringSettings
 from service.security.limits import CallLimits
 from service.settings import (
     SETTING,
@@ -276,6 +277,10 @@ class ServerSettings:
         "8",
         value=8,
     )
+    # A group: metrics and the drift report (service/monitoring/settings.py).
+    monitoring: MonitoringSettings = field(
+        default_factory=MonitoringSettings, metadata={SETTING: MonitoringSettings}
+    )
     workers: int = setting(
         "--workers",
         "server processes sharing the port (SO_REUSEPORT), supervised by this one; more than "
@@ -364,6 +369,8 @@ def settings_from(
     settings = ServerSettings(**resolved)
     if settings.insecure and not ipaddress.ip_address(settings.bind).is_loopback:
         raise ConfigError("--insecure is allowed only with a loopback --bind")
+    if settings.monitoring.drift_window < settings.monitoring.drift_min_count:
+        raise ConfigError("--drift-window must be at least --drift-min-count")
     if settings.workers > 1 and settings.database.database_url is None:
         raise ConfigError(
             "--workers above 1 needs --database-url: the embedded store and file log belong to "

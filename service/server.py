@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import astuple
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -50,6 +51,17 @@ from service.files import write_private
 from service.interceptors import RequestContextInterceptor
 from service.model.manifest import ArtifactError
 from service.model.scorer import ModelBatcher, Scorer
+from service.monitoring import tracing
+from service.monitoring.http import MetricsEndpoint
+from service.monitoring.metrics import (
+    NO_METRICS,
+    AuditCollector,
+    AuditTotals,
+    GaugeCollector,
+    KeyAgeCollector,
+    Metrics,
+    PrometheusMetrics,
+)
 from service.privacy.digest import (
     derive_audit_mac_key,
     derive_input_digest_key,
@@ -155,13 +167,20 @@ class PrivscoreServer:
         self._watch: asyncio.Task[None] | None = None
         self._serving = False  # what health says of the whole server now
         self.port = 0
+        monitoring = settings.monitoring
+        self.metrics: Metrics = (
+            NO_METRICS if monitoring.metrics_port is None else PrometheusMetrics()
+        )
+        self._metrics_http: MetricsEndpoint | None = None
         try:
             authz = load_authz_policy(settings.authz_policy)
         except AuthzPolicyError as error:
             raise StartupError(f"authorisation policy: {error}") from None
         self._server = grpc.aio.server(
             interceptors=[
-                RequestContextInterceptor(authz, settings.limits, on_refusal=self._audit_refusal)
+                RequestContextInterceptor(
+                    authz, settings.limits, on_refusal=self._audit_refusal, metrics=self.metrics
+                )
             ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -214,6 +233,15 @@ class PrivscoreServer:
         except RuntimeError:
             raise StartupError(f"cannot listen on {settings.address}") from None
         await self._server.start()
+        if isinstance(self.metrics, PrometheusMetrics):
+            port = settings.monitoring.metrics_port
+            assert port is not None
+            try:
+                self._metrics_http = MetricsEndpoint.start(
+                    self.metrics.registry, settings.monitoring.metrics_bind, port
+                )
+            except OSError as error:
+                raise StartupError(f"cannot serve metrics: {error.strerror}") from None
         log.info(
             "server.listening",
             bind=settings.bind,
@@ -236,7 +264,7 @@ class PrivscoreServer:
         audit_log = self._audit_log
         assert audit_log is not None
         runtime = Runtime(
-            model=ModelBatcher(scorer),
+            model=ModelBatcher(scorer, on_run=self.metrics.model_run),
             opener=FeatureOpener(keyring),
             policy=policy,
             ledger=ledger,
@@ -256,6 +284,7 @@ class PrivscoreServer:
         )
         if self._database is not None:
             self._database.listen(runtime.alerts)
+        self._watch_runtime(runtime, keyring, audit_log)
         self.slot.fill(runtime)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self._database is not None:
@@ -268,6 +297,26 @@ class PrivscoreServer:
             schema_version=scorer.schema_version,
             policy_version=policy.version,
             backend="embedded" if self._database is None else "postgresql",
+            metrics_port=self._metrics_http.port if self._metrics_http is not None else None,
+        )
+
+    def _watch_runtime(
+        self, runtime: Runtime, keyring: Keyring, audit_log: AuditLog | PgAuditLog
+    ) -> None:
+        """What a scrape reads off the running server: audit totals and commit times, key
+        ages, live alert subscribers."""
+        metrics = self.metrics
+        if not metrics.enabled:
+            return
+        audit_log.on_commit = metrics.audit_commit
+        metrics.watch(AuditCollector(lambda: AuditTotals(*astuple(audit_log.stats))))
+        metrics.watch(KeyAgeCollector(keyring.listing))
+        metrics.watch(
+            GaugeCollector(
+                "privscore_alert_subscribers",
+                "Alert streams open on this process now.",
+                runtime.alerts.subscribers,
+            )
         )
 
     async def _embedded(
@@ -291,7 +340,9 @@ class PrivscoreServer:
         except StartupError:
             store.close()
             raise
-        ledger = EmbeddedLedger(store, FailClosedAudit(audit_log, self._audit_failed))
+        ledger = EmbeddedLedger(
+            store, FailClosedAudit(audit_log, self._audit_failed, self.metrics.records)
+        )
         prove = file_prover(self.settings.layout.audit_dir, audit_log.verifier, audit_log.origin)
         return ledger, prove, AlertSource(ledger)
 
@@ -306,6 +357,7 @@ class PrivscoreServer:
             signing_key=signing_key,
             secret=secret,
             on_audit_failure=self._audit_failed,
+            on_durable=self.metrics.records,
         )
         self._database = parts
         self._audit_log = parts.audit_log
@@ -476,11 +528,27 @@ class PrivscoreServer:
             runtime.close()
         if self._database is not None:
             await self._database.close()
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
         log.info("server.stopped")
 
 
 async def serve(settings: ServerSettings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the keyring."""
+    try:
+        traced = tracing.configure()
+    except tracing.TracingError as error:
+        log.error("server.refused_to_start", reason=str(error))
+        raise StartupError(str(error)) from None
+    if traced:
+        log.info("tracing.on", exporter="otlp")
+    try:
+        await _serve(settings)
+    finally:
+        tracing.shutdown()
+
+
+async def _serve(settings: ServerSettings) -> None:
     server = PrivscoreServer(settings)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

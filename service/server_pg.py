@@ -12,7 +12,7 @@ back by themselves when the database does (`healthy`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +87,7 @@ async def open_database(
     signing_key: Ed25519PrivateKey,
     secret: bytes,
     on_audit_failure: Callable[[], Awaitable[None]],
+    on_durable: Callable[[Sequence[Mapping[str, Any]]], None] | None = None,
 ) -> DatabaseParts:
     try:
         kwargs = connection_kwargs(settings.database)
@@ -104,7 +105,7 @@ async def open_database(
     except BaseException:
         await pool.close()
         raise
-    audit = FailClosedAudit(audit_log, on_audit_failure)
+    audit = FailClosedAudit(audit_log, on_audit_failure, on_durable)
     ledger = PgLedger(PgDecisionStore(pool, derive_state_key(secret)), audit)
     log.info(
         "database.opened",

@@ -19,6 +19,7 @@ from service.callctx import CALLER
 from service.decisions.alert_rules import MISSED_PAYMENT, REPAYMENT, Event, evaluate
 from service.decisions.rows import StateChanged
 from service.errors import Aborted
+from service.monitoring.tracing import stage
 from service.privacy.record_seal import seal_record_fields
 
 EVALUATE_EVENT_METHOD = "/privscore.v1.AlertService/EvaluateEvent"
@@ -196,7 +197,8 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
         history: list[Event] = []
         if not duplicate:
             history = await ledger.events(subject.tenant, subject.pseudonym)
-            raised = evaluate(runtime.policy.alerts, event, history)
+            with stage("policy"):
+                raised = evaluate(runtime.policy.alerts, event, history)
         alerts = [
             pb.Alert(
                 subject=subject,
@@ -244,18 +246,19 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
                 alert.metadata.audit_sequence = sequence
             return [alert.SerializeToString() for alert in alerts]
 
-        metadata.audit_sequence, sequences = await ledger.commit_event(
-            record,
-            tenant=subject.tenant,
-            pseudonym=subject.pseudonym,
-            event=event,
-            duplicate=duplicate,
-            seen_history=[known.event_id for known in history],
-            alerts=stored_alerts,
-            raised_at=now,
-            forget_before=event.occurred_at
-            - dt.timedelta(days=runtime.policy.alerts.retention_days),
-        )
+        with stage("audit", records=1):
+            metadata.audit_sequence, sequences = await ledger.commit_event(
+                record,
+                tenant=subject.tenant,
+                pseudonym=subject.pseudonym,
+                event=event,
+                duplicate=duplicate,
+                seen_history=[known.event_id for known in history],
+                alerts=stored_alerts,
+                raised_at=now,
+                forget_before=event.occurred_at
+                - dt.timedelta(days=runtime.policy.alerts.retention_days),
+            )
         if duplicate:
             return response
         for alert, sequence in zip(alerts, sequences, strict=True):

@@ -65,12 +65,17 @@ class FailClosedAudit:
     whole server NOT_SERVING, so no decision ever leaves without its record."""
 
     def __init__(
-        self, audit_log: AuditLog | PgAuditLog, on_failure: Callable[[], Awaitable[None]]
+        self,
+        audit_log: AuditLog | PgAuditLog,
+        on_failure: Callable[[], Awaitable[None]],
+        on_durable: Callable[[Sequence[Mapping[str, Any]]], None] | None = None,
     ) -> None:
         """`audit_log`: the file log, or the PostgreSQL log, which also takes `within` hooks
-        (service/audit/pg/log.py)."""
+        (service/audit/pg/log.py). `on_durable` is shown every record once it is durable: the
+        one place every decision and refusal passes, which the metrics count."""
         self._log: Any = audit_log  # the two logs' append_all differ only in `within`
         self._on_failure = on_failure
+        self._on_durable = on_durable
 
     async def append(self, record: Mapping[str, Any], within: Any = None) -> int:
         """Append one record; with `within` (PostgreSQL only) the caller's statements commit
@@ -87,6 +92,8 @@ class FailClosedAudit:
             raise Unavailable(
                 "the audit log cannot be written; no decision is made", reason="AUDIT_UNAVAILABLE"
             ) from None
+        if self._on_durable is not None:
+            self._on_durable(records)
         return [entry.sequence for entry in appended]
 
 

@@ -20,6 +20,7 @@ from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot, decided
 from service.decisions.limits import Account, decide_limit
 from service.decisions.rows import StateChanged
 from service.errors import Aborted, FailedPrecondition
+from service.monitoring.tracing import stage
 from service.privacy.record_seal import seal_record_fields
 
 ADJUST_LIMIT_METHOD = "/privscore.v1.LimitService/AdjustLimit"
@@ -167,17 +168,19 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
         if currency not in runtime.policy.limits.ceilings:
             raise CurrencyNotSupported(f"the limit policy has no ceilings for {currency}")
         if request.HasField("features"):
-            row = open_row(
-                runtime.scorer,
-                runtime.opener,
-                request.features,
-                subject,
-                method=ADJUST_LIMIT_METHOD,
-                request_id=request.request_id,
-            )
-            probability = float(
-                (await runtime.model.probabilities(runtime.scorer.columns([row])))[0]
-            )
+            with stage("decrypt"):
+                row = open_row(
+                    runtime.scorer,
+                    runtime.opener,
+                    request.features,
+                    subject,
+                    method=ADJUST_LIMIT_METHOD,
+                    request_id=request.request_id,
+                )
+            with stage("model", rows=1):
+                probability = float(
+                    (await runtime.model.probabilities(runtime.scorer.columns([row])))[0]
+                )
             score = runtime.scorer.score_of(probability)
             inputs_digest = runtime.input_digest(dict(row))
             encrypted = encrypted_inputs(request.features)
@@ -232,15 +235,16 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             return replay
         last_increase = await ledger.last_increase_at(subject.tenant, subject.pseudonym)
         now = runtime.clock()
-        grade = runtime.policy.score.grade_of(score)
-        decision = decide_limit(
-            runtime.policy.limits,
-            account_of(account),
-            score,
-            grade,
-            last_increase,
-            now,
-        )
+        with stage("policy"):
+            grade = runtime.policy.score.grade_of(score)
+            decision = decide_limit(
+                runtime.policy.limits,
+                account_of(account),
+                score,
+                grade,
+                last_increase,
+                now,
+            )
         response = pb.AdjustLimitResponse(
             metadata=runtime.metadata(request.request_id, now),
             previous_limit=account.current_limit,
@@ -284,7 +288,8 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
         row = LimitRow(
             subject.tenant, subject.pseudonym, request.request_id, fingerprint, now, decision.action
         )
-        response.metadata.audit_sequence = await ledger.commit_limit(
-            record, row, response=stored_reply, seen_last_increase=last_increase
-        )
+        with stage("audit", records=1):
+            response.metadata.audit_sequence = await ledger.commit_limit(
+                record, row, response=stored_reply, seen_last_increase=last_increase
+            )
         return response

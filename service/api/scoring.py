@@ -18,6 +18,7 @@ from service.api.validation import well_formed_subject
 from service.decisions.policy import ScorePolicy
 from service.errors import ServiceError
 from service.model.scorer import ModelBatcher, Row
+from service.monitoring.tracing import stage
 
 SCORE_METHOD = "/privscore.v1.ScoringService/Score"
 SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch"
@@ -72,14 +73,15 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
     ) -> pb.ScoreResponse:
         validate_score(request)
         runtime = self._slot.runtime
-        row = open_row(
-            runtime.scorer,
-            runtime.opener,
-            request.features,
-            request.subject,
-            method=SCORE_METHOD,
-            request_id=request.request_id,
-        )
+        with stage("decrypt"):
+            row = open_row(
+                runtime.scorer,
+                runtime.opener,
+                request.features,
+                request.subject,
+                method=SCORE_METHOD,
+                request_id=request.request_id,
+            )
         applicant = _Applicant(request.subject, request.features, row)
         (response,) = await _decide(runtime, SCORE_METHOD, request.request_id, [applicant])
         return response
@@ -96,28 +98,29 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
         positions: list[int] = []
         refusals = []
         opened_keys: dict[bytes, Any] = {}  # one HPKE open per distinct sealed data key
-        for index, item in enumerate(request.items):
-            try:
-                validate_batch_item(item)
-                row = open_row(
-                    runtime.scorer,
-                    runtime.opener,
-                    item.features,
-                    item.subject,
-                    method=SCORE_BATCH_METHOD,
-                    request_id=request.request_id,
-                    opened_keys=opened_keys,
-                )
-            except ServiceError as error:
-                results[index].error.CopyFrom(error.to_status())
-                refusals.append(
-                    runtime.audit_refusal(
-                        SCORE_BATCH_METHOD, request.request_id, well_formed_subject(item), error
+        with stage("decrypt", rows=len(request.items)):
+            for index, item in enumerate(request.items):
+                try:
+                    validate_batch_item(item)
+                    row = open_row(
+                        runtime.scorer,
+                        runtime.opener,
+                        item.features,
+                        item.subject,
+                        method=SCORE_BATCH_METHOD,
+                        request_id=request.request_id,
+                        opened_keys=opened_keys,
                     )
-                )
-                continue
-            applicants.append(_Applicant(item.subject, item.features, row))
-            positions.append(index)
+                except ServiceError as error:
+                    results[index].error.CopyFrom(error.to_status())
+                    refusals.append(
+                        runtime.audit_refusal(
+                            SCORE_BATCH_METHOD, request.request_id, well_formed_subject(item), error
+                        )
+                    )
+                    continue
+                applicants.append(_Applicant(item.subject, item.features, row))
+                positions.append(index)
         responses = await _decide(runtime, SCORE_BATCH_METHOD, request.request_id, applicants)
         await asyncio.gather(*refusals)
         for index, response in zip(positions, responses, strict=True):
@@ -155,26 +158,27 @@ async def assess(
         return []
     scorer = model.scorer
     columns = scorer.columns(rows)
-    probabilities = (await model.probabilities(columns)).tolist()
-    exact_scores = [scorer.manifest.scaling.score(p) for p in probabilities]
-    scores = [round(s) for s in exact_scores]
-    verdicts = [
-        "APPROVE"
-        if s >= policy.approve_min_score
-        else "REVIEW"
-        if s >= policy.review_min_score
-        else "DECLINE"
-        for s in scores
-    ]
+    with stage("model", rows=len(rows)):
+        probabilities = (await model.probabilities(columns)).tolist()
+    with stage("policy"):
+        exact_scores = [scorer.manifest.scaling.score(p) for p in probabilities]
+        scores = [round(s) for s in exact_scores]
+        verdicts = [
+            "APPROVE"
+            if s >= policy.approve_min_score
+            else "REVIEW"
+            if s >= policy.review_min_score
+            else "DECLINE"
+            for s in scores
+        ]
     adverse = [i for i, verdict in enumerate(verdicts) if verdict != "APPROVE"]
     explained = []
     if adverse:
         variants = scorer.reason_variants(columns.take(adverse))
+        with stage("model", rows=len(variants.columns)):
+            variant_probabilities = await model.probabilities(variants.columns)
         explained = scorer.rank_reasons(
-            [exact_scores[i] for i in adverse],
-            variants,
-            await model.probabilities(variants.columns),
-            policy.max_reasons,
+            [exact_scores[i] for i in adverse], variants, variant_probabilities, policy.max_reasons
         )
     reasons = dict(zip(adverse, explained, strict=True))
     return [
@@ -211,7 +215,8 @@ async def _decide(
                 outputs=score_outputs(response.score),
             )
         )
-    sequences = await runtime.audit.append_all(records)
+    with stage("audit", records=len(records)):
+        sequences = await runtime.audit.append_all(records)
     for response, sequence in zip(responses, sequences, strict=True):
         response.metadata.audit_sequence = sequence
     return responses

@@ -223,6 +223,9 @@ class AuditLog:
         # needs to read the log at start (the server's store reconciliation) reads it once.
         self._observe = observe
         self._records = self._batches = self._fsyncs = self._checkpoints = 0
+        # Told (records, seconds) of each group commit's write and fsync, on the writer's
+        # thread: the server's metrics set it.
+        self.on_commit: Callable[[int, float], None] | None = None
 
         self._lock = threading.Lock()  # guards sequence, chain, failure and closing
         self._queue: queue.SimpleQueue[_Pending | _Close] = queue.SimpleQueue()
@@ -557,7 +560,10 @@ class AuditLog:
         offsets: list[int] = []
         if self._failure is None:
             try:
+                started = time.perf_counter()
                 offsets = self._write(pending)
+                if self.on_commit is not None:
+                    self.on_commit(len(pending), time.perf_counter() - started)
             except Exception as error:  # noqa: BLE001 - whatever failed, fail closed
                 self._fail(error)
         if self._failure is not None:

@@ -52,6 +52,19 @@ DEFAULT_TIMEOUT_S = 10.0
 Response = TypeVar("Response")
 
 
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The caller's current trace as W3C trace-context metadata (`traceparent`, `tracestate`),
+    when the calling program uses OpenTelemetry (the API installed and a span current); else
+    nothing. The server continues the trace, so a call shows inside the caller's own."""
+    try:
+        from opentelemetry.propagate import inject
+    except ImportError:
+        return ()
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return tuple(carrier.items())
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -230,7 +243,7 @@ class PrivscoreClient:
         """Call; a failed call retires the data key it used, so the next call seals anew
         (the server may have refused the key: retired server key, spent or expired grant)."""
         try:
-            return rpc(request, timeout=timeout)
+            return rpc(request, timeout=timeout, metadata=trace_metadata())
         except grpc.RpcError:
             if used is not None:
                 self.data_keys.retire(*used)
@@ -328,7 +341,7 @@ class PrivscoreClient:
             event=event,
         )
         response: alert_service_pb2.EvaluateEventResponse = self._alerts.EvaluateEvent(
-            request, timeout=timeout
+            request, timeout=timeout, metadata=trace_metadata()
         )
         return response
 
@@ -341,5 +354,6 @@ class PrivscoreClient:
         request = alert_service_pb2.WatchAlertsRequest(min_severity=min_severity)
         if after_sequence is not None:
             request.after_sequence = after_sequence
-        for response in self._alerts.WatchAlerts(request, timeout=timeout):
+        stream = self._alerts.WatchAlerts(request, timeout=timeout, metadata=trace_metadata())
+        for response in stream:
             yield response.alert

@@ -28,6 +28,8 @@ from grpc_status import rpc_status
 
 from service.callctx import CALLER
 from service.errors import FieldViolation, InvalidArgument, ServiceError
+from service.monitoring import tracing
+from service.monitoring.metrics import NO_METRICS, SERVER_STREAM, UNARY, Metrics
 from service.security.authz import AuthzPolicy, peer_identity
 from service.security.limits import CallLimits, IdentityLimiter
 
@@ -111,7 +113,12 @@ class _Call:
     """One call's scope: context binding, admission, error mapping and its log line."""
 
     def __init__(
-        self, guard: RequestContextInterceptor, method: str, context: Context, request_id: str
+        self,
+        guard: RequestContextInterceptor,
+        method: str,
+        context: Context,
+        request_id: str,
+        kind: str = UNARY,
     ) -> None:
         self.guard = guard
         self.method = method
@@ -119,6 +126,9 @@ class _Call:
         self.request_id = request_id
         self.code = grpc.StatusCode.OK
         self.started = time.perf_counter()
+        self.rpc = guard.metrics.rpc(method, kind)
+        self.rpc.started()
+        self.span = tracing.call_span(method, context.invocation_metadata())
         self.identity = peer_identity(context.auth_context())
         self._bound = structlog.contextvars.bound_contextvars(
             request_id=request_id, method=method, caller=self.identity
@@ -126,6 +136,7 @@ class _Call:
         self._caller_token: Any = None
 
     async def __aenter__(self) -> _Call:
+        self.span.__enter__()
         self._bound.__enter__()
         self._caller_token = CALLER.set(self.identity or f"unauthenticated:{self.context.peer()}")
         # The request id travels in the trailers, with the status, whatever the outcome: an
@@ -192,23 +203,28 @@ class _Call:
             # Aborted by the servicer itself, or cancelled by the client or its deadline.
             code = self.context.code()
             self.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.CANCELLED
-        log.info(
-            "rpc.finished",
-            code=self.code.name,
-            duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
-        )
+        seconds = time.perf_counter() - self.started
+        self.rpc.handled(self.code.name, seconds)
+        log.info("rpc.finished", code=self.code.name, duration_ms=round(seconds * 1000, 3))
         CALLER.reset(self._caller_token)
         self._bound.__exit__(exc_type, exc, tb)
+        self.span.finish(self.code.value[0])
+        self.span.__exit__(exc_type, exc, tb)
 
 
 class RequestContextInterceptor(Interceptor):
     def __init__(
-        self, authz: AuthzPolicy, limits: CallLimits, on_refusal: RefusalHook | None = None
+        self,
+        authz: AuthzPolicy,
+        limits: CallLimits,
+        on_refusal: RefusalHook | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.authz = authz
         self.limits = limits
         self.limiter = IdentityLimiter(limits)
         self.on_refusal = on_refusal
+        self.metrics = metrics
 
     async def intercept_service(
         self,
@@ -242,7 +258,9 @@ class RequestContextInterceptor(Interceptor):
                     with call.admit():
                         _refuse_malformed(request)
                         async with asyncio.timeout(call.deadline()):
-                            return await behavior(request, context)
+                            response = await behavior(request, context)
+                    call.rpc.sent()
+                    return response
                 except (grpc.aio.AbortError, grpc.aio.UsageError):
                     raise
                 except Exception as error:  # noqa: BLE001 - every error must become a status
@@ -254,13 +272,14 @@ class RequestContextInterceptor(Interceptor):
         # Streams are long-lived by design: no default deadline and no in-flight slot; the
         # subscriber caps (overall and per identity) bound them.
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with _Call(self, method, context, request_id) as call:
+            async with _Call(self, method, context, request_id, SERVER_STREAM) as call:
                 try:
                     call.admit_stream()
                     await call.announce_stream()
                     _refuse_malformed(request)
                     async for response in behavior(request, context):
                         yield response
+                        call.rpc.sent()
                 except (grpc.aio.AbortError, grpc.aio.UsageError):
                     raise
                 except Exception as error:  # noqa: BLE001 - every error must become a status

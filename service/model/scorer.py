@@ -27,8 +27,9 @@ os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 import asyncio
 import math
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,9 +358,16 @@ class ModelBatcher:
     onnxruntime releases the GIL while it runs.
     """
 
-    def __init__(self, scorer: Scorer, max_rows: int = 4096) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        max_rows: int = 4096,
+        on_run: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """`on_run(rows, seconds)` is told of every run, on the model's thread (metrics)."""
         self.scorer = scorer
         self._max_rows = max_rows
+        self._on_run = on_run
         self._pending: deque[tuple[ModelRows, asyncio.Future[np.ndarray]]] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -386,7 +394,7 @@ class ModelBatcher:
                 taken += len(batch[-1][0])
             try:
                 results = await loop.run_in_executor(
-                    self._thread, self.scorer.run_parts, [columns for columns, _ in batch]
+                    self._thread, self._run, [columns for columns, _ in batch], taken
                 )
             except Exception as error:  # noqa: BLE001 - each waiter gets the failure
                 for _, future in batch:
@@ -396,6 +404,14 @@ class ModelBatcher:
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():  # a cancelled caller's rows were scored in vain
                     future.set_result(result)
+
+    def _run(self, parts: list[ModelRows], rows: int) -> list[np.ndarray]:
+        if self._on_run is None:
+            return self.scorer.run_parts(parts)
+        started = time.perf_counter()
+        results = self.scorer.run_parts(parts)
+        self._on_run(rows, time.perf_counter() - started)
+        return results
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)

@@ -183,6 +183,8 @@ class PgAuditLog:
         self._full_check = full_check
         self._verified = False
         self._records = self._batches = self._commits = self._checkpoints = 0
+        # Told (records, seconds) of each batch's committed transaction (the server's metrics).
+        self.on_commit: Callable[[int, float], None] | None = None
         self.recovery = RecoveryReport(0, ())
 
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: close
@@ -454,7 +456,10 @@ class PgAuditLog:
         committing = [False]
         try:
             try:
+                started = time.perf_counter()
                 appended = await self._transaction(batch, committing)
+                if self.on_commit is not None:
+                    self.on_commit(len(batch), time.perf_counter() - started)
             except psycopg.IntegrityError as error:
                 # Our own statements break no constraint unless the tables were edited (a
                 # hook's violation is its caller's, caught in its savepoint).
