@@ -9,7 +9,7 @@ alternating rounds, all servers up, and each target's ratio is taken from the st
 the drift of a shared machine weighs on both sides alike (each round's own value is reported
 too). Then times each stage of a Score in process (bench/stages.py), to show where the server's
 time goes. Writes bench/results.json and bench/latency.png and prints the steps, the targets of
-issue 14 with PASS/MISS (TARGETS) and the other ratios to the ceilings.
+issues 14 and 15 with PASS/MISS (TARGETS) and the other ratios to the ceilings.
 
 To measure one change's effect, before and after in one window: bench/ab.py.
 
@@ -32,7 +32,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +50,13 @@ RESULTS = REPO / "bench" / "results.json"
 PLOT = REPO / "bench" / "latency.png"
 SCALE_OUT = "scale-out"  # the part in bench/scale_out.py, when PostgreSQL is reachable
 MTLS_ECHO, PLAIN_ECHO = "mtls-echo", "plaintext-echo"  # the two echo ceilings' step targets
+METRICS_ON = "privscore-metrics"  # the same server with --metrics-port, scraped every second
+SCRAPE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
 class Target:
-    """One of issue 14's targets: `measure` (a key of `ratios`, or peak_rss_mb) `op` `limit`."""
+    """One of the targets (issues 14 and 15): `measure` (a key of `ratios`, or peak_rss_mb) `op` `limit`."""
 
     measure: str
     what: str
@@ -101,6 +105,14 @@ TARGETS = (
         "us",
     ),
     Target("peak_rss_mb", "peak RSS of a privscore server in the run", "<", 300, "MB"),
+    # issue 15: what metrics cost, scraped as often as any scraper would
+    Target(
+        "score_c32_rps_metrics_on_vs_off",
+        "Score at 32 callers: requests/s with metrics on (scraped every second) vs off",
+        ">=",
+        0.95,
+        "x",
+    ),
 )
 
 
@@ -130,6 +142,34 @@ class Server:
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)
+
+    def metrics_port(self) -> int:
+        """The port a server started with `--metrics-port` serves its metrics on."""
+        ready = next(r for r in _log_records(self.log) if r.get("event") == "server.ready")
+        return int(ready["metrics_port"])
+
+
+class Scraper:
+    """Scrapes a metrics endpoint every SCRAPE_SECONDS on a thread, as Prometheus would (at a
+    shorter interval than most), so the metrics step pays for its scrapes too."""
+
+    def __init__(self, port: int) -> None:
+        self._url = f"http://127.0.0.1:{port}/metrics"
+        self._stopping = threading.Event()
+        self.scrapes = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(SCRAPE_SECONDS):
+            with urllib.request.urlopen(self._url, timeout=10) as response:
+                response.read()
+            self.scrapes += 1
+
+    def stop(self) -> int:
+        self._stopping.set()
+        self._thread.join(timeout=15)
+        return self.scrapes
 
 
 def _log_records(log: Path) -> list[dict[str, Any]]:
@@ -329,10 +369,12 @@ def run(
 
     with tempfile.TemporaryDirectory(prefix="privscore-bench-") as temp:
         data_dir, unsynced_dir = Path(temp) / "var", Path(temp) / "var-no-fsync"
+        metered_dir = Path(temp) / "var-metrics"
         layout = DataLayout(data_dir)
         init_keys(layout, layout.keyring, layout.dev_kek)
         init_certs(layout.certs_dir)
         shutil.copytree(data_dir, unsynced_dir)  # same keys, its own audit log
+        shutil.copytree(data_dir, metered_dir)
         reply_bytes = 240  # a ScoreResponse with reasons is about this size
         servers: list[Server] = []
         try:
@@ -340,6 +382,9 @@ def run(
             servers.append(server)
             unsynced = start_privscore(unsynced_dir, "--audit-fsync", "off")
             servers.append(unsynced)
+            metered = start_privscore(metered_dir, "--metrics-port", "0")
+            servers.append(metered)
+            scraper = Scraper(metered.metrics_port())
             echo = start_echo(data_dir, reply_bytes)
             servers.append(echo)
             plain_echo = start_echo(data_dir, reply_bytes, plaintext=True)
@@ -357,6 +402,7 @@ def run(
             for n in range(1, rounds + 1):
                 step("privscore", "score", server, data_dir, n, concurrency=32)
                 step("privscore-no-fsync", "score", unsynced, unsynced_dir, n, concurrency=32)
+                step(METRICS_ON, "score", metered, metered_dir, n, concurrency=32)
                 step(MTLS_ECHO, "echo", echo, data_dir, n, concurrency=32)
                 step(PLAIN_ECHO, "echo", plain_echo, data_dir, n, concurrency=32)
                 step("privscore", "score_batch", server, data_dir, n, concurrency=4, batch=128)
@@ -365,7 +411,9 @@ def run(
             memory = {
                 "privscore": server.peak_rss_mb(),
                 "privscore-no-fsync": unsynced.peak_rss_mb(),
+                METRICS_ON: metered.peak_rss_mb(),
             }
+            scrapes = scraper.stop()
         finally:
             for running in servers:
                 running.stop()
@@ -396,6 +444,7 @@ def run(
         "targets": target_table(steps, measured, by_round, max(memory.values()), rss_by_round),
         "cpu_budget": cpu_budget(steps, os.cpu_count() or 1),
         "score_stages": stages,
+        "metrics_scrapes": scrapes,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
     draw(steps, plot)
@@ -432,6 +481,7 @@ def ratios(steps: list[dict[str, Any]]) -> dict[str, float]:
     batch128 = find_step(steps, "privscore", "score_batch", batch_size=128)
     ort128 = find_step(steps, "onnxruntime", "onnxruntime", batch_size=128)
     no_fsync = find_step(steps, "privscore-no-fsync", "score", concurrency=32)
+    metered = find_step(steps, METRICS_ON, "score", concurrency=32)
     return {
         # issue 14's targets (TARGETS)
         "score_c32_server_cpu_vs_mtls_echo": round(
@@ -440,6 +490,11 @@ def ratios(steps: list[dict[str, Any]]) -> dict[str, float]:
         "score_c32_rps_vs_mtls_echo": round(score32["rps"] / echo32["rps"], 3),
         "score_c32_p99_fsync_on_vs_off": round(score32["p99_ms"] / no_fsync["p99_ms"], 3),
         "batch128_server_cpu_us_per_row": round(batch128["server_cpu_us_per_call"] / 128, 1),
+        # issue 15's target, and what metrics cost in CPU
+        "score_c32_rps_metrics_on_vs_off": round(metered["rps"] / score32["rps"], 3),
+        "score_c32_server_cpu_metrics_on_vs_off": round(
+            metered["server_cpu_us_per_call"] / score32["server_cpu_us_per_call"], 3
+        ),
         # the other ratios to the ceilings
         "score_c32_p99_vs_mtls_echo": round(score32["p99_ms"] / echo32["p99_ms"], 3),
         "batch128_rows_vs_onnxruntime": round(batch128["rows_per_s"] / ort128["rows_per_s"], 3),
@@ -480,6 +535,10 @@ def target_table(
         },
         "batch128_server_cpu_us_per_row": {
             "server_cpu_us_per_batch": batch128["server_cpu_us_per_call"],
+        },
+        "score_c32_rps_metrics_on_vs_off": {
+            "metrics_on_rps": find_step(steps, METRICS_ON, "score", concurrency=32)["rps"],
+            "metrics_off_rps": score32["rps"],
         },
     }
     values = {**measured, "peak_rss_mb": round(peak_rss_mb, 1)}
@@ -612,9 +671,9 @@ def soak(seconds: float, out: Path) -> dict[str, Any]:
 
 
 def print_targets(report: dict[str, Any]) -> None:
-    """The targets of issue 14, then the other ratios, each with every round's value."""
+    """The targets of issues 14 and 15, then the other ratios, each with every round's value."""
     print(
-        f"\ntargets (issue 14): the ratio of the medians of {report['rounds']} alternating "
+        f"\ntargets (issues 14 and 15): the ratio of the medians of {report['rounds']} alternating "
         "rounds, then each round's own value (peak RSS: the peak so far after each round)"
     )
     for row in report["targets"]:

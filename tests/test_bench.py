@@ -58,18 +58,21 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         ("privscore", "adjust_limit"),
         ("privscore", "evaluate_event"),
         ("privscore-no-fsync", "score"),
+        ("privscore-metrics", "score"),
         ("mtls-echo", "echo"),
         ("plaintext-echo", "echo"),
         ("onnxruntime", "onnxruntime"),
     }
     assert all(step["errors"] == 0 and step["count"] > 0 for step in report["steps"])
     rounds = [(s["target"], s["round"]) for s in report["steps"] if "round" in s]
-    assert sorted(rounds).count(("mtls-echo", 2)) == 1 and len(rounds) == 12  # 6 steps, 2 rounds
+    assert sorted(rounds).count(("mtls-echo", 2)) == 1 and len(rounds) == 14  # 7 steps, 2 rounds
     assert set(report["ratios"]) == {
         "score_c32_server_cpu_vs_mtls_echo",
         "score_c32_rps_vs_mtls_echo",
         "score_c32_p99_fsync_on_vs_off",
         "batch128_server_cpu_us_per_row",
+        "score_c32_rps_metrics_on_vs_off",
+        "score_c32_server_cpu_metrics_on_vs_off",
         "score_c32_p99_vs_mtls_echo",
         "batch128_rows_vs_onnxruntime",
         "audit_fsync_on_vs_off_rps",
@@ -78,7 +81,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     }
     assert report["peak_rss_mb"]["privscore"] > 0
     assert [set(r) for r in report["ratios_by_round"]] == [set(report["ratios"])] * 2
-    # Issue 14's targets: each measured, with every round's value and a verdict.
+    # Issues 14 and 15's targets: each measured, with every round's value and a verdict.
     targets = {t["measure"]: t for t in report["targets"]}
     assert list(targets) == [
         "score_c32_server_cpu_vs_mtls_echo",
@@ -86,6 +89,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         "score_c32_p99_fsync_on_vs_off",
         "batch128_server_cpu_us_per_row",
         "peak_rss_mb",
+        "score_c32_rps_metrics_on_vs_off",
     ]
     assert all(t["measured"] > 0 and len(t["rounds"]) == 2 for t in targets.values())
     assert all(isinstance(t["met"], bool) for t in targets.values())
@@ -93,7 +97,8 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     cpu = targets["score_c32_server_cpu_vs_mtls_echo"]["from_medians"]
     assert cpu["score_server_cpu_us_per_call"] > cpu["mtls_echo_server_cpu_us_per_call"] > 0
     printed = done.stdout
-    assert printed.count("PASS") + printed.count("MISS") >= 5 and "mTLS echo" in printed
+    assert printed.count("PASS") + printed.count("MISS") >= 6 and "mTLS echo" in printed
+    assert report["metrics_scrapes"] >= 1  # the metrics server was scraped while measured
     served = [s for s in report["steps"] if s["target"] != "onnxruntime"]
     assert all(s["server_cpu_us_per_call"] > 0 and s["client_cpu_us_per_call"] > 0 for s in served)
     assert report["cpu_budget"]["score_server_cpu_us_measured"] > 0
