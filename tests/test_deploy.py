@@ -35,6 +35,7 @@ K8S = DEPLOY / "k8s"
 EMBEDDED = K8S / "embedded"  # kubectl apply -f deploy/k8s/embedded/
 POSTGRES = K8S / "postgres"  # kubectl apply -f deploy/k8s/postgres/
 SETUP = K8S / "postgres-setup"  # the Secret template and the one-off import Job
+MONITORING = K8S / "monitoring"  # the Prometheus Operator's ServiceMonitor, for either variant
 KUBERNETES_VERSION = "1.31"
 MANIFESTS = sorted(K8S.rglob("*.yaml"))
 WORKLOADS = ("StatefulSet", "Deployment", "Job")
@@ -44,6 +45,7 @@ SECRET_VARIABLES = {DATABASE_PASSWORD_ENV, KEK_ENV}
 # Each variant: its directory and its one workload.
 VARIANTS = [(EMBEDDED, "StatefulSet"), (POSTGRES, "Deployment")]
 PROBE_CERT_FILES = {"ca.pem", "client-probe.pem", "client-probe.key"}  # --cert-name probe
+METRICS_PORT = 9464
 
 Object = dict[str, Any]
 
@@ -81,10 +83,31 @@ def server_container(workload: Object) -> Object:
     return container
 
 
-def grpc_port(container: Object) -> int:
-    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"]
+def named_port(container: Object, name: str) -> int:
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == name]
     assert isinstance(port, int)
     return port
+
+
+def grpc_port(container: Object) -> int:
+    return named_port(container, "grpc")
+
+
+def service_ports(service: Object) -> dict[str, Object]:
+    return {port["name"]: port for port in service["spec"]["ports"]}
+
+
+def ingress_ports(policy: Object) -> list[tuple[list[int], list[Object]]]:
+    """Each ingress rule of a NetworkPolicy as (its ports, its sources)."""
+    return [
+        ([p["port"] for p in rule["ports"]], rule["from"]) for rule in policy["spec"]["ingress"]
+    ]
+
+
+def flag_value(container: Object, flag: str) -> str:
+    (value,) = [a.partition("=")[2] for a in container["args"] if a.partition("=")[0] == flag]
+    assert isinstance(value, str)
+    return value
 
 
 def image_data_dir() -> PurePosixPath:
@@ -120,12 +143,94 @@ def all_workloads() -> list[Object]:
 # -- every manifest -------------------------------------------------------------------------
 
 
+# Custom resources kubernetes-validate has no schema for (it raises SchemaNotFoundError): the
+# fields privscore uses of each, as their CustomResourceDefinition names them. A field not
+# listed here fails, as --strict fails a misspelt one; a listed type that does not match fails.
+Shape = dict[str, "Shape"] | list["Shape"] | type | tuple[type, ...]
+DURATION = re.compile(r"^(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$")  # Prometheus', whole seconds
+LABEL_SELECTOR: Shape = {"matchLabels": dict, "matchExpressions": list}
+SERVICE_MONITOR: Shape = {  # monitoring.coreos.com/v1 ServiceMonitor, the fields we use and kin
+    "selector": LABEL_SELECTOR,
+    "namespaceSelector": {"any": bool, "matchNames": list},
+    "jobLabel": str,
+    "targetLabels": list,
+    "podTargetLabels": list,
+    "sampleLimit": int,
+    "endpoints": [
+        {
+            "port": str,
+            "targetPort": (int, str),
+            "path": str,
+            "scheme": str,
+            "interval": str,
+            "scrapeTimeout": str,
+            "honorLabels": bool,
+            "honorTimestamps": bool,
+            "relabelings": list,
+            "metricRelabelings": list,
+            "params": dict,
+        }
+    ],
+}
+CUSTOM_RESOURCES: dict[tuple[str, str], Shape] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
+}
+
+
+def check_shape(value: Any, shape: Shape, where: str) -> None:
+    if isinstance(shape, dict):
+        assert isinstance(value, dict), f"{where} is not an object"
+        unknown = value.keys() - shape.keys()
+        assert not unknown, f"{where}: unknown fields {sorted(unknown)}"
+        for key, item in value.items():
+            check_shape(item, shape[key], f"{where}.{key}")
+    elif isinstance(shape, list):
+        assert isinstance(value, list), f"{where} is not a list"
+        for index, item in enumerate(value):
+            check_shape(item, shape[0], f"{where}[{index}]")
+    else:
+        assert isinstance(value, shape), f"{where} is not {shape}"
+
+
+def duration_seconds(text: str) -> int:
+    match = DURATION.match(text)
+    assert match and text, f"{text!r} is not a duration in whole seconds"
+    hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def validate_custom_resource(document: Object) -> None:
+    """Its metadata against the Kubernetes ObjectMeta schema (carried by a ConfigMap), its spec
+    against the shape above."""
+    shape = CUSTOM_RESOURCES[(document["apiVersion"], document["kind"])]
+    assert document.keys() == {"apiVersion", "kind", "metadata", "spec"}
+    carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": document["metadata"]}
+    kubernetes_validate.validate(carrier, KUBERNETES_VERSION, strict=True)
+    check_shape(document["spec"], shape, document["kind"])
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(K8S)))
 def test_manifests_are_valid_kubernetes_objects(path: Path) -> None:
     found = documents(path)
     assert found
     for document in found:
-        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+        if (document["apiVersion"], document["kind"]) in CUSTOM_RESOURCES:
+            validate_custom_resource(document)
+        else:
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_custom_resource_check_catches_a_misspelt_field() -> None:
+    (monitor,) = documents(MONITORING / "servicemonitor.yaml")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    misspelt = {
+        **monitor,
+        "spec": {**monitor["spec"], "endpoints": [{**endpoint, "intervall": "1m"}]},
+    }
+    with pytest.raises(AssertionError, match="intervall"):
+        validate_custom_resource(misspelt)
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate(monitor, KUBERNETES_VERSION, strict=True)
 
 
 @pytest.mark.parametrize("workload", all_workloads(), ids=lambda w: w["kind"])
@@ -221,14 +326,85 @@ def test_each_variant_is_one_workload_behind_its_service(directory: Path, kind: 
     service = one(found, "Service")
     assert service["spec"]["selector"] == selector
     container = server_container(workload)
-    (service_port,) = service["spec"]["ports"]
-    assert service_port["targetPort"] == "grpc"
-    assert service_port["port"] == grpc_port(container)
+    ports = service_ports(service)
+    assert ports.keys() == {"grpc", "metrics"}
+    assert ports["grpc"]["targetPort"] == "grpc"
+    assert ports["grpc"]["port"] == grpc_port(container)
     policy = one(found, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
-    (ingress,) = policy["spec"]["ingress"]
-    assert [p["port"] for p in ingress["ports"]] == [grpc_port(container)]
-    assert all("podSelector" in source for source in ingress["from"])  # labelled callers only
+    callers = [
+        sources for opened, sources in ingress_ports(policy) if grpc_port(container) in opened
+    ]
+    assert callers == [[{"podSelector": {"matchLabels": {"privscore.dev/caller": "true"}}}]]
+
+
+# -- metrics: a port of their own, for the scraper only ----------------------------------------
+
+
+@pytest.mark.parametrize(("directory", "kind"), VARIANTS, ids=lambda v: getattr(v, "name", v))
+def test_each_variant_serves_metrics_on_a_named_port_for_the_scraper_only(
+    directory: Path, kind: str
+) -> None:
+    """`--metrics-port` on every interface of the pod, a `metrics` container port and the same
+    in the prometheus.io annotations and the Service; the NetworkPolicy opens that port to the
+    scraper alone, and the callers' rule does not include it."""
+    found = objects(directory)
+    workload = one(found, kind)
+    container = server_container(workload)
+    port = named_port(container, "metrics")
+    assert port == METRICS_PORT == int(flag_value(container, "--metrics-port"))
+    assert port != grpc_port(container)
+    # Each flag parses as the server's setting (--metrics-bind: an IP literal, 0.0.0.0 so the
+    # scraper reaches it from outside the pod; the default is loopback).
+    for flag in ("--metrics-port", "--metrics-bind"):
+        (item,) = [s for s in SETTINGS.values() if s.flag == flag]
+        assert item.parse(flag, flag_value(container, flag), {}) is not None
+    assert flag_value(container, "--metrics-bind") == "0.0.0.0"
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
+    service_port = service_ports(one(found, "Service"))["metrics"]
+    assert service_port["targetPort"] == "metrics" and service_port["port"] == port
+    assert service_port.get("appProtocol") == "http"  # plain HTTP: no TLS on this port
+    policy = one(found, "NetworkPolicy")
+    rules = ingress_ports(policy)
+    assert all(port not in opened or opened == [port] for opened, _ in rules)  # alone in its rule
+    (scraper,) = [sources for opened, sources in rules if opened == [port]]
+    assert scraper == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+    assert sorted(p for opened, _ in rules for p in opened) == sorted([grpc_port(container), port])
+
+
+def test_the_service_monitor_scrapes_the_metrics_port_of_either_variant() -> None:
+    """Applied on its own (the operator's CRD may be absent, so it is in neither variant's
+    directory); it selects the Service of whichever variant runs, by the port's name."""
+    found = objects(MONITORING)
+    assert [d["kind"] for d in found] == ["ServiceMonitor"]
+    (monitor,) = found
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    assert "namespaceSelector" not in spec  # its own namespace: the one the variant runs in
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["port"] == "metrics"
+    assert endpoint["scheme"] == "http"
+    for directory, kind in VARIANTS:
+        service = one(objects(directory), "Service")
+        assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert "metrics" in service_ports(service)
+        annotations = one(objects(directory), kind)["spec"]["template"]["metadata"]["annotations"]
+        assert endpoint["path"] == annotations["prometheus.io/path"]
+    seconds = {key: duration_seconds(endpoint[key]) for key in ("interval", "scrapeTimeout")}
+    assert seconds["scrapeTimeout"] < seconds["interval"]
+    # Scrapes that span many decisions (service/monitoring/drift.py: the drift report's
+    # counts between two scrapes are the decisions made between them).
+    assert seconds["interval"] >= 60
 
 
 def test_the_embedded_statefulset_stays_one_replica_probed_over_tls() -> None:
@@ -507,6 +683,6 @@ def test_the_image_runs_as_a_numeric_non_root_user_without_training_extras() -> 
     assert "ORT_DISABLE_TELEMETRY=1" in final_stage
     installs = [line for line in dockerfile.splitlines() if line.startswith("RUN pip install")]
     assert installs
-    for line in installs:  # serving only: at most the PostgreSQL driver, never train or dev
+    for line in installs:  # serving only: the PostgreSQL driver and tracing, never train or dev
         extras = {e.strip() for group in re.findall(r"\[([^]]*)\]", line) for e in group.split(",")}
-        assert extras <= {"postgres"}
+        assert extras <= {"postgres", "tracing"}
