@@ -121,8 +121,9 @@ def render_card(manifest: Manifest) -> str:
         reference = manifest.reference_values[spec.name]
         shown = f"{reference:g}" if isinstance(reference, float) else f"`{reference}`"
         lines.append(f"| `{spec.name}` | {spec.reason_code} | {spec.reason_text} | {shown} |")
+    lines += _drift_section(manifest)
     kept_sensitive = [f"`{spec.name}`" for spec in manifest.schema.model_features if spec.sensitive]
-    lines += ["", "## Limitations", ""]
+    lines += ["## Limitations", ""]
     if kept_sensitive:
         lines.append(
             f"- Sensitive attributes kept as model inputs ({', '.join(kept_sensitive)}) influence "
@@ -145,6 +146,26 @@ def render_card(manifest: Manifest) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _drift_section(manifest: Manifest) -> list[str]:
+    reference = manifest.drift_reference
+    if reference is None:
+        return [""]
+    edges = ", ".join(f"{edge:g}" for edge in reference.score.edges)
+    return [
+        "",
+        "## Drift monitoring reference",
+        "",
+        f"The manifest's `drift_reference` holds the distribution of the {reference.rows} "
+        "development rows: each numeric feature in bins split at its deciles, each categorical "
+        "feature per category, and the score (computed with the ONNX model, rounded as the "
+        f"service rounds it) split at its deciles ({edges}). The service counts served "
+        "decisions in the same bins, never a value, and reports the population stability index "
+        "per feature and for the score; bins with fewer decisions than its minimum count are "
+        "merged before anything is reported.",
+        "",
+    ]
 
 
 def _fairness_section(fairness: dict[str, Any]) -> list[str]:

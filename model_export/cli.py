@@ -4,6 +4,7 @@
                           [--exclude COL ...] [--schema FILE] [--seed N]
     privscore-model verify DIR --data CSV [--public-key FILE]
     privscore-model sign DIR --key KEYFILE
+    privscore-model drift-reference DIR --data CSV
     privscore-model keygen --out PRIVATE --public-out PUBLIC
     privscore-model infer-schema --data CSV --label COLUMN --bad VALUE --out FILE
 
@@ -106,6 +107,19 @@ def _sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drift_reference(args: argparse.Namespace) -> int:
+    from model_export.drift_reference import add_drift_reference
+
+    reference = add_drift_reference(args.artifact, args.data)
+    bins = sum(len(b.counts) for b in reference.features.values())
+    print(
+        f"wrote drift_reference to {args.artifact}/manifest.json ({reference.rows} development "
+        f"rows, {len(reference.features)} features in {bins} bins, score in "
+        f"{len(reference.score.counts)} bins); unsigned: run `privscore-model sign`"
+    )
+    return 0
+
+
 def _keygen(args: argparse.Namespace) -> int:
     from model_export.sign import generate_keypair
 
@@ -175,6 +189,14 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument("artifact", type=Path, metavar="DIR")
     sign.add_argument("--key", type=Path, required=True, help="private key (PEM)")
     sign.set_defaults(run=_sign)
+
+    drift = commands.add_parser(
+        "drift-reference",
+        help="add or refresh the manifest's training distribution (no retraining; unsigns)",
+    )
+    drift.add_argument("artifact", type=Path, metavar="DIR")
+    drift.add_argument("--data", type=Path, required=True, help="the training data (CSV)")
+    drift.set_defaults(run=_drift_reference)
 
     keygen = commands.add_parser("keygen", help="generate an Ed25519 key pair (PEM)")
     keygen.add_argument("--out", type=Path, required=True, help="private key file to create")

@@ -94,7 +94,7 @@ def feature_matrix(schema: FeatureSchema, table: Table) -> npt.NDArray[np.object
     specs = schema.model_features
     matrix = np.empty((len(table.rows), len(specs)), dtype=object)
     for j, spec in enumerate(specs):
-        for i, value in enumerate(_parse_column(spec, table)):
+        for i, value in enumerate(parse_column(spec, table)):
             matrix[i, j] = float(np.float32(value)) if spec.is_numeric else value
     return matrix
 
@@ -110,7 +110,9 @@ def onnx_feeds(
     return feeds
 
 
-def _parse_column(spec: FeatureSpec, table: Table) -> list[float | str]:
+def parse_column(spec: FeatureSpec, table: Table) -> list[float | str]:
+    """One feature's cells as typed values (numbers as parsed, not float32-rounded), each
+    checked against the schema; DataError names the rows, never the values."""
     values: list[float | str] = []
     bad_rows: list[int] = []
     description = ""

@@ -9,7 +9,8 @@ metrics):
    on the holdout (AUC, KS, Brier, calibration deciles). The champion's calibrated fit is the
    shipped model, so its holdout metrics describe exactly what the service runs.
 4. Fairness at an approval cut-off, reference values, ONNX export, a parity check on every row,
-   then manifest, model card and plots. The artifact is left unsigned: `privscore-model sign`.
+   then the drift reference (the development rows' distribution, `model_export.drift_reference`),
+   manifest, model card and plots. The artifact is left unsigned: `privscore-model sign`.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import numpy.typing as npt
 from joblib import Parallel, delayed
 from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
+from sklearn.model_selection import RepeatedStratifiedKFold
 
 from model_export.card import CARD_FILE, render_card
 from model_export.dataset import Table, feature_matrix, labels, onnx_feeds, read_csv
+from model_export.drift_reference import compute_drift_reference, development_split
 from model_export.evaluation import (
     calibration_table,
     fairness_report,
@@ -131,10 +133,7 @@ def train(options: TrainOptions, progress: Progress | None = None) -> Manifest:
         f"{len(schema.model_features)} model features; excluded: {excluded}"
     )
 
-    rows = np.arange(len(y))
-    dev, hold = train_test_split(
-        rows, test_size=options.holdout, stratify=y, random_state=options.seed
-    )
+    dev, hold = development_split(y, options.holdout, options.seed)
     cv_scores = {
         family: _cross_validate(family, schema, x[dev], y[dev], options, progress)
         for family in options.families
@@ -178,6 +177,17 @@ def train(options: TrainOptions, progress: Progress | None = None) -> Manifest:
     if not parity <= PARITY_TOLERANCE:
         raise TrainingError(f"ONNX parity {parity:.3g} exceeds {PARITY_TOLERANCE:g}; not shipping")
 
+    progress.log(f"drift reference: bins of the {len(dev)} development rows and their scores")
+    drift = compute_drift_reference(
+        schema,
+        table,
+        dev,
+        exported.onnx_bytes,
+        exported.probability_output,
+        exported.bad_class_index,
+        options.scaling,
+    )
+
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
     (out / SIGNATURE_FILE).unlink(missing_ok=True)  # a stale signature would vouch for nothing
@@ -211,6 +221,7 @@ def train(options: TrainOptions, progress: Progress | None = None) -> Manifest:
             "parity_max_abs_diff": float(f"{parity:.3g}"),
             "parity_rows": len(y),
         },
+        drift_reference=drift,
     )
     document = manifest.to_dict()
     Manifest.from_dict(document)  # the server's parser must accept what we write

@@ -10,6 +10,10 @@ manifest pins the ONNX file by SHA-256, so one signature covers the model too.
 key>, "signature": <base64 of the 64-byte signature>}. Public keys are PEM
 (SubjectPublicKeyInfo) or 64 hex characters of the raw key.
 
+The optional `drift_reference` section (manifests written before it existed load with
+`drift_reference=None`) is the development sample's distribution, which the server's drift
+monitor (`service.monitoring.drift`) compares served decisions with; see `DriftReference`.
+
 The server calls `load_verified_manifest` at load and refuses to serve when it raises.
 Standard library and `cryptography` only: serving must not need numpy or scikit-learn.
 """
@@ -19,11 +23,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -165,6 +171,167 @@ class DatasetInfo:
     rows: int
 
 
+NUMERIC_BINS = "numeric"
+CATEGORICAL_BINS = "categorical"
+
+
+@dataclass(frozen=True)
+class NumericBins:
+    """Counts of a number in bins split at `edges` (strictly increasing): bin i holds the values
+    v with edges[i-1] < v <= edges[i], the first bin v <= edges[0], the last v > edges[-1]; so
+    there is one more count than edges (no edges: one bin)."""
+
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not all(_is_number(e) and math.isfinite(e) for e in self.edges):
+            raise ValueError("bin edges must be finite numbers")
+        if any(a >= b for a, b in itertools.pairwise(self.edges)):
+            raise ValueError("bin edges must be strictly increasing")
+        _check_counts(self.counts, len(self.edges) + 1)
+
+    def index(self, value: float) -> int:
+        """The bin of `value` (the rule in the class docstring)."""
+        return bisect_left(self.edges, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": NUMERIC_BINS, "edges": list(self.edges), "counts": list(self.counts)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NumericBins:
+        if data.get("kind", NUMERIC_BINS) != NUMERIC_BINS:
+            raise ValueError("expected numeric bins")
+        return cls(tuple(data["edges"]), tuple(data["counts"]))
+
+
+@dataclass(frozen=True)
+class CategoricalBins:
+    """Counts per category, one bin per schema category in schema order."""
+
+    categories: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(c, str) for c in self.categories):
+            raise ValueError("categories must be strings")
+        _check_counts(self.counts, len(self.categories))
+
+    def index(self, value: str) -> int:
+        """The bin of `value`; ValueError for a value that is not a category."""
+        return self.categories.index(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": CATEGORICAL_BINS,
+            "categories": list(self.categories),
+            "counts": list(self.counts),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CategoricalBins:
+        if data.get("kind") != CATEGORICAL_BINS:
+            raise ValueError("expected categorical bins")
+        return cls(tuple(data["categories"]), tuple(data["counts"]))
+
+
+Bins = NumericBins | CategoricalBins
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """The training distribution the served one is compared with: the manifest's optional
+    `drift_reference` section, computed by the model pipeline on the DEVELOPMENT sample (the
+    rows the model was fitted on, not the holdout). Counts only, never a row.
+
+        {"rows": <development rows>,
+         "features": {<model feature>: {"kind": "numeric", "edges": [e1, ..., ek],
+                                        "counts": [c0, ..., ck]}
+                                     | {"kind": "categorical", "categories": [...],
+                                        "counts": [...]}},
+         "score": {"edges": [...], "counts": [...]}}
+
+    Numeric features and the score: interior edges at the training deciles, where the j-th
+    decile is the smallest training value with at least j/10 of the rows at or below it;
+    repeated edges and an edge equal to the maximum are dropped, so every training bin is
+    non-empty and a feature with few distinct values has fewer bins. Binning: `NumericBins`.
+    Categorical features: one bin per schema category, in schema order (a category absent
+    from training has count 0). Score: the served score (`ScorecardScaling.score` of the ONNX
+    model's P(bad), rounded as the server rounds) of each development row. Every feature's
+    counts, and the score's, sum to `rows`.
+    """
+
+    rows: int
+    features: Mapping[str, Bins]  # every model feature (in schema order once in a Manifest)
+    score: NumericBins
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "features": {name: bins.to_dict() for name, bins in self.features.items()},
+            "score": {"edges": list(self.score.edges), "counts": list(self.score.counts)},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DriftReference:
+        if not isinstance(data, Mapping) or not isinstance(data["features"], Mapping):
+            raise TypeError("drift_reference must be an object with a features object")
+        features: dict[str, Bins] = {}
+        for name, bins in data["features"].items():
+            if not isinstance(bins, Mapping):
+                raise TypeError(f"drift_reference.features.{name} must be an object")
+            kind = bins.get("kind")
+            if kind == NUMERIC_BINS:
+                features[name] = NumericBins.from_dict(bins)
+            elif kind == CATEGORICAL_BINS:
+                features[name] = CategoricalBins.from_dict(bins)
+            else:
+                raise ValueError(f"drift_reference.features.{name}: unknown kind")
+        score = data["score"]
+        if not isinstance(score, Mapping):
+            raise TypeError("drift_reference.score must be an object")
+        return cls(int(data["rows"]), features, NumericBins.from_dict(score))
+
+    def in_schema_order(self, schema: FeatureSchema) -> DriftReference:
+        """The same reference with its features in schema order (the signature covers sorted
+        keys, so the order of the JSON object carries no meaning)."""
+        order = {spec.name: i for i, spec in enumerate(schema.model_features)}
+        ordered = sorted(self.features.items(), key=lambda item: order.get(item[0], len(order)))
+        return DriftReference(self.rows, dict(ordered), self.score)
+
+    def check(self, schema: FeatureSchema) -> None:
+        """ValueError unless it covers exactly the schema's model features, each binned the way
+        its kind says, with counts summing to `rows`."""
+        if isinstance(self.rows, bool) or self.rows <= 0:
+            raise ValueError("drift_reference.rows must be a positive integer")
+        features = schema.model_features
+        if set(self.features) != {spec.name for spec in features}:
+            raise ValueError("drift_reference.features must name exactly the model features")
+        for spec in features:
+            bins = self.features[spec.name]
+            if spec.is_numeric != isinstance(bins, NumericBins):
+                raise ValueError(f"drift_reference.features.{spec.name} has the wrong kind")
+            if isinstance(bins, CategoricalBins) and bins.categories != spec.categories:
+                raise ValueError(
+                    f"drift_reference.features.{spec.name} must list the schema's categories"
+                )
+            if sum(bins.counts) != self.rows:
+                raise ValueError(f"drift_reference.features.{spec.name} counts must sum to rows")
+        if sum(self.score.counts) != self.rows:
+            raise ValueError("drift_reference.score counts must sum to rows")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_counts(counts: Sequence[int], expected: int) -> None:
+    if len(counts) != expected:
+        raise ValueError(f"expected {expected} bin counts, found {len(counts)}")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise ValueError("bin counts must be non-negative integers")
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything the server needs besides the ONNX file, and what the model team attests."""
@@ -183,6 +350,8 @@ class Manifest:
     training: Mapping[str, Any] = field(default_factory=dict)
     # Files only the model team's `verify` reads (e.g. the scikit-learn pipeline), with hashes.
     verification: Mapping[str, Any] = field(default_factory=dict)
+    # The development sample's distribution for drift monitoring; None in older manifests.
+    drift_reference: DriftReference | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -202,7 +371,7 @@ class Manifest:
         return Path(artifact_dir) / self.onnx.file
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document = {
             "format_version": self.format_version,
             "model_version": self.model_version,
             "created_at": self.created_at,
@@ -221,6 +390,9 @@ class Manifest:
             "training": dict(self.training),
             "verification": dict(self.verification),
         }
+        if self.drift_reference is not None:  # absent, not null: older manifests stay as signed
+            document["drift_reference"] = self.drift_reference.to_dict()
+        return document
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
@@ -245,6 +417,7 @@ class Manifest:
         if data["schema_version"] != schema.version:
             raise ValueError("schema_version does not match the embedded schema")
         dataset = data["training_data"]
+        drift = data.get("drift_reference")
         return cls(
             format_version=data["format_version"],
             model_version=data["model_version"],
@@ -258,6 +431,9 @@ class Manifest:
             metrics=dict(data["metrics"]),
             training=dict(data.get("training", {})),
             verification=dict(data.get("verification", {})),
+            drift_reference=(
+                None if drift is None else DriftReference.from_dict(drift).in_schema_order(schema)
+            ),
         )
 
     def _check(self) -> None:
@@ -289,6 +465,8 @@ class Manifest:
                 raise ValueError(f"reference value of {spec.name} {problem.description}")
         if "champion" not in self.metrics:
             raise ValueError("metrics must name the champion")
+        if self.drift_reference is not None:
+            self.drift_reference.check(self.schema)
 
 
 def canonical_bytes(document: Mapping[str, Any]) -> bytes:
@@ -459,8 +637,12 @@ __all__ = [
     "SIGNATURE_FILE",
     "ArtifactError",
     "ArtifactFailure",
+    "Bins",
+    "CategoricalBins",
     "DatasetInfo",
+    "DriftReference",
     "Manifest",
+    "NumericBins",
     "OnnxInput",
     "OnnxModelInfo",
     "SchemaError",

@@ -135,6 +135,9 @@ def test_retraining_the_default_reproduces_the_committed_metrics(tmp_path: Path)
     assert retrained["training_data"]["sha256"] == committed.training_data.sha256
     assert_same_numbers(retrained["metrics"], dict(committed.metrics))
     assert_same_numbers(retrained["reference_values"], dict(committed.reference_values))
+    # `train` and `privscore-model drift-reference` (which wrote the committed section) agree.
+    assert committed.drift_reference is not None
+    assert retrained["drift_reference"] == committed.drift_reference.to_dict()
     assert retrained["verification"]["parity_max_abs_diff"] <= 1e-5
 
 

@@ -1,5 +1,5 @@
 {
   "algorithm": "Ed25519",
-  "key_id": "cc7bdf0a519a22b6",
-  "signature": "A+4OY7KAS7GkPqnNP9o6hovxpoBsyWPOLEGdAuTYVP+MTbeO4kAkct5zCiaYkFYfs/FVlAsWLoWItl+IXf8pDw=="
+  "key_id": "3c0ca2a8738ece41",
+  "signature": "pu4SzJMXja04ehNBqLZ6PaLf1mV061lqLFvGhgB3DnqUj475zd+0mEy10k6veroliVaQnWSmGek6yAB9EhkdBA=="
 }
