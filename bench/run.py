@@ -56,7 +56,8 @@ SCRAPE_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class Target:
-    """One of the targets (issues 14 and 15): `measure` (a key of `ratios`, or peak_rss_mb) `op` `limit`."""
+    """One target of issues 14 and 15: `measure` (a key of `ratios`, or peak_rss_mb) `op`
+    `limit`."""
 
     measure: str
     what: str

@@ -29,6 +29,9 @@ from service.config import (
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# Where `privscore monitor` looks by default: a server run with --metrics-port 9464 (the port
+# deploy/k8s gives the metrics too).
+DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
@@ -106,6 +109,21 @@ def _cmd_health(args: argparse.Namespace) -> int:
         return 1
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from service.monitoring.monitor import MonitorError, fetch, parse, plot, table
+
+    try:
+        snapshot = parse(fetch(args.metrics_url))
+        print(table(snapshot))
+        if args.png is not None:
+            plot(snapshot, args.window, args.png)
+            print(f"wrote {args.png}")
+    except MonitorError as error:
+        print(f"privscore monitor: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_services(args: argparse.Namespace) -> int:
@@ -700,6 +718,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_caller_arguments(health)
     health.add_argument("--service", default="", help="service name; empty for the whole server")
     health.set_defaults(run=_cmd_health)
+
+    monitor = commands.add_parser(
+        "monitor",
+        help="print a running server's drift report (PSI per feature) from its metrics",
+    )
+    monitor.add_argument(
+        "--metrics-url",
+        default=os.environ.get("PRIVSCORE_METRICS_URL", DEFAULT_METRICS_URL),
+        help=f"the server's metrics endpoint (env PRIVSCORE_METRICS_URL; default "
+        f"{DEFAULT_METRICS_URL})",
+    )
+    monitor.add_argument(
+        "--png", type=Path, help="also draw served vs training shares per feature to this PNG"
+    )
+    monitor.add_argument(
+        "--window",
+        choices=("window", "since_start"),
+        default="window",
+        help="which window the PNG draws (the table shows both)",
+    )
+    monitor.set_defaults(run=_cmd_monitor)
 
     services = commands.add_parser("services", help="list a running server's services")
     add_caller_arguments(services)

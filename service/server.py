@@ -52,6 +52,8 @@ from service.interceptors import RequestContextInterceptor
 from service.model.manifest import ArtifactError
 from service.model.scorer import ModelBatcher, Scorer
 from service.monitoring import tracing
+from service.monitoring.drift import DriftMonitor
+from service.monitoring.drift_watch import DriftCollector, DriftWatch
 from service.monitoring.http import MetricsEndpoint
 from service.monitoring.metrics import (
     NO_METRICS,
@@ -172,6 +174,7 @@ class PrivscoreServer:
             NO_METRICS if monitoring.metrics_port is None else PrometheusMetrics()
         )
         self._metrics_http: MetricsEndpoint | None = None
+        self._drift_watch: asyncio.Task[None] | None = None
         try:
             authz = load_authz_policy(settings.authz_policy)
         except AuthzPolicyError as error:
@@ -236,6 +239,11 @@ class PrivscoreServer:
         if isinstance(self.metrics, PrometheusMetrics):
             port = settings.monitoring.metrics_port
             assert port is not None
+            worker = os.environ.get(WORKER_INDEX_ENV)
+            if port and worker is not None:
+                # --workers N: worker i serves its own metrics on --metrics-port + i (each
+                # process counts only its own calls; a scraper sums them).
+                port += int(worker)
             try:
                 self._metrics_http = MetricsEndpoint.start(
                     self.metrics.registry, settings.monitoring.metrics_bind, port
@@ -281,6 +289,7 @@ class PrivscoreServer:
             input_digest_key=derive_input_digest_key(secret),
             record_key=derive_record_key(secret),
             prove=prove,
+            drift=self._drift_monitor(scorer),
         )
         if self._database is not None:
             self._database.listen(runtime.alerts)
@@ -300,12 +309,27 @@ class PrivscoreServer:
             metrics_port=self._metrics_http.port if self._metrics_http is not None else None,
         )
 
+    def _drift_monitor(self, scorer: Scorer) -> DriftMonitor | None:
+        reference = scorer.manifest.drift_reference
+        if reference is None:
+            log.warning("drift.off", why="the model's manifest has no drift reference")
+            return None
+        monitoring = self.settings.monitoring
+        return DriftMonitor(
+            reference, window=monitoring.drift_window, min_count=monitoring.drift_min_count
+        )
+
     def _watch_runtime(
         self, runtime: Runtime, keyring: Keyring, audit_log: AuditLog | PgAuditLog
     ) -> None:
         """What a scrape reads off the running server: audit totals and commit times, key
-        ages, live alert subscribers."""
+        ages, live alert subscribers, drift; and the drift watch, which logs crossings
+        whether or not metrics are served."""
         metrics = self.metrics
+        if runtime.drift is not None:
+            watch = DriftWatch(runtime.drift, metrics)
+            self._drift_watch = asyncio.create_task(watch.run(), name="drift-watch")
+            metrics.watch(DriftCollector(runtime.drift))
         if not metrics.enabled:
             return
         audit_log.on_commit = metrics.audit_commit
@@ -513,6 +537,8 @@ class PrivscoreServer:
         log.info("server.stopping", grace_seconds=self.settings.grace_seconds)
         if self._watch is not None:
             self._watch.cancel()  # health stays NOT_SERVING from here, whatever the database
+        if self._drift_watch is not None:
+            self._drift_watch.cancel()
         await self.health.enter_graceful_shutdown()
         runtime = self.slot.peek()
         if runtime is not None:

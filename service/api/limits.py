@@ -184,7 +184,9 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             score = runtime.scorer.score_of(probability)
             inputs_digest = runtime.input_digest(dict(row))
             encrypted = encrypted_inputs(request.features)
+            scored = [row]
         else:
+            scored = []
             score = request.latest_score
             inputs_digest = runtime.input_digest({"latest_score": score})
             encrypted = ""
@@ -200,11 +202,15 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
         ):
             for attempt in range(1, DECISION_ATTEMPTS + 1):
                 try:
-                    return await self._decide(
+                    response = await self._decide(
                         runtime, request, score, inputs_digest, encrypted, fingerprint
                     )
                 except StateChanged as changed:
                     decided_again(ADJUST_LIMIT_METHOD, attempt, changed)
+                    continue
+                if not response.replayed:  # a replay's row was counted when it was decided
+                    runtime.observe_drift(scored, [score] * len(scored))
+                return response
         raise Aborted(
             "other replicas kept changing this customer's limit; retry the request",
             reason="CONCURRENT_DECISIONS",

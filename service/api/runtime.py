@@ -24,6 +24,7 @@ from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy
 from service.errors import ServiceError, Unavailable
 from service.model.scorer import ModelBatcher, Scorer
+from service.monitoring.drift import DriftMonitor
 from service.privacy.digest import input_digest
 from service.privacy.sealing import FeatureOpener
 
@@ -89,12 +90,27 @@ class Runtime:
     # Seals the amounts in audit records (service.privacy.record_seal).
     record_key: bytes
     prove: Prover
+    # Counts scored rows in the training bins (service/monitoring/drift.py); None when the
+    # model's manifest has no drift reference.
+    drift: DriftMonitor | None = None
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     subject_locks: KeyedLocks = field(default_factory=KeyedLocks)
 
     @property
     def scorer(self) -> Scorer:
         return self.model.scorer
+
+    def observe_drift(self, rows: Sequence[Mapping[str, Any]], scores: Sequence[int]) -> None:
+        """Count durably decided rows for the drift report: bin indices only, never a value.
+        A row that cannot be binned is logged by feature name and skipped: the decision is
+        made and audited already, and must be answered."""
+        if self.drift is None:
+            return
+        for row, score in zip(rows, scores, strict=True):
+            try:
+                self.drift.observe(row, score)
+            except ValueError as error:
+                _decisions_log.warning("drift.not_counted", why=str(error))
 
     def input_digest(self, inputs: Mapping[str, Any]) -> str:
         return input_digest(self.input_digest_key, inputs)

@@ -219,4 +219,5 @@ async def _decide(
         sequences = await runtime.audit.append_all(records)
     for response, sequence in zip(responses, sequences, strict=True):
         response.metadata.audit_sequence = sequence
+    runtime.observe_drift([a.row for a in applicants], [s.score for s in scores])
     return responses

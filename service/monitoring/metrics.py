@@ -115,6 +115,10 @@ class Metrics:
         """One group commit of the audit log: its records and how long write + fsync (or the
         database transaction) took."""
 
+    def drift_crossed(self, window: str, feature: str, level: str, by: int = 1) -> None:
+        """A feature's (or the score's) drift status rose to `level` (watch or act); `by=0`
+        only makes the series exist (at zero, so a rate over it works from the start)."""
+
     def watch(self, collector: Collector) -> None:
         """Read `collector` at every scrape (audit totals, keys, subscribers, drift)."""
 
@@ -224,6 +228,12 @@ class PrometheusMetrics(Metrics):
             buckets=MODEL_SECONDS_BUCKETS,
             registry=r,
         )
+        self.drift_crossings = Counter(
+            "privscore_drift_crossings_total",
+            "Times a feature's (or the score's) drift status rose to watch or act.",
+            ("window", "feature", "level"),
+            registry=r,
+        )
         self._rpcs: dict[str, RpcMetrics] = {}
 
     def rpc(self, method: str, kind: str = UNARY) -> RpcMetrics:
@@ -277,6 +287,9 @@ class PrometheusMetrics(Metrics):
     def audit_commit(self, records: int, seconds: float) -> None:
         self.audit_batch.observe(records)
         self.audit_commit_seconds.observe(seconds)
+
+    def drift_crossed(self, window: str, feature: str, level: str, by: int = 1) -> None:
+        self.drift_crossings.labels(window, feature, level).inc(by)
 
     def watch(self, collector: Collector) -> None:
         self.registry.register(collector)

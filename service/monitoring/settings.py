@@ -37,7 +37,8 @@ class MonitoringSettings:
     metrics_port: int | None = setting(
         "--metrics-port",
         "serve Prometheus metrics over HTTP on this port (0 picks a free one; the log's "
-        "server.ready line names it); no personal value is ever in a metric",
+        "server.ready line names it; with --workers N, worker i uses this port + i); no "
+        "personal value is ever in a metric",
         _port,
         "",
         default_doc="unset: no metrics",
