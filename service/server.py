@@ -15,7 +15,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from privscore.v1 import (
     alert_service_pb2,
@@ -207,12 +207,8 @@ class PrivscoreServer:
             AuditServicer(self.slot), self._server
         )
         if settings.reflection:
-            reflection.enable_server_reflection(
-                (
-                    *SERVICE_NAMES,
-                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                    reflection.SERVICE_NAME,
-                ),
+            _serve_reflection(
+                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                 self._server,
             )
 
@@ -557,6 +553,31 @@ class PrivscoreServer:
         if self._metrics_http is not None:
             self._metrics_http.stop()
         log.info("server.stopped")
+
+
+# grpc.reflection.v1 is v1alpha under its final name: the same messages, field for field
+# (grpc/reflection/v1/reflection.proto), which grpcio-reflection does not serve. Tools that
+# speak only v1 (newer grpcurl, Postman, grpc-js's reflection clients) get the same answers.
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+
+
+def _serve_reflection(services: tuple[str, ...], server: grpc.aio.Server) -> None:
+    """Reflection in both v1 and v1alpha, each listing every service (and both of itself)."""
+    listed = (*services, reflection.SERVICE_NAME, REFLECTION_V1_SERVICE)
+    servicer = reflection.aio.ReflectionServicer(listed)  # type: ignore[attr-defined]
+    reflection.enable_server_reflection(listed, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                REFLECTION_V1_SERVICE, {"ServerReflectionInfo": handler}
+            ),
+        )
+    )
 
 
 async def serve(settings: ServerSettings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,13 @@ import grpc
 import pytest
 
 from privscore.v1 import alert_service_pb2, alert_service_pb2_grpc, scoring_service_pb2_grpc
+from service.api.scoring import SCORE_METHOD
 from service.audit import iter_records
 from service.client.probe import health_status
 from service.config import DataLayout
-from service.security.authz import peer_identity
+from service.security.authz import missing_identity, peer_identity
 from service.security.certs import CertPaths, client_identity, init_certs
-from tests.conftest import REPO_ROOT, ServerProcess, applicants
+from tests.conftest import LOOPBACK, REPO_ROOT, ServerProcess, applicants
 from tests.test_privacy import sealed_request
 from tests.test_server import error_reason
 
@@ -43,6 +45,69 @@ def test_identity_needs_tls_1_3_and_exactly_one_spiffe_id() -> None:
     assert peer_identity({**tls13, "ssl_tls_version": [b"TLSv1.2"]}) is None
     assert peer_identity({"ssl_tls_version": [b"TLSv1.3"]}) is None
     assert peer_identity({}) is None  # plaintext
+    assert "TLS 1.3 is required" in missing_identity({**tls13, "ssl_tls_version": [b"TLSv1.2"]})
+    assert "SPIFFE" in missing_identity({"ssl_tls_version": [b"TLSv1.3"]})
+    assert "not mutual TLS" in missing_identity({})
+
+
+def _call_over_tls_1_2(port: int, certs: CertPaths, method: str) -> dict[str, str]:
+    """One gRPC call made by hand over a TLS 1.2 connection with a valid client certificate
+    (no gRPC client offers TLS 1.2 on purpose; h2 speaks HTTP/2 itself): the response's
+    headers and trailers."""
+    import ssl
+    import urllib.parse
+
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(certs.client_cert("dev")), str(certs.client_key("dev")))
+    context.set_alpn_protocols(["h2"])
+    context.check_hostname = False
+    with (
+        socket.create_connection((LOOPBACK, port), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        assert tls.version() == "TLSv1.2"
+        connection = h2.connection.H2Connection()
+        connection.initiate_connection()
+        stream = connection.get_next_available_stream_id()
+        connection.send_headers(
+            stream,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":path", method),
+                (":authority", f"localhost:{port}"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        )
+        connection.send_data(stream, b"\x00\x00\x00\x00\x00", end_stream=True)  # an empty message
+        tls.sendall(connection.data_to_send())
+        found: dict[str, str] = {}
+        ended = False
+        while not ended:
+            data = tls.recv(65536)
+            if not data:
+                break
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    found.update((name.decode(), value.decode()) for name, value in event.headers)
+                ended = ended or isinstance(event, h2.events.StreamEnded)
+            tls.sendall(connection.data_to_send())
+    if "grpc-message" in found:
+        found["grpc-message"] = urllib.parse.unquote(found["grpc-message"])
+    return found
+
+
+def test_a_tls_1_2_caller_is_told_tls_1_3_is_required(shared_server: ServerProcess) -> None:
+    certs = CertPaths(DataLayout(shared_server.data_dir).certs_dir)
+    answer = _call_over_tls_1_2(shared_server.port, certs, SCORE_METHOD)
+    assert answer["grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
+    assert "TLS 1.3 is required" in answer["grpc-message"]
+    assert "TLSv1.2" in answer["grpc-message"]
 
 
 def test_a_client_without_a_certificate_from_the_ca_cannot_connect(

@@ -95,6 +95,37 @@ def test_reflection_lists_the_three_services(shared_server: ServerProcess) -> No
         assert name in names
 
 
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_answers_in_v1_and_v1alpha(shared_server: ServerProcess, version: str) -> None:
+    """Both reflection versions list the services and describe them. The v1 messages are the
+    v1alpha ones field for field (grpc/reflection/v1/reflection.proto), so a v1 client's
+    bytes are these."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="privscore.v1.ScoringService"
+        ),
+    ]
+    with shared_server.channel() as channel:
+        call = channel.stream_stream(
+            method,
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        listed, described = list(call(iter(requests), timeout=5))
+    names = {service.name for service in listed.list_services_response.service}
+    assert {"privscore.v1.ScoringService", "grpc.reflection.v1.ServerReflection"} <= names
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in described.file_descriptor_response.file_descriptor_proto
+    ]
+    assert any(service.name == "ScoringService" for file in files for service in file.service)
+
+
 def test_malformed_request_names_the_field_never_the_value(shared_server: ServerProcess) -> None:
     secret_looking = "CANARY-raw-customer-4711"
     request = scoring_service_pb2.ScoreRequest(

@@ -30,7 +30,7 @@ from service.callctx import CALLER
 from service.errors import FieldViolation, InvalidArgument, ServiceError
 from service.monitoring import tracing
 from service.monitoring.metrics import NO_METRICS, SERVER_STREAM, UNARY, Metrics
-from service.security.authz import AuthzPolicy, peer_identity
+from service.security.authz import AuthzPolicy, missing_identity, peer_identity
 from service.security.limits import CallLimits, IdentityLimiter
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -128,8 +128,10 @@ class _Call:
         self.started = time.perf_counter()
         self.rpc = guard.metrics.rpc(method, kind)
         self.rpc.started()
-        self.span = tracing.call_span(method, context.invocation_metadata())
-        self.identity = peer_identity(context.auth_context())
+        self.span = tracing.call_span(method, context)
+        auth = context.auth_context()
+        self.identity = peer_identity(auth)
+        self.why = "" if self.identity is not None else missing_identity(auth)
         self._bound = structlog.contextvars.bound_contextvars(
             request_id=request_id, method=method, caller=self.identity
         )
@@ -152,7 +154,7 @@ class _Call:
 
     def admit(self) -> Any:
         """Authorise the caller and take a slot of its limits (a context manager)."""
-        self.guard.authz.check(self.identity, self.method)
+        self.guard.authz.check(self.identity, self.method, self.why)
         assert self.identity is not None  # check() refuses a call without one
         return self.guard.limiter.admit(self.identity)
 
@@ -160,7 +162,7 @@ class _Call:
         """Authorise the caller and take one call from its rate, but no in-flight slot: a
         monitor holding a stream keeps its whole allowance for unary calls, and the streaming
         servicer bounds its subscribers itself (overall and per identity)."""
-        self.guard.authz.check(self.identity, self.method)
+        self.guard.authz.check(self.identity, self.method, self.why)
         assert self.identity is not None  # check() refuses a call without one
         self.guard.limiter.take_rate(self.identity)
 

@@ -176,9 +176,10 @@ class _NoCallSpan:
 _NO_CALL = _NoCallSpan()
 
 
-def call_span(method: str, metadata: Any) -> _CallSpan | _NoCallSpan:
-    """The span of one call, continuing the caller's trace (a no-op when traces are off)."""
-    return _NO_CALL if _tracer is None else _CallSpan(method, metadata)
+def call_span(method: str, context: Any) -> _CallSpan | _NoCallSpan:
+    """The span of one call, continuing the trace in the call's metadata (`context` is the
+    servicer context); a no-op, reading nothing, when traces are off."""
+    return _NO_CALL if _tracer is None else _CallSpan(method, context.invocation_metadata())
 
 
 def stage(name: str, *, rows: int | None = None, records: int | None = None) -> Any:

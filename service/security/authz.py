@@ -38,10 +38,15 @@ class AuthzPolicy:
     version: str
     grants: Mapping[str, frozenset[str]]  # identity -> methods
 
-    def check(self, identity: str | None, method: str) -> None:
-        """Raise UNAUTHENTICATED without an identity, PERMISSION_DENIED without a grant."""
+    def check(self, identity: str | None, method: str, why: str = "") -> None:
+        """Raise UNAUTHENTICATED without an identity (saying `why`, see `missing_identity`),
+        PERMISSION_DENIED without a grant."""
         if identity is None:
-            raise Unauthenticated("no verified client certificate identity")
+            raise Unauthenticated(
+                f"no verified client certificate identity: {why}"
+                if why
+                else "no verified client certificate identity"
+            )
         if method not in self.grants.get(identity, frozenset()):
             raise PermissionDenied(f"{identity} may not call {method}")
 
@@ -72,6 +77,17 @@ def load_authz_policy(path: Path) -> AuthzPolicy:
             raise AuthzPolicyError(f"authz.identities.{identity} must list defined roles")
         grants[identity] = frozenset(m for r in granted_roles for m in roles[r])
     return AuthzPolicy(version, grants)
+
+
+def missing_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str:
+    """Why a peer has no identity, for the caller to read: the usual cause is a client that
+    offered TLS 1.2 (gRPC accepts the handshake; privscore then refuses every call)."""
+    versions = [v.decode("ascii", "replace") for v in auth_context.get("ssl_tls_version", ())]
+    if not versions:
+        return "the connection is not mutual TLS"
+    if REQUIRED_TLS_VERSION.decode() not in versions:
+        return f"TLS 1.3 is required; this connection uses {', '.join(versions)}"
+    return "the client certificate must carry exactly one SPIFFE URI SAN"
 
 
 def peer_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
