@@ -213,7 +213,10 @@ def _run_client(args: argparse.Namespace) -> int:
         with _channel(args) as channel:
             args.client_call(args, _client(args, channel))
     except grpc.RpcError as error:
-        print(f"privscore {args.command}: {error.code().name}: {error.details()}", file=sys.stderr)
+        from service.client.errors import refusal
+
+        head, *rest = refusal(error).lines()
+        print("\n".join([f"privscore {args.command}: {head}", *rest]), file=sys.stderr)
         return 1
     except (OSError, ValueError, json_format.ParseError) as error:
         print(f"privscore {args.command}: {error}", file=sys.stderr)
@@ -587,7 +590,9 @@ def _local_audit_mac_key(layout: DataLayout) -> bytes:
     return derive_audit_mac_key(keyring.server_secret())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(data_dir: Path | None = None) -> argparse.ArgumentParser:
+    """The command line; `data_dir` (the --data-dir given, if any) is where the reviewers'
+    commands find the log, its key and origin by default, ahead of PRIVSCORE_DATA_DIR."""
     parser = argparse.ArgumentParser(prog="privscore", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -617,8 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_key_arguments(sub)
     keys.set_defaults(run=_cmd_keys)
 
-    # Reviewers' commands read the log offline; defaults follow PRIVSCORE_DATA_DIR or ./var.
-    layout = DataLayout(Path(os.environ.get("PRIVSCORE_DATA_DIR") or DEFAULT_DATA_DIR))
+    # Reviewers' commands read the log offline; defaults follow --data-dir, PRIVSCORE_DATA_DIR
+    # or ./var.
+    layout = DataLayout(data_dir or Path(os.environ.get("PRIVSCORE_DATA_DIR") or DEFAULT_DATA_DIR))
     audit_commands = add_audit_commands(
         commands,
         default_audit_dir=str(layout.audit_dir),
@@ -659,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Without --audit-dir or a database, the log under --data-dir (or PRIVSCORE_DATA_DIR, or
     # ./var).
     show.set_defaults(run=_audit_show_opening(show.get_default("run")))
+    for name, sub in audit_commands.choices.items():
+        if name not in ("show", "replay", "rotate-key"):  # those declare it with their keys
+            add_data_dir_argument(sub)
 
     store = commands.add_parser("store", help="check the decision store against the audit log")
     store_commands = store.add_subparsers(dest="store_command", required=True)
@@ -786,7 +795,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # --data-dir first, alone: the audit commands' defaults (log, verifier key, origin, MAC
+    # key) are found under it, and they are set when the parser is built.
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--data-dir")
+    found, _ = early.parse_known_args(sys.argv[1:] if argv is None else argv)
+    data_dir = Path(found.data_dir).expanduser() if found.data_dir else None
+    args = build_parser(data_dir).parse_args(argv)
     return int(args.run(args))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -30,7 +31,14 @@ from service.client.probe import health_status, list_services
 from service.config import settings_from
 from service.privacy.sealing import ENCAPSULATED_KEY_BYTES, SEALED_DATA_KEY_BYTES
 from service.server import SERVICE_NAMES, PrivscoreServer
-from tests.conftest import REPO_ROOT, ServerProcess, aio_channel, init_dev_keys, privscore_cli
+from tests.conftest import (
+    REPO_ROOT,
+    ServerProcess,
+    aio_channel,
+    applicants,
+    init_dev_keys,
+    privscore_cli,
+)
 
 PSEUDONYM = "ab" * 32
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -361,3 +369,50 @@ def test_a_second_server_on_a_port_in_use_is_refused(
     )
     assert second.returncode == 1
     assert f"cannot listen on 127.0.0.1:{shared_server.port}" in second.stderr
+
+
+def test_the_cli_shows_every_field_violation_and_the_request_id(
+    shared_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A refused `privscore score` prints each failing field with what is wrong (never the
+    value sent), not only the status line."""
+    features = json.loads((REPO_ROOT / "examples" / "applicant.json").read_text())
+    features["purpose"] = "CANARY-not-a-purpose"
+    features["duration_in_month"] = 4000
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(features))
+    done = privscore_cli(
+        shared_server.data_dir,
+        "score",
+        "--target",
+        shared_server.target,
+        "--tenant",
+        "t",
+        "--customer-id",
+        "cli-violations",
+        "--features",
+        str(path),
+    )
+    assert done.returncode == 1
+    head, *details = done.stderr.strip().splitlines()
+    assert head.startswith("privscore score: INVALID_ARGUMENT: ")
+    fields = {line.split(":")[0].strip() for line in details if "fields[" in line}
+    assert len(fields) == 2  # both features, each by its path
+    assert any("purpose" in line and "one of" in line for line in details)
+    assert any("duration_in_month" in line for line in details)
+    assert details[-1].startswith("  request id: ")
+    assert "CANARY" not in done.stderr and "4000" not in done.stderr
+
+
+def test_audit_verify_finds_the_log_key_and_origin_under_data_dir(
+    shared_server: ServerProcess, tmp_path: Path
+) -> None:
+    """`--data-dir` alone is enough, whatever PRIVSCORE_DATA_DIR says (here: elsewhere)."""
+    with shared_server.channel() as channel:
+        shared_server.client(channel).score("t", "verify-data-dir", applicants()[0])
+    done = privscore_cli(
+        tmp_path / "elsewhere", "audit", "verify", "--data-dir", str(shared_server.data_dir)
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] and report["size"] >= 1 and report["mac_checked"]
