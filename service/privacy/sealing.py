@@ -209,13 +209,17 @@ class DataKey:
         identity: str,
         limits: KeyLimits | None = None,
         created_at: float | None = None,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
+        """`random_bytes` draws the data key and every field's nonce (the OS's CSPRNG; the
+        test vectors pass fixed bytes to check the field layer byte for byte)."""
         limits = KeyLimits() if limits is None else limits
         if not limits.reuse:
             raise ValueError("a data key's grant needs every limit above 0")
         self.limits = limits
         self.created_at = time.time() if created_at is None else created_at
-        key = AESGCM.generate_key(bit_length=8 * DATA_KEY_BYTES)
+        self._random_bytes = random_bytes
+        key = random_bytes(DATA_KEY_BYTES)
         grant = GRANT.pack(
             key,
             round(self.created_at * 1000),
@@ -261,7 +265,7 @@ class DataKey:
         for name, plaintext in plaintexts:
             if next(self._encryptions) > MAX_ENCRYPTIONS_PER_KEY:
                 raise DataKeyExhausted("this data key has sealed as many fields as it may")
-            nonce = secrets.token_bytes(NONCE_BYTES)
+            nonce = self._random_bytes(NONCE_BYTES)
             ciphertext = self._aead.encrypt(nonce, plaintext, field_aad(aad_prefix, name))
             fields.append(
                 common_pb2.EncryptedField(
