@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import filecmp
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -137,3 +139,76 @@ def test_times_are_timestamps_and_money_is_minor_units(
                     assert field.type_name == ".google.protobuf.Timestamp", where
                 if message.name != "Money" and any(word in field.name for word in money_words):
                     assert field.type == message_type, f"{where}: money must be a Money message"
+
+
+# -- buf: lint, format and breaking changes against the last release --------------------------
+
+PROTOS = Path(__file__).resolve().parent.parent / "protos"
+BUF_TOOLS = PROTOS / "tools"
+RELEASE_IMAGE = PROTOS / "releases" / "v1-289f48e.binpb"
+REQUIRE_NODE_ENV = "PRIVSCORE_REQUIRE_NODE"
+
+
+@pytest.fixture(scope="module")
+def buf() -> Path:
+    """buf from npm (@bufbuild/buf, pinned in protos/tools/package-lock.json), installed on
+    first use. Without npm the buf tests skip, saying so, unless PRIVSCORE_REQUIRE_NODE=1
+    (.ci/run), where they fail."""
+    binary = BUF_TOOLS / "node_modules" / ".bin" / "buf"
+    if not binary.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            if os.environ.get(REQUIRE_NODE_ENV) == "1":
+                pytest.fail(f"npm is not installed and {REQUIRE_NODE_ENV}=1: buf cannot run")
+            pytest.skip("npm is not installed: buf lint and buf breaking are not run")
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--silent"],
+            cwd=BUF_TOOLS,
+            check=True,
+            timeout=300,
+        )
+    return binary
+
+
+def run_buf(buf: Path, *args: str, cwd: Path = PROTOS) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(buf), *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_buf_lint_and_format_pass(buf: Path) -> None:
+    lint = run_buf(buf, "lint")
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    formatted = run_buf(buf, "format", "--diff", "--exit-code", "--path", "privscore")
+    assert formatted.returncode == 0, formatted.stdout
+
+
+def test_no_breaking_change_since_the_last_release(buf: Path) -> None:
+    found = run_buf(buf, "breaking", "--against", str(RELEASE_IMAGE), "--path", "privscore")
+    assert found.returncode == 0, found.stdout + found.stderr
+
+
+def test_buf_breaking_catches_a_renumbered_field(buf: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "protos"
+    shutil.copytree(PROTOS, copy, ignore=shutil.ignore_patterns("node_modules", "tools"))
+    common = copy / "privscore" / "v1" / "common.proto"
+    text = common.read_text()
+    assert "string pseudonym = 2;" in text
+    common.write_text(text.replace("string pseudonym = 2;", "string pseudonym = 7;"))
+    found = run_buf(
+        buf, "breaking", "--against", str(RELEASE_IMAGE), "--path", "privscore", cwd=copy
+    )
+    assert found.returncode != 0
+    assert "pseudonym" in found.stdout + found.stderr
+
+
+def test_protos_carry_options_for_other_languages(
+    descriptor_set: descriptor_pb2.FileDescriptorSet,
+) -> None:
+    ours = [f for f in descriptor_set.file if f.package == "privscore.v1"]
+    assert ours
+    for file in ours:
+        options = file.options
+        assert options.go_package == "privscore.dev/gen/go/privscore/v1;privscorev1", file.name
+        assert options.java_package == "dev.privscore.v1" and options.java_multiple_files
+        assert options.csharp_namespace == "Privscore.V1"

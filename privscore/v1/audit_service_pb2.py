@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n privscore/v1/audit_service.proto\x12\x0cprivscore.v1\"/\n\x18GetDecisionRecordRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\"}\n\x19GetDecisionRecordResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0e\n\x06record\x18\x02 \x01(\x0c\x12\x11\n\ttree_size\x18\x03 \x01(\x04\x12\x17\n\x0finclusion_proof\x18\x04 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x05 \x01(\t2t\n\x0c\x41uditService\x12\x64\n\x11GetDecisionRecord\x12&.privscore.v1.GetDecisionRecordRequest\x1a\'.privscore.v1.GetDecisionRecordResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n privscore/v1/audit_service.proto\x12\x0cprivscore.v1\"/\n\x18GetDecisionRecordRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\"}\n\x19GetDecisionRecordResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0e\n\x06record\x18\x02 \x01(\x0c\x12\x11\n\ttree_size\x18\x03 \x01(\x04\x12\x17\n\x0finclusion_proof\x18\x04 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x05 \x01(\t2t\n\x0c\x41uditService\x12\x64\n\x11GetDecisionRecord\x12&.privscore.v1.GetDecisionRecordRequest\x1a\'.privscore.v1.GetDecisionRecordResponseBR\n\x10\x64\x65v.privscore.v1P\x01Z-privscore.dev/gen/go/privscore/v1;privscorev1\xaa\x02\x0cPrivscore.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'privscore.v1.audit_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.privscore.v1P\001Z-privscore.dev/gen/go/privscore/v1;privscorev1\252\002\014Privscore.V1'
   _globals['_GETDECISIONRECORDREQUEST']._serialized_start=50
   _globals['_GETDECISIONRECORDREQUEST']._serialized_end=97
   _globals['_GETDECISIONRECORDRESPONSE']._serialized_start=99
