@@ -176,14 +176,21 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace, channel: grpc.Channel) -> Any:
-    from service.client.sdk import PrivscoreClient
-    from service.model.manifest import load_unverified_manifest
+    """The SDK client: the server's sealing key and schema version from DiscoveryService
+    (or, with --pin-key, the caller's own copy of the key, which the server must list); the
+    pseudonym key and the certificate's identity from the data directory."""
+    from service.client.sdk import PrivscoreClient, certificate_identity
+    from service.privacy.pseudonym import Pseudonymiser
+    from service.privacy.sealing import load_public_keyset
+    from service.security.certs import CertPaths
 
-    # The schema version is public; the server refuses a mismatch, so no signature is needed.
-    schema_version = load_unverified_manifest(args.model_dir or DEFAULT_MODEL_DIR).schema_version
+    layout = DataLayout(data_dir_from(args))
+    certificate = CertPaths(layout.certs_dir).client_cert(_cert_name(args))
     # Data keys are sealed for the identity of the certificate the channel presents.
-    return PrivscoreClient.from_data_dir(
-        channel, data_dir_from(args), schema_version, cert_name=_cert_name(args)
+    identity = certificate_identity(certificate.read_bytes()) if certificate.exists() else None
+    pinned = load_public_keyset(Path(args.pin_key)) if args.pin_key else None
+    return PrivscoreClient.discovered(
+        channel, Pseudonymiser.from_file(layout.pseudonym_key), identity=identity, pinned=pinned
     )
 
 
@@ -209,6 +216,8 @@ def _run_client(args: argparse.Namespace) -> int:
     """Shared error handling of the client commands: gRPC status and bad input files."""
     from google.protobuf import json_format
 
+    from service.client.sdk import DiscoveryRefused
+
     try:
         with _channel(args) as channel:
             args.client_call(args, _client(args, channel))
@@ -218,7 +227,7 @@ def _run_client(args: argparse.Namespace) -> int:
         head, *rest = refusal(error).lines()
         print("\n".join([f"privscore {args.command}: {head}", *rest]), file=sys.stderr)
         return 1
-    except (OSError, ValueError, json_format.ParseError) as error:
+    except (OSError, ValueError, json_format.ParseError, DiscoveryRefused) as error:
         print(f"privscore {args.command}: {error}", file=sys.stderr)
         return 2
     return 0
@@ -757,7 +766,11 @@ def build_parser(data_dir: Path | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         add_caller_arguments(sub)
         sub.add_argument(
-            "--model-dir", help="model whose schema version to seal for, default the bundled model"
+            "--pin-key",
+            metavar="KEYSET",
+            help="the server's public keyset file (DATA_DIR/keys/public-keys.json, as `keys` "
+            "writes it): seal to its primary key, and refuse a server that does not list it; "
+            "by default the key the server names (DiscoveryService)",
         )
         if subject:
             sub.add_argument("--tenant", required=True, help="your tenant, e.g. baitiao-cn")

@@ -22,6 +22,8 @@ from privscore.v1 import (
     alert_service_pb2_grpc,
     audit_service_pb2,
     audit_service_pb2_grpc,
+    discovery_service_pb2,
+    discovery_service_pb2_grpc,
     limit_service_pb2,
     limit_service_pb2_grpc,
     scoring_service_pb2,
@@ -29,6 +31,7 @@ from privscore.v1 import (
 )
 from service.api.alerts import AlertServicer
 from service.api.audit import AuditServicer, file_prover
+from service.api.discovery import DiscoveryServicer
 from service.api.ledger import EmbeddedLedger, FailClosedAudit, Ledger
 from service.api.limits import LimitServicer
 from service.api.reconcile import (
@@ -84,6 +87,7 @@ SERVICE_NAMES = (
     limit_service_pb2.DESCRIPTOR.services_by_name["LimitService"].full_name,
     alert_service_pb2.DESCRIPTOR.services_by_name["AlertService"].full_name,
     audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+    discovery_service_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
 )
 # "" is the whole server's status, as grpc_health_probe and Kubernetes ask by default.
 HEALTH_NAMES = ("", *SERVICE_NAMES)
@@ -206,6 +210,9 @@ class PrivscoreServer:
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
             AuditServicer(self.slot), self._server
         )
+        discovery_service_pb2_grpc.add_DiscoveryServiceServicer_to_server(
+            DiscoveryServicer(self.slot), self._server
+        )
         if settings.reflection:
             _serve_reflection(
                 (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
@@ -269,6 +276,7 @@ class PrivscoreServer:
         assert audit_log is not None
         runtime = Runtime(
             model=ModelBatcher(scorer, on_run=self.metrics.model_run),
+            keyring=keyring,
             opener=FeatureOpener(keyring),
             policy=policy,
             ledger=ledger,
@@ -289,7 +297,7 @@ class PrivscoreServer:
         )
         if self._database is not None:
             self._database.listen(runtime.alerts)
-        self._watch_runtime(runtime, keyring, audit_log)
+        self._watch_runtime(runtime, audit_log)
         self.slot.fill(runtime)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self._database is not None:
@@ -315,9 +323,7 @@ class PrivscoreServer:
             reference, window=monitoring.drift_window, min_count=monitoring.drift_min_count
         )
 
-    def _watch_runtime(
-        self, runtime: Runtime, keyring: Keyring, audit_log: AuditLog | PgAuditLog
-    ) -> None:
+    def _watch_runtime(self, runtime: Runtime, audit_log: AuditLog | PgAuditLog) -> None:
         """What a scrape reads off the running server: audit totals and commit times, key
         ages, live alert subscribers, drift; and the drift watch, which logs crossings
         whether or not metrics are served."""
@@ -330,7 +336,7 @@ class PrivscoreServer:
             return
         audit_log.on_commit = metrics.audit_commit
         metrics.watch(AuditCollector(lambda: AuditTotals(*astuple(audit_log.stats))))
-        metrics.watch(KeyAgeCollector(keyring.listing))
+        metrics.watch(KeyAgeCollector(lambda: runtime.keyring.listing()))
         metrics.watch(
             GaugeCollector(
                 "privscore_alert_subscribers",
@@ -502,7 +508,7 @@ class PrivscoreServer:
         except KeyringError as error:
             log.error("keys.reload_failed", reason=str(error))
             return
-        runtime.opener = FeatureOpener(keyring)
+        runtime.keyring, runtime.opener = keyring, FeatureOpener(keyring)
         usable = [
             e.key_id
             for e in keyring.entries

@@ -26,6 +26,7 @@ from service.errors import ServiceError, Unavailable
 from service.model.scorer import ModelBatcher, Scorer
 from service.monitoring.drift import DriftMonitor
 from service.privacy.digest import input_digest
+from service.privacy.keyring import Keyring
 from service.privacy.sealing import FeatureOpener
 
 # A decision's record with its inclusion proof against the latest checkpoint, by decision id:
@@ -79,6 +80,9 @@ class KeyedLocks:
 @dataclass
 class Runtime:
     model: ModelBatcher
+    # The keyring (public halves and dates are what callers and metrics see) and the opener
+    # built on it; both replaced together when SIGHUP reloads the keyring.
+    keyring: Keyring
     opener: FeatureOpener
     policy: DecisionPolicy
     ledger: Ledger

@@ -20,11 +20,14 @@ from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from privscore.v1 import (
     alert_service_pb2,
     alert_service_pb2_grpc,
     common_pb2,
+    discovery_service_pb2,
+    discovery_service_pb2_grpc,
     limit_service_pb2,
     limit_service_pb2_grpc,
     scoring_service_pb2,
@@ -35,6 +38,7 @@ from service.privacy.pseudonym import Pseudonymiser
 from service.privacy.sealing import (
     DEFAULT_MAX_AGE_S,
     MAX_ENCRYPTIONS_PER_KEY,
+    SEALING_FORMAT,
     DataKey,
     FeatureInput,
     KeyLimits,
@@ -50,6 +54,52 @@ SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch"
 ADJUST_LIMIT_METHOD = "/privscore.v1.LimitService/AdjustLimit"
 DEFAULT_TIMEOUT_S = 10.0
 Response = TypeVar("Response")
+
+
+class DiscoveryRefused(RuntimeError):
+    """What the server says it is cannot be used: another sealing format, no primary key, or
+    not the key the caller pinned."""
+
+
+def discover(
+    channel: grpc.Channel, timeout: float = DEFAULT_TIMEOUT_S
+) -> discovery_service_pb2.GetServerInfoResponse:
+    """The server's sealing keys, schema and versions (DiscoveryService)."""
+    stub = discovery_service_pb2_grpc.DiscoveryServiceStub(channel)
+    info: discovery_service_pb2.GetServerInfoResponse = stub.GetServerInfo(
+        discovery_service_pb2.GetServerInfoRequest(), timeout=timeout, metadata=trace_metadata()
+    )
+    return info
+
+
+def sealing_key(
+    info: discovery_service_pb2.GetServerInfoResponse, pinned: ServerPublicKey | None = None
+) -> ServerPublicKey:
+    """The key to seal to: the pinned one, which the server must list (same id, same bytes),
+    or else the server's primary (trust on first use)."""
+    if info.sealing_format != SEALING_FORMAT:
+        raise DiscoveryRefused(
+            f"the server opens sealing format {info.sealing_format}; this SDK seals format "
+            f"{SEALING_FORMAT}"
+        )
+    listed = {key.key_id: key.public_key for key in info.sealing_keys}
+    if pinned is not None:
+        if listed.get(pinned.key_id) != pinned.public_key.public_bytes_raw():
+            raise DiscoveryRefused(
+                f"the server does not list the pinned key {pinned.key_id}: refusing to seal to "
+                "a key it names instead"
+            )
+        return pinned
+    primary = [
+        key
+        for key in info.sealing_keys
+        if key.status == discovery_service_pb2.SEALING_KEY_STATUS_PRIMARY
+    ]
+    if len(primary) != 1:
+        raise DiscoveryRefused("the server names no single primary sealing key")
+    return ServerPublicKey(
+        primary[0].key_id, x25519.X25519PublicKey.from_public_bytes(primary[0].public_key)
+    )
 
 
 def trace_metadata() -> tuple[tuple[str, str], ...]:
@@ -189,6 +239,30 @@ class PrivscoreClient:
         self._scoring = scoring_service_pb2_grpc.ScoringServiceStub(channel)
         self._limits = limit_service_pb2_grpc.LimitServiceStub(channel)
         self._alerts = alert_service_pb2_grpc.AlertServiceStub(channel)
+
+    @classmethod
+    def discovered(
+        cls,
+        channel: grpc.Channel,
+        pseudonymiser: Pseudonymiser,
+        *,
+        identity: str | None,
+        pinned: ServerPublicKey | None = None,
+        key_limits: KeyLimits | None = None,
+    ) -> PrivscoreClient:
+        """A client sealing to the key and schema version the server names over the wire
+        (DiscoveryService): only the caller's own secrets (pseudonym key, certificate) are
+        local. `pinned`: a key the caller trusts already; the server must list it, and it is
+        the one sealed to (for callers that must not trust first use)."""
+        info = discover(channel)
+        return cls(
+            channel,
+            sealing_key(info, pinned),
+            pseudonymiser,
+            info.schema_version,
+            identity=identity,
+            key_limits=key_limits,
+        )
 
     @classmethod
     def from_data_dir(
