@@ -8,7 +8,7 @@ import { readFileSync } from "node:fs";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 
-import { PrivscoreError, requestIdOf } from "./errors.js";
+import { PrivscoreError, REQUEST_ID_TRAILER, requestIdOf } from "./errors.js";
 import type { Features } from "./featureValue.js";
 import { certificateIdentity, loadPublicKeyset } from "./keys.js";
 import { SERVICE_PROTO_FILES, defaultProtoRoot, vendoredProtoDir } from "./protos.js";
@@ -261,7 +261,7 @@ export class PrivscoreClient {
     const subject = this.subject(tenant, customerId);
     const { sealed, key } = await this.seal(SCORE_METHOD, requestId, subject, features);
     const request = { request_id: requestId, subject, features: sealed };
-    return this.#call<ScoreResponse>(this.#scoring, "Score", request, options, key);
+    return this.#call<ScoreResponse>(this.#scoring, "Score", request, options.timeoutMs, key);
   }
 
   /** A limit decision from the latest score, or from features scored in the same call. */
@@ -276,11 +276,17 @@ export class PrivscoreClient {
     const subject = this.subject(tenant, customerId);
     if ("latestScore" in source) {
       const request = { request_id: requestId, subject, account, latest_score: source.latestScore };
-      return this.#call<AdjustLimitResponse>(this.#limits, "AdjustLimit", request, options);
+      return this.#call<AdjustLimitResponse>(this.#limits, "AdjustLimit", request, options.timeoutMs);
     }
     const { sealed, key } = await this.seal(ADJUST_LIMIT_METHOD, requestId, subject, source.features);
     const request = { request_id: requestId, subject, account, features: sealed };
-    return this.#call<AdjustLimitResponse>(this.#limits, "AdjustLimit", request, options, key);
+    return this.#call<AdjustLimitResponse>(
+      this.#limits,
+      "AdjustLimit",
+      request,
+      options.timeoutMs,
+      key,
+    );
   }
 
   async evaluateEvent(
@@ -294,7 +300,12 @@ export class PrivscoreClient {
       subject: this.subject(tenant, customerId),
       event,
     };
-    return this.#call<EvaluateEventResponse>(this.#alerts, "EvaluateEvent", request, options);
+    return this.#call<EvaluateEventResponse>(
+      this.#alerts,
+      "EvaluateEvent",
+      request,
+      options.timeoutMs,
+    );
   }
 
   close(): void {
@@ -304,21 +315,25 @@ export class PrivscoreClient {
     this.#channel.close();
   }
 
-  /** One unary call; resolves once the trailers (with the request id) are in. A failure
-   * rejects with a PrivscoreError and retires the data key the call used, so the next call
-   * seals anew (the server may refuse that key from now on). */
+  /** One unary call; resolves once the trailers (with the request id) are in. The request's
+   * id also travels as the `x-request-id` header, so the server's log lines and trailers
+   * carry it (without the header the server makes an id of its own). A failure rejects with
+   * a PrivscoreError and retires the data key the call used, so the next call seals anew
+   * (the server may refuse that key from now on). */
   #call<T>(
     client: grpc.Client,
     method: string,
-    request: unknown,
-    options: CallOptions,
+    request: { request_id: string },
+    timeoutMs: number | undefined,
     key?: DataKey,
   ): Promise<Reply<T>> {
     const rpc = (client as unknown as Record<string, UnaryMethod>)[method]!.bind(client);
-    const deadline = Date.now() + (options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
+    const deadline = Date.now() + (timeoutMs ?? DEFAULT_TIMEOUT_MS);
+    const metadata = new grpc.Metadata();
+    metadata.set(REQUEST_ID_TRAILER, request.request_id);
     return new Promise((resolve, reject) => {
       let response: unknown;
-      const call = rpc(request, new grpc.Metadata(), { deadline }, (_error, reply) => {
+      const call = rpc(request, metadata, { deadline }, (_error, reply) => {
         response = reply;
       });
       call.on("status", (status: grpc.StatusObject) => {

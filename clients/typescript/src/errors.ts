@@ -8,6 +8,7 @@ import protobuf from "protobufjs";
 import { resolveImport, vendoredProtoDir } from "./protos.js";
 
 export const STATUS_DETAILS_TRAILER = "grpc-status-details-bin";
+/** The request id: a header the caller may send, and a trailer the server always returns. */
 export const REQUEST_ID_TRAILER = "x-request-id";
 const TYPE_URL_PREFIX = "type.googleapis.com/";
 
