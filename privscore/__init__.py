@@ -1,1 +1,3 @@
-"""Generated wire contracts of privscore (see protos/ and scripts/generate_protos.py)."""
+"""privscore for callers: the generated wire contracts (`privscore.v1`, from protos/ by
+scripts/generate_protos.py) and the Python client (`privscore.client`). The server is `service`.
+"""

@@ -19,10 +19,11 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from privscore.client import envelope, sdk
+from privscore.client.encoding import length_prefixed
 from privscore.v1 import common_pb2, scoring_service_pb2_grpc
 from privscore.v1 import scoring_service_pb2 as pb
 from service.audit import iter_records
-from service.client import sdk
 from service.client.sdk import (
     SCORE_BATCH_METHOD,
     SCORE_METHOD,
@@ -32,8 +33,6 @@ from service.client.sdk import (
 )
 from service.config import DataLayout
 from service.errors import FailedPrecondition, InvalidArgument
-from service.privacy import sealing
-from service.privacy.encoding import length_prefixed
 from service.privacy.keyring import Keyring
 from service.privacy.sealing import (
     CEILING_MAX_AGE_S,
@@ -140,7 +139,7 @@ def test_a_key_retires_before_its_field_encryptions_reach_the_nonce_bound(
     assert cache.take(SCORE_METHOD, 50, 4) is first
     assert cache.take(SCORE_METHOD, 50, 1) is not first
     # And the key itself refuses to encrypt past the bound, whoever uses it.
-    monkeypatch.setattr(sealing, "MAX_ENCRYPTIONS_PER_KEY", 5)
+    monkeypatch.setattr(envelope, "MAX_ENCRYPTIONS_PER_KEY", 5)
     key = DataKey(keys[1], SCORE_METHOD, identity=DEV)
     plaintexts = [(f"f{i}", encode_value(i)) for i in range(5)]
     key.seal_encoded("v", subject(), plaintexts, request_id="r1")

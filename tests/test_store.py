@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from privscore.client.encoding import length_prefixed
 from service.decisions.alert_rules import Event
 from service.decisions.store import (
     SCHEMA_VERSION,
@@ -24,7 +25,6 @@ from service.decisions.store import (
     from_us,
     to_us,
 )
-from service.privacy.encoding import length_prefixed
 
 KEY = bytes(range(32))
 T0 = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.UTC)

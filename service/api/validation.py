@@ -13,14 +13,14 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import EnumDescriptor
 
-from privscore.v1 import common_pb2
-from service.errors import FieldViolation, InvalidArgument
-from service.privacy.sealing import (  # crypto sizes have one home: the sealing format
+from privscore.client.envelope import (  # crypto sizes have one home: the sealing format
     ENCAPSULATED_KEY_BYTES as X25519_ENCAPSULATED_KEY_BYTES,
 )
-from service.privacy.sealing import NONCE_BYTES as AES_GCM_NONCE_BYTES
-from service.privacy.sealing import SEALED_DATA_KEY_BYTES
-from service.privacy.sealing import TAG_BYTES as AES_GCM_TAG_BYTES
+from privscore.client.envelope import NONCE_BYTES as AES_GCM_NONCE_BYTES
+from privscore.client.envelope import SEALED_DATA_KEY_BYTES
+from privscore.client.envelope import TAG_BYTES as AES_GCM_TAG_BYTES
+from privscore.v1 import common_pb2
+from service.errors import FieldViolation, InvalidArgument
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 TENANT = re.compile(r"[a-z][a-z0-9-]{0,62}")

@@ -1,269 +1,51 @@
-"""The client SDK: one call per RPC from a tenant, a raw customer id and plain feature values.
-
-It pseudonymises the id with the caller's own key, seals a data key to the server's primary
-public key for its own certificate identity and the method, encrypts every feature field by
-field under it (bound to the request id and subject) and calls the RPC. Sealed data keys are
-reused across requests within `KeyLimits` (by default 5 minutes, 10,000 requests or 16 MiB of
-field plaintext, whichever comes first; 0 turns reuse off), so most calls cost the server no
-HPKE open. It needs the generated stubs and the privacy room only: no model runtime.
-"""
+"""The client SDK in this repository: `privscore.client` (the client distribution's code,
+privscore/client/sdk.py) with the server's dev-key conveniences, which read the files
+`privscore keys init` and `privscore certs init` put under a data directory."""
 
 from __future__ import annotations
 
-import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import x25519
 
-from privscore.v1 import (
-    alert_service_pb2,
-    alert_service_pb2_grpc,
-    common_pb2,
-    discovery_service_pb2,
-    discovery_service_pb2_grpc,
-    limit_service_pb2,
-    limit_service_pb2_grpc,
-    scoring_service_pb2,
-    scoring_service_pb2_grpc,
+from privscore.client.pseudonym import Pseudonymiser
+from privscore.client.sdk import (
+    ADJUST_LIMIT_METHOD,
+    SCORE_BATCH_METHOD,
+    SCORE_METHOD,
+    DataKeyCache,
+    DiscoveryRefused,
+    Features,
+    call_metadata,
+    certificate_identity,
+    discover,
+    new_request_id,
+    sealing_key,
+    trace_metadata,
 )
+from privscore.client.sdk import PrivscoreClient as _PrivscoreClient
 from service.config import DataLayout
-from service.privacy.pseudonym import Pseudonymiser
-from service.privacy.sealing import (
-    DEFAULT_MAX_AGE_S,
-    MAX_ENCRYPTIONS_PER_KEY,
-    SEALING_FORMAT,
-    DataKey,
-    FeatureInput,
-    KeyLimits,
-    ServerPublicKey,
-    encode_value,
-    load_public_keyset,
-)
+from service.privacy.sealing import KeyLimits, load_public_keyset
 from service.security.certs import CertPaths
 
-Features = Mapping[str, FeatureInput]
-SCORE_METHOD = "/privscore.v1.ScoringService/Score"
-SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch"
-ADJUST_LIMIT_METHOD = "/privscore.v1.LimitService/AdjustLimit"
-DEFAULT_TIMEOUT_S = 10.0
-Response = TypeVar("Response")
+__all__ = [
+    "ADJUST_LIMIT_METHOD",
+    "SCORE_BATCH_METHOD",
+    "SCORE_METHOD",
+    "DataKeyCache",
+    "DiscoveryRefused",
+    "Features",
+    "PrivscoreClient",
+    "call_metadata",
+    "certificate_identity",
+    "discover",
+    "new_request_id",
+    "sealing_key",
+    "trace_metadata",
+]
 
 
-class DiscoveryRefused(RuntimeError):
-    """What the server says it is cannot be used: another sealing format, no primary key, or
-    not the key the caller pinned."""
-
-
-def discover(
-    channel: grpc.Channel, timeout: float = DEFAULT_TIMEOUT_S
-) -> discovery_service_pb2.GetServerInfoResponse:
-    """The server's sealing keys, schema and versions (DiscoveryService)."""
-    stub = discovery_service_pb2_grpc.DiscoveryServiceStub(channel)
-    info: discovery_service_pb2.GetServerInfoResponse = stub.GetServerInfo(
-        discovery_service_pb2.GetServerInfoRequest(), timeout=timeout, metadata=trace_metadata()
-    )
-    return info
-
-
-def sealing_key(
-    info: discovery_service_pb2.GetServerInfoResponse, pinned: ServerPublicKey | None = None
-) -> ServerPublicKey:
-    """The key to seal to: the pinned one, which the server must list (same id, same bytes),
-    or else the server's primary (trust on first use)."""
-    if info.sealing_format != SEALING_FORMAT:
-        raise DiscoveryRefused(
-            f"the server opens sealing format {info.sealing_format}; this SDK seals format "
-            f"{SEALING_FORMAT}"
-        )
-    listed = {key.key_id: key.public_key for key in info.sealing_keys}
-    if pinned is not None:
-        if listed.get(pinned.key_id) != pinned.public_key.public_bytes_raw():
-            raise DiscoveryRefused(
-                f"the server does not list the pinned key {pinned.key_id}: refusing to seal to "
-                "a key it names instead"
-            )
-        return pinned
-    primary = [
-        key
-        for key in info.sealing_keys
-        if key.status == discovery_service_pb2.SEALING_KEY_STATUS_PRIMARY
-    ]
-    if len(primary) != 1:
-        raise DiscoveryRefused("the server names no single primary sealing key")
-    return ServerPublicKey(
-        primary[0].key_id, x25519.X25519PublicKey.from_public_bytes(primary[0].public_key)
-    )
-
-
-def trace_metadata() -> tuple[tuple[str, str], ...]:
-    """The caller's current trace as W3C trace-context metadata (`traceparent`, `tracestate`),
-    when the calling program uses OpenTelemetry (the API installed and a span current); else
-    nothing. The server continues the trace, so a call shows inside the caller's own."""
-    try:
-        from opentelemetry.propagate import inject
-    except ImportError:
-        return ()
-    carrier: dict[str, str] = {}
-    inject(carrier)
-    return tuple(carrier.items())
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def certificate_identity(pem: bytes) -> str | None:
-    """The identity the server reads from this client certificate: its one SPIFFE URI SAN
-    (gRPC's `peer_spiffe_id`, which it sets only for exactly one URI SAN), or None."""
-    certificate = x509.load_pem_x509_certificate(pem)
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return None
-    uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
-    return uris[0] if len(uris) == 1 and uris[0].startswith("spiffe://") else None
-
-
-@dataclass
-class _InUse:
-    key: DataKey
-    retires_at: float
-    requests: int = 0
-    plaintext_bytes: int = 0
-    encryptions: int = 0
-
-
-class DataKeyCache:
-    """Sealed data keys reused across requests: one per method, retired when a request would
-    take it past its age, requests, bytes or `MAX_ENCRYPTIONS_PER_KEY` fields. Thread-safe:
-    a request reserves its share of a key under a lock, then encrypts outside it.
-
-    The sealed grant carries the same limits, so the server honours a key no longer than
-    this cache uses it. With reuse off (any limit 0) every request gets its own key, granted
-    one request; so does a request larger than a key's byte limit.
-    """
-
-    def __init__(
-        self,
-        server_key: ServerPublicKey,
-        identity: str | None,
-        limits: KeyLimits,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.server_key = server_key
-        self.identity = identity
-        self.limits = limits
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._keys: dict[str, _InUse] = {}
-        self.sealed_keys = 0  # HPKE seals so far
-
-    def _seal(self, method: str, limits: KeyLimits) -> DataKey:
-        if self.identity is None:
-            raise ValueError(
-                "sealing binds the caller's certificate identity, and this client has none: "
-                "give identity= (the SPIFFE id of the client certificate)"
-            )
-        self.sealed_keys += 1
-        return DataKey(self.server_key, method, identity=self.identity, limits=limits)
-
-    def take(self, method: str, plaintext_bytes: int, fields: int) -> DataKey:
-        """A key for one request that encrypts `fields` fields of `plaintext_bytes` bytes."""
-        limits = self.limits
-        if not limits.reuse or plaintext_bytes > limits.max_bytes:
-            single = KeyLimits(limits.max_age_s or DEFAULT_MAX_AGE_S, 1, max(plaintext_bytes, 1))
-            with self._lock:
-                return self._seal(method, single)
-        now = self._clock()
-        with self._lock:
-            in_use = self._keys.get(method)
-            if (
-                in_use is None
-                or now >= in_use.retires_at
-                or in_use.requests >= limits.max_requests
-                or in_use.plaintext_bytes + plaintext_bytes > limits.max_bytes
-                or in_use.encryptions + fields > MAX_ENCRYPTIONS_PER_KEY
-            ):
-                in_use = _InUse(self._seal(method, limits), now + limits.max_age_s)
-                self._keys[method] = in_use
-            in_use.requests += 1
-            in_use.plaintext_bytes += plaintext_bytes
-            in_use.encryptions += fields
-            return in_use.key
-
-    def retire(self, method: str, key: DataKey) -> None:
-        """Stop reusing `key` (a call under it failed: the server may refuse it from now on)."""
-        with self._lock:
-            in_use = self._keys.get(method)
-            if in_use is not None and in_use.key is key:
-                del self._keys[method]
-
-
-def _encoded(features: Features) -> list[tuple[str, bytes]]:
-    return [(name, encode_value(value)) for name, value in features.items()]
-
-
-def _size(plaintexts: Sequence[tuple[str, bytes]]) -> int:
-    return sum(len(plaintext) for _, plaintext in plaintexts)
-
-
-class PrivscoreClient:
-    def __init__(
-        self,
-        channel: grpc.Channel,
-        server_key: ServerPublicKey,
-        pseudonymiser: Pseudonymiser,
-        schema_version: str,
-        *,
-        identity: str | None,
-        key_limits: KeyLimits | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        """`identity` is the SPIFFE id of the client certificate the channel presents (the
-        server opens a data key only for the identity it was sealed for); `key_limits` bound
-        the reuse of sealed data keys (`KeyLimits()` by default; `KeyLimits(max_requests=0)`
-        seals a fresh key for every request)."""
-        self._pseudonymiser = pseudonymiser
-        self.schema_version = schema_version
-        self.data_keys = DataKeyCache(
-            server_key, identity, KeyLimits() if key_limits is None else key_limits, clock=clock
-        )
-        self._scoring = scoring_service_pb2_grpc.ScoringServiceStub(channel)
-        self._limits = limit_service_pb2_grpc.LimitServiceStub(channel)
-        self._alerts = alert_service_pb2_grpc.AlertServiceStub(channel)
-
-    @classmethod
-    def discovered(
-        cls,
-        channel: grpc.Channel,
-        pseudonymiser: Pseudonymiser,
-        *,
-        identity: str | None,
-        pinned: ServerPublicKey | None = None,
-        key_limits: KeyLimits | None = None,
-    ) -> PrivscoreClient:
-        """A client sealing to the key and schema version the server names over the wire
-        (DiscoveryService): only the caller's own secrets (pseudonym key, certificate) are
-        local. `pinned`: a key the caller trusts already; the server must list it, and it is
-        the one sealed to (for callers that must not trust first use)."""
-        info = discover(channel)
-        return cls(
-            channel,
-            sealing_key(info, pinned),
-            pseudonymiser,
-            info.schema_version,
-            identity=identity,
-            key_limits=key_limits,
-        )
-
+class PrivscoreClient(_PrivscoreClient):
     @classmethod
     def from_data_dir(
         cls,
@@ -287,147 +69,3 @@ class PrivscoreClient:
             identity=identity,
             key_limits=key_limits,
         )
-
-    def subject(self, tenant: str, customer_id: str) -> common_pb2.SubjectRef:
-        return common_pb2.SubjectRef(
-            tenant=tenant, pseudonym=self._pseudonymiser.pseudonym(tenant, customer_id)
-        )
-
-    def seal(
-        self, method: str, request_id: str, subject: common_pb2.SubjectRef, features: Features
-    ) -> common_pb2.EncryptedFeatures:
-        """One request's features, sealed under the method's current data key."""
-        return self._seal(method, request_id, subject, features)[0]
-
-    def _seal(
-        self, method: str, request_id: str, subject: common_pb2.SubjectRef, features: Features
-    ) -> tuple[common_pb2.EncryptedFeatures, DataKey]:
-        plaintexts = _encoded(features)
-        key = self.data_keys.take(method, _size(plaintexts), len(plaintexts))
-        sealed = key.seal_encoded(self.schema_version, subject, plaintexts, request_id=request_id)
-        return sealed, key
-
-    def _call(
-        self,
-        rpc: Callable[..., Response],
-        request: Any,
-        timeout: float,
-        used: tuple[str, DataKey] | None,
-    ) -> Response:
-        """Call; a failed call retires the data key it used, so the next call seals anew
-        (the server may have refused the key: retired server key, spent or expired grant)."""
-        try:
-            return rpc(request, timeout=timeout, metadata=trace_metadata())
-        except grpc.RpcError:
-            if used is not None:
-                self.data_keys.retire(*used)
-            raise
-
-    def score(
-        self,
-        tenant: str,
-        customer_id: str,
-        features: Features,
-        *,
-        request_id: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> scoring_service_pb2.ScoreResponse:
-        request_id = request_id or new_request_id()
-        subject = self.subject(tenant, customer_id)
-        sealed, key = self._seal(SCORE_METHOD, request_id, subject, features)
-        request = scoring_service_pb2.ScoreRequest(
-            request_id=request_id, subject=subject, features=sealed
-        )
-        return self._call(self._scoring.Score, request, timeout, (SCORE_METHOD, key))
-
-    def score_batch(
-        self,
-        tenant: str,
-        applicants: Sequence[tuple[str, Features]],
-        *,
-        request_id: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> scoring_service_pb2.ScoreBatchResponse:
-        """Score (customer id, features) pairs; every item is sealed under one data key (the
-        batch counts as one request against its limits, its items' bytes all count)."""
-        request_id = request_id or new_request_id()
-        encoded = [
-            (self.subject(tenant, customer_id), _encoded(features))
-            for customer_id, features in applicants
-        ]
-        key = self.data_keys.take(
-            SCORE_BATCH_METHOD,
-            sum(_size(plaintexts) for _, plaintexts in encoded),
-            sum(len(plaintexts) for _, plaintexts in encoded),
-        )
-        items = [
-            scoring_service_pb2.ScoreBatchItem(
-                subject=subject,
-                features=key.seal_encoded(
-                    self.schema_version, subject, plaintexts, request_id=request_id
-                ),
-            )
-            for subject, plaintexts in encoded
-        ]
-        request = scoring_service_pb2.ScoreBatchRequest(request_id=request_id, items=items)
-        return self._call(self._scoring.ScoreBatch, request, timeout, (SCORE_BATCH_METHOD, key))
-
-    def adjust_limit(
-        self,
-        tenant: str,
-        customer_id: str,
-        account: limit_service_pb2.AccountState,
-        *,
-        latest_score: int | None = None,
-        features: Features | None = None,
-        request_id: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> limit_service_pb2.AdjustLimitResponse:
-        """Decide a new limit from the latest score, or from features scored in the same call."""
-        if (latest_score is None) == (features is None):
-            raise ValueError("give exactly one of latest_score or features")
-        request_id = request_id or new_request_id()
-        subject = self.subject(tenant, customer_id)
-        request = limit_service_pb2.AdjustLimitRequest(
-            request_id=request_id, subject=subject, account=account
-        )
-        used = None
-        if features is not None:
-            sealed, key = self._seal(ADJUST_LIMIT_METHOD, request_id, subject, features)
-            request.features.CopyFrom(sealed)
-            used = (ADJUST_LIMIT_METHOD, key)
-        else:
-            request.latest_score = latest_score  # type: ignore[assignment]
-        return self._call(self._limits.AdjustLimit, request, timeout, used)
-
-    def evaluate_event(
-        self,
-        tenant: str,
-        customer_id: str,
-        event: alert_service_pb2.BehaviourEvent,
-        *,
-        request_id: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ) -> alert_service_pb2.EvaluateEventResponse:
-        request = alert_service_pb2.EvaluateEventRequest(
-            request_id=request_id or new_request_id(),
-            subject=self.subject(tenant, customer_id),
-            event=event,
-        )
-        response: alert_service_pb2.EvaluateEventResponse = self._alerts.EvaluateEvent(
-            request, timeout=timeout, metadata=trace_metadata()
-        )
-        return response
-
-    def watch_alerts(
-        self,
-        min_severity: alert_service_pb2.Severity.ValueType = alert_service_pb2.SEVERITY_UNSPECIFIED,
-        after_sequence: int | None = None,
-        timeout: float | None = None,
-    ) -> Iterator[alert_service_pb2.Alert]:
-        request = alert_service_pb2.WatchAlertsRequest(min_severity=min_severity)
-        if after_sequence is not None:
-            request.after_sequence = after_sequence
-        stream = self._alerts.WatchAlerts(request, timeout=timeout, metadata=trace_metadata())
-        for response in stream:
-            yield response.alert

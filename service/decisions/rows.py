@@ -22,8 +22,8 @@ from typing import NamedTuple, TypeVar, get_type_hints
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from privscore.client.encoding import length_prefixed
 from service.decisions.alert_rules import Event
-from service.privacy.encoding import length_prefixed
 
 ROW_LABEL = b"privscore.v1/store-row/v3\x00"
 ROW_LABEL_V2 = b"privscore.v1/store-row\x00"  # read by the v2 -> v3 migration only

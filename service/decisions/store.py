@@ -28,6 +28,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from privscore.client.encoding import length_prefixed
 from service.decisions.alert_rules import Event
 from service.decisions.rows import (
     ALERTS,
@@ -54,7 +55,6 @@ from service.decisions.rows import (
     typed,
 )
 from service.files import private_file
-from service.privacy.encoding import length_prefixed
 
 __all__ = [  # what the store's callers import from here
     "ALERTS",

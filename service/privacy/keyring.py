@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from privscore.client.encoding import length_prefixed
 from service.errors import FailedPrecondition
 from service.files import create_private, write_private
-from service.privacy.encoding import length_prefixed
 
 KEK_ENV = "PRIVSCORE_KEK"
 KEK_BYTES = 32

@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from service.privacy.encoding import length_prefixed
+from privscore.client.encoding import length_prefixed
 
 SEALED = "sealed"  # the record field that holds the sealed payload
 _LABEL = b"privscore.v1/audit-record-sealed\x00"

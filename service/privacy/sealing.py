@@ -1,283 +1,101 @@
-"""Field sealing, both ends: callers seal, the server opens.
-
-Sealing format 2 (the `.v2` labels below; format 1 bound the request id into the HPKE info
-and is refused, as format 2 is by a format-1 server: the labels differ, so nothing opens
-across formats):
-
-- A caller draws an AES-256 data key and seals it with HPKE (RFC 9180 base mode:
-  DHKEM(X25519), HKDF-SHA256, AES-256-GCM) to the server's primary X25519 key, with the RPC
-  method and the caller's identity (the SPIFFE id of its client certificate, as the server
-  reads it) as HPKE `info`. The sealed plaintext is the key and its *grant*: when it was made
-  and how long, for how many requests and for how many plaintext bytes it may be used
-  (`GRANT`). A caller may reuse one sealed key for many requests within its grant (the SDK's
-  data-key cache); the server keeps opened keys in a bounded cache keyed by everything the
-  open depends on, and honours a key only within its grant.
-- Each feature value is a typed `FeatureValue`, encrypted under the data key with
-  AES-256-GCM, a fresh random 12-byte nonce, and associated data binding the schema version,
-  the request id, the subject (tenant and pseudonym) and the field name: a field ciphertext
-  from one request never opens in another, even under the same data key.
-
-Every label, size and limit of the format is defined here and nowhere else.
+"""Field sealing, the server's side: opening what callers sealed (privscore/client/envelope.py,
+the format's one home, has the caller's side, every label and size, and the written
+specification is docs/envelope.md).
 """
 
 from __future__ import annotations
 
-import base64
-import functools
-import itertools
-import json
 import math
-import secrets
-import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import structlog
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from google.protobuf.message import DecodeError
 
+from privscore.client.encoding import length_prefixed
+from privscore.client.envelope import (
+    _FORMAT1_AAD_LABEL,
+    _FORMAT1_INFO_LABEL,
+    CEILING_MAX_AGE_S,
+    CEILING_MAX_BYTES,
+    CEILING_MAX_REQUESTS,
+    CLOCK_SKEW_S,
+    DATA_KEY_BYTES,
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_REQUESTS,
+    ENCAPSULATED_KEY_BYTES,
+    GRANT,
+    MAX_ENCRYPTIONS_PER_KEY,
+    NONCE_BYTES,
+    SEALED_DATA_KEY_BYTES,
+    SEALING_FORMAT,
+    SUITE,
+    TAG_BYTES,
+    DataKey,
+    DataKeyExhausted,
+    FeatureInput,
+    KeyLimits,
+    ServerPublicKey,
+    decode_value,
+    encode_value,
+    field_aad,
+    field_aad_prefix,
+    hpke_info,
+    load_public_keyset,
+)
 from privscore.v1 import common_pb2
 from service.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from service.privacy.encoding import length_prefixed
 from service.privacy.keyring import Keyring
 
-# -- the format: labels and sizes ----------------------------------------------------------
+# The caller's side, for the server's modules and tests that import it from here.
+__all__ = [
+    "CEILING_MAX_AGE_S",
+    "CEILING_MAX_BYTES",
+    "CEILING_MAX_REQUESTS",
+    "CLOCK_SKEW_S",
+    "DATA_KEY_BYTES",
+    "DEFAULT_MAX_AGE_S",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_REQUESTS",
+    "ENCAPSULATED_KEY_BYTES",
+    "GRANT",
+    "MAX_ENCRYPTIONS_PER_KEY",
+    "NONCE_BYTES",
+    "OPENED_KEY_CACHE_ENTRIES",
+    "SEALED_DATA_KEY_BYTES",
+    "SEALING_FORMAT",
+    "SUITE",
+    "TAG_BYTES",
+    "DataKey",
+    "DataKeyExhausted",
+    "DataKeyExpired",
+    "DataKeyLimitReached",
+    "DataKeyNotYetValid",
+    "FeatureInput",
+    "FeatureOpener",
+    "Grant",
+    "KeyLimits",
+    "OpenedDataKey",
+    "RequestKeys",
+    "ServerPublicKey",
+    "decode_value",
+    "encode_value",
+    "field_aad",
+    "field_aad_prefix",
+    "hpke_info",
+    "load_public_keyset",
+]
 
-SEALING_FORMAT = 2
-SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-ENCAPSULATED_KEY_BYTES = hpke.KEM.X25519.enc_length()
-DATA_KEY_BYTES = 32
-NONCE_BYTES = 12
-TAG_BYTES = 16
-# The sealed plaintext: data key, made at (ms since the Unix epoch, the caller's clock),
-# maximum age (ms), maximum requests, maximum plaintext bytes; big-endian.
-GRANT = struct.Struct(">32sQIIQ")
-SEALED_DATA_KEY_BYTES = GRANT.size + TAG_BYTES
-_INFO_LABEL = b"privscore.v1/data-key.v2\x00"
-_AAD_LABEL = b"privscore.v1/field.v2\x00"
-# Format 1: a bare data key per request, HPKE info = method + request id, field associated data
-# without the request id. Never accepted on the wire; opened only to replay audit records
-# written before format 2.
-_FORMAT1_INFO_LABEL = b"privscore.v1/data-key\x00"
-_FORMAT1_AAD_LABEL = b"privscore.v1/field\x00"
-
-# -- reuse limits ---------------------------------------------------------------------------
-#
-# The SDK's defaults for reusing one sealed data key (as the AWS Encryption SDK caches data
-# keys): whichever is reached first retires the key. A caller may choose others (0 turns
-# reuse off: one key per request) up to the ceilings, which the server enforces on every
-# grant it opens.
-DEFAULT_MAX_AGE_S = 300.0
-DEFAULT_MAX_REQUESTS = 10_000
-DEFAULT_MAX_BYTES = 16 * 1024 * 1024
-CEILING_MAX_AGE_S = 3_600.0
-CEILING_MAX_REQUESTS = 1_000_000
-CEILING_MAX_BYTES = 1 << 30
-# AES-GCM with random 96-bit nonces (NIST SP 800-38D, 8.3): at most 2^32 encryptions per key,
-# which keeps the chance that any two nonces collide below q^2 / 2^97 = 2^-33. One data key
-# encrypts at most 2^24 fields, whatever the limits above: a collision chance below 2^-49.
-MAX_ENCRYPTIONS_PER_KEY = 1 << 24
-# How far apart the caller's clock (which dates a grant) and the server's may be.
-CLOCK_SKEW_S = 60.0
 # Opened data keys the server keeps (each about 0.9 kB with its cache key: some 3.5 MB in all).
 OPENED_KEY_CACHE_ENTRIES = 4_096
-
-FeatureInput = float | int | str | bool
 _DOES_NOT_DECRYPT = "does not decrypt for this field name, request, subject and schema version"
 _log = structlog.get_logger("privscore.sealing")
-
-
-@functools.lru_cache(maxsize=1024)
-def hpke_info(method: str, identity: str) -> bytes:
-    """HPKE info: a data key sealed by one caller for one method opens for no other of either."""
-    return length_prefixed(_INFO_LABEL, method, identity)
-
-
-def field_aad_prefix(schema_version: str, request_id: str, subject: common_pb2.SubjectRef) -> bytes:
-    """The associated data every field of one subject's features in one request shares;
-    `field_aad` adds the field name. Split so a request's 18 fields encode the shared part
-    once."""
-    return length_prefixed(
-        _AAD_LABEL, schema_version, request_id, subject.tenant, subject.pseudonym
-    )
-
-
-def field_aad(prefix: bytes, name: str) -> bytes:
-    return prefix + length_prefixed(b"", name)
-
-
-def encode_value(value: FeatureInput) -> bytes:
-    # bool is an int in Python: test it first so True does not travel as 1.0.
-    if isinstance(value, bool):
-        message = common_pb2.FeatureValue(bool_value=value)
-    elif isinstance(value, int | float):
-        message = common_pb2.FeatureValue(number_value=float(value))
-    elif isinstance(value, str):
-        message = common_pb2.FeatureValue(string_value=value)
-    else:
-        raise TypeError(
-            f"feature values are numbers, strings or booleans, not {type(value).__name__}"
-        )
-    return message.SerializeToString()
-
-
-def decode_value(plaintext: bytes) -> FeatureInput | None:
-    """The typed value, or None when the bytes are no FeatureValue with exactly one kind set."""
-    try:
-        message = common_pb2.FeatureValue.FromString(plaintext)
-    except DecodeError:
-        return None
-    kind = message.WhichOneof("kind")
-    if kind is None:
-        return None
-    value: FeatureInput = getattr(message, kind)
-    return value
-
-
-@dataclass(frozen=True)
-class KeyLimits:
-    """How long, for how many requests and for how many plaintext bytes one data key serves.
-
-    Any limit 0 means no reuse: the SDK seals a fresh key for every request (a grant of one
-    request). Limits above the ceilings are refused here, as the server refuses such a grant.
-    """
-
-    max_age_s: float = DEFAULT_MAX_AGE_S
-    max_requests: int = DEFAULT_MAX_REQUESTS
-    max_bytes: int = DEFAULT_MAX_BYTES
-
-    def __post_init__(self) -> None:
-        for name, value, ceiling in (
-            ("max_age_s", self.max_age_s, CEILING_MAX_AGE_S),
-            ("max_requests", self.max_requests, CEILING_MAX_REQUESTS),
-            ("max_bytes", self.max_bytes, CEILING_MAX_BYTES),
-        ):
-            if not 0 <= value <= ceiling:  # NaN compares false: refused too
-                raise ValueError(f"{name} must be between 0 and {ceiling}")
-
-    @property
-    def reuse(self) -> bool:
-        return self.max_age_s > 0 and self.max_requests > 0 and self.max_bytes > 0
-
-
-def _grant_ms(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
-
-
-# -- caller side -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServerPublicKey:
-    key_id: str
-    public_key: x25519.X25519PublicKey
-
-
-def load_public_keyset(path: Path) -> ServerPublicKey:
-    """The primary key from a public keyset file that `privscore keys` writes."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    primary = next(k for k in data["keys"] if k["primary"])
-    raw = base64.b64decode(primary["public_key"], validate=True)
-    return ServerPublicKey(primary["key_id"], x25519.X25519PublicKey.from_public_bytes(raw))
-
-
-class DataKeyExhausted(RuntimeError):
-    """A data key has encrypted `MAX_ENCRYPTIONS_PER_KEY` fields; seal a new one."""
-
-
-class DataKey:
-    """A data key sealed to the server for one caller identity and one method, with its grant.
-
-    It may seal the features of many requests (each under its own request id) within its
-    limits; the SDK's cache counts requests and bytes, and the key itself refuses to encrypt
-    more than `MAX_ENCRYPTIONS_PER_KEY` fields. Thread-safe.
-    """
-
-    def __init__(
-        self,
-        server_key: ServerPublicKey,
-        method: str,
-        *,
-        identity: str,
-        limits: KeyLimits | None = None,
-        created_at: float | None = None,
-        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
-    ) -> None:
-        """`random_bytes` draws the data key and every field's nonce (the OS's CSPRNG; the
-        test vectors pass fixed bytes to check the field layer byte for byte)."""
-        limits = KeyLimits() if limits is None else limits
-        if not limits.reuse:
-            raise ValueError("a data key's grant needs every limit above 0")
-        self.limits = limits
-        self.created_at = time.time() if created_at is None else created_at
-        self._random_bytes = random_bytes
-        key = random_bytes(DATA_KEY_BYTES)
-        grant = GRANT.pack(
-            key,
-            round(self.created_at * 1000),
-            _grant_ms(limits.max_age_s),
-            limits.max_requests,
-            limits.max_bytes,
-        )
-        sealed = SUITE.encrypt(grant, server_key.public_key, info=hpke_info(method, identity))
-        self.sealed = common_pb2.SealedDataKey(
-            key_id=server_key.key_id,
-            encapsulated_key=sealed[:ENCAPSULATED_KEY_BYTES],
-            sealed_key=sealed[ENCAPSULATED_KEY_BYTES:],
-        )
-        self._aead = AESGCM(key)
-        self._encryptions = itertools.count(1)  # next() is atomic: threads share the key
-
-    def seal(
-        self,
-        schema_version: str,
-        subject: common_pb2.SubjectRef,
-        values: Mapping[str, FeatureInput],
-        *,
-        request_id: str,
-    ) -> common_pb2.EncryptedFeatures:
-        return self.seal_encoded(
-            schema_version,
-            subject,
-            [(name, encode_value(v)) for name, v in values.items()],
-            request_id=request_id,
-        )
-
-    def seal_encoded(
-        self,
-        schema_version: str,
-        subject: common_pb2.SubjectRef,
-        plaintexts: Sequence[tuple[str, bytes]],
-        *,
-        request_id: str,
-    ) -> common_pb2.EncryptedFeatures:
-        """Seal already-encoded plaintexts (tests use it to send malformed ones)."""
-        fields = []
-        aad_prefix = field_aad_prefix(schema_version, request_id, subject)
-        for name, plaintext in plaintexts:
-            if next(self._encryptions) > MAX_ENCRYPTIONS_PER_KEY:
-                raise DataKeyExhausted("this data key has sealed as many fields as it may")
-            nonce = self._random_bytes(NONCE_BYTES)
-            ciphertext = self._aead.encrypt(nonce, plaintext, field_aad(aad_prefix, name))
-            fields.append(
-                common_pb2.EncryptedField(
-                    name=name, key_id=self.sealed.key_id, nonce=nonce, ciphertext=ciphertext
-                )
-            )
-        return common_pb2.EncryptedFeatures(
-            schema_version=schema_version, data_key=self.sealed, fields=fields
-        )
-
-
-# -- server side -------------------------------------------------------------------------------
 
 
 class DataKeyExpired(FailedPrecondition):
