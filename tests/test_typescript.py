@@ -1,11 +1,15 @@
 """The TypeScript client (clients/typescript) run from the Python suite, so `make test` runs it.
 
-Its own tests (`npm test`: sealing and opening against every committed vector) and one
-end-to-end run against a real privscore server over mutual TLS: it scores (twice, reusing the
-sealed data key), adjusts a limit with features sealed for AdjustLimit, reports an event, and
-sends a Score the server refuses; this file then checks the replies, the request ids from the
-trailers, the decoded error details, and that the audit log holds every decision and the
-refusal.
+Its own tests (`npm test`: sealing and opening against every committed vector, choosing the
+key to seal to from a GetServerInfo answer, with and without a pinned key) and end-to-end runs
+against a real privscore server over mutual TLS. Given only the caller's own secrets (copied
+out of the server's data directory), the client learns the sealing key and schema version from
+DiscoveryService, scores (twice, reusing the sealed data key), adjusts a limit with features
+sealed for AdjustLimit, reports an event, and sends a Score the server refuses; this file then
+checks what it discovered against the served manifest, the decisions and the published keyset,
+the replies, the request ids from the trailers, the decoded error details, and that the audit
+log holds every decision and the refusal. A second run pins keys the server does not list and
+must be refused by the client before any call but GetServerInfo.
 
 Node 20 and npm are needed: without them these tests skip, saying so, unless
 PRIVSCORE_REQUIRE_NODE=1 (CI, .ci/run), where they fail. `npm ci` (from the npm registry)
@@ -14,6 +18,7 @@ runs only when node_modules is missing or was installed from another package-loc
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -26,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from service.api.features import read_encrypted_inputs
 from service.audit import iter_records
 from service.config import DataLayout
-from service.privacy.sealing import load_public_keyset
 from service.security.certs import CertPaths
 from tests.conftest import REPO_ROOT, ServerProcess, applicants, privscore_cli, served_manifest
 
@@ -40,6 +45,7 @@ NODE_MAJOR = 20
 INSTALL_STAMP = CLIENT_DIR / "node_modules" / ".privscore-package-lock.sha256"
 TENANT = "ts-e2e"
 CUSTOMER = "ts-customer-0001"
+GET_SERVER_INFO = "/privscore.v1.DiscoveryService/GetServerInfo"
 
 
 def _unavailable(reason: str) -> None:
@@ -129,6 +135,43 @@ def _scenario(score_features: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _caller_secrets(data_dir: Path, into: Path) -> dict[str, str]:
+    """The e2e environment: the caller's own secrets (CA, client certificate and key, pseudonym
+    key), copied out of the server's data directory, so the TypeScript client is given no path
+    into it: the sealing key and schema version can only come from DiscoveryService."""
+    layout = DataLayout(data_dir)
+    certs = CertPaths(layout.certs_dir)
+    into.mkdir()
+    env = {}
+    for name, source in (
+        ("PRIVSCORE_CA_FILE", certs.ca),
+        ("PRIVSCORE_CERT_FILE", certs.client_cert("dev")),
+        ("PRIVSCORE_KEY_FILE", certs.client_key("dev")),
+        ("PRIVSCORE_PSEUDONYM_KEY_FILE", layout.pseudonym_key),
+    ):
+        copy = into / source.name
+        shutil.copyfile(source, copy)
+        env[name] = str(copy)
+    return env
+
+
+def _published_primary(keyset: Path) -> tuple[str, bytes]:
+    """(key id, raw public key) of the primary in the keyset the server publishes."""
+    (primary,) = [k for k in json.loads(keyset.read_text())["keys"] if k["primary"]]
+    return primary["key_id"], base64.b64decode(primary["public_key"], validate=True)
+
+
+def _calls_logged(server: ServerProcess, since: int, expected: int) -> list[dict[str, Any]]:
+    """The calls the server logged (`rpc.finished`) after its first `since` log records,
+    waiting a moment for `expected` of them: a call's line may follow its reply."""
+    deadline = time.monotonic() + 5
+    while True:
+        calls = [r for r in server.records()[since:] if r.get("event") == "rpc.finished"]
+        if len(calls) >= expected or time.monotonic() > deadline:
+            return calls
+        time.sleep(0.02)
+
+
 def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
     tools: Node, tmp_path: Path
 ) -> None:
@@ -149,32 +192,59 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
         scenario = _scenario(dict(features))
         scenario_file = tmp_path / "scenario.json"
         scenario_file.write_text(json.dumps(scenario))
-        layout = DataLayout(data_dir)
-        certs = CertPaths(layout.certs_dir)
-        stdout = _run(
-            tools.node,
-            "dist/e2e/e2e.js",
-            timeout=120,
-            env={
-                "PRIVSCORE_TARGET": server.target,
-                "PRIVSCORE_CA_FILE": str(certs.ca),
-                "PRIVSCORE_CERT_FILE": str(certs.client_cert("dev")),
-                "PRIVSCORE_KEY_FILE": str(certs.client_key("dev")),
-                "PRIVSCORE_PUBLIC_KEYSET": str(layout.public_keyset),
-                "PRIVSCORE_PSEUDONYM_KEY_FILE": str(layout.pseudonym_key),
-                "PRIVSCORE_SCHEMA_VERSION": served_manifest().schema_version,
-                "PRIVSCORE_E2E_INPUT": str(scenario_file),
-            },
+        env = {
+            "PRIVSCORE_TARGET": server.target,
+            **_caller_secrets(data_dir, tmp_path / "caller"),
+            "PRIVSCORE_E2E_INPUT": str(scenario_file),
+        }
+        stdout = _run(tools.node, "dist/e2e/e2e.js", timeout=120, env=env)
+        out = json.loads(stdout)
+
+        # Pinned keys the server does not list: a fresh key under a fresh id, and under the
+        # server's own primary key id. The client refuses each after GetServerInfo, before
+        # any other call (had it not, it would have scored).
+        primary_id = out["sealed_to"]
+        fresh = [x25519.X25519PrivateKey.generate().public_key().public_bytes_raw() for _ in "ab"]
+        pinned = [("fk-pinned-elsewhere", fresh[0]), (primary_id, fresh[1])]
+        scenario_file.write_text(
+            json.dumps(
+                {
+                    **scenario,
+                    "pinned": [
+                        {"key_id": key_id, "public_key": base64.b64encode(raw).decode()}
+                        for key_id, raw in pinned
+                    ],
+                }
+            )
         )
+        audited_before = sum(1 for _ in iter_records(DataLayout(data_dir).audit_dir))
+        calls_before = len(server.records())
+        pinned_out = json.loads(_run(tools.node, "dist/e2e/e2e.js", timeout=120, env=env))
+        calls_after = _calls_logged(server, calls_before, len(pinned))
     finally:
         assert server.terminate() == 0
-    out = json.loads(stdout)
     identity = "spiffe://privscore.dev/client/dev"
     assert out["identity"] == identity
     assert out["subject"] == {"tenant": TENANT, "pseudonym": pseudonym}  # same key, same HMAC
 
+    # What it discovered: the served manifest's schema, the decisions' versions, the
+    # published primary key (the one it sealed to).
+    manifest = served_manifest()
+    discovered = out["discovered"]
+    assert discovered["sealing_format"] == 2
+    assert out["schema_version"] == discovered["schema_version"] == manifest.schema_version
+    assert discovered["features"] == [spec.name for spec in manifest.schema.model_features]
+    keyset_id, keyset_key = _published_primary(DataLayout(data_dir).public_keyset)
+    primary = discovered["sealing_keys"][0]
+    assert primary["status"] == "SEALING_KEY_STATUS_PRIMARY"
+    assert (primary["key_id"], base64.b64decode(primary["public_key"])) == (keyset_id, keyset_key)
+    assert out["sealed_to"] == keyset_id
+
     score = out["score"]
     assert score["requestId"] == "ts-score-1" == score["response"]["metadata"]["request_id"]
+    metadata = score["response"]["metadata"]
+    assert metadata["model_version"] == discovered["model_version"] == manifest.model_version
+    assert metadata["policy_version"] == discovered["policy_version"]
     credit = score["response"]["score"]
     assert credit["decision"] in {"CREDIT_DECISION_REVIEW", "CREDIT_DECISION_DECLINE"}
     assert credit["score"] == python_score.score and credit["grade"] == python_score.grade
@@ -183,6 +253,7 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
     ]
     again = out["score_again"]
     assert re.fullmatch(r"[0-9a-f]{32}", again["requestId"])
+    assert again["requestId"] == again["response"]["metadata"]["request_id"]
     assert again["response"]["score"]["score"] == credit["score"]
     assert out["sealed_keys"] == 2, "the second Score reuses the first one's data key"
 
@@ -194,7 +265,7 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
     assert limit["response"]["new_limit"]["currency_code"] == "CNY"
 
     event = out["evaluate_event"]
-    assert event["requestId"] == "ts-event-1"
+    assert event["requestId"] == "ts-event-1" == event["response"]["metadata"]["request_id"]
     assert event["response"]["duplicate"] is False
     assert event["response"]["alerts"], "a payment 40 days past due raises an alert"
     alert = event["response"]["alerts"][0]
@@ -210,6 +281,15 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
         (f"features.fields[{purpose}]", "UNKNOWN_CATEGORY")
     ]
     assert "nonsense" not in json.dumps(refused)
+
+    # Each pinned key the server does not list: refused by the client, which made no call but
+    # GetServerInfo (no log line for any other method, no audit record).
+    assert [o["refused"] for o in pinned_out["pinned"]] == [True, True], pinned_out
+    for outcome, (key_id, _) in zip(pinned_out["pinned"], pinned, strict=True):
+        assert outcome["error"] == "DiscoveryRefused"
+        assert f"does not list the pinned key {key_id}" in outcome["message"]
+    assert [r["method"] for r in calls_after] == [GET_SERVER_INFO] * len(pinned), calls_after
+    assert sum(1 for _ in iter_records(DataLayout(data_dir).audit_dir)) == audited_before
 
     # The audit log holds every decision the TypeScript client got, and its refusal.
     records = {
@@ -233,7 +313,7 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
         assert (record["tenant"], record["subject"]) == (TENANT, pseudonym)
     _, score_record = records[score["response"]["metadata"]["decision_id"]]
     sealed = read_encrypted_inputs(str(score_record["encrypted_inputs"]))
-    assert sealed.data_key.key_id == load_public_keyset(layout.public_keyset).key_id
+    assert sealed.data_key.key_id == keyset_id
     refusal = next(r for _, r in records.values() if r["request_id"] == "ts-refused-1")
     assert (refusal["outcome"], refusal["code"], refusal["caller"]) == (
         "refused",

@@ -1,4 +1,5 @@
-// The privscore client: pseudonymises customer ids, seals features under a reused data key
+// The privscore client: learns the server's sealing key and schema version over the wire
+// (DiscoveryService), pseudonymises customer ids, seals features under a reused data key
 // (sealing format 2) and calls Score, AdjustLimit and EvaluateEvent over mutual TLS, reading
 // each call's request id from its trailers and a failure's rich error details.
 
@@ -8,9 +9,10 @@ import { readFileSync } from "node:fs";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 
+import { schemaVersionOf, sealingKey, type ServerInfo } from "./discovery.js";
 import { PrivscoreError, REQUEST_ID_TRAILER, requestIdOf } from "./errors.js";
 import type { Features } from "./featureValue.js";
-import { certificateIdentity, loadPublicKeyset } from "./keys.js";
+import { certificateIdentity } from "./keys.js";
 import { SERVICE_PROTO_FILES, defaultProtoRoot, vendoredProtoDir } from "./protos.js";
 import { Pseudonymiser } from "./pseudonym.js";
 import {
@@ -28,6 +30,8 @@ import {
 } from "./sealing.js";
 
 export const DEFAULT_TIMEOUT_MS = 10_000;
+/** The request ids the server takes from the `x-request-id` header (and from messages). */
+export const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
 
 // -- messages, as @grpc/proto-loader gives them (keepCase, enums and 64-bit ints as strings) --
 
@@ -121,12 +125,18 @@ export interface CallOptions {
   timeoutMs?: number;
 }
 
-export interface ClientOptions {
+export interface ConnectionOptions {
   /** host:port of the server. */
   target: string;
   /** PEM: the CA that signed the server's certificate, this client's certificate and key. */
   tls: { ca: Buffer; cert: Buffer; key: Buffer };
-  /** The server's primary field-encryption key (from its public keyset). */
+  /** The directory holding privscore/v1/*.proto; default the repository's protos/. */
+  protoRoot?: string;
+  channelOptions?: grpc.ChannelOptions;
+}
+
+export interface ClientOptions extends ConnectionOptions {
+  /** The server key to seal data keys to (see `PrivscoreClient.discovered` to ask the server). */
   serverKey: ServerPublicKey;
   pseudonymiser: Pseudonymiser;
   /** The served model's feature schema version. */
@@ -135,21 +145,41 @@ export interface ClientOptions {
   identity?: string;
   /** Data-key reuse limits (DEFAULT_KEY_LIMITS; any 0 seals a key per request). */
   keyLimits?: KeyLimits;
-  /** The directory holding privscore/v1/*.proto; default the repository's protos/. */
-  protoRoot?: string;
-  channelOptions?: grpc.ChannelOptions;
+  /** What the server said when the key and schema version came from it. */
+  serverInfo?: ServerInfo;
 }
 
+export interface DiscoveredOptions extends ConnectionOptions {
+  pseudonymiser: Pseudonymiser;
+  /** A key the caller trusts already (key id and raw 32-byte X25519 public key): the server
+   * must list it, and it is the one sealed to. Without it, the server's primary key is. */
+  pinned?: ServerPublicKey;
+  identity?: string;
+  keyLimits?: KeyLimits;
+  /** The GetServerInfo deadline; default DEFAULT_TIMEOUT_MS. */
+  discoveryTimeoutMs?: number;
+}
+
+/** Only the caller's own secrets come from files; the server's key and schema come from it. */
 export interface FileOptions {
   target: string;
   caFile: string;
   certFile: string;
   keyFile: string;
-  publicKeysetFile: string;
   pseudonymKeyFile: string;
-  schemaVersion: string;
+  pinned?: ServerPublicKey;
   keyLimits?: KeyLimits;
   protoRoot?: string;
+  channelOptions?: grpc.ChannelOptions;
+  discoveryTimeoutMs?: number;
+}
+
+/** One mutual-TLS channel and the service stubs sharing it (one per service). Closing any
+ * stub closes the channel, so close the connection, not its stubs. */
+export interface Connection {
+  readonly channel: grpc.Channel;
+  client(name: string): grpc.Client;
+  close(): void;
 }
 
 type UnaryMethod = (
@@ -180,59 +210,141 @@ function serviceConstructor(root: grpc.GrpcObject, name: string): grpc.ServiceCl
   return v1[name] as grpc.ServiceClientConstructor;
 }
 
+export function openConnection(options: ConnectionOptions): Connection {
+  const credentials = grpc.credentials.createSsl(options.tls.ca, options.tls.key, options.tls.cert);
+  const channel = new grpc.Channel(options.target, credentials, options.channelOptions ?? {});
+  const services = loadServices(options.protoRoot);
+  const stubs = new Map<string, grpc.Client>();
+  return {
+    channel,
+    client(name) {
+      let stub = stubs.get(name);
+      if (stub === undefined) {
+        stub = new (serviceConstructor(services, name))(options.target, credentials, {
+          channelOverride: channel,
+        });
+        stubs.set(name, stub);
+      }
+      return stub;
+    },
+    close: () => channel.close(),
+  };
+}
+
+/** The call's metadata: the request id as the `x-request-id` header when the server would take
+ * it (REQUEST_ID_PATTERN), so its trailer, logs and audit record carry the message's id. */
+export function requestIdMetadata(requestId: string | undefined): grpc.Metadata {
+  const metadata = new grpc.Metadata();
+  if (requestId !== undefined && REQUEST_ID_PATTERN.test(requestId)) {
+    metadata.set(REQUEST_ID_TRAILER, requestId);
+  }
+  return metadata;
+}
+
+function identityOf(options: { identity?: string; tls: { cert: Buffer } }): string {
+  const identity = options.identity ?? certificateIdentity(options.tls.cert);
+  if (!identity) {
+    throw new Error("the client certificate has no single spiffe:// URI SAN: no identity");
+  }
+  return identity;
+}
+
+/** One unary call; resolves once the trailers (with the request id) are in, rejects with a
+ * PrivscoreError. */
+function unary<T>(
+  client: grpc.Client,
+  method: string,
+  request: object,
+  metadata: grpc.Metadata,
+  timeoutMs: number | undefined,
+): Promise<Reply<T>> {
+  const rpc = (client as unknown as Record<string, UnaryMethod>)[method]!.bind(client);
+  const deadline = Date.now() + (timeoutMs ?? DEFAULT_TIMEOUT_MS);
+  return new Promise((resolve, reject) => {
+    let response: unknown;
+    const call = rpc(request, metadata, { deadline }, (_error, reply) => {
+      response = reply;
+    });
+    call.on("status", (status: grpc.StatusObject) => {
+      if (status.code === grpc.status.OK && response !== undefined) {
+        resolve({ response: response as T, requestId: requestIdOf(status.metadata) });
+      } else {
+        reject(new PrivscoreError(status));
+      }
+    });
+  });
+}
+
 export class PrivscoreClient {
   readonly schemaVersion: string;
   readonly identity: string;
   readonly dataKeys: DataKeyCache;
+  /** What GetServerInfo said, when the client was made from it (`discovered`, `fromFiles`). */
+  readonly serverInfo: ServerInfo | undefined;
   readonly #pseudonymiser: Pseudonymiser;
-  readonly #channel: grpc.Channel;
+  readonly #connection: Connection;
   readonly #scoring: grpc.Client;
   readonly #limits: grpc.Client;
   readonly #alerts: grpc.Client;
 
-  constructor(options: ClientOptions) {
-    const identity = options.identity ?? certificateIdentity(options.tls.cert);
-    if (!identity) {
-      throw new Error("the client certificate has no single spiffe:// URI SAN: no identity");
-    }
-    this.identity = identity;
+  /** A client sealing to `options.serverKey` for `options.schemaVersion`, both given by the
+   * caller. `connection`: an open one to use (and close with this client). */
+  constructor(options: ClientOptions, connection?: Connection) {
+    this.identity = identityOf(options);
     this.schemaVersion = options.schemaVersion;
+    this.serverInfo = options.serverInfo;
     this.#pseudonymiser = options.pseudonymiser;
     this.dataKeys = new DataKeyCache(
       options.serverKey,
-      identity,
+      this.identity,
       options.keyLimits ?? { ...DEFAULT_KEY_LIMITS },
     );
-    const credentials = grpc.credentials.createSsl(
-      options.tls.ca,
-      options.tls.key,
-      options.tls.cert,
-    );
-    this.#channel = new grpc.Channel(options.target, credentials, options.channelOptions ?? {});
-    const services = loadServices(options.protoRoot);
-    const client = (name: string) =>
-      new (serviceConstructor(services, name))(options.target, credentials, {
-        channelOverride: this.#channel,
-      });
-    this.#scoring = client("ScoringService");
-    this.#limits = client("LimitService");
-    this.#alerts = client("AlertService");
+    this.#connection = connection ?? openConnection(options);
+    this.#scoring = this.#connection.client("ScoringService");
+    this.#limits = this.#connection.client("LimitService");
+    this.#alerts = this.#connection.client("AlertService");
   }
 
-  static fromFiles(options: FileOptions): PrivscoreClient {
-    return new PrivscoreClient({
-      target: options.target,
-      tls: {
-        ca: readFileSync(options.caFile),
-        cert: readFileSync(options.certFile),
-        key: readFileSync(options.keyFile),
-      },
-      serverKey: loadPublicKeyset(options.publicKeysetFile),
-      pseudonymiser: Pseudonymiser.fromFile(options.pseudonymKeyFile),
-      schemaVersion: options.schemaVersion,
-      ...(options.keyLimits ? { keyLimits: options.keyLimits } : {}),
-      ...(options.protoRoot ? { protoRoot: options.protoRoot } : {}),
+  /**
+   * A client sealing to the key and schema version the server names over the wire
+   * (DiscoveryService.GetServerInfo), on the same channel: only the caller's own secrets are
+   * local. With `pinned`, the server must list that key (same id, same bytes) and it is the
+   * one sealed to; else the server's single primary key is (trust on first use). Rejects with
+   * DiscoveryRefused, having made no other call, when the pinned key is not listed, no single
+   * primary is, or the server opens another sealing format.
+   */
+  static async discovered(options: DiscoveredOptions): Promise<PrivscoreClient> {
+    const identity = identityOf(options);
+    const connection = openConnection(options);
+    try {
+      const info = await getServerInfo(connection, options.discoveryTimeoutMs);
+      const serverKey = sealingKey(info, options.pinned);
+      const schemaVersion = schemaVersionOf(info);
+      return new PrivscoreClient(
+        { ...options, identity, serverKey, schemaVersion, serverInfo: info },
+        connection,
+      );
+    } catch (error) {
+      connection.close();
+      throw error;
+    }
+  }
+
+  /** `discovered`, with the caller's own secrets read from files: the CA, the client
+   * certificate and key (PEM) and the pseudonym key (raw bytes). */
+  static async fromFiles(options: FileOptions): Promise<PrivscoreClient> {
+    const { caFile, certFile, keyFile, pseudonymKeyFile, ...rest } = options;
+    return PrivscoreClient.discovered({
+      ...rest,
+      tls: { ca: readFileSync(caFile), cert: readFileSync(certFile), key: readFileSync(keyFile) },
+      pseudonymiser: Pseudonymiser.fromFile(pseudonymKeyFile),
     });
+  }
+
+  /** What the server says now (keys, sealing format, schema, versions): to notice a key
+   * rotation or a new model, after which make a new client. */
+  getServerInfo(timeoutMs?: number): Promise<ServerInfo> {
+    return getServerInfo(this.#connection, timeoutMs);
   }
 
   subject(tenant: string, customerId: string): Subject {
@@ -309,41 +421,33 @@ export class PrivscoreClient {
   }
 
   close(): void {
-    this.#scoring.close();
-    this.#limits.close();
-    this.#alerts.close();
-    this.#channel.close();
+    this.#connection.close();
   }
 
-  /** One unary call; resolves once the trailers (with the request id) are in. The request's
-   * id also travels as the `x-request-id` header, so the server's log lines and trailers
-   * carry it (without the header the server makes an id of its own). A failure rejects with
-   * a PrivscoreError and retires the data key the call used, so the next call seals anew
-   * (the server may refuse that key from now on). */
-  #call<T>(
+  /** One unary call. The request's id also travels as the `x-request-id` header, so the
+   * server's log lines, audit record and trailer carry it (without the header the server makes
+   * an id of its own). A failure rejects with a PrivscoreError and retires the data key the
+   * call used, so the next call seals anew (the server may refuse that key from now on). */
+  async #call<T>(
     client: grpc.Client,
     method: string,
     request: { request_id: string },
     timeoutMs: number | undefined,
     key?: DataKey,
   ): Promise<Reply<T>> {
-    const rpc = (client as unknown as Record<string, UnaryMethod>)[method]!.bind(client);
-    const deadline = Date.now() + (timeoutMs ?? DEFAULT_TIMEOUT_MS);
-    const metadata = new grpc.Metadata();
-    metadata.set(REQUEST_ID_TRAILER, request.request_id);
-    return new Promise((resolve, reject) => {
-      let response: unknown;
-      const call = rpc(request, metadata, { deadline }, (_error, reply) => {
-        response = reply;
-      });
-      call.on("status", (status: grpc.StatusObject) => {
-        if (status.code === grpc.status.OK && response !== undefined) {
-          resolve({ response: response as T, requestId: requestIdOf(status.metadata) });
-          return;
-        }
-        if (key !== undefined) void this.dataKeys.retire(key.method, key);
-        reject(new PrivscoreError(status));
-      });
-    });
+    try {
+      const metadata = requestIdMetadata(request.request_id);
+      return await unary<T>(client, method, request, metadata, timeoutMs);
+    } catch (error) {
+      if (key !== undefined) void this.dataKeys.retire(key.method, key);
+      throw error;
+    }
   }
+}
+
+async function getServerInfo(connection: Connection, timeoutMs?: number): Promise<ServerInfo> {
+  const discovery = connection.client("DiscoveryService");
+  const metadata = new grpc.Metadata();
+  const reply = await unary<ServerInfo>(discovery, "GetServerInfo", {}, metadata, timeoutMs);
+  return reply.response;
 }

@@ -1,5 +1,6 @@
 export * from "./bytes.js";
 export * from "./client.js";
+export * from "./discovery.js";
 export * from "./errors.js";
 export * from "./featureValue.js";
 export * from "./keys.js";

@@ -1,5 +1,6 @@
-// What a caller needs from the server and from its own certificate (docs/envelope.md
-// section 2): the server's primary public key with its id, and the caller's SPIFFE identity.
+// Keys from files (docs/envelope.md section 2): a public keyset document's primary key with
+// its id (for a caller that passes the key explicitly, or pins one; a client made with
+// `PrivscoreClient.discovered` asks the server instead), and the caller's SPIFFE identity.
 
 import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";

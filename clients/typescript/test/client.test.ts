@@ -113,7 +113,7 @@ describe("rich errors", () => {
 describe("contracts", () => {
   it("load with the repository's protos and the vendored google/rpc ones", () => {
     const services = loadServices() as { privscore: { v1: Record<string, unknown> } };
-    for (const name of ["ScoringService", "LimitService", "AlertService"]) {
+    for (const name of ["ScoringService", "LimitService", "AlertService", "DiscoveryService"]) {
       assert.equal(typeof services.privscore.v1[name], "function", name);
     }
   });
