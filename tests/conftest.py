@@ -137,9 +137,10 @@ class ServerProcess:
                 return record
         raise AssertionError(f"no {event!r} log line within {timeout}s")
 
-    def channel(self, cert_name: str = "dev") -> grpc.Channel:
-        """Mutual TLS as the named dev client (dev holds the scorer, limit and monitor roles)."""
-        return open_channel(self.target, self.data_dir, cert_name)
+    def channel(self, cert_name: str = "dev", *, retries: bool = True) -> grpc.Channel:
+        """Mutual TLS as the named dev client (dev holds the scorer, limit and monitor roles),
+        retrying the idempotent calls as the SDK's channel does unless `retries=False`."""
+        return open_channel(self.target, self.data_dir, cert_name, retries=retries)
 
     def client(self, channel: grpc.Channel) -> PrivscoreClient:
         return PrivscoreClient.from_data_dir(

@@ -44,12 +44,21 @@ def service_config() -> str:
     return json.dumps({"methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]})
 
 
-def channel_options() -> list[tuple[str, object]]:
+def channel_options(retries: bool = True) -> list[tuple[str, object]]:
+    """The retry policy of `service_config`; `retries=False` turns gRPC's retries off (to
+    see each refusal as the server gives it)."""
+    if not retries:
+        return [("grpc.enable_retries", 0)]
     return [("grpc.service_config", service_config()), ("grpc.enable_retries", 1)]
 
 
 def secure_channel(
-    target: str, *, root_certificates: bytes, private_key: bytes, certificate_chain: bytes
+    target: str,
+    *,
+    root_certificates: bytes,
+    private_key: bytes,
+    certificate_chain: bytes,
+    retries: bool = True,
 ) -> grpc.Channel:
     """Mutual TLS with this client certificate (PEM), trusting `root_certificates`."""
     credentials = grpc.ssl_channel_credentials(
@@ -57,7 +66,7 @@ def secure_channel(
         private_key=private_key,
         certificate_chain=certificate_chain,
     )
-    return grpc.secure_channel(target, credentials, options=channel_options())
+    return grpc.secure_channel(target, credentials, options=channel_options(retries))
 
 
 def insecure_channel(target: str) -> grpc.Channel:

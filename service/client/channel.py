@@ -15,7 +15,12 @@ __all__ = ["open_channel", "service_config"]
 
 
 def open_channel(
-    target: str, data_dir: Path, cert_name: str = "dev", *, insecure: bool = False
+    target: str,
+    data_dir: Path,
+    cert_name: str = "dev",
+    *,
+    insecure: bool = False,
+    retries: bool = True,
 ) -> grpc.Channel:
     """A channel that presents the `cert_name` client certificate from `privscore certs init`
     and retries the idempotent calls on UNAVAILABLE (`service_config`)."""
@@ -27,4 +32,5 @@ def open_channel(
         root_certificates=certs.ca.read_bytes(),
         private_key=certs.client_key(cert_name).read_bytes(),
         certificate_chain=certs.client_cert(cert_name).read_bytes(),
+        retries=retries,
     )

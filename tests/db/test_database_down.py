@@ -295,7 +295,8 @@ def test_database_down_turns_health_not_serving_refuses_calls_and_recovers_by_it
         customer = {before[0]: "down-1", outage["AdjustLimit"]: "down-5"}.get(
             request_id, f"down-{rpc}"
         )
-        with server.channel() as channel:
+        # Without the channel's retries: what is timed is the server's own refusal.
+        with server.channel(retries=False) as channel:
             attempt = Calls(server.client(channel))
             call = {"Score": attempt.score, "AdjustLimit": attempt.adjust}.get(
                 rpc, attempt.evaluate
