@@ -83,7 +83,7 @@ def record(n: int, rng: random.Random) -> dict[str, Any]:
             "score": 500 + n % 300,
             "grade": "B",
             "decision": "APPROVE",
-            "probability_of_default": 0.0812,
+            "probability_of_default_ppb": 81_200_000,
             "reasons": ["R1", "R7", "R12"],
         },
     }

@@ -24,7 +24,14 @@ from privscore.v1 import common_pb2, limit_service_pb2
 from service.api.alerts import EVALUATE_EVENT_METHOD
 from service.api.features import open_row, read_encrypted_inputs
 from service.api.limits import ADJUST_LIMIT_METHOD, account_of, request_fingerprint
-from service.api.scoring import SCORE_BATCH_METHOD, SCORE_METHOD, assess, score_outputs
+from service.api.scoring import (
+    PD_PPB,
+    PPB,
+    SCORE_BATCH_METHOD,
+    SCORE_METHOD,
+    assess,
+    score_outputs,
+)
 from service.decisions.limits import decide_limit
 from service.decisions.policy import DecisionPolicy
 from service.errors import ServiceError
@@ -63,6 +70,14 @@ class _Keys:
     record_key: bytes
 
 
+def recorded_probability(outputs: dict[str, Any], missing: float) -> float:
+    """A record's probability of default: parts per billion (format 2), or the float that
+    format-1 records hold."""
+    if PD_PPB in outputs:
+        return float(outputs[PD_PPB]) / PPB
+    return float(outputs.get("probability_of_default", missing))
+
+
 def _same_score(recorded: dict[str, Any], replayed: dict[str, Any]) -> list[str]:
     differences = [
         key
@@ -70,9 +85,7 @@ def _same_score(recorded: dict[str, Any], replayed: dict[str, Any]) -> list[str]
         if recorded.get(key) != replayed.get(key)
     ]
     if not math.isclose(
-        recorded.get("probability_of_default", -1.0),
-        replayed.get("probability_of_default", -2.0),
-        abs_tol=1e-9,
+        recorded_probability(recorded, -1.0), recorded_probability(replayed, -2.0), abs_tol=1e-9
     ):
         differences.append("probability_of_default")
     return differences

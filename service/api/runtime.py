@@ -34,6 +34,9 @@ from service.privacy.sealing import FeatureOpener
 Proven = tuple[Checkpoint, StoredRecord, list[bytes]]
 Prover = Callable[[str], Awaitable[Proven]]
 
+# The audit record's format (docs/audit-record.schema.json): 2 holds no float, so its canonical
+# JSON is RFC 8785's; records without `format` are format 1 (a float probability of default).
+RECORD_FORMAT = 2
 # How many times a decision is made again when another replica changed what it was made on
 # (service/api/ledger.py) before the call gives up with ABORTED.
 DECISION_ATTEMPTS = 8
@@ -143,6 +146,7 @@ class Runtime:
         Subjects appear by pseudonym only; details must hold no plaintext feature value.
         """
         return {
+            "format": RECORD_FORMAT,
             "rpc": rpc,
             "decision_id": metadata.decision_id,
             "request_id": metadata.request_id,

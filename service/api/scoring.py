@@ -21,6 +21,9 @@ from service.model.scorer import ModelBatcher, Row
 from service.monitoring.tracing import stage
 
 SCORE_METHOD = "/privscore.v1.ScoringService/Score"
+# The audit record's probability of default: parts per billion (record format 2).
+PD_PPB = "probability_of_default_ppb"
+PPB = 1_000_000_000
 SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch"
 _DECISIONS = {
     "APPROVE": pb.CREDIT_DECISION_APPROVE,
@@ -131,10 +134,12 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
 def score_outputs(score: pb.CreditScore) -> dict[str, Any]:
     """The score for the audit record, in the protobuf JSON mapping (`MessageToDict` with
     proto field names: defaults omitted, enums by name), built by hand because it runs for
-    every decision and `MessageToDict` costs several times more."""
+    every decision and `MessageToDict` costs several times more. The probability of default
+    is written in parts per billion, an integer (record format 2): with no float in a record,
+    its canonical JSON is RFC 8785's, which any language reproduces."""
     outputs: dict[str, Any] = {}
     if score.probability_of_default:
-        outputs["probability_of_default"] = score.probability_of_default
+        outputs[PD_PPB] = round(score.probability_of_default * PPB)
     if score.score:
         outputs["score"] = score.score
     if score.grade:

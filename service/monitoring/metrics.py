@@ -260,9 +260,7 @@ class PrometheusMetrics(Metrics):
                 self._child(self.decisions, *decision, *versions).inc()
                 if "score" in outputs:
                     self._child(self.scores, versions[0]).observe(outputs["score"])
-                self._child(self.probabilities, versions[0]).observe(
-                    outputs.get("probability_of_default", 0.0)
-                )
+                self._child(self.probabilities, versions[0]).observe(_probability(outputs))
             elif "action" in outputs:  # AdjustLimit
                 rule = str(outputs.get("rule", ""))
                 self.decisions.labels(
@@ -302,6 +300,13 @@ class PrometheusMetrics(Metrics):
 
     def watch(self, collector: Collector) -> None:
         self.registry.register(collector)
+
+
+def _probability(outputs: Mapping[str, Any]) -> float:
+    """A record's probability of default: parts per billion (record format 2), or a float
+    (format 1)."""
+    ppb = outputs.get("probability_of_default_ppb")
+    return float(ppb) / 1e9 if ppb is not None else float(outputs.get("probability_of_default", 0))
 
 
 class Timer:
