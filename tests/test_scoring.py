@@ -10,7 +10,7 @@ from google.rpc import code_pb2
 from privscore.v1 import common_pb2
 from privscore.v1 import scoring_service_pb2 as pb
 from service.api.features import encrypted_inputs, read_encrypted_inputs
-from service.api.scoring import score_outputs
+from service.api.scoring import PD_PPB, PPB, score_outputs
 from service.config import DEFAULT_MODEL_DIR, DEFAULT_MODEL_PUBLIC_KEY, DEFAULT_POLICY
 from service.decisions.policy import load_policy
 from service.model.scorer import Scorer
@@ -140,7 +140,15 @@ def test_batch_above_the_maximum_is_refused(shared_server: ServerProcess) -> Non
 
 def test_recorded_outputs_are_the_protobuf_json_mapping(shared_server: ServerProcess) -> None:
     """The hand-built audit outputs equal MessageToDict for served scores (adverse and not),
-    for an all-default score, and for a score with every field set."""
+    for an all-default score, and for a score with every field set; but for the probability
+    of default, which record format 2 writes as an integer in parts per billion."""
+
+    def mapping(score: pb.CreditScore) -> dict[str, object]:
+        expected = json_format.MessageToDict(score, preserving_proto_field_name=True)
+        if "probability_of_default" in expected:
+            expected[PD_PPB] = round(expected.pop("probability_of_default") * PPB)
+        return expected
+
     with shared_server.channel() as channel:
         client = shared_server.client(channel)
         scores = [
@@ -155,11 +163,11 @@ def test_recorded_outputs_are_the_protobuf_json_mapping(shared_server: ServerPro
         decision=pb.CREDIT_DECISION_REVIEW,
         reasons=[common_pb2.Reason(code="C"), common_pb2.Reason(text="t")],
     )
-    assert {f.name for f in pb.CreditScore.DESCRIPTOR.fields} == set(score_outputs(every_field))
+    assert set(mapping(every_field)) == set(score_outputs(every_field))
+    assert len(set(score_outputs(every_field))) == len(pb.CreditScore.DESCRIPTOR.fields)
     for score in [*scores, pb.CreditScore(), every_field]:
-        assert score_outputs(score) == json_format.MessageToDict(
-            score, preserving_proto_field_name=True
-        )
+        assert score_outputs(score) == mapping(score)
+        assert all(type(v) is not float for v in score_outputs(score).values())
 
 
 def test_recorded_encrypted_inputs_read_back_as_received(shared_server: ServerProcess) -> None:
