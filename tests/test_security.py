@@ -5,12 +5,18 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from privscore.v1 import alert_service_pb2, alert_service_pb2_grpc, scoring_service_pb2_grpc
+from privscore.v1 import (
+    alert_service_pb2,
+    alert_service_pb2_grpc,
+    scoring_service_pb2,
+    scoring_service_pb2_grpc,
+)
 from service.api.scoring import SCORE_METHOD
 from service.audit import iter_records
 from service.client.probe import health_status
@@ -50,7 +56,9 @@ def test_identity_needs_tls_1_3_and_exactly_one_spiffe_id() -> None:
     assert "not mutual TLS" in missing_identity({})
 
 
-def _call_over_tls_1_2(port: int, certs: CertPaths, method: str) -> dict[str, str]:
+def _call_over_tls_1_2(
+    port: int, certs: CertPaths, method: str, message: bytes = b""
+) -> dict[str, str]:
     """One gRPC call made by hand over a TLS 1.2 connection with a valid client certificate
     (no gRPC client offers TLS 1.2 on purpose; h2 speaks HTTP/2 itself): the response's
     headers and trailers."""
@@ -84,7 +92,9 @@ def _call_over_tls_1_2(port: int, certs: CertPaths, method: str) -> dict[str, st
                 ("te", "trailers"),
             ],
         )
-        connection.send_data(stream, b"\x00\x00\x00\x00\x00", end_stream=True)  # an empty message
+        # One length-prefixed, uncompressed gRPC message.
+        framed = b"\x00" + len(message).to_bytes(4, "big") + message
+        connection.send_data(stream, framed, end_stream=True)
         tls.sendall(connection.data_to_send())
         found: dict[str, str] = {}
         ended = False
@@ -104,10 +114,22 @@ def _call_over_tls_1_2(port: int, certs: CertPaths, method: str) -> dict[str, st
 
 def test_a_tls_1_2_caller_is_told_tls_1_3_is_required(shared_server: ServerProcess) -> None:
     certs = CertPaths(DataLayout(shared_server.data_dir).certs_dir)
-    answer = _call_over_tls_1_2(shared_server.port, certs, SCORE_METHOD)
+    probe = scoring_service_pb2.ScoreRequest(request_id="tls12-probe-1")
+    answer = _call_over_tls_1_2(shared_server.port, certs, SCORE_METHOD, probe.SerializeToString())
     assert answer["grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
     assert "TLS 1.3 is required" in answer["grpc-message"]
     assert "TLSv1.2" in answer["grpc-message"]
+    # The refusal is audited, under the request id the message carried.
+    deadline = time.monotonic() + 10
+    while not (
+        found := [
+            r for r in refusals(shared_server.data_dir) if r["request_id"] == probe.request_id
+        ]
+    ):
+        assert time.monotonic() < deadline, "the refusal was not audited"
+        time.sleep(0.05)
+    assert found[0]["code"] == "UNAUTHENTICATED"
+    assert str(found[0]["caller"]).startswith("unauthenticated:")
 
 
 def test_a_client_without_a_certificate_from_the_ca_cannot_connect(
