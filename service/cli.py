@@ -234,7 +234,10 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 def _call_score(args: argparse.Namespace, client: Any) -> None:
-    _print_message(client.score(args.tenant, args.customer_id, _read_json(args.features)))
+    features = _read_json(args.features)
+    _print_message(
+        client.score(args.tenant, args.customer_id, features, offer_currency=args.offer_currency)
+    )
 
 
 def _call_limit(args: argparse.Namespace, client: Any) -> None:
@@ -784,6 +787,11 @@ def build_parser(data_dir: Path | None = None) -> argparse.ArgumentParser:
 
     score = client_command("score", "score one applicant", _call_score)
     score.add_argument("--features", required=True, help="JSON file: feature name -> value")
+    score.add_argument(
+        "--offer-currency",
+        default="",
+        help="ISO 4217 code: an approved applicant gets the policy's initial limit in it",
+    )
     limit = client_command("limit", "decide a customer's credit limit", _call_limit)
     limit.add_argument("--currency", default="CNY", help="ISO 4217 code, default CNY")
     limit.add_argument("--current-limit", type=int, required=True, help="minor units")

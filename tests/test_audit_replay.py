@@ -78,6 +78,7 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Log:
                     ("r-batch-2", applicants()[6]),
                     ("r-batch-bad", {**applicants()[7], "purpose": "nonsense"}),
                 ],
+                offer_currency="CNY",  # an approved item's initial-limit offer replays too
             )
             client.adjust_limit("t", "r-features", account(), features=applicants()[4])
             first = client.adjust_limit("t", "r-latest", account(), latest_score=GOOD_SCORE)
@@ -117,6 +118,7 @@ def test_every_decision_a_server_wrote_replays_to_the_same_outcome(log: Log) -> 
         *log.of(ADJUST_LIMIT_METHOD),
     ]
     limits = log.of(ADJUST_LIMIT_METHOD)
+    assert any("offer" in r for r in decisions)  # an initial-limit offer replays too
     assert len(log.of(SCORE_BATCH_METHOD, outcome=None)) == 2
     assert [bool(r["encrypted_inputs"]) for r in limits] == [True, False, False]
     assert limits[2]["last_increase_at"] is not None  # the cool-down's input replays too

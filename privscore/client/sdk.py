@@ -323,13 +323,16 @@ class PrivscoreClient:
         features: Features,
         *,
         request_id: str | None = None,
+        offer_currency: str = "",
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> scoring_service_pb2.ScoreResponse:
+        """Score one applicant; with `offer_currency` (e.g. "CNY"), an approved applicant's
+        response carries the initial limit the policy offers (`initial_limit`)."""
         request_id = request_id or new_request_id()
         subject = self.subject(tenant, customer_id)
         sealed, key = self._seal(SCORE_METHOD, request_id, subject, features)
         request = scoring_service_pb2.ScoreRequest(
-            request_id=request_id, subject=subject, features=sealed
+            request_id=request_id, subject=subject, features=sealed, offer_currency=offer_currency
         )
         return self._call(self._scoring.Score, request, timeout, (SCORE_METHOD, key))
 
@@ -339,6 +342,7 @@ class PrivscoreClient:
         applicants: Sequence[tuple[str, Features]],
         *,
         request_id: str | None = None,
+        offer_currency: str = "",
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> scoring_service_pb2.ScoreBatchResponse:
         """Score (customer id, features) pairs; every item is sealed under one data key (the
@@ -362,7 +366,9 @@ class PrivscoreClient:
             )
             for subject, plaintexts in encoded
         ]
-        request = scoring_service_pb2.ScoreBatchRequest(request_id=request_id, items=items)
+        request = scoring_service_pb2.ScoreBatchRequest(
+            request_id=request_id, items=items, offer_currency=offer_currency
+        )
         return self._call(self._scoring.ScoreBatch, request, timeout, (SCORE_BATCH_METHOD, key))
 
     def adjust_limit(

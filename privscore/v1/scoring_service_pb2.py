@@ -26,7 +26,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from privscore.v1 import common_pb2 as privscore_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"privscore/v1/scoring_service.proto\x12\x0cprivscore.v1\x1a\x17google/rpc/status.proto\x1a\x19privscore/v1/common.proto\"\x80\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07subject\x18\x02 \x01(\x0b\x32\x18.privscore.v1.SubjectRef\x12\x31\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x1f.privscore.v1.EncryptedFeatures\"\xa2\x01\n\x0b\x43reditScore\x12\x1e\n\x16probability_of_default\x18\x01 \x01(\x01\x12\r\n\x05score\x18\x02 \x01(\x05\x12\r\n\x05grade\x18\x03 \x01(\t\x12.\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x1c.privscore.v1.CreditDecision\x12%\n\x07reasons\x18\x05 \x03(\x0b\x32\x14.privscore.v1.Reason\"k\n\rScoreResponse\x12\x30\n\x08metadata\x18\x01 \x01(\x0b\x32\x1e.privscore.v1.DecisionMetadata\x12(\n\x05score\x18\x02 \x01(\x0b\x32\x19.privscore.v1.CreditScore\"n\n\x0eScoreBatchItem\x12)\n\x07subject\x18\x01 \x01(\x0b\x32\x18.privscore.v1.SubjectRef\x12\x31\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x1f.privscore.v1.EncryptedFeatures\"T\n\x11ScoreBatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05items\x18\x02 \x03(\x0b\x32\x1c.privscore.v1.ScoreBatchItem\"\x82\x01\n\x10ScoreBatchResult\x12\r\n\x05index\x18\x01 \x01(\r\x12/\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1b.privscore.v1.ScoreResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"E\n\x12ScoreBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.privscore.v1.ScoreBatchResult*\x87\x01\n\x0e\x43reditDecision\x12\x1f\n\x1b\x43REDIT_DECISION_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43REDIT_DECISION_APPROVE\x10\x01\x12\x1a\n\x16\x43REDIT_DECISION_REVIEW\x10\x02\x12\x1b\n\x17\x43REDIT_DECISION_DECLINE\x10\x03\x32\xa3\x01\n\x0eScoringService\x12@\n\x05Score\x12\x1a.privscore.v1.ScoreRequest\x1a\x1b.privscore.v1.ScoreResponse\x12O\n\nScoreBatch\x12\x1f.privscore.v1.ScoreBatchRequest\x1a .privscore.v1.ScoreBatchResponseBR\n\x10\x64\x65v.privscore.v1P\x01Z-privscore.dev/gen/go/privscore/v1;privscorev1\xaa\x02\x0cPrivscore.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"privscore/v1/scoring_service.proto\x12\x0cprivscore.v1\x1a\x17google/rpc/status.proto\x1a\x19privscore/v1/common.proto\"\x98\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07subject\x18\x02 \x01(\x0b\x32\x18.privscore.v1.SubjectRef\x12\x31\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x1f.privscore.v1.EncryptedFeatures\x12\x16\n\x0eoffer_currency\x18\x04 \x01(\t\"E\n\x11InitialLimitOffer\x12\"\n\x05limit\x18\x01 \x01(\x0b\x32\x13.privscore.v1.Money\x12\x0c\n\x04rule\x18\x02 \x01(\t\"\xa2\x01\n\x0b\x43reditScore\x12\x1e\n\x16probability_of_default\x18\x01 \x01(\x01\x12\r\n\x05score\x18\x02 \x01(\x05\x12\r\n\x05grade\x18\x03 \x01(\t\x12.\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x1c.privscore.v1.CreditDecision\x12%\n\x07reasons\x18\x05 \x03(\x0b\x32\x14.privscore.v1.Reason\"\xa3\x01\n\rScoreResponse\x12\x30\n\x08metadata\x18\x01 \x01(\x0b\x32\x1e.privscore.v1.DecisionMetadata\x12(\n\x05score\x18\x02 \x01(\x0b\x32\x19.privscore.v1.CreditScore\x12\x36\n\rinitial_limit\x18\x03 \x01(\x0b\x32\x1f.privscore.v1.InitialLimitOffer\"n\n\x0eScoreBatchItem\x12)\n\x07subject\x18\x01 \x01(\x0b\x32\x18.privscore.v1.SubjectRef\x12\x31\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x1f.privscore.v1.EncryptedFeatures\"l\n\x11ScoreBatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05items\x18\x02 \x03(\x0b\x32\x1c.privscore.v1.ScoreBatchItem\x12\x16\n\x0eoffer_currency\x18\x03 \x01(\t\"\x82\x01\n\x10ScoreBatchResult\x12\r\n\x05index\x18\x01 \x01(\r\x12/\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1b.privscore.v1.ScoreResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"E\n\x12ScoreBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.privscore.v1.ScoreBatchResult*\x87\x01\n\x0e\x43reditDecision\x12\x1f\n\x1b\x43REDIT_DECISION_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43REDIT_DECISION_APPROVE\x10\x01\x12\x1a\n\x16\x43REDIT_DECISION_REVIEW\x10\x02\x12\x1b\n\x17\x43REDIT_DECISION_DECLINE\x10\x03\x32\xa3\x01\n\x0eScoringService\x12@\n\x05Score\x12\x1a.privscore.v1.ScoreRequest\x1a\x1b.privscore.v1.ScoreResponse\x12O\n\nScoreBatch\x12\x1f.privscore.v1.ScoreBatchRequest\x1a .privscore.v1.ScoreBatchResponseBR\n\x10\x64\x65v.privscore.v1P\x01Z-privscore.dev/gen/go/privscore/v1;privscorev1\xaa\x02\x0cPrivscore.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'privscore.v1.scoring_servic
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.privscore.v1P\001Z-privscore.dev/gen/go/privscore/v1;privscorev1\252\002\014Privscore.V1'
-  _globals['_CREDITDECISION']._serialized_start=912
-  _globals['_CREDITDECISION']._serialized_end=1047
+  _globals['_CREDITDECISION']._serialized_start=1088
+  _globals['_CREDITDECISION']._serialized_end=1223
   _globals['_SCOREREQUEST']._serialized_start=105
-  _globals['_SCOREREQUEST']._serialized_end=233
-  _globals['_CREDITSCORE']._serialized_start=236
-  _globals['_CREDITSCORE']._serialized_end=398
-  _globals['_SCORERESPONSE']._serialized_start=400
-  _globals['_SCORERESPONSE']._serialized_end=507
-  _globals['_SCOREBATCHITEM']._serialized_start=509
-  _globals['_SCOREBATCHITEM']._serialized_end=619
-  _globals['_SCOREBATCHREQUEST']._serialized_start=621
-  _globals['_SCOREBATCHREQUEST']._serialized_end=705
-  _globals['_SCOREBATCHRESULT']._serialized_start=708
-  _globals['_SCOREBATCHRESULT']._serialized_end=838
-  _globals['_SCOREBATCHRESPONSE']._serialized_start=840
-  _globals['_SCOREBATCHRESPONSE']._serialized_end=909
-  _globals['_SCORINGSERVICE']._serialized_start=1050
-  _globals['_SCORINGSERVICE']._serialized_end=1213
+  _globals['_SCOREREQUEST']._serialized_end=257
+  _globals['_INITIALLIMITOFFER']._serialized_start=259
+  _globals['_INITIALLIMITOFFER']._serialized_end=328
+  _globals['_CREDITSCORE']._serialized_start=331
+  _globals['_CREDITSCORE']._serialized_end=493
+  _globals['_SCORERESPONSE']._serialized_start=496
+  _globals['_SCORERESPONSE']._serialized_end=659
+  _globals['_SCOREBATCHITEM']._serialized_start=661
+  _globals['_SCOREBATCHITEM']._serialized_end=771
+  _globals['_SCOREBATCHREQUEST']._serialized_start=773
+  _globals['_SCOREBATCHREQUEST']._serialized_end=881
+  _globals['_SCOREBATCHRESULT']._serialized_start=884
+  _globals['_SCOREBATCHRESULT']._serialized_end=1014
+  _globals['_SCOREBATCHRESPONSE']._serialized_start=1016
+  _globals['_SCOREBATCHRESPONSE']._serialized_end=1085
+  _globals['_SCORINGSERVICE']._serialized_start=1226
+  _globals['_SCORINGSERVICE']._serialized_end=1389
 # @@protoc_insertion_point(module_scope)

@@ -58,9 +58,14 @@ class ScoreRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    OFFER_CURRENCY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller-chosen id of this request, 1-64 characters of [A-Za-z0-9._:-]; echoed in the
     decision metadata and bound into the encryption context.
+    """
+    offer_currency: _builtins.str
+    """ISO 4217 code of the currency to offer an approved applicant an initial credit limit in,
+    e.g. "CNY"; the policy must have initial limits for it. Empty: no offer.
     """
     @_builtins.property
     def subject(self) -> _common_pb2.SubjectRef:
@@ -76,14 +81,45 @@ class ScoreRequest(_message.Message):
         request_id: _builtins.str = ...,
         subject: _common_pb2.SubjectRef | None = ...,
         features: _common_pb2.EncryptedFeatures | None = ...,
+        offer_currency: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "subject", b"subject"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "request_id", b"request_id", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "offer_currency", b"offer_currency", "request_id", b"request_id", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ScoreRequest: _TypeAlias = ScoreRequest  # noqa: Y015
+
+@_typing.final
+class InitialLimitOffer(_message.Message):
+    """InitialLimitOffer is the credit limit offered to an approved applicant, from the policy's
+    initial limits for the applicant's grade and the requested currency.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    rule: _builtins.str
+    """The policy rule that set it, e.g. "offer.grade_a"."""
+    @_builtins.property
+    def limit(self) -> _common_pb2.Money:
+        """The limit offered, in minor units of the requested currency."""
+
+    def __init__(
+        self,
+        *,
+        limit: _common_pb2.Money | None = ...,
+        rule: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitialLimitOffer: _TypeAlias = InitialLimitOffer  # noqa: Y015
 
 @_typing.final
 class CreditScore(_message.Message):
@@ -135,6 +171,7 @@ class ScoreResponse(_message.Message):
 
     METADATA_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
+    INITIAL_LIMIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def metadata(self) -> _common_pb2.DecisionMetadata:
         """Where the decision is recorded and what made it."""
@@ -143,15 +180,22 @@ class ScoreResponse(_message.Message):
     def score(self) -> Global___CreditScore:
         """The score and decision."""
 
+    @_builtins.property
+    def initial_limit(self) -> Global___InitialLimitOffer:
+        """The initial limit offered, when the request named an offer currency and the applicant is
+        approved; unset otherwise.
+        """
+
     def __init__(
         self,
         *,
         metadata: _common_pb2.DecisionMetadata | None = ...,
         score: Global___CreditScore | None = ...,
+        initial_limit: Global___InitialLimitOffer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "score", b"score"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_limit", b"initial_limit", "metadata", b"metadata", "score", b"score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["initial_limit", b"initial_limit", "metadata", b"metadata", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -195,8 +239,11 @@ class ScoreBatchRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    OFFER_CURRENCY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller-chosen id of this request, 1-64 characters of [A-Za-z0-9._:-]."""
+    offer_currency: _builtins.str
+    """As ScoreRequest.offer_currency, for every approved applicant of the batch."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreBatchItem]:
         """The applicants: at least 1, at most 256."""
@@ -206,10 +253,11 @@ class ScoreBatchRequest(_message.Message):
         *,
         request_id: _builtins.str = ...,
         items: _abc.Iterable[Global___ScoreBatchItem] | None = ...,
+        offer_currency: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "offer_currency", b"offer_currency", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -156,7 +156,28 @@ def _replay_score(
     outputs = _outputs(record)
     row, same_inputs = _open_inputs(record, scorer, keys)
     differences = [] if same_inputs else ["input_digest"]
-    return differences + _same_score(outputs, _rescore(scorer, policy, row))
+    replayed = _rescore(scorer, policy, row)
+    return (
+        differences + _same_score(outputs, replayed) + _same_offer(record, replayed, policy, keys)
+    )
+
+
+def _same_offer(
+    record: dict[str, Any], replayed: dict[str, Any], policy: DecisionPolicy, keys: _Keys
+) -> list[str]:
+    """An initial-limit offer made again: the rule in clear and the sealed amount must be what
+    the recorded policy gives the replayed grade in the recorded currency."""
+    offered = record.get("offer")
+    if not isinstance(offered, dict):
+        return []
+    again = policy.limits.initial_offer(str(offered.get("currency")), str(replayed.get("grade")))
+    if again is None or again[1] != offered.get("rule"):
+        return ["offer"]
+    try:
+        sealed = open_record(keys.record_key, record)
+    except RecordSealError as error:
+        raise NotReplayable(f"the offered limit cannot be read: {error}") from None
+    return [] if sealed.get("initial_limit") == again[0] else ["offer"]
 
 
 def _sealed_limit(

@@ -15,10 +15,11 @@ from service.api import validation as check
 from service.api.features import encrypted_inputs, open_row
 from service.api.runtime import Runtime, RuntimeSlot
 from service.api.validation import well_formed_subject
-from service.decisions.policy import ScorePolicy
-from service.errors import ServiceError
+from service.decisions.policy import LimitPolicy, ScorePolicy
+from service.errors import FailedPrecondition, ServiceError
 from service.model.scorer import ModelBatcher, Row
 from service.monitoring.tracing import stage
+from service.privacy.record_seal import seal_record_fields
 
 SCORE_METHOD = "/privscore.v1.ScoringService/Score"
 # The audit record's probability of default: parts per billion (record format 2).
@@ -37,6 +38,7 @@ def validate_score(request: pb.ScoreRequest) -> None:
     check.check_request_id(v, "request_id", request.request_id)
     check.check_subject(v, "subject", request.HasField("subject"), request.subject)
     check.check_encrypted_features(v, "features", request.HasField("features"), request.features)
+    check.check_offer_currency(v, "offer_currency", request.offer_currency)
     v.raise_if_any()
 
 
@@ -48,7 +50,19 @@ def validate_batch_envelope(request: pb.ScoreBatchRequest) -> None:
         v.add("items", "must hold at least one item", "REQUIRED_FIELD")
     elif len(request.items) > check.MAX_BATCH_ITEMS:
         v.add("items", f"must hold at most {check.MAX_BATCH_ITEMS} items", "BATCH_TOO_LARGE")
+    check.check_offer_currency(v, "offer_currency", request.offer_currency)
     v.raise_if_any()
+
+
+class OfferCurrencyNotSupported(FailedPrecondition):
+    reason = "CURRENCY_NOT_SUPPORTED"
+
+
+def check_offer_supported(policy: LimitPolicy, currency: str) -> None:
+    if currency and currency not in policy.initial:
+        raise OfferCurrencyNotSupported(
+            f"offer_currency: the limit policy has no initial limits for {currency}"
+        )
 
 
 def validate_batch_item(item: pb.ScoreBatchItem) -> None:
@@ -76,6 +90,7 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
     ) -> pb.ScoreResponse:
         validate_score(request)
         runtime = self._slot.runtime
+        check_offer_supported(runtime.policy.limits, request.offer_currency)
         with stage("decrypt"):
             row = open_row(
                 runtime.scorer,
@@ -86,7 +101,9 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
                 request_id=request.request_id,
             )
         applicant = _Applicant(request.subject, request.features, row)
-        (response,) = await _decide(runtime, SCORE_METHOD, request.request_id, [applicant])
+        (response,) = await _decide(
+            runtime, SCORE_METHOD, request.request_id, [applicant], request.offer_currency
+        )
         return response
 
     async def ScoreBatch(
@@ -96,6 +113,7 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
     ) -> pb.ScoreBatchResponse:
         validate_batch_envelope(request)
         runtime = self._slot.runtime
+        check_offer_supported(runtime.policy.limits, request.offer_currency)
         results = [pb.ScoreBatchResult(index=i) for i in range(len(request.items))]
         applicants: list[_Applicant] = []
         positions: list[int] = []
@@ -124,7 +142,9 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
                     continue
                 applicants.append(_Applicant(item.subject, item.features, row))
                 positions.append(index)
-        responses = await _decide(runtime, SCORE_BATCH_METHOD, request.request_id, applicants)
+        responses = await _decide(
+            runtime, SCORE_BATCH_METHOD, request.request_id, applicants, request.offer_currency
+        )
         await asyncio.gather(*refusals)
         for index, response in zip(positions, responses, strict=True):
             results[index].decision.CopyFrom(response)
@@ -198,8 +218,45 @@ async def assess(
     ]
 
 
+def offer(
+    runtime: Runtime, method: str, response: pb.ScoreResponse, currency: str
+) -> dict[str, Any]:
+    """The initial-limit offer of an approved applicant (set on `response`), as the audit
+    record's fields: the rule and currency in `outputs`, the amount sealed (a limit is
+    personal financial data, service/privacy/record_seal.py). Empty: no offer."""
+    score = response.score
+    found = (
+        runtime.policy.limits.initial_offer(currency, score.grade)
+        if currency and score.decision == pb.CREDIT_DECISION_APPROVE
+        else None
+    )
+    if found is None:
+        return {}
+    amount, rule = found
+    response.initial_limit.CopyFrom(
+        pb.InitialLimitOffer(
+            limit=common_pb2.Money(currency_code=currency, minor_units=amount), rule=rule
+        )
+    )
+    metadata = response.metadata
+    return {
+        "offer": {"currency": currency, "rule": rule},
+        "sealed": seal_record_fields(
+            runtime.record_key,
+            method,
+            metadata.decision_id,
+            metadata.request_id,
+            {"initial_limit": amount},
+        ),
+    }
+
+
 async def _decide(
-    runtime: Runtime, method: str, request_id: str, applicants: Sequence[_Applicant]
+    runtime: Runtime,
+    method: str,
+    request_id: str,
+    applicants: Sequence[_Applicant],
+    offer_currency: str = "",
 ) -> list[pb.ScoreResponse]:
     """Assess every applicant, audit every decision (concurrently, so group commit makes them
     one fsync), then reply."""
@@ -218,6 +275,7 @@ async def _decide(
                 input_digest=runtime.input_digest(dict(applicant.row)),
                 encrypted_inputs=encrypted_inputs(applicant.features),
                 outputs=score_outputs(response.score),
+                **offer(runtime, method, response, offer_currency),
             )
         )
     with stage("audit", records=len(records)):

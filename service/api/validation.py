@@ -90,6 +90,14 @@ def check_subject(v: Violations, field: str, present: bool, subject: common_pb2.
     )
 
 
+def check_offer_currency(v: Violations, field: str, currency: str) -> None:
+    """An initial-limit offer's currency: empty (no offer) or an ISO 4217 code."""
+    if currency:
+        check_pattern(
+            v, field, currency, CURRENCY_CODE, "an ISO 4217 code of three upper-case letters"
+        )
+
+
 def check_money(
     v: Violations, field: str, present: bool, money: common_pb2.Money, *, allow_zero: bool
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,14 @@ class LimitPolicy:
     decrease_percent: float
     freeze_days_past_due: int
     ceilings: Mapping[str, Mapping[str, int]]  # currency -> grade -> minor units
+    # The limit offered to an approved applicant with its Score: currency -> grade -> minor
+    # units, each at most the grade's ceiling (0: no offer for that grade).
+    initial: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    def initial_offer(self, currency: str, grade: str) -> tuple[int, str] | None:
+        """(minor units, rule) offered for `grade` in `currency`, or None for no offer."""
+        amount = self.initial.get(currency, {}).get(grade, 0)
+        return (amount, f"offer.grade_{grade.lower()}") if amount > 0 else None
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,16 @@ def _limit_policy(r: _Reader, grades: tuple[Grade, ...]) -> LimitPolicy:
         }
     if not ceilings:
         raise PolicyError(f"{table.section} must name at least one currency")
+    initial: dict[str, dict[str, int]] = {}
+    if "initial" in r.table:
+        offers = r.sub("initial")
+        for currency in offers.table:
+            if currency not in ceilings:
+                raise PolicyError(f"{offers.section}.{currency} has no ceilings to stay under")
+            per_grade = offers.sub(currency)
+            initial[currency] = {
+                g.grade: per_grade.integer(g.grade, 0, ceilings[currency][g.grade]) for g in grades
+            }
     return LimitPolicy(
         increase_min_on_time_repayments=r.integer("increase_min_on_time_repayments", 1, 1000),
         increase_min_score=r.integer("increase_min_score", *SCORE_RANGE),
@@ -182,6 +200,7 @@ def _limit_policy(r: _Reader, grades: tuple[Grade, ...]) -> LimitPolicy:
         decrease_percent=r.number("decrease_percent", 0.01, 100),
         freeze_days_past_due=r.integer("freeze_days_past_due", 1, 36500),
         ceilings=ceilings,
+        initial=initial,
     )
 
 

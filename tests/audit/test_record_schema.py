@@ -54,7 +54,7 @@ def test_every_record_of_every_kind_fits_the_schema_and_is_rfc_8785(tmp_path: Pa
         with server.channel() as channel:
             client = server.client(channel)
             for n, row in enumerate(applicants()[:12]):  # approvals and adverse ones
-                client.score("t", f"schema-{n}", row)
+                client.score("t", f"schema-{n}", row, offer_currency="CNY" if n % 2 else "")
             client.score_batch(
                 "t",
                 [
@@ -94,6 +94,8 @@ def test_every_record_of_every_kind_fits_the_schema_and_is_rfc_8785(tmp_path: Pa
         assert b'"record":' + rfc8785.dumps(record) + b',"seq":' in stored.envelope
     assert set(seen) == set(KINDS), seen
     assert seen["score"] >= 13 and seen["refusal"] >= 2 and seen["rotation"] == 1
+    records = [stored.record for stored in iter_records(DataLayout(server.data_dir).audit_dir)]
+    assert any("offer" in record for record in records)  # an initial-limit offer was recorded
 
 
 def test_the_schema_refuses_a_float_and_an_unknown_member() -> None:
