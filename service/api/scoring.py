@@ -222,8 +222,8 @@ def offer(
     runtime: Runtime, method: str, response: pb.ScoreResponse, currency: str
 ) -> dict[str, Any]:
     """The initial-limit offer of an approved applicant (set on `response`), as the audit
-    record's fields: the rule and currency in `outputs`, the amount sealed (a limit is
-    personal financial data, service/privacy/record_seal.py). Empty: no offer."""
+    record's fields: the rule and currency in clear (`offer`), the amount in `sealed` (a limit
+    is personal financial data, service/privacy/record_seal.py). Empty: no offer."""
     score = response.score
     found = (
         runtime.policy.limits.initial_offer(currency, score.grade)
