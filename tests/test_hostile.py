@@ -954,10 +954,21 @@ def wire_edit() -> st.SearchStrategy[tuple[str, int, bytes]]:
         st.tuples(st.sampled_from(["append", "prepend"]), st.just(3), features_payload),
         st.tuples(
             st.sampled_from(["append", "prepend"]),
-            st.integers(4, 2**29 - 1).filter(lambda n: not 19000 <= n <= 19999),
+            st.just(4),  # offer_currency
+            st.one_of(st.sampled_from(["", "CNY", "USD", "EUR", "cny"]), HOSTILE_TEXT).map(
+                lambda s: s.encode()
+            ),
+        ),
+        st.tuples(
+            st.sampled_from(["append", "prepend"]),
+            st.integers(UNKNOWN_FROM, 2**29 - 1).filter(lambda n: not 19000 <= n <= 19999),
             st.binary(max_size=64),
         ),
     )
+
+
+# Field numbers ScoreRequest does not define: above its highest (from the descriptor).
+UNKNOWN_FROM = max(f.number for f in scoring_service_pb2.ScoreRequest.DESCRIPTOR.fields) + 1
 
 
 def test_duplicated_and_unknown_fields_are_answered_as_their_parse(
