@@ -336,7 +336,7 @@ class PrivscoreServer:
             return
         audit_log.on_commit = metrics.audit_commit
         metrics.watch(AuditCollector(lambda: AuditTotals(*astuple(audit_log.stats))))
-        metrics.watch(KeyAgeCollector(lambda: runtime.keyring.listing()))
+        metrics.watch(KeyAgeCollector(lambda: runtime.keyring.entries))
         metrics.watch(
             GaugeCollector(
                 "privscore_alert_subscribers",

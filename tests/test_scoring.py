@@ -10,7 +10,8 @@ from google.rpc import code_pb2
 from privscore.v1 import common_pb2
 from privscore.v1 import scoring_service_pb2 as pb
 from service.api.features import encrypted_inputs, read_encrypted_inputs
-from service.api.scoring import PD_PPB, PPB, score_outputs
+from service.api.scoring import score_outputs
+from service.audit.record import PD_PPB, PPB
 from service.config import DEFAULT_MODEL_DIR, DEFAULT_MODEL_PUBLIC_KEY, DEFAULT_POLICY
 from service.decisions.policy import load_policy
 from service.model.scorer import Scorer

@@ -29,6 +29,7 @@ import base64
 import functools
 import itertools
 import json
+import re
 import secrets
 import struct
 import time
@@ -47,6 +48,12 @@ from privscore.v1 import common_pb2
 # -- the format: labels and sizes ----------------------------------------------------------
 
 SEALING_FORMAT = 2
+# A request id as the contract allows it (it is bound into every field's associated data, and
+# travels as the x-request-id metadata): the server refuses any other in a message and makes
+# its own for metadata that does not fit.
+REQUEST_ID_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# The metadata key of the request id: sent by callers, returned in every call's trailers.
+REQUEST_ID_METADATA = "x-request-id"
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 ENCAPSULATED_KEY_BYTES = hpke.KEM.X25519.enc_length()
 DATA_KEY_BYTES = 32

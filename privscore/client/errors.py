@@ -15,7 +15,9 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-REQUEST_ID_TRAILER = "x-request-id"
+from privscore.client.envelope import REQUEST_ID_METADATA
+
+REQUEST_ID_TRAILER = REQUEST_ID_METADATA
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ dev-key conveniences in service/client/sdk.py.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import uuid
@@ -27,6 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from privscore.client.envelope import (
     DEFAULT_MAX_AGE_S,
     MAX_ENCRYPTIONS_PER_KEY,
+    REQUEST_ID_METADATA,
+    REQUEST_ID_SHAPE,
     SEALING_FORMAT,
     DataKey,
     FeatureInput,
@@ -59,9 +60,6 @@ def _method(module: Any, service: str, method: str) -> str:
 SCORE_METHOD = _method(scoring_service_pb2, "ScoringService", "Score")
 SCORE_BATCH_METHOD = _method(scoring_service_pb2, "ScoringService", "ScoreBatch")
 ADJUST_LIMIT_METHOD = _method(limit_service_pb2, "LimitService", "AdjustLimit")
-REQUEST_ID_METADATA = "x-request-id"
-# The shape the server accepts in the x-request-id header (else it makes its own id).
-_REQUEST_ID_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 DEFAULT_TIMEOUT_S = 10.0
 Response = TypeVar("Response")
 
@@ -128,7 +126,7 @@ def trace_metadata() -> tuple[tuple[str, str], ...]:
 def call_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     """A call's metadata: its request id as `x-request-id` (so the id the server logs and
     returns in the trailers is the request's own) and the caller's trace context."""
-    own = ((REQUEST_ID_METADATA, request_id),) if _REQUEST_ID_SHAPE.fullmatch(request_id) else ()
+    own = ((REQUEST_ID_METADATA, request_id),) if REQUEST_ID_SHAPE.fullmatch(request_id) else ()
     return own + trace_metadata()
 
 

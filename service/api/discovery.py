@@ -38,7 +38,7 @@ def server_info(runtime: Runtime) -> pb.GetServerInfoResponse:
                 key_id=entry.key_id,
                 public_key=entry.public_key,
                 status=_STATUSES[entry.status],
-                created_at=_timestamp(entry.created_at),
+                created_at=_timestamp(entry.made_at),
             )
             for entry in keys
         ],
@@ -67,10 +67,9 @@ def _feature(spec: FeatureSpec) -> pb.FeatureSpec:
     return feature
 
 
-def _timestamp(text: str) -> timestamp_pb2.Timestamp:
+def _timestamp(made: dt.datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
-    made = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    stamp.FromDatetime(made if made.tzinfo else made.replace(tzinfo=dt.UTC))
+    stamp.FromDatetime(made)
     return stamp
 
 

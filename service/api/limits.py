@@ -38,10 +38,6 @@ class RequestIdReused(FailedPrecondition):
     reason = "REQUEST_ID_REUSED"
 
 
-class CurrencyNotSupported(FailedPrecondition):
-    reason = "CURRENCY_NOT_SUPPORTED"
-
-
 def validate_adjust_limit(request: pb.AdjustLimitRequest) -> None:
     v = check.Violations()
     check.check_request_id(v, "request_id", request.request_id)
@@ -166,7 +162,7 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
         subject, account = request.subject, request.account
         currency = account.current_limit.currency_code
         if currency not in runtime.policy.limits.ceilings:
-            raise CurrencyNotSupported(f"the limit policy has no ceilings for {currency}")
+            raise check.CurrencyNotSupported(f"the limit policy has no ceilings for {currency}")
         if request.HasField("features"):
             with stage("decrypt"):
                 row = open_row(

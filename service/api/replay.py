@@ -25,13 +25,12 @@ from service.api.alerts import EVALUATE_EVENT_METHOD
 from service.api.features import open_row, read_encrypted_inputs
 from service.api.limits import ADJUST_LIMIT_METHOD, account_of, request_fingerprint
 from service.api.scoring import (
-    PD_PPB,
-    PPB,
     SCORE_BATCH_METHOD,
     SCORE_METHOD,
     assess,
     score_outputs,
 )
+from service.audit.record import recorded_probability
 from service.decisions.limits import decide_limit
 from service.decisions.policy import DecisionPolicy
 from service.errors import ServiceError
@@ -68,14 +67,6 @@ class _Keys:
     opener: FeatureOpener
     digest_key: bytes
     record_key: bytes
-
-
-def recorded_probability(outputs: dict[str, Any], missing: float) -> float:
-    """A record's probability of default: parts per billion (format 2), or the float that
-    format-1 records hold."""
-    if PD_PPB in outputs:
-        return float(outputs[PD_PPB]) / PPB
-    return float(outputs.get("probability_of_default", missing))
 
 
 def _same_score(recorded: dict[str, Any], replayed: dict[str, Any]) -> list[str]:

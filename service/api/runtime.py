@@ -19,6 +19,7 @@ from google.protobuf import timestamp_pb2
 from privscore.v1 import common_pb2
 from service.api.ledger import Ledger
 from service.audit import Checkpoint, StoredRecord, VerifierKey
+from service.audit.record import RECORD_FORMAT
 from service.callctx import CALLER
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy
@@ -34,9 +35,6 @@ from service.privacy.sealing import FeatureOpener
 Proven = tuple[Checkpoint, StoredRecord, list[bytes]]
 Prover = Callable[[str], Awaitable[Proven]]
 
-# The audit record's format (docs/audit-record.schema.json): 2 holds no float, so its canonical
-# JSON is RFC 8785's; records without `format` are format 1 (a float probability of default).
-RECORD_FORMAT = 2
 # How many times a decision is made again when another replica changed what it was made on
 # (service/api/ledger.py) before the call gives up with ABORTED.
 DECISION_ATTEMPTS = 8

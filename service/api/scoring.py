@@ -15,16 +15,14 @@ from service.api import validation as check
 from service.api.features import encrypted_inputs, open_row
 from service.api.runtime import Runtime, RuntimeSlot
 from service.api.validation import well_formed_subject
+from service.audit.record import PD_PPB, PPB
 from service.decisions.policy import LimitPolicy, ScorePolicy
-from service.errors import FailedPrecondition, ServiceError
+from service.errors import ServiceError
 from service.model.scorer import ModelBatcher, Row
 from service.monitoring.tracing import stage
 from service.privacy.record_seal import seal_record_fields
 
 SCORE_METHOD = "/privscore.v1.ScoringService/Score"
-# The audit record's probability of default: parts per billion (record format 2).
-PD_PPB = "probability_of_default_ppb"
-PPB = 1_000_000_000
 SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch"
 _DECISIONS = {
     "APPROVE": pb.CREDIT_DECISION_APPROVE,
@@ -54,13 +52,9 @@ def validate_batch_envelope(request: pb.ScoreBatchRequest) -> None:
     v.raise_if_any()
 
 
-class OfferCurrencyNotSupported(FailedPrecondition):
-    reason = "CURRENCY_NOT_SUPPORTED"
-
-
 def check_offer_supported(policy: LimitPolicy, currency: str) -> None:
     if currency and currency not in policy.initial:
-        raise OfferCurrencyNotSupported(
+        raise check.CurrencyNotSupported(
             f"offer_currency: the limit policy has no initial limits for {currency}"
         )
 

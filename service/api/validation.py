@@ -17,12 +17,12 @@ from privscore.client.envelope import (  # crypto sizes have one home: the seali
     ENCAPSULATED_KEY_BYTES as X25519_ENCAPSULATED_KEY_BYTES,
 )
 from privscore.client.envelope import NONCE_BYTES as AES_GCM_NONCE_BYTES
-from privscore.client.envelope import SEALED_DATA_KEY_BYTES
+from privscore.client.envelope import REQUEST_ID_SHAPE, SEALED_DATA_KEY_BYTES
 from privscore.client.envelope import TAG_BYTES as AES_GCM_TAG_BYTES
 from privscore.v1 import common_pb2
-from service.errors import FieldViolation, InvalidArgument
+from service.errors import FailedPrecondition, FieldViolation, InvalidArgument
 
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+REQUEST_ID = REQUEST_ID_SHAPE
 TENANT = re.compile(r"[a-z][a-z0-9-]{0,62}")
 PSEUDONYM = re.compile(r"[0-9a-f]{64}")
 CURRENCY_CODE = re.compile(r"[A-Z]{3}")
@@ -36,6 +36,12 @@ MAX_FIELD_CIPHERTEXT_BYTES = 1024
 # Times privscore accepts: 1900-01-01 to 2200-01-01 UTC. Narrower than Timestamp's own range
 # (years 1-9999), so window and retention arithmetic on any accepted time stays in range.
 _MIN_SECONDS, _MAX_SECONDS = -2208988800, 7258118400
+
+
+class CurrencyNotSupported(FailedPrecondition):
+    """A currency the limit policy has no limits for (AdjustLimit's ceilings, Score's offers)."""
+
+    reason = "CURRENCY_NOT_SUPPORTED"
 
 
 class Violations:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import re
 import secrets
 import time
 import traceback
@@ -26,6 +25,7 @@ import structlog
 from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
+from privscore.client.envelope import REQUEST_ID_METADATA, REQUEST_ID_SHAPE
 from service.callctx import CALLER
 from service.errors import FieldViolation, InvalidArgument, ServiceError
 from service.monitoring import tracing
@@ -33,12 +33,11 @@ from service.monitoring.metrics import NO_METRICS, SERVER_STREAM, UNARY, Metrics
 from service.security.authz import AuthzPolicy, missing_identity, peer_identity
 from service.security.limits import CallLimits, IdentityLimiter
 
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = REQUEST_ID_METADATA
 # Ids for calls that bring none: a random per-process tag and a counter. They correlate log
 # lines and need only be unique; a uuid4 per call cost a getrandom system call each.
 _GENERATED_ID_TAG = secrets.token_hex(8)
 _GENERATED_ID_COUNTER = itertools.count()
-_REQUEST_ID_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Probes and tooling carry no decisions: no role needed, and kept out of the request log.
 _OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
@@ -94,7 +93,7 @@ class DeadlineExceeded(ServiceError):
 
 def _request_id(metadata: Any) -> str:
     for key, value in metadata or ():
-        well_formed = isinstance(value, str) and _REQUEST_ID_SHAPE.fullmatch(value)
+        well_formed = isinstance(value, str) and REQUEST_ID_SHAPE.fullmatch(value)
         if key == REQUEST_ID_HEADER and well_formed:
             return str(value)
     return f"{_GENERATED_ID_TAG}-{next(_GENERATED_ID_COUNTER)}"

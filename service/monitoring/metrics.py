@@ -29,6 +29,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.audit.record import recorded_probability
+from service.privacy.keyring import KeyEntry
+
 # go-grpc-prometheus's handling-time buckets (Prometheus' DefBuckets), so dashboards built for
 # Go and Java servers read ours unchanged.
 RPC_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -260,7 +263,9 @@ class PrometheusMetrics(Metrics):
                 self._child(self.decisions, *decision, *versions).inc()
                 if "score" in outputs:
                     self._child(self.scores, versions[0]).observe(outputs["score"])
-                self._child(self.probabilities, versions[0]).observe(_probability(outputs))
+                self._child(self.probabilities, versions[0]).observe(
+                    recorded_probability(outputs, 0.0)
+                )
             elif "action" in outputs:  # AdjustLimit
                 rule = str(outputs.get("rule", ""))
                 self.decisions.labels(
@@ -300,13 +305,6 @@ class PrometheusMetrics(Metrics):
 
     def watch(self, collector: Collector) -> None:
         self.registry.register(collector)
-
-
-def _probability(outputs: Mapping[str, Any]) -> float:
-    """A record's probability of default: parts per billion (record format 2), or a float
-    (format 1)."""
-    ppb = outputs.get("probability_of_default_ppb")
-    return float(ppb) / 1e9 if ppb is not None else float(outputs.get("probability_of_default", 0))
 
 
 class Timer:
@@ -355,10 +353,10 @@ class KeyAgeCollector(Collector):
 
     def __init__(
         self,
-        listing: Callable[[], Iterable[Mapping[str, Any]]],
+        entries: Callable[[], Iterable[KeyEntry]],
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
-        self._listing = listing
+        self._entries = entries
         self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
@@ -368,12 +366,9 @@ class KeyAgeCollector(Collector):
             labels=("purpose", "status", "key_id"),
         )
         now = self._clock()
-        for entry in self._listing():
-            made = dt.datetime.fromisoformat(str(entry["created_at"]).replace("Z", "+00:00"))
-            if made.tzinfo is None:
-                made = made.replace(tzinfo=dt.UTC)
-            labels = [str(entry["purpose"]), str(entry["status"]), str(entry["key_id"])]
-            family.add_metric(labels, max(0.0, (now - made).total_seconds()))
+        for entry in self._entries():
+            labels = [entry.purpose, entry.status, entry.key_id]
+            family.add_metric(labels, max(0.0, (now - entry.made_at).total_seconds()))
         yield family
 
 

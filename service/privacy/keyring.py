@@ -98,6 +98,12 @@ class KeyEntry:
     retired_at: str | None = None
 
     @property
+    def made_at(self) -> dt.datetime:
+        """`created_at` as an aware UTC datetime (the keyring writes ISO 8601 with a Z)."""
+        made = dt.datetime.fromisoformat(self.created_at.replace("Z", "+00:00"))
+        return made if made.tzinfo else made.replace(tzinfo=dt.UTC)
+
+    @property
     def fingerprint(self) -> str:
         """A short public-key digest to compare keys by eye; reveals nothing secret."""
         return hashlib.sha256(self.public_key).hexdigest()[:16]
