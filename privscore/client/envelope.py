@@ -90,7 +90,35 @@ MAX_ENCRYPTIONS_PER_KEY = 1 << 24
 # How far apart the caller's clock (which dates a grant) and the server's may be.
 CLOCK_SKEW_S = 60.0
 
-FeatureInput = float | int | str | bool
+# -- sealed account state and event figures ------------------------------------------------
+#
+# AdjustLimit's account state and EvaluateEvent's figures travel in the same envelope as the
+# features (EncryptedFeatures, same data key rules, same associated data), under these schema
+# versions and field names; amounts are `Money` values, counts whole numbers.
+ACCOUNT_SCHEMA_VERSION = "account/1"
+ACCOUNT_MONEY_FIELDS = ("current_limit", "balance")
+ACCOUNT_COUNT_FIELDS = ("on_time_repayments_in_row", "days_past_due", "account_age_days")
+EVENT_SCHEMA_VERSION = "event/1"
+# The figures each event kind carries (besides the optional "balance_after").
+EVENT_MONEY_FIELDS = {
+    "purchase": ("amount",),
+    "repayment": ("amount",),
+    "missed_payment": ("amount",),
+    "limit_change": ("new_limit",),
+    "login": (),
+}
+EVENT_COUNT_FIELDS = {"missed_payment": ("days_past_due",)}
+EVENT_BALANCE_FIELD = "balance_after"
+
+@dataclass(frozen=True)
+class Money:
+    """An amount sealed as a `FeatureValue.money_value`: integer minor units of one currency."""
+
+    currency_code: str
+    minor_units: int
+
+
+FeatureInput = float | int | str | bool | Money
 
 
 @functools.lru_cache(maxsize=1024)
@@ -120,9 +148,15 @@ def encode_value(value: FeatureInput) -> bytes:
         message = common_pb2.FeatureValue(number_value=float(value))
     elif isinstance(value, str):
         message = common_pb2.FeatureValue(string_value=value)
+    elif isinstance(value, Money):
+        message = common_pb2.FeatureValue(
+            money_value=common_pb2.Money(
+                currency_code=value.currency_code, minor_units=value.minor_units
+            )
+        )
     else:
         raise TypeError(
-            f"feature values are numbers, strings or booleans, not {type(value).__name__}"
+            f"sealed values are numbers, strings, booleans or Money, not {type(value).__name__}"
         )
     return message.SerializeToString()
 
@@ -136,6 +170,9 @@ def decode_value(plaintext: bytes) -> FeatureInput | None:
     kind = message.WhichOneof("kind")
     if kind is None:
         return None
+    if kind == "money_value":
+        money = message.money_value
+        return Money(money.currency_code, money.minor_units)
     value: FeatureInput = getattr(message, kind)
     return value
 

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from privscore.v1 import common_pb2 as privscore_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n privscore/v1/alert_service.proto\x12\x0cprivscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19privscore/v1/common.proto\"/\n\x08Purchase\x12#\n\x06\x61mount\x18\x01 \x01(\x0b\x32\x13.privscore.v1.Money\"a\n\tRepayment\x12#\n\x06\x61mount\x18\x01 \x01(\x0b\x32\x13.privscore.v1.Money\x12/\n\x07outcome\x18\x02 \x01(\x0e\x32\x1e.privscore.v1.RepaymentOutcome\"O\n\rMissedPayment\x12\'\n\namount_due\x18\x01 \x01(\x0b\x32\x13.privscore.v1.Money\x12\x15\n\rdays_past_due\x18\x02 \x01(\r\"\x1b\n\x05Login\x12\x12\n\nnew_device\x18\x01 \x01(\x08\"5\n\x0bLimitChange\x12&\n\tnew_limit\x18\x01 \x01(\x0b\x32\x13.privscore.v1.Money\"\xf1\x02\n\x0e\x42\x65haviourEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12/\n\x0boccurred_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\rbalance_after\x18\x03 \x01(\x0b\x32\x13.privscore.v1.Money\x12*\n\x08purchase\x18\x04 \x01(\x0b\x32\x16.privscore.v1.PurchaseH\x00\x12,\n\trepayment\x18\x05 \x01(\x0b\x32\x17.privscore.v1.RepaymentH\x00\x12\x35\n\x0emissed_payment\x18\x06 \x01(\x0b\x32\x1b.privscore.v1.MissedPaymentH\x00\x12$\n\x05login\x18\x07 \x01(\x0b\x32\x13.privscore.v1.LoginH\x00\x12\x31\n\x0climit_change\x18\x08 \x01(\x0b\x32\x19.privscore.v1.LimitChangeH\x00\x42\x06\n\x04kind\"\xa4\x02\n\x05\x41lert\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12)\n\x07subject\x18\x02 \x01(\x0b\x32\x18.privscore.v1.SubjectRef\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12(\n\x08severity\x18\x04 \x01(\x0e\x32\x16.privscore.v1.Severity\x12;\n\x12recommended_action\x18\x05 \x01(\x0e\x32\x1f.privscore.v1.RecommendedAction\x12%\n\x07reasons\x18\x06 \x03(\x0b\x32\x14.privscore.v1.Reason\x12\x10\n\x08\x65vent_id\x18\x07 \x01(\t\x12\x30\n\x08metadata\x18\x08 \x01(\x0b\x32\x1e.privscore.v1.DecisionMetadata\"\x82\x01\n\x14\x45valuateEventRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07subject\x18\x02 \x01(\x0b\x32\x18.privscore.v1.SubjectRef\x12+\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x1c.privscore.v1.BehaviourEvent\"\x81\x01\n\x15\x45valuateEventResponse\x12\x30\n\x08metadata\x18\x01 \x01(\x0b\x32\x1e.privscore.v1.DecisionMetadata\x12#\n\x06\x61lerts\x18\x02 \x03(\x0b\x32\x13.privscore.v1.Alert\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"r\n\x12WatchAlertsRequest\x12,\n\x0cmin_severity\x18\x01 \x01(\x0e\x32\x16.privscore.v1.Severity\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_after_sequence\"9\n\x13WatchAlertsResponse\x12\"\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x13.privscore.v1.Alert*u\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cSEVERITY_LOW\x10\x01\x12\x13\n\x0fSEVERITY_MEDIUM\x10\x02\x12\x11\n\rSEVERITY_HIGH\x10\x03\x12\x15\n\x11SEVERITY_CRITICAL\x10\x04*\xb7\x01\n\x11RecommendedAction\x12\"\n\x1eRECOMMENDED_ACTION_UNSPECIFIED\x10\x00\x12\x1b\n\x17RECOMMENDED_ACTION_NONE\x10\x01\x12\x1d\n\x19RECOMMENDED_ACTION_REVIEW\x10\x02\x12#\n\x1fRECOMMENDED_ACTION_REDUCE_LIMIT\x10\x03\x12\x1d\n\x19RECOMMENDED_ACTION_FREEZE\x10\x04*t\n\x10RepaymentOutcome\x12!\n\x1dREPAYMENT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREPAYMENT_OUTCOME_SUCCEEDED\x10\x01\x12\x1c\n\x18REPAYMENT_OUTCOME_FAILED\x10\x02\x32\xbe\x01\n\x0c\x41lertService\x12X\n\rEvaluateEvent\x12\".privscore.v1.EvaluateEventRequest\x1a#.privscore.v1.EvaluateEventResponse\x12T\n\x0bWatchAlerts\x12 .privscore.v1.WatchAlertsRequest\x1a!.privscore.v1.WatchAlertsResponse0\x01\x42R\n\x10\x64\x65v.privscore.v1P\x01Z-privscore.dev/gen/go/privscore/v1;privscorev1\xaa\x02\x0cPrivscore.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n privscore/v1/alert_service.proto\x12\x0cprivscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19privscore/v1/common.proto\"3\n\x08Purchase\x12\'\n\x06\x61mount\x18\x01 \x01(\x0b\x32\x13.privscore.v1.MoneyB\x02\x18\x01\"e\n\tRepayment\x12\'\n\x06\x61mount\x18\x01 \x01(\x0b\x32\x13.privscore.v1.MoneyB\x02\x18\x01\x12/\n\x07outcome\x18\x02 \x01(\x0e\x32\x1e.privscore.v1.RepaymentOutcome\"W\n\rMissedPayment\x12+\n\namount_due\x18\x01 \x01(\x0b\x32\x13.privscore.v1.MoneyB\x02\x18\x01\x12\x19\n\rdays_past_due\x18\x02 \x01(\rB\x02\x18\x01\"\x1b\n\x05Login\x12\x12\n\nnew_device\x18\x01 \x01(\x08\"9\n\x0bLimitChange\x12*\n\tnew_limit\x18\x01 \x01(\x0b\x32\x13.privscore.v1.MoneyB\x02\x18\x01\"\xae\x03\n\x0e\x42\x65haviourEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12/\n\x0boccurred_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\rbalance_after\x18\x03 \x01(\x0b\x32\x13.privscore.v1.MoneyB\x02\x18\x01\x12*\n\x08purchase\x18\x04 \x01(\x0b\x32\x16.privscore.v1.PurchaseH\x00\x12,\n\trepayment\x18\x05 \x01(\x0b\x32\x17.privscore.v1.RepaymentH\x00\x12\x35\n\x0emissed_payment\x18\x06 \x01(\x0b\x32\x1b.privscore.v1.MissedPaymentH\x00\x12$\n\x05login\x18\x07 \x01(\x0b\x32\x13.privscore.v1.LoginH\x00\x12\x31\n\x0climit_change\x18\x08 \x01(\x0b\x32\x19.privscore.v1.LimitChangeH\x00\x12\x37\n\x0esealed_figures\x18\t \x01(\x0b\x32\x1f.privscore.v1.EncryptedFeaturesB\x06\n\x04kind\"\xfb\x02\n\x05\x41lert\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12)\n\x07subject\x18\x02 \x01(\x0b\x32\x18.privscore.v1.SubjectRef\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12(\n\x08severity\x18\x04 \x01(\x0e\x32\x16.privscore.v1.Severity\x12;\n\x12recommended_action\x18\x05 \x01(\x0e\x32\x1f.privscore.v1.RecommendedAction\x12%\n\x07reasons\x18\x06 \x03(\x0b\x32\x14.privscore.v1.Reason\x12\x10\n\x08\x65vent_id\x18\x07 \x01(\t\x12\x30\n\x08metadata\x18\x08 \x01(\x0b\x32\x1e.privscore.v1.DecisionMetadata\x12\'\n\x05state\x18\t \x01(\x0e\x32\x18.privscore.v1.AlertState\x12\x16\n\x0e\x61lert_sequence\x18\n \x01(\x04\x12\x14\n\x0cstate_reason\x18\x0b \x01(\t\"\x82\x01\n\x14\x45valuateEventRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07subject\x18\x02 \x01(\x0b\x32\x18.privscore.v1.SubjectRef\x12+\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x1c.privscore.v1.BehaviourEvent\"\x81\x01\n\x15\x45valuateEventResponse\x12\x30\n\x08metadata\x18\x01 \x01(\x0b\x32\x1e.privscore.v1.DecisionMetadata\x12#\n\x06\x61lerts\x18\x02 \x03(\x0b\x32\x13.privscore.v1.Alert\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"r\n\x12WatchAlertsRequest\x12,\n\x0cmin_severity\x18\x01 \x01(\x0e\x32\x16.privscore.v1.Severity\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_after_sequence\"9\n\x13WatchAlertsResponse\x12\"\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x13.privscore.v1.Alert\"\x83\x01\n\x17UpdateAlertStateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61lert_sequence\x18\x02 \x01(\x04\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.privscore.v1.AlertState\x12\x13\n\x0breason_code\x18\x04 \x01(\t\"p\n\x18UpdateAlertStateResponse\x12\"\n\x05\x61lert\x18\x01 \x01(\x0b\x32\x13.privscore.v1.Alert\x12\x30\n\x08metadata\x18\x02 \x01(\x0b\x32\x1e.privscore.v1.DecisionMetadata*w\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41LERT_STATE_OPEN\x10\x01\x12\x1c\n\x18\x41LERT_STATE_ACKNOWLEDGED\x10\x02\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x03*u\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cSEVERITY_LOW\x10\x01\x12\x13\n\x0fSEVERITY_MEDIUM\x10\x02\x12\x11\n\rSEVERITY_HIGH\x10\x03\x12\x15\n\x11SEVERITY_CRITICAL\x10\x04*\xb7\x01\n\x11RecommendedAction\x12\"\n\x1eRECOMMENDED_ACTION_UNSPECIFIED\x10\x00\x12\x1b\n\x17RECOMMENDED_ACTION_NONE\x10\x01\x12\x1d\n\x19RECOMMENDED_ACTION_REVIEW\x10\x02\x12#\n\x1fRECOMMENDED_ACTION_REDUCE_LIMIT\x10\x03\x12\x1d\n\x19RECOMMENDED_ACTION_FREEZE\x10\x04*t\n\x10RepaymentOutcome\x12!\n\x1dREPAYMENT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREPAYMENT_OUTCOME_SUCCEEDED\x10\x01\x12\x1c\n\x18REPAYMENT_OUTCOME_FAILED\x10\x02\x32\xa1\x02\n\x0c\x41lertService\x12X\n\rEvaluateEvent\x12\".privscore.v1.EvaluateEventRequest\x1a#.privscore.v1.EvaluateEventResponse\x12T\n\x0bWatchAlerts\x12 .privscore.v1.WatchAlertsRequest\x1a!.privscore.v1.WatchAlertsResponse0\x01\x12\x61\n\x10UpdateAlertState\x12%.privscore.v1.UpdateAlertStateRequest\x1a&.privscore.v1.UpdateAlertStateResponseBR\n\x10\x64\x65v.privscore.v1P\x01Z-privscore.dev/gen/go/privscore/v1;privscorev1\xaa\x02\x0cPrivscore.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,52 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'privscore.v1.alert_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.privscore.v1P\001Z-privscore.dev/gen/go/privscore/v1;privscorev1\252\002\014Privscore.V1'
-  _globals['_SEVERITY']._serialized_start=1530
-  _globals['_SEVERITY']._serialized_end=1647
-  _globals['_RECOMMENDEDACTION']._serialized_start=1650
-  _globals['_RECOMMENDEDACTION']._serialized_end=1833
-  _globals['_REPAYMENTOUTCOME']._serialized_start=1835
-  _globals['_REPAYMENTOUTCOME']._serialized_end=1951
+  _globals['_PURCHASE'].fields_by_name['amount']._loaded_options = None
+  _globals['_PURCHASE'].fields_by_name['amount']._serialized_options = b'\030\001'
+  _globals['_REPAYMENT'].fields_by_name['amount']._loaded_options = None
+  _globals['_REPAYMENT'].fields_by_name['amount']._serialized_options = b'\030\001'
+  _globals['_MISSEDPAYMENT'].fields_by_name['amount_due']._loaded_options = None
+  _globals['_MISSEDPAYMENT'].fields_by_name['amount_due']._serialized_options = b'\030\001'
+  _globals['_MISSEDPAYMENT'].fields_by_name['days_past_due']._loaded_options = None
+  _globals['_MISSEDPAYMENT'].fields_by_name['days_past_due']._serialized_options = b'\030\001'
+  _globals['_LIMITCHANGE'].fields_by_name['new_limit']._loaded_options = None
+  _globals['_LIMITCHANGE'].fields_by_name['new_limit']._serialized_options = b'\030\001'
+  _globals['_BEHAVIOUREVENT'].fields_by_name['balance_after']._loaded_options = None
+  _globals['_BEHAVIOUREVENT'].fields_by_name['balance_after']._serialized_options = b'\030\001'
+  _globals['_ALERTSTATE']._serialized_start=1946
+  _globals['_ALERTSTATE']._serialized_end=2065
+  _globals['_SEVERITY']._serialized_start=2067
+  _globals['_SEVERITY']._serialized_end=2184
+  _globals['_RECOMMENDEDACTION']._serialized_start=2187
+  _globals['_RECOMMENDEDACTION']._serialized_end=2370
+  _globals['_REPAYMENTOUTCOME']._serialized_start=2372
+  _globals['_REPAYMENTOUTCOME']._serialized_end=2488
   _globals['_PURCHASE']._serialized_start=110
-  _globals['_PURCHASE']._serialized_end=157
-  _globals['_REPAYMENT']._serialized_start=159
-  _globals['_REPAYMENT']._serialized_end=256
-  _globals['_MISSEDPAYMENT']._serialized_start=258
-  _globals['_MISSEDPAYMENT']._serialized_end=337
-  _globals['_LOGIN']._serialized_start=339
-  _globals['_LOGIN']._serialized_end=366
-  _globals['_LIMITCHANGE']._serialized_start=368
-  _globals['_LIMITCHANGE']._serialized_end=421
-  _globals['_BEHAVIOUREVENT']._serialized_start=424
-  _globals['_BEHAVIOUREVENT']._serialized_end=793
-  _globals['_ALERT']._serialized_start=796
-  _globals['_ALERT']._serialized_end=1088
-  _globals['_EVALUATEEVENTREQUEST']._serialized_start=1091
-  _globals['_EVALUATEEVENTREQUEST']._serialized_end=1221
-  _globals['_EVALUATEEVENTRESPONSE']._serialized_start=1224
-  _globals['_EVALUATEEVENTRESPONSE']._serialized_end=1353
-  _globals['_WATCHALERTSREQUEST']._serialized_start=1355
-  _globals['_WATCHALERTSREQUEST']._serialized_end=1469
-  _globals['_WATCHALERTSRESPONSE']._serialized_start=1471
-  _globals['_WATCHALERTSRESPONSE']._serialized_end=1528
-  _globals['_ALERTSERVICE']._serialized_start=1954
-  _globals['_ALERTSERVICE']._serialized_end=2144
+  _globals['_PURCHASE']._serialized_end=161
+  _globals['_REPAYMENT']._serialized_start=163
+  _globals['_REPAYMENT']._serialized_end=264
+  _globals['_MISSEDPAYMENT']._serialized_start=266
+  _globals['_MISSEDPAYMENT']._serialized_end=353
+  _globals['_LOGIN']._serialized_start=355
+  _globals['_LOGIN']._serialized_end=382
+  _globals['_LIMITCHANGE']._serialized_start=384
+  _globals['_LIMITCHANGE']._serialized_end=441
+  _globals['_BEHAVIOUREVENT']._serialized_start=444
+  _globals['_BEHAVIOUREVENT']._serialized_end=874
+  _globals['_ALERT']._serialized_start=877
+  _globals['_ALERT']._serialized_end=1256
+  _globals['_EVALUATEEVENTREQUEST']._serialized_start=1259
+  _globals['_EVALUATEEVENTREQUEST']._serialized_end=1389
+  _globals['_EVALUATEEVENTRESPONSE']._serialized_start=1392
+  _globals['_EVALUATEEVENTRESPONSE']._serialized_end=1521
+  _globals['_WATCHALERTSREQUEST']._serialized_start=1523
+  _globals['_WATCHALERTSREQUEST']._serialized_end=1637
+  _globals['_WATCHALERTSRESPONSE']._serialized_start=1639
+  _globals['_WATCHALERTSRESPONSE']._serialized_end=1696
+  _globals['_UPDATEALERTSTATEREQUEST']._serialized_start=1699
+  _globals['_UPDATEALERTSTATEREQUEST']._serialized_end=1830
+  _globals['_UPDATEALERTSTATERESPONSE']._serialized_start=1832
+  _globals['_UPDATEALERTSTATERESPONSE']._serialized_end=1944
+  _globals['_ALERTSERVICE']._serialized_start=2491
+  _globals['_ALERTSERVICE']._serialized_end=2780
 # @@protoc_insertion_point(module_scope)

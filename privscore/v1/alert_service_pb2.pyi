@@ -19,7 +19,40 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AlertState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_STATE_UNSPECIFIED: _AlertState.ValueType  # 0
+    """Not set; in a request it is refused."""
+    ALERT_STATE_OPEN: _AlertState.ValueType  # 1
+    """Raised and not yet handled."""
+    ALERT_STATE_ACKNOWLEDGED: _AlertState.ValueType  # 2
+    """Someone is handling it; it still acts on the limit."""
+    ALERT_STATE_RESOLVED: _AlertState.ValueType  # 3
+    """Handled; it no longer acts on the limit. Final."""
+
+class AlertState(_AlertState, metaclass=_AlertStateEnumTypeWrapper):
+    """AlertState is where an alert stands. Only a resolved alert stops acting on the limit."""
+
+ALERT_STATE_UNSPECIFIED: AlertState.ValueType  # 0
+"""Not set; in a request it is refused."""
+ALERT_STATE_OPEN: AlertState.ValueType  # 1
+"""Raised and not yet handled."""
+ALERT_STATE_ACKNOWLEDGED: AlertState.ValueType  # 2
+"""Someone is handling it; it still acts on the limit."""
+ALERT_STATE_RESOLVED: AlertState.ValueType  # 3
+"""Handled; it no longer acts on the limit. Final."""
+Global___AlertState: _TypeAlias = AlertState  # noqa: Y015
 
 class _Severity:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -111,14 +144,17 @@ Global___RepaymentOutcome: _TypeAlias = RepaymentOutcome  # noqa: Y015
 
 @_typing.final
 class Purchase(_message.Message):
-    """Purchase is a purchase made on credit."""
+    """Purchase is a purchase made on credit. Its amount travels sealed (BehaviourEvent.sealed_figures,
+    field "amount").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     AMOUNT_FIELD_NUMBER: _builtins.int
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def amount(self) -> _common_pb2.Money:
-        """Amount of the purchase; positive."""
+        """Refused: sealed as "amount"."""
 
     def __init__(
         self,
@@ -135,7 +171,9 @@ Global___Purchase: _TypeAlias = Purchase  # noqa: Y015
 
 @_typing.final
 class Repayment(_message.Message):
-    """Repayment is an attempt to repay part of the balance."""
+    """Repayment is an attempt to repay part of the balance. Its amount travels sealed
+    (BehaviourEvent.sealed_figures, field "amount").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -144,8 +182,9 @@ class Repayment(_message.Message):
     outcome: Global___RepaymentOutcome.ValueType
     """Whether it went through."""
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def amount(self) -> _common_pb2.Money:
-        """Amount of the attempted repayment; positive."""
+        """Refused: sealed as "amount"."""
 
     def __init__(
         self,
@@ -163,17 +202,28 @@ Global___Repayment: _TypeAlias = Repayment  # noqa: Y015
 
 @_typing.final
 class MissedPayment(_message.Message):
-    """MissedPayment is a scheduled instalment that was not paid by its due date."""
+    """MissedPayment is a scheduled instalment that was not paid by its due date. Its figures travel
+    sealed (BehaviourEvent.sealed_figures, fields "amount" and "days_past_due").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     AMOUNT_DUE_FIELD_NUMBER: _builtins.int
     DAYS_PAST_DUE_FIELD_NUMBER: _builtins.int
-    days_past_due: _builtins.int
-    """Days past due of the oldest unpaid instalment as of the event time; at least 1."""
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def days_past_due(self) -> _builtins.int:
+        """Refused: sealed as "days_past_due"."""
+
+    @days_past_due.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def days_past_due(self, value: _builtins.int) -> None:
+        """Refused: sealed as "days_past_due"."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def amount_due(self) -> _common_pb2.Money:
-        """Amount that was due; positive."""
+        """Refused: sealed as "amount"."""
 
     def __init__(
         self,
@@ -213,14 +263,17 @@ Global___Login: _TypeAlias = Login  # noqa: Y015
 
 @_typing.final
 class LimitChange(_message.Message):
-    """LimitChange is a change of the customer's credit limit."""
+    """LimitChange is a change of the customer's credit limit. The new limit travels sealed
+    (BehaviourEvent.sealed_figures, field "new_limit").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NEW_LIMIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def new_limit(self) -> _common_pb2.Money:
-        """The limit now in force; positive."""
+        """Refused: sealed as "new_limit"."""
 
     def __init__(
         self,
@@ -249,6 +302,7 @@ class BehaviourEvent(_message.Message):
     MISSED_PAYMENT_FIELD_NUMBER: _builtins.int
     LOGIN_FIELD_NUMBER: _builtins.int
     LIMIT_CHANGE_FIELD_NUMBER: _builtins.int
+    SEALED_FIGURES_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Caller-chosen unique id of the event, 1-64 characters of [A-Za-z0-9._:-]; a repeated id
     is recognised as a duplicate and ignored.
@@ -258,8 +312,9 @@ class BehaviourEvent(_message.Message):
         """When the event happened, UTC; events may arrive out of this order."""
 
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def balance_after(self) -> _common_pb2.Money:
-        """The balance owed right after the event, if the caller knows it; used for utilisation."""
+        """Refused: sealed as "balance_after"."""
 
     @_builtins.property
     def purchase(self) -> Global___Purchase:
@@ -281,6 +336,16 @@ class BehaviourEvent(_message.Message):
     def limit_change(self) -> Global___LimitChange:
         """A limit change."""
 
+    @_builtins.property
+    def sealed_figures(self) -> _common_pb2.EncryptedFeatures:
+        """The event's figures, field-encrypted under schema version "event/1" (docs/envelope.md):
+        "amount" (money, positive) for a purchase, a repayment and a missed payment; "days_past_due"
+        (whole number, at least 1) for a missed payment; "new_limit" (money, positive) for a limit
+        change; and, for any kind, "balance_after" (money, zero or more: the balance owed right
+        after the event, when the caller knows it). Amounts of one event share one currency.
+        Required for every kind but a login.
+        """
+
     def __init__(
         self,
         *,
@@ -292,10 +357,11 @@ class BehaviourEvent(_message.Message):
         missed_payment: Global___MissedPayment | None = ...,
         login: Global___Login | None = ...,
         limit_change: Global___LimitChange | None = ...,
+        sealed_figures: _common_pb2.EncryptedFeatures | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "kind", b"kind", "limit_change", b"limit_change", "login", b"login", "missed_payment", b"missed_payment", "occurred_at", b"occurred_at", "purchase", b"purchase", "repayment", b"repayment"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "kind", b"kind", "limit_change", b"limit_change", "login", b"login", "missed_payment", b"missed_payment", "occurred_at", b"occurred_at", "purchase", b"purchase", "repayment", b"repayment", "sealed_figures", b"sealed_figures"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "event_id", b"event_id", "kind", b"kind", "limit_change", b"limit_change", "login", b"login", "missed_payment", b"missed_payment", "occurred_at", b"occurred_at", "purchase", b"purchase", "repayment", b"repayment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "event_id", b"event_id", "kind", b"kind", "limit_change", b"limit_change", "login", b"login", "missed_payment", b"missed_payment", "occurred_at", b"occurred_at", "purchase", b"purchase", "repayment", b"repayment", "sealed_figures", b"sealed_figures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["purchase", "repayment", "missed_payment", "login", "limit_change"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -317,6 +383,9 @@ class Alert(_message.Message):
     REASONS_FIELD_NUMBER: _builtins.int
     EVENT_ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ALERT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    STATE_REASON_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position of the alert in the server's alert stream, starting at 1; strictly increasing.
     A subscriber resumes by passing the last sequence it received.
@@ -329,6 +398,14 @@ class Alert(_message.Message):
     """What the rule recommends."""
     event_id: _builtins.str
     """Id of the event that raised the alert."""
+    state: Global___AlertState.ValueType
+    """The alert's state as of this message: OPEN when raised."""
+    alert_sequence: _builtins.int
+    """The alert's id: the sequence it was raised at. Equal to `sequence` when this message is the
+    raising; a state change is the same alert again under a new stream `sequence`.
+    """
+    state_reason: _builtins.str
+    """For a state change, the reason code given with it (e.g. "CUSTOMER_CONTACTED")."""
     @_builtins.property
     def subject(self) -> _common_pb2.SubjectRef:
         """The customer the alert is about, by pseudonym."""
@@ -339,7 +416,7 @@ class Alert(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _common_pb2.DecisionMetadata:
-        """Where the decision that raised the alert is recorded."""
+        """Where the decision that raised the alert, or changed its state, is recorded."""
 
     def __init__(
         self,
@@ -352,10 +429,13 @@ class Alert(_message.Message):
         reasons: _abc.Iterable[_common_pb2.Reason] | None = ...,
         event_id: _builtins.str = ...,
         metadata: _common_pb2.DecisionMetadata | None = ...,
+        state: Global___AlertState.ValueType = ...,
+        alert_sequence: _builtins.int = ...,
+        state_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "subject", b"subject"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "metadata", b"metadata", "reasons", b"reasons", "recommended_action", b"recommended_action", "rule", b"rule", "sequence", b"sequence", "severity", b"severity", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_sequence", b"alert_sequence", "event_id", b"event_id", "metadata", b"metadata", "reasons", b"reasons", "recommended_action", b"recommended_action", "rule", b"rule", "sequence", b"sequence", "severity", b"severity", "state", b"state", "state_reason", b"state_reason", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -461,14 +541,14 @@ Global___WatchAlertsRequest: _TypeAlias = WatchAlertsRequest  # noqa: Y015
 
 @_typing.final
 class WatchAlertsResponse(_message.Message):
-    """WatchAlertsResponse carries one alert of the stream."""
+    """WatchAlertsResponse carries one alert of the stream: newly raised, or a state change of one."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ALERT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def alert(self) -> Global___Alert:
-        """The alert."""
+        """The alert as it stands."""
 
     def __init__(
         self,
@@ -482,3 +562,71 @@ class WatchAlertsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchAlertsResponse: _TypeAlias = WatchAlertsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateAlertStateRequest(_message.Message):
+    """UpdateAlertStateRequest changes one alert's state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ALERT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Caller-chosen id of this request, 1-64 characters of [A-Za-z0-9._:-]."""
+    alert_sequence: _builtins.int
+    """The alert, by Alert.alert_sequence."""
+    state: Global___AlertState.ValueType
+    """The new state: ALERT_STATE_ACKNOWLEDGED (from open) or ALERT_STATE_RESOLVED (from open or
+    acknowledged).
+    """
+    reason_code: _builtins.str
+    """Why, as an upper-snake-case code of 1-64 characters, e.g. "CUSTOMER_CONTACTED" or
+    "PAYMENT_RECEIVED"; free text is not accepted (it would carry personal data into the log).
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        alert_sequence: _builtins.int = ...,
+        state: Global___AlertState.ValueType = ...,
+        reason_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_sequence", b"alert_sequence", "reason_code", b"reason_code", "request_id", b"request_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAlertStateRequest: _TypeAlias = UpdateAlertStateRequest  # noqa: Y015
+
+@_typing.final
+class UpdateAlertStateResponse(_message.Message):
+    """UpdateAlertStateResponse is the alert after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def alert(self) -> Global___Alert:
+        """The alert as it now stands, as the stream carries it."""
+
+    @_builtins.property
+    def metadata(self) -> _common_pb2.DecisionMetadata:
+        """Where the change is recorded."""
+
+    def __init__(
+        self,
+        *,
+        alert: Global___Alert | None = ...,
+        metadata: _common_pb2.DecisionMetadata | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAlertStateResponse: _TypeAlias = UpdateAlertStateResponse  # noqa: Y015

@@ -45,6 +45,11 @@ class AlertServiceStub:
                 request_serializer=privscore_dot_v1_dot_alert__service__pb2.WatchAlertsRequest.SerializeToString,
                 response_deserializer=privscore_dot_v1_dot_alert__service__pb2.WatchAlertsResponse.FromString,
                 _registered_method=True)
+        self.UpdateAlertState = channel.unary_unary(
+                '/privscore.v1.AlertService/UpdateAlertState',
+                request_serializer=privscore_dot_v1_dot_alert__service__pb2.UpdateAlertStateRequest.SerializeToString,
+                response_deserializer=privscore_dot_v1_dot_alert__service__pb2.UpdateAlertStateResponse.FromString,
+                _registered_method=True)
 
 
 class AlertServiceServicer:
@@ -60,7 +65,16 @@ class AlertServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchAlerts(self, request, context):
-        """WatchAlerts streams alerts as they are raised, optionally resuming after a sequence number.
+        """WatchAlerts streams alerts as they are raised and as their state changes, optionally
+        resuming after a sequence number.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAlertState(self, request, context):
+        """UpdateAlertState acknowledges or resolves an alert with a reason. A resolved alert no longer
+        freezes or holds the subject's limit. Audited; the stream carries the change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +92,11 @@ def add_AlertServiceServicer_to_server(servicer, server):
                     servicer.WatchAlerts,
                     request_deserializer=privscore_dot_v1_dot_alert__service__pb2.WatchAlertsRequest.FromString,
                     response_serializer=privscore_dot_v1_dot_alert__service__pb2.WatchAlertsResponse.SerializeToString,
+            ),
+            'UpdateAlertState': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAlertState,
+                    request_deserializer=privscore_dot_v1_dot_alert__service__pb2.UpdateAlertStateRequest.FromString,
+                    response_serializer=privscore_dot_v1_dot_alert__service__pb2.UpdateAlertStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +154,33 @@ class AlertService:
             '/privscore.v1.AlertService/WatchAlerts',
             privscore_dot_v1_dot_alert__service__pb2.WatchAlertsRequest.SerializeToString,
             privscore_dot_v1_dot_alert__service__pb2.WatchAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAlertState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/privscore.v1.AlertService/UpdateAlertState',
+            privscore_dot_v1_dot_alert__service__pb2.UpdateAlertStateRequest.SerializeToString,
+            privscore_dot_v1_dot_alert__service__pb2.UpdateAlertStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

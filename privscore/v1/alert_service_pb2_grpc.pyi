@@ -38,7 +38,13 @@ class AlertServiceStub:
     Events are deduplicated by event id and may arrive out of time order.
     """
     WatchAlerts: _grpc.UnaryStreamMultiCallable[_alert_service_pb2.WatchAlertsRequest, _alert_service_pb2.WatchAlertsResponse]
-    """WatchAlerts streams alerts as they are raised, optionally resuming after a sequence number."""
+    """WatchAlerts streams alerts as they are raised and as their state changes, optionally
+    resuming after a sequence number.
+    """
+    UpdateAlertState: _grpc.UnaryUnaryMultiCallable[_alert_service_pb2.UpdateAlertStateRequest, _alert_service_pb2.UpdateAlertStateResponse]
+    """UpdateAlertState acknowledges or resolves an alert with a reason. A resolved alert no longer
+    freezes or holds the subject's limit. Audited; the stream carries the change.
+    """
 
 @_typing.type_check_only
 class AlertServiceAsyncStub(AlertServiceStub):
@@ -50,7 +56,13 @@ class AlertServiceAsyncStub(AlertServiceStub):
     Events are deduplicated by event id and may arrive out of time order.
     """
     WatchAlerts: _aio.UnaryStreamMultiCallable[_alert_service_pb2.WatchAlertsRequest, _alert_service_pb2.WatchAlertsResponse]  # type: ignore[assignment]
-    """WatchAlerts streams alerts as they are raised, optionally resuming after a sequence number."""
+    """WatchAlerts streams alerts as they are raised and as their state changes, optionally
+    resuming after a sequence number.
+    """
+    UpdateAlertState: _aio.UnaryUnaryMultiCallable[_alert_service_pb2.UpdateAlertStateRequest, _alert_service_pb2.UpdateAlertStateResponse]  # type: ignore[assignment]
+    """UpdateAlertState acknowledges or resolves an alert with a reason. A resolved alert no longer
+    freezes or holds the subject's limit. Audited; the stream carries the change.
+    """
 
 class AlertServiceServicer(metaclass=_abc_1.ABCMeta):
     """AlertService monitors customer behaviour and raises early warnings when it turns risky."""
@@ -71,6 +83,18 @@ class AlertServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _alert_service_pb2.WatchAlertsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_alert_service_pb2.WatchAlertsResponse], _abc.AsyncIterator[_alert_service_pb2.WatchAlertsResponse]]:
-        """WatchAlerts streams alerts as they are raised, optionally resuming after a sequence number."""
+        """WatchAlerts streams alerts as they are raised and as their state changes, optionally
+        resuming after a sequence number.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateAlertState(
+        self,
+        request: _alert_service_pb2.UpdateAlertStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alert_service_pb2.UpdateAlertStateResponse, _abc.Awaitable[_alert_service_pb2.UpdateAlertStateResponse]]:
+        """UpdateAlertState acknowledges or resolves an alert with a reason. A resolved alert no longer
+        freezes or holds the subject's limit. Audited; the stream carries the change.
+        """
 
 def add_AlertServiceServicer_to_server(servicer: AlertServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

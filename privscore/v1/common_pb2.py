@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19privscore/v1/common.proto\x12\x0cprivscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\nSubjectRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpseudonym\x18\x02 \x01(\t\"3\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\x13\n\x0bminor_units\x18\x02 \x01(\x03\"M\n\rSealedDataKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x18\n\x10\x65ncapsulated_key\x18\x02 \x01(\x0c\x12\x12\n\nsealed_key\x18\x03 \x01(\x0c\"Q\n\x0e\x45ncryptedField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\"\x88\x01\n\x11\x45ncryptedFeatures\x12\x16\n\x0eschema_version\x18\x01 \x01(\t\x12-\n\x08\x64\x61ta_key\x18\x02 \x01(\x0b\x32\x1b.privscore.v1.SealedDataKey\x12,\n\x06\x66ields\x18\x03 \x03(\x0b\x32\x1c.privscore.v1.EncryptedField\"\\\n\x0c\x46\x65\x61tureValue\x12\x16\n\x0cnumber_value\x18\x01 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"$\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xb2\x01\n\x10\x44\x65\x63isionMetadata\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x16\n\x0e\x61udit_sequence\x18\x04 \x01(\x04\x12.\n\ndecided_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x06 \x01(\tBR\n\x10\x64\x65v.privscore.v1P\x01Z-privscore.dev/gen/go/privscore/v1;privscorev1\xaa\x02\x0cPrivscore.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19privscore/v1/common.proto\x12\x0cprivscore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\nSubjectRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpseudonym\x18\x02 \x01(\t\"3\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\x13\n\x0bminor_units\x18\x02 \x01(\x03\"M\n\rSealedDataKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x18\n\x10\x65ncapsulated_key\x18\x02 \x01(\x0c\x12\x12\n\nsealed_key\x18\x03 \x01(\x0c\"Q\n\x0e\x45ncryptedField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\"\x88\x01\n\x11\x45ncryptedFeatures\x12\x16\n\x0eschema_version\x18\x01 \x01(\t\x12-\n\x08\x64\x61ta_key\x18\x02 \x01(\x0b\x32\x1b.privscore.v1.SealedDataKey\x12,\n\x06\x66ields\x18\x03 \x03(\x0b\x32\x1c.privscore.v1.EncryptedField\"\x88\x01\n\x0c\x46\x65\x61tureValue\x12\x16\n\x0cnumber_value\x18\x01 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12*\n\x0bmoney_value\x18\x04 \x01(\x0b\x32\x13.privscore.v1.MoneyH\x00\x42\x06\n\x04kind\"$\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xb2\x01\n\x10\x44\x65\x63isionMetadata\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x16\n\x0e\x61udit_sequence\x18\x04 \x01(\x04\x12.\n\ndecided_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x06 \x01(\tBR\n\x10\x64\x65v.privscore.v1P\x01Z-privscore.dev/gen/go/privscore/v1;privscorev1\xaa\x02\x0cPrivscore.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,10 +43,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCRYPTEDFIELD']._serialized_end=338
   _globals['_ENCRYPTEDFEATURES']._serialized_start=341
   _globals['_ENCRYPTEDFEATURES']._serialized_end=477
-  _globals['_FEATUREVALUE']._serialized_start=479
-  _globals['_FEATUREVALUE']._serialized_end=571
-  _globals['_REASON']._serialized_start=573
-  _globals['_REASON']._serialized_end=609
-  _globals['_DECISIONMETADATA']._serialized_start=612
-  _globals['_DECISIONMETADATA']._serialized_end=790
+  _globals['_FEATUREVALUE']._serialized_start=480
+  _globals['_FEATUREVALUE']._serialized_end=616
+  _globals['_REASON']._serialized_start=618
+  _globals['_REASON']._serialized_end=654
+  _globals['_DECISIONMETADATA']._serialized_start=657
+  _globals['_DECISIONMETADATA']._serialized_end=835
 # @@protoc_insertion_point(module_scope)

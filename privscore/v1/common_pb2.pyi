@@ -156,7 +156,9 @@ Global___EncryptedField: _TypeAlias = EncryptedField  # noqa: Y015
 
 @_typing.final
 class EncryptedFeatures(_message.Message):
-    """EncryptedFeatures is one subject's feature vector, field-encrypted."""
+    """EncryptedFeatures is one subject's feature vector, field-encrypted; the same envelope carries
+    an account's state and an event's figures (docs/envelope.md, "Sealed account state").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -164,7 +166,9 @@ class EncryptedFeatures(_message.Message):
     DATA_KEY_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.str
-    """Version of the feature schema the values follow, as the model manifest names it."""
+    """Version of the schema the values follow: for features, as the model manifest names it; for
+    account state "account/1"; for event figures "event/1".
+    """
     @_builtins.property
     def data_key(self) -> Global___SealedDataKey:
         """The data key the fields are encrypted under, sealed to the server."""
@@ -199,24 +203,30 @@ class FeatureValue(_message.Message):
     NUMBER_VALUE_FIELD_NUMBER: _builtins.int
     STRING_VALUE_FIELD_NUMBER: _builtins.int
     BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    MONEY_VALUE_FIELD_NUMBER: _builtins.int
     number_value: _builtins.float
     """A numeric value in the unit the feature schema gives (e.g. months, minor units)."""
     string_value: _builtins.str
     """A categorical value, one of the categories the feature schema allows."""
     bool_value: _builtins.bool
     """A yes/no value."""
+    @_builtins.property
+    def money_value(self) -> Global___Money:
+        """An amount of money (account state and event figures): integer minor units and currency."""
+
     def __init__(
         self,
         *,
         number_value: _builtins.float = ...,
         string_value: _builtins.str = ...,
         bool_value: _builtins.bool = ...,
+        money_value: Global___Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "kind", b"kind", "number_value", b"number_value", "string_value", b"string_value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "kind", b"kind", "money_value", b"money_value", "number_value", b"number_value", "string_value", b"string_value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "kind", b"kind", "number_value", b"number_value", "string_value", b"string_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "kind", b"kind", "money_value", b"money_value", "number_value", b"number_value", "string_value", b"string_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["number_value", "string_value", "bool_value"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["number_value", "string_value", "bool_value", "money_value"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

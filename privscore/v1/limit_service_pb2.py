@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from privscore.v1 import common_pb2 as privscore_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n privscore/v1/limit_service.proto\x12\x0cprivscore.v1\x1a\x19privscore/v1/common.proto\"\xb4\x01\n\x0c\x41\x63\x63ountState\x12*\n\rcurrent_limit\x18\x01 \x01(\x0b\x32\x13.privscore.v1.Money\x12$\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x13.privscore.v1.Money\x12!\n\x19on_time_repayments_in_row\x18\x03 \x01(\r\x12\x15\n\rdays_past_due\x18\x04 \x01(\r\x12\x18\n\x10\x61\x63\x63ount_age_days\x18\x05 \x01(\r\"\xdd\x01\n\x12\x41\x64justLimitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07subject\x18\x02 \x01(\x0b\x32\x18.privscore.v1.SubjectRef\x12+\n\x07\x61\x63\x63ount\x18\x03 \x01(\x0b\x32\x1a.privscore.v1.AccountState\x12\x16\n\x0clatest_score\x18\x04 \x01(\x05H\x00\x12\x33\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\x1f.privscore.v1.EncryptedFeaturesH\x00\x42\x0e\n\x0cscore_source\"\x9d\x02\n\x13\x41\x64justLimitResponse\x12\x30\n\x08metadata\x18\x01 \x01(\x0b\x32\x1e.privscore.v1.DecisionMetadata\x12+\n\x0eprevious_limit\x18\x02 \x01(\x0b\x32\x13.privscore.v1.Money\x12&\n\tnew_limit\x18\x03 \x01(\x0b\x32\x13.privscore.v1.Money\x12)\n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x19.privscore.v1.LimitAction\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12%\n\x07reasons\x18\x06 \x03(\x0b\x32\x14.privscore.v1.Reason\x12\r\n\x05score\x18\x07 \x01(\x05\x12\x10\n\x08replayed\x18\x08 \x01(\x08*\x91\x01\n\x0bLimitAction\x12\x1c\n\x18LIMIT_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11LIMIT_ACTION_HOLD\x10\x01\x12\x19\n\x15LIMIT_ACTION_INCREASE\x10\x02\x12\x19\n\x15LIMIT_ACTION_DECREASE\x10\x03\x12\x17\n\x13LIMIT_ACTION_FREEZE\x10\x04\x32\x62\n\x0cLimitService\x12R\n\x0b\x41\x64justLimit\x12 .privscore.v1.AdjustLimitRequest\x1a!.privscore.v1.AdjustLimitResponseBR\n\x10\x64\x65v.privscore.v1P\x01Z-privscore.dev/gen/go/privscore/v1;privscorev1\xaa\x02\x0cPrivscore.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n privscore/v1/limit_service.proto\x12\x0cprivscore.v1\x1a\x19privscore/v1/common.proto\"\xb4\x01\n\x0c\x41\x63\x63ountState\x12*\n\rcurrent_limit\x18\x01 \x01(\x0b\x32\x13.privscore.v1.Money\x12$\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x13.privscore.v1.Money\x12!\n\x19on_time_repayments_in_row\x18\x03 \x01(\r\x12\x15\n\rdays_past_due\x18\x04 \x01(\r\x12\x18\n\x10\x61\x63\x63ount_age_days\x18\x05 \x01(\r\"\x9a\x02\n\x12\x41\x64justLimitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07subject\x18\x02 \x01(\x0b\x32\x18.privscore.v1.SubjectRef\x12/\n\x07\x61\x63\x63ount\x18\x03 \x01(\x0b\x32\x1a.privscore.v1.AccountStateB\x02\x18\x01\x12\x16\n\x0clatest_score\x18\x04 \x01(\x05H\x00\x12\x33\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\x1f.privscore.v1.EncryptedFeaturesH\x00\x12\x37\n\x0esealed_account\x18\x06 \x01(\x0b\x32\x1f.privscore.v1.EncryptedFeaturesB\x0e\n\x0cscore_source\"\x82\x03\n\x13\x41\x64justLimitResponse\x12\x30\n\x08metadata\x18\x01 \x01(\x0b\x32\x1e.privscore.v1.DecisionMetadata\x12+\n\x0eprevious_limit\x18\x02 \x01(\x0b\x32\x13.privscore.v1.Money\x12&\n\tnew_limit\x18\x03 \x01(\x0b\x32\x13.privscore.v1.Money\x12)\n\x06\x61\x63tion\x18\x04 \x01(\x0e\x32\x19.privscore.v1.LimitAction\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12%\n\x07reasons\x18\x06 \x03(\x0b\x32\x14.privscore.v1.Reason\x12\r\n\x05score\x18\x07 \x01(\x05\x12\x10\n\x08replayed\x18\x08 \x01(\x08\x12/\n\x0cscore_source\x18\t \x01(\x0e\x32\x19.privscore.v1.ScoreSource\x12\x19\n\x11score_decision_id\x18\n \x01(\t\x12\x17\n\x0f\x62locking_alerts\x18\x0b \x03(\x04*\x91\x01\n\x0bLimitAction\x12\x1c\n\x18LIMIT_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11LIMIT_ACTION_HOLD\x10\x01\x12\x19\n\x15LIMIT_ACTION_INCREASE\x10\x02\x12\x19\n\x15LIMIT_ACTION_DECREASE\x10\x03\x12\x17\n\x13LIMIT_ACTION_FREEZE\x10\x04*\x80\x01\n\x0bScoreSource\x12\x1c\n\x18SCORE_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15SCORE_SOURCE_RECORDED\x10\x01\x12\x18\n\x14SCORE_SOURCE_IN_CALL\x10\x02\x12\x1e\n\x1aSCORE_SOURCE_CALLER_STATED\x10\x03\x32\x62\n\x0cLimitService\x12R\n\x0b\x41\x64justLimit\x12 .privscore.v1.AdjustLimitRequest\x1a!.privscore.v1.AdjustLimitResponseBR\n\x10\x64\x65v.privscore.v1P\x01Z-privscore.dev/gen/go/privscore/v1;privscorev1\xaa\x02\x0cPrivscore.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,18 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'privscore.v1.limit_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.privscore.v1P\001Z-privscore.dev/gen/go/privscore/v1;privscorev1\252\002\014Privscore.V1'
-  _globals['_LIMITACTION']._serialized_start=773
-  _globals['_LIMITACTION']._serialized_end=918
+  _globals['_ADJUSTLIMITREQUEST'].fields_by_name['account']._loaded_options = None
+  _globals['_ADJUSTLIMITREQUEST'].fields_by_name['account']._serialized_options = b'\030\001'
+  _globals['_LIMITACTION']._serialized_start=935
+  _globals['_LIMITACTION']._serialized_end=1080
+  _globals['_SCORESOURCE']._serialized_start=1083
+  _globals['_SCORESOURCE']._serialized_end=1211
   _globals['_ACCOUNTSTATE']._serialized_start=78
   _globals['_ACCOUNTSTATE']._serialized_end=258
   _globals['_ADJUSTLIMITREQUEST']._serialized_start=261
-  _globals['_ADJUSTLIMITREQUEST']._serialized_end=482
-  _globals['_ADJUSTLIMITRESPONSE']._serialized_start=485
-  _globals['_ADJUSTLIMITRESPONSE']._serialized_end=770
-  _globals['_LIMITSERVICE']._serialized_start=920
-  _globals['_LIMITSERVICE']._serialized_end=1018
+  _globals['_ADJUSTLIMITREQUEST']._serialized_end=543
+  _globals['_ADJUSTLIMITRESPONSE']._serialized_start=546
+  _globals['_ADJUSTLIMITRESPONSE']._serialized_end=932
+  _globals['_LIMITSERVICE']._serialized_start=1213
+  _globals['_LIMITSERVICE']._serialized_end=1311
 # @@protoc_insertion_point(module_scope)

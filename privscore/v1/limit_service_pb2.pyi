@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _LimitAction:
@@ -52,9 +57,40 @@ LIMIT_ACTION_FREEZE: LimitAction.ValueType  # 4
 """The limit was frozen at the balance owed: no new spending."""
 Global___LimitAction: _TypeAlias = LimitAction  # noqa: Y015
 
+class _ScoreSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScoreSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScoreSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCORE_SOURCE_UNSPECIFIED: _ScoreSource.ValueType  # 0
+    """Not set; never returned by the server."""
+    SCORE_SOURCE_RECORDED: _ScoreSource.ValueType  # 1
+    """The subject's latest Score decision, as privscore recorded it."""
+    SCORE_SOURCE_IN_CALL: _ScoreSource.ValueType  # 2
+    """Scored in this call from the request's features."""
+    SCORE_SOURCE_CALLER_STATED: _ScoreSource.ValueType  # 3
+    """Stated by the caller (a role allowed to state scores); marked so in the audit record."""
+
+class ScoreSource(_ScoreSource, metaclass=_ScoreSourceEnumTypeWrapper):
+    """ScoreSource says where the score a limit decision used came from."""
+
+SCORE_SOURCE_UNSPECIFIED: ScoreSource.ValueType  # 0
+"""Not set; never returned by the server."""
+SCORE_SOURCE_RECORDED: ScoreSource.ValueType  # 1
+"""The subject's latest Score decision, as privscore recorded it."""
+SCORE_SOURCE_IN_CALL: ScoreSource.ValueType  # 2
+"""Scored in this call from the request's features."""
+SCORE_SOURCE_CALLER_STATED: ScoreSource.ValueType  # 3
+"""Stated by the caller (a role allowed to state scores); marked so in the audit record."""
+Global___ScoreSource: _TypeAlias = ScoreSource  # noqa: Y015
+
 @_typing.final
 class AccountState(_message.Message):
-    """AccountState is the customer's credit account as the lender's ledger shows it now."""
+    """AccountState is the customer's credit account as the lender's ledger shows it now. Refused in
+    clear since policy 2026-12-02: it travels sealed (AdjustLimitRequest.sealed_account) with the
+    same names, amounts as FeatureValue.money_value and counts as whole number_value.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -105,23 +141,34 @@ class AdjustLimitRequest(_message.Message):
     ACCOUNT_FIELD_NUMBER: _builtins.int
     LATEST_SCORE_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    SEALED_ACCOUNT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller-chosen idempotency key, 1-64 characters of [A-Za-z0-9._:-]: the same request id
     always yields the same decision and never adjusts the limit twice.
     """
     latest_score: _builtins.int
-    """The score of the customer's latest Score decision, on the model's scorecard scale."""
+    """A score the caller states, on the model's scorecard scale: accepted only from an identity
+    whose role grants stating scores, and marked as caller-stated in the decision's record.
+    """
     @_builtins.property
     def subject(self) -> _common_pb2.SubjectRef:
         """The customer, by pseudonym."""
 
     @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
     def account(self) -> Global___AccountState:
-        """The customer's account as it stands."""
+        """Refused: the account state travels sealed in `sealed_account`."""
 
     @_builtins.property
     def features(self) -> _common_pb2.EncryptedFeatures:
         """The customer's features, field-encrypted, to score in this call."""
+
+    @_builtins.property
+    def sealed_account(self) -> _common_pb2.EncryptedFeatures:
+        """The customer's account as it stands, field-encrypted under schema version "account/1":
+        current_limit and balance (money, one currency), on_time_repayments_in_row, days_past_due
+        and account_age_days (whole numbers), each field once; see AccountState for their meaning.
+        """
 
     def __init__(
         self,
@@ -131,10 +178,11 @@ class AdjustLimitRequest(_message.Message):
         account: Global___AccountState | None = ...,
         latest_score: _builtins.int = ...,
         features: _common_pb2.EncryptedFeatures | None = ...,
+        sealed_account: _common_pb2.EncryptedFeatures | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "features", b"features", "latest_score", b"latest_score", "score_source", b"score_source", "subject", b"subject"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "features", b"features", "latest_score", b"latest_score", "score_source", b"score_source", "sealed_account", b"sealed_account", "subject", b"subject"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "features", b"features", "latest_score", b"latest_score", "request_id", b"request_id", "score_source", b"score_source", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "features", b"features", "latest_score", b"latest_score", "request_id", b"request_id", "score_source", b"score_source", "sealed_account", b"sealed_account", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_score_source: _TypeAlias = _typing.Literal["latest_score", "features"]  # noqa: Y015
     _WhichOneofArgType_score_source: _TypeAlias = _typing.Literal["score_source", b"score_source"]  # noqa: Y015
@@ -156,6 +204,9 @@ class AdjustLimitResponse(_message.Message):
     REASONS_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    SCORE_SOURCE_FIELD_NUMBER: _builtins.int
+    SCORE_DECISION_ID_FIELD_NUMBER: _builtins.int
+    BLOCKING_ALERTS_FIELD_NUMBER: _builtins.int
     action: Global___LimitAction.ValueType
     """What the decision did."""
     rule: _builtins.str
@@ -164,6 +215,10 @@ class AdjustLimitResponse(_message.Message):
     """The score the decision used, on the model's scorecard scale."""
     replayed: _builtins.bool
     """True when this response repeats an earlier decision for the same request id."""
+    score_source: Global___ScoreSource.ValueType
+    """Where the score came from."""
+    score_decision_id: _builtins.str
+    """For a recorded score, the decision id of the Score decision it came from."""
     @_builtins.property
     def metadata(self) -> _common_pb2.DecisionMetadata:
         """Where the decision is recorded and what made it."""
@@ -180,6 +235,12 @@ class AdjustLimitResponse(_message.Message):
     def reasons(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Reason]:
         """Why, as stable reason codes with plain text."""
 
+    @_builtins.property
+    def blocking_alerts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Sequences (Alert.alert_sequence) of the subject's unresolved alerts that froze the limit
+        (CRITICAL) or forbade an increase (HIGH); empty when none applied.
+        """
+
     def __init__(
         self,
         *,
@@ -191,10 +252,13 @@ class AdjustLimitResponse(_message.Message):
         reasons: _abc.Iterable[_common_pb2.Reason] | None = ...,
         score: _builtins.int = ...,
         replayed: _builtins.bool = ...,
+        score_source: Global___ScoreSource.ValueType = ...,
+        score_decision_id: _builtins.str = ...,
+        blocking_alerts: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "new_limit", b"new_limit", "previous_limit", b"previous_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "metadata", b"metadata", "new_limit", b"new_limit", "previous_limit", b"previous_limit", "reasons", b"reasons", "replayed", b"replayed", "rule", b"rule", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "blocking_alerts", b"blocking_alerts", "metadata", b"metadata", "new_limit", b"new_limit", "previous_limit", b"previous_limit", "reasons", b"reasons", "replayed", b"replayed", "rule", b"rule", "score", b"score", "score_decision_id", b"score_decision_id", "score_source", b"score_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
