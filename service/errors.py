@@ -80,6 +80,11 @@ class FailedPrecondition(ServiceError):
     reason = "FAILED_PRECONDITION"
 
 
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
 class DataLoss(ServiceError):
     """Stored state failed its integrity check: the call is refused, never answered from it."""
 

@@ -101,6 +101,19 @@ def _skip_fsync(_fd: int) -> None:
     """`--audit-fsync off`: benchmarks only, to price durability."""
 
 
+def stored_alert(sequence: int, blob: bytes) -> alert_service_pb2.Alert:
+    """An alert as the store keeps it, numbered: a raised alert is its own `alert_sequence`
+    and, if stored before alerts had states, open. An erased one is empty (no subject): the
+    stream passes over it."""
+    alert = alert_service_pb2.Alert.FromString(blob)
+    alert.sequence = sequence
+    if blob and not alert.alert_sequence:
+        alert.alert_sequence = sequence
+    if blob and not alert.state:
+        alert.state = alert_service_pb2.ALERT_STATE_OPEN
+    return alert
+
+
 class AlertSource:
     """What the alert stream reads from the ledger: stored alerts after a cursor, and the
     highest number stored."""
@@ -111,9 +124,7 @@ class AlertSource:
     async def fetch(self, cursor: int, limit: int) -> list[alert_service_pb2.Alert]:
         alerts = []
         for sequence, blob in await self._ledger.alerts_after(cursor, limit):
-            alert = alert_service_pb2.Alert.FromString(blob)
-            alert.sequence = sequence
-            alerts.append(alert)
+            alerts.append(stored_alert(sequence, blob))
         return alerts
 
     async def last_stored(self) -> int:

@@ -203,7 +203,11 @@ def test_unsupported_currency_and_negative_money_are_refused(shared_server: Serv
             client.adjust_limit("t", "neg", negative, latest_score=GOOD_SCORE)
     assert currency_error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_reason(currency_error.value) == "CURRENCY_NOT_SUPPORTED"
-    assert violations(money_error.value) == {"account.balance.minor_units": "must not be negative"}
+    # Sealed: the violation names the field's position and name, never its value.
+    assert violations(money_error.value) == {
+        "sealed_account.fields[1]": "field balance must be an ISO 4217 currency and an amount "
+        "zero or more"
+    }
 
 
 def test_concurrent_calls_under_one_request_id_make_one_decision(

@@ -109,6 +109,17 @@ EVENT_MONEY_FIELDS = {
 }
 EVENT_COUNT_FIELDS = {"missed_payment": ("days_past_due",)}
 EVENT_BALANCE_FIELD = "balance_after"
+# Where each sealed figure was carried in clear before (the deprecated, refused fields), by kind
+# and sealed name: the SDK moves a caller's in-process figures from these into the sealed ones.
+# "balance_after" is BehaviourEvent.balance_after for every kind.
+EVENT_CLEAR_FIELDS = {
+    "purchase": {"amount": "amount"},
+    "repayment": {"amount": "amount"},
+    "missed_payment": {"amount": "amount_due", "days_past_due": "days_past_due"},
+    "limit_change": {"new_limit": "new_limit"},
+    "login": {},
+}
+
 
 @dataclass(frozen=True)
 class Money:
@@ -118,7 +129,9 @@ class Money:
     minor_units: int
 
 
-FeatureInput = float | int | str | bool | Money
+FeatureInput = float | int | str | bool
+# What a sealed field may hold: a feature's value, or an amount (account state, event figures).
+SealedValue = FeatureInput | Money
 
 
 @functools.lru_cache(maxsize=1024)
@@ -140,7 +153,7 @@ def field_aad(prefix: bytes, name: str) -> bytes:
     return prefix + length_prefixed(b"", name)
 
 
-def encode_value(value: FeatureInput) -> bytes:
+def encode_value(value: SealedValue) -> bytes:
     # bool is an int in Python: test it first so True does not travel as 1.0.
     if isinstance(value, bool):
         message = common_pb2.FeatureValue(bool_value=value)
@@ -161,7 +174,7 @@ def encode_value(value: FeatureInput) -> bytes:
     return message.SerializeToString()
 
 
-def decode_value(plaintext: bytes) -> FeatureInput | None:
+def decode_value(plaintext: bytes) -> SealedValue | None:
     """The typed value, or None when the bytes are no FeatureValue with exactly one kind set."""
     try:
         message = common_pb2.FeatureValue.FromString(plaintext)
@@ -173,7 +186,7 @@ def decode_value(plaintext: bytes) -> FeatureInput | None:
     if kind == "money_value":
         money = message.money_value
         return Money(money.currency_code, money.minor_units)
-    value: FeatureInput = getattr(message, kind)
+    value: SealedValue = getattr(message, kind)
     return value
 
 
@@ -275,7 +288,7 @@ class DataKey:
         self,
         schema_version: str,
         subject: common_pb2.SubjectRef,
-        values: Mapping[str, FeatureInput],
+        values: Mapping[str, SealedValue],
         *,
         request_id: str,
     ) -> common_pb2.EncryptedFeatures:

@@ -14,17 +14,29 @@ from google.protobuf import json_format
 from privscore.v1 import alert_service_pb2 as pb
 from privscore.v1 import alert_service_pb2_grpc, common_pb2
 from service.api import validation as check
+from service.api.figures import check_event_clear_fields, open_event
 from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot, decided_again
 from service.callctx import CALLER
 from service.decisions.alert_rules import MISSED_PAYMENT, REPAYMENT, Event, evaluate
 from service.decisions.rows import StateChanged
-from service.errors import Aborted
+from service.errors import Aborted, FailedPrecondition, NotFound
 from service.monitoring.tracing import stage
 from service.privacy.record_seal import seal_record_fields
 
 EVALUATE_EVENT_METHOD = "/privscore.v1.AlertService/EvaluateEvent"
+UPDATE_ALERT_STATE_METHOD = "/privscore.v1.AlertService/UpdateAlertState"
+_STATE_PREFIX = "ALERT_STATE_"
 
-# Which money field each event kind carries; every one must be positive.
+
+class AlertNotFound(NotFound):
+    reason = "ALERT_NOT_FOUND"
+
+
+class AlertStateConflict(FailedPrecondition):
+    reason = "ALERT_STATE_CONFLICT"
+
+
+# Which money field each event kind carries in memory once its sealed figures are opened.
 _EVENT_AMOUNTS = {
     "purchase": "amount",
     "repayment": "amount",
@@ -43,8 +55,6 @@ def validate_evaluate_event(request: pb.EvaluateEventRequest) -> None:
     event = request.event
     check.check_request_id(v, "event.event_id", event.event_id)  # ids share one shape
     check.check_timestamp(v, "event.occurred_at", event.HasField("occurred_at"), event.occurred_at)
-    if event.HasField("balance_after"):
-        check.check_money(v, "event.balance_after", True, event.balance_after, allow_zero=True)
     kind = event.WhichOneof("kind")
     if kind is None:
         v.add(
@@ -52,35 +62,30 @@ def validate_evaluate_event(request: pb.EvaluateEventRequest) -> None:
             "one of purchase, repayment, missed_payment, login, limit_change is required",
             "REQUIRED_FIELD",
         )
-    else:
-        details = getattr(event, kind)
-        amount_field = _EVENT_AMOUNTS.get(kind)
-        if amount_field is not None:
-            check.check_money(
-                v,
-                f"event.{kind}.{amount_field}",
-                details.HasField(amount_field),
-                getattr(details, amount_field),
-                allow_zero=False,
-            )
-            if event.HasField("balance_after"):
-                check.check_same_currency(
-                    v,
-                    [
-                        (f"event.{kind}.{amount_field}", getattr(details, amount_field)),
-                        ("event.balance_after", event.balance_after),
-                    ],
-                )
-        if kind == "repayment":
-            check.check_enum(
-                v, "event.repayment.outcome", details.outcome, pb.RepaymentOutcome.DESCRIPTOR
-            )
-        if kind == "missed_payment":
-            v.require(
-                details.days_past_due >= 1,
-                "event.missed_payment.days_past_due",
-                "must be at least 1",
-            )
+    elif kind == "repayment":
+        check.check_enum(
+            v, "event.repayment.outcome", event.repayment.outcome, pb.RepaymentOutcome.DESCRIPTOR
+        )
+    # The figures travel sealed: clear ones are refused, the sealed ones checked once opened.
+    check_event_clear_fields(v, event)
+    v.raise_if_any()
+
+
+def validate_update_alert_state(request: pb.UpdateAlertStateRequest) -> None:
+    v = check.Violations()
+    check.check_request_id(v, "request_id", request.request_id)
+    v.require(
+        request.alert_sequence > 0, "alert_sequence", "must be an alert's sequence (1 or more)"
+    )
+    if request.state not in (pb.ALERT_STATE_ACKNOWLEDGED, pb.ALERT_STATE_RESOLVED):
+        v.add("state", "must be ALERT_STATE_ACKNOWLEDGED or ALERT_STATE_RESOLVED")
+    check.check_pattern(
+        v,
+        "reason_code",
+        request.reason_code,
+        check.REASON_CODE,
+        "an upper-snake-case code of 1-64 characters",
+    )
     v.raise_if_any()
 
 
@@ -167,10 +172,19 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
         validate_evaluate_event(request)
         runtime = self._slot.runtime
         subject = request.subject
+        with stage("decrypt"):
+            event = open_event(
+                runtime.opener,
+                request.event,
+                subject,
+                method=EVALUATE_EVENT_METHOD,
+                identity=CALLER.get(),
+                request_id=request.request_id,
+            )
         async with runtime.subject_locks.hold((subject.tenant, subject.pseudonym)):
             for attempt in range(1, DECISION_ATTEMPTS + 1):
                 try:
-                    response = await self._evaluate(runtime, request)
+                    response = await self._evaluate(runtime, request, event)
                     break
                 except StateChanged as changed:
                     decided_again(EVALUATE_EVENT_METHOD, attempt, changed)
@@ -183,12 +197,12 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
         return response
 
     async def _evaluate(
-        self, runtime: Runtime, request: pb.EvaluateEventRequest
+        self, runtime: Runtime, request: pb.EvaluateEventRequest, opened: pb.BehaviourEvent
     ) -> pb.EvaluateEventResponse:
-        """Evaluate the event on the customer's stored history and commit it with its alerts
-        (a duplicate event id is logged, not stored again)."""
+        """Evaluate the event (its figures opened, in memory) on the customer's stored history
+        and commit it with its alerts (a duplicate event id is logged, not stored again)."""
         subject = request.subject
-        event = to_event(request.event)
+        event = to_event(opened)
         ledger = runtime.ledger
         now = runtime.clock()
         response = pb.EvaluateEventResponse(metadata=runtime.metadata(request.request_id, now))
@@ -208,6 +222,7 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
                 reasons=[common_pb2.Reason(code=c, text=t) for c, t in alert.reasons],
                 event_id=event.event_id,
                 metadata=response.metadata,
+                state=pb.ALERT_STATE_OPEN,
             )
             for alert in raised
         ]
@@ -218,7 +233,7 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
             EVALUATE_EVENT_METHOD,
             metadata,
             subject,
-            event=clear_event_fields(request.event, event),
+            event=clear_event_fields(opened, event),
             outputs={
                 "duplicate": duplicate,
                 "alerts": [
@@ -237,7 +252,7 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
                 EVALUATE_EVENT_METHOD,
                 metadata.decision_id,
                 metadata.request_id,
-                sealed_event_fields(request.event, event, alerts),
+                sealed_event_fields(opened, event, alerts),
             ),
         )
 
@@ -263,9 +278,91 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
             return response
         for alert, sequence in zip(alerts, sequences, strict=True):
             alert.metadata.audit_sequence = metadata.audit_sequence
-            alert.sequence = sequence
+            alert.sequence = alert.alert_sequence = sequence
         response.alerts.extend(alerts)
         return response
+
+    async def UpdateAlertState(
+        self,
+        request: pb.UpdateAlertStateRequest,
+        context: grpc.aio.ServicerContext[pb.UpdateAlertStateRequest, pb.UpdateAlertStateResponse],
+    ) -> pb.UpdateAlertStateResponse:
+        validate_update_alert_state(request)
+        runtime = self._slot.runtime
+        ledger = runtime.ledger
+        found = await ledger.alert_state(request.alert_sequence)
+        if found is None:
+            raise AlertNotFound(f"no alert {request.alert_sequence} is kept")
+        subject = pb.Alert.FromString(found[1]).subject
+        async with runtime.subject_locks.hold((subject.tenant, subject.pseudonym)):
+            for attempt in range(1, DECISION_ATTEMPTS + 1):
+                try:
+                    update = await self._update(runtime, request)
+                    break
+                except StateChanged as changed:
+                    decided_again(UPDATE_ALERT_STATE_METHOD, attempt, changed)
+            else:
+                raise Aborted(
+                    "other replicas kept changing this alert; retry the request",
+                    reason="CONCURRENT_DECISIONS",
+                )
+        runtime.alerts.publish([update])
+        return pb.UpdateAlertStateResponse(alert=update, metadata=update.metadata)
+
+    async def _update(self, runtime: Runtime, request: pb.UpdateAlertStateRequest) -> pb.Alert:
+        """Move the alert to the requested state on what is stored now, log and apply it."""
+        found = await runtime.ledger.alert_state(request.alert_sequence)
+        if found is None:
+            raise AlertNotFound(f"no alert {request.alert_sequence} is kept")
+        state, blob = found
+        wanted = pb.AlertState.Name(request.state).removeprefix(_STATE_PREFIX)
+        if state == "RESOLVED":
+            raise AlertStateConflict(f"alert {request.alert_sequence} is resolved, which is final")
+        if state == wanted:
+            raise AlertStateConflict(f"alert {request.alert_sequence} is {state.lower()} already")
+        now = runtime.clock()
+        metadata = runtime.metadata(request.request_id, now)
+        update = pb.Alert.FromString(blob)
+        update.alert_sequence = request.alert_sequence
+        update.state = request.state
+        update.state_reason = request.reason_code
+        update.metadata.CopyFrom(metadata)
+        record = runtime.record(
+            UPDATE_ALERT_STATE_METHOD,
+            metadata,
+            update.subject,
+            alert={
+                "alert_sequence": request.alert_sequence,
+                "rule": update.rule,
+                "severity": pb.Severity.Name(update.severity),
+                "from": state,
+                "to": wanted,
+                "reason": request.reason_code,
+            },
+            # The alert as the stream carries the change, so the row can be rebuilt.
+            sealed=seal_record_fields(
+                runtime.record_key,
+                UPDATE_ALERT_STATE_METHOD,
+                metadata.decision_id,
+                metadata.request_id,
+                {"update": base64.b64encode(update.SerializeToString()).decode("ascii")},
+            ),
+        )
+
+        def stored(sequence: int) -> list[bytes]:
+            update.metadata.audit_sequence = sequence
+            return [update.SerializeToString()]
+
+        with stage("audit", records=1):
+            audit_sequence, update.sequence = await runtime.ledger.commit_alert_update(
+                record,
+                alert_sequence=request.alert_sequence,
+                state=wanted,
+                changed_at=now,
+                update=stored,
+            )
+        update.metadata.audit_sequence = audit_sequence
+        return update
 
     async def WatchAlerts(
         self,

@@ -9,7 +9,7 @@ from service.callctx import CALLER
 from service.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from service.model.schema import validate_record
 from service.model.scorer import Row, Scorer
-from service.privacy.sealing import FeatureInput, FeatureOpener, RequestKeys
+from service.privacy.sealing import FeatureOpener, Money, RequestKeys, SealedValue
 
 
 class SchemaVersionMismatch(FailedPrecondition):
@@ -66,10 +66,12 @@ def open_row(
     return _model_row(values)
 
 
-def _model_row(values: dict[str, FeatureInput]) -> Row:
+def _model_row(values: dict[str, SealedValue]) -> Row:
     # validate_record has checked every type, so only str and numbers remain.
+    assert not any(isinstance(value, Money) for value in values.values())
     return {
-        name: value if isinstance(value, str) else float(value) for name, value in values.items()
+        name: value if isinstance(value, str) else float(value)  # type: ignore[arg-type]
+        for name, value in values.items()
     }
 
 

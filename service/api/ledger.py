@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import structlog
 
 from service.audit import AuditLog, AuditWriteError
 from service.decisions.alert_rules import Event
-from service.decisions.rows import StoredLimitDecision, StoreTampered
+from service.decisions.rows import OpenAlert, RecordedScore, StoredLimitDecision, StoreTampered
 from service.decisions.store import DecisionStore
 from service.errors import DataLoss, Unavailable
 
@@ -36,12 +37,29 @@ if TYPE_CHECKING:
     from service.audit.pg import PgAuditLog
 
 T = TypeVar("T")
+SUBJECT_KEY_BYTES = 32
+
+
+def new_key() -> tuple[str, bytes]:
+    """A fresh subject key and its id: random both, so the id says nothing of the subject."""
+    return f"sk-{secrets.token_hex(12)}", secrets.token_bytes(SUBJECT_KEY_BYTES)
+
+
 _log = structlog.get_logger("privscore.store")
 
 # The stored reply of a decision, given the audit sequence its record got.
 ResponseFor = Callable[[int], bytes]
 # The serialized alerts an event raised, given the audit sequence of its record.
 AlertsFor = Callable[[int], list[bytes]]
+
+
+@dataclass(frozen=True)
+class SubjectScore:
+    """A subject's Score decision, as the store keeps the latest."""
+
+    tenant: str
+    pseudonym: str
+    score: RecordedScore
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,59 @@ class Ledger(Protocol):
 
     async def last_alert_sequence(self) -> int: ...
 
+    async def latest_score(self, tenant: str, pseudonym: str) -> RecordedScore | None: ...
+
+    async def open_alerts(self, tenant: str, pseudonym: str) -> list[OpenAlert]: ...
+
+    async def alert_state(self, alert_sequence: int) -> tuple[str, bytes] | None:
+        """(state, the alert as raised) or None for an alert not kept (never raised, erased)."""
+        ...
+
+    async def subject_key(self, tenant: str, pseudonym: str, period: str) -> tuple[str, bytes]:
+        """(key id, key) of the subject for the period (YYYY-MM), made and stored durably
+        first if there is none yet."""
+        ...
+
+    async def key_by_id(self, key_id: str) -> bytes | None:
+        """A subject key by id; None once destroyed."""
+        ...
+
+    async def subject_key_ids(self, tenant: str, pseudonym: str) -> list[str]: ...
+
+    async def commit_scores(
+        self, records: Sequence[Mapping[str, Any]], scores: Sequence[SubjectScore]
+    ) -> list[int]:
+        """Log the Score decisions' records and keep each subject's latest; their sequences."""
+        ...
+
+    async def commit_alert_update(
+        self,
+        record: Mapping[str, Any],
+        *,
+        alert_sequence: int,
+        state: str,
+        changed_at: dt.datetime,
+        update: AlertsFor,
+    ) -> tuple[int, int]:
+        """Log an alert's state change and apply it; (audit sequence, stream sequence).
+        `update(audit_sequence)` gives the one serialized Alert the stream carries.
+        StoreError when the alert was resolved meanwhile."""
+        ...
+
+    async def erase_subject(
+        self, record: Mapping[str, Any], tenant: str, pseudonym: str
+    ) -> tuple[int, dict[str, int]]:
+        """Log the erasure, then delete the subject's rows and destroy its keys;
+        (audit sequence, rows deleted by table)."""
+        ...
+
+    async def expire_keys(
+        self, before_period: str, record: Callable[[int], Mapping[str, Any]]
+    ) -> tuple[int | None, int]:
+        """Destroy every subject key of a period before `before_period`, logging one record
+        (`record(count)`) first when there are any; (audit sequence or None, keys destroyed)."""
+        ...
+
     async def commit_limit(
         self,
         record: Mapping[str, Any],
@@ -193,6 +264,70 @@ class EmbeddedLedger:
 
     async def last_alert_sequence(self) -> int:
         return await self._in_store(self._store.last_alert_sequence)
+
+    async def latest_score(self, tenant: str, pseudonym: str) -> RecordedScore | None:
+        return await self._in_store(self._store.latest_score, tenant, pseudonym)
+
+    async def open_alerts(self, tenant: str, pseudonym: str) -> list[OpenAlert]:
+        return await self._in_store(self._store.open_alerts, tenant, pseudonym)
+
+    async def alert_state(self, alert_sequence: int) -> tuple[str, bytes] | None:
+        found = await self._in_store(self._store.alert_state, alert_sequence)
+        return None if found is None else (found[0].state, found[1])
+
+    async def subject_key(self, tenant: str, pseudonym: str, period: str) -> tuple[str, bytes]:
+        return await self._in_store(self._store.subject_key, tenant, pseudonym, period, new_key)
+
+    async def key_by_id(self, key_id: str) -> bytes | None:
+        found = await self._in_store(self._store.key_by_id, key_id)
+        return None if found is None else found[1]
+
+    async def subject_key_ids(self, tenant: str, pseudonym: str) -> list[str]:
+        return await self._in_store(self._store.subject_key_ids, tenant, pseudonym)
+
+    async def commit_scores(
+        self, records: Sequence[Mapping[str, Any]], scores: Sequence[SubjectScore]
+    ) -> list[int]:
+        sequences = await self._audit.append_all(records)
+        await self._in_store(
+            self._store.record_scores, [(s.tenant, s.pseudonym, s.score) for s in scores]
+        )
+        return sequences
+
+    async def commit_alert_update(
+        self,
+        record: Mapping[str, Any],
+        *,
+        alert_sequence: int,
+        state: str,
+        changed_at: dt.datetime,
+        update: AlertsFor,
+    ) -> tuple[int, int]:
+        sequence = await self._audit.append(record)
+        (blob,) = update(sequence)
+        stream = await self._in_store(
+            self._store.record_alert_update, alert_sequence, state, changed_at, blob
+        )
+        return sequence, stream
+
+    async def erase_subject(
+        self, record: Mapping[str, Any], tenant: str, pseudonym: str
+    ) -> tuple[int, dict[str, int]]:
+        sequence = await self._audit.append(record)
+        counts = await self._in_store(self._store.erase_subject, tenant, pseudonym)
+        return sequence, counts
+
+    async def expire_keys(
+        self, before_period: str, record: Callable[[int], Mapping[str, Any]]
+    ) -> tuple[int | None, int]:
+        expired = await self._in_store(self._store.expired_key_ids, before_period)
+        if not expired:
+            return None, 0
+        sequence = await self._audit.append(record(len(expired)))
+        destroyed = await self._in_store(
+            self._store.destroy_keys, [key_id for _, _, key_id in expired]
+        )
+        return sequence, destroyed
 
     async def commit_limit(
         self,

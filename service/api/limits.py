@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import struct
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -15,13 +16,18 @@ from privscore.v1 import common_pb2, limit_service_pb2_grpc
 from privscore.v1 import limit_service_pb2 as pb
 from service.api import validation as check
 from service.api.features import encrypted_inputs, open_row
+from service.api.figures import ACCOUNT_SCHEMA_VERSION, SEAL_REQUIRED, check_sealed, open_account
 from service.api.ledger import LimitRow
 from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot, decided_again
+from service.callctx import CALLER, GRANTS
 from service.decisions.limits import Account, decide_limit
 from service.decisions.rows import StateChanged
 from service.errors import Aborted, FailedPrecondition
+from service.model.scorer import Row
 from service.monitoring.tracing import stage
 from service.privacy.record_seal import seal_record_fields
+from service.privacy.sealing import RequestKeys
+from service.security.authz import PermissionDenied, capability_name
 
 ADJUST_LIMIT_METHOD = "/privscore.v1.LimitService/AdjustLimit"
 _ACTIONS = {
@@ -38,39 +44,41 @@ class RequestIdReused(FailedPrecondition):
     reason = "REQUEST_ID_REUSED"
 
 
+class NoRecordedScore(FailedPrecondition):
+    reason = "NO_RECORDED_SCORE"
+
+
+# Stating a score instead of the recorded one: a capability within AdjustLimit.
+STATE_SCORE = capability_name(ADJUST_LIMIT_METHOD, "latest_score")
+
+
+@dataclass
+class _Score:
+    """The score a limit decision is made on, where it came from, and the row scored in the
+    call (for the drift counts) when there was one."""
+
+    score: int
+    source: pb.ScoreSource.ValueType
+    decision_id: str = ""
+    rows: list[Row] = field(default_factory=list)
+
+
 def validate_adjust_limit(request: pb.AdjustLimitRequest) -> None:
     v = check.Violations()
     check.check_request_id(v, "request_id", request.request_id)
     check.check_subject(v, "subject", request.HasField("subject"), request.subject)
-    if not request.HasField("account"):
-        v.add("account", "is required", "REQUIRED_FIELD")
-    else:
-        account = request.account
-        check.check_money(
-            v,
-            "account.current_limit",
-            account.HasField("current_limit"),
-            account.current_limit,
-            allow_zero=False,
-        )
-        check.check_money(
-            v, "account.balance", account.HasField("balance"), account.balance, allow_zero=True
-        )
-        check.check_same_currency(
-            v,
-            [
-                ("account.current_limit", account.current_limit),
-                ("account.balance", account.balance),
-            ],
-        )
-        v.require(account.days_past_due <= 36500, "account.days_past_due", "must be at most 36500")
-        v.require(
-            account.account_age_days <= 36500, "account.account_age_days", "must be at most 36500"
-        )
+    if request.HasField("account"):
+        # Its values are never read, checked or repeated: refusing is all it gets.
+        v.add("account", "must travel sealed in sealed_account", SEAL_REQUIRED)
+    check_sealed(
+        v,
+        "sealed_account",
+        request.HasField("sealed_account"),
+        request.sealed_account,
+        ACCOUNT_SCHEMA_VERSION,
+    )
     source = request.WhichOneof("score_source")
-    if source is None:
-        v.add("score_source", "one of latest_score or features is required", "REQUIRED_FIELD")
-    elif source == "features":
+    if source == "features":
         check.check_encrypted_features(v, "features", True, request.features)
     else:
         low, high = LATEST_SCORE_RANGE
@@ -159,32 +167,64 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
     ) -> pb.AdjustLimitResponse:
         validate_adjust_limit(request)
         runtime = self._slot.runtime
-        subject, account = request.subject, request.account
-        currency = account.current_limit.currency_code
-        if currency not in runtime.policy.limits.ceilings:
-            raise check.CurrencyNotSupported(f"the limit policy has no ceilings for {currency}")
-        if request.HasField("features"):
-            with stage("decrypt"):
-                row = open_row(
+        subject = request.subject
+        source = request.WhichOneof("score_source")
+        if source == "latest_score" and STATE_SCORE not in GRANTS.get():
+            raise PermissionDenied(
+                f"{CALLER.get()} may not state a score; leave latest_score unset to decide on "
+                "the subject's latest score privscore recorded"
+            )
+        opened_keys: RequestKeys = {}  # features and account may share one data key
+        with stage("decrypt"):
+            account = open_account(
+                runtime.opener,
+                request.sealed_account,
+                subject,
+                method=ADJUST_LIMIT_METHOD,
+                identity=CALLER.get(),
+                request_id=request.request_id,
+                opened_keys=opened_keys,
+            )
+            row = (
+                open_row(
                     runtime.scorer,
                     runtime.opener,
                     request.features,
                     subject,
                     method=ADJUST_LIMIT_METHOD,
                     request_id=request.request_id,
+                    opened_keys=opened_keys,
                 )
+                if source == "features"
+                else None
+            )
+        currency = account.current_limit.currency_code
+        if currency not in runtime.policy.limits.ceilings:
+            raise check.CurrencyNotSupported(f"the limit policy has no ceilings for {currency}")
+        if row is not None:
             with stage("model", rows=1):
                 probability = float(
                     (await runtime.model.probabilities(runtime.scorer.columns([row])))[0]
                 )
-            score = runtime.scorer.score_of(probability)
+            scored = _Score(
+                runtime.scorer.score_of(probability), pb.SCORE_SOURCE_IN_CALL, "", [row]
+            )
             inputs_digest = runtime.input_digest(dict(row))
             encrypted = encrypted_inputs(request.features)
-            scored = [row]
+        elif source == "latest_score":
+            scored = _Score(request.latest_score, pb.SCORE_SOURCE_CALLER_STATED)
+            inputs_digest = runtime.input_digest({"latest_score": request.latest_score})
+            encrypted = ""
         else:
-            scored = []
-            score = request.latest_score
-            inputs_digest = runtime.input_digest({"latest_score": score})
+            recorded = await runtime.ledger.latest_score(subject.tenant, subject.pseudonym)
+            if recorded is None:
+                raise NoRecordedScore(
+                    "privscore has recorded no Score decision for this subject: score the "
+                    "subject first, or send features to score in this call"
+                )
+            scored = _Score(recorded.score, pb.SCORE_SOURCE_RECORDED, recorded.decision_id)
+            # Not the score itself: a retry after a newer Score must still replay this decision.
+            inputs_digest = runtime.input_digest({"score_source": "recorded"})
             encrypted = ""
         fingerprint = request_fingerprint(runtime.input_digest_key, subject, account, inputs_digest)
 
@@ -199,13 +239,13 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             for attempt in range(1, DECISION_ATTEMPTS + 1):
                 try:
                     response = await self._decide(
-                        runtime, request, score, inputs_digest, encrypted, fingerprint
+                        runtime, request, account, scored, inputs_digest, encrypted, fingerprint
                     )
                 except StateChanged as changed:
                     decided_again(ADJUST_LIMIT_METHOD, attempt, changed)
                     continue
                 if not response.replayed:  # a replay's row was counted when it was decided
-                    runtime.observe_drift(scored, [score] * len(scored))
+                    runtime.observe_drift(scored.rows, [scored.score] * len(scored.rows))
                 return response
         raise Aborted(
             "other replicas kept changing this customer's limit; retry the request",
@@ -216,13 +256,14 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
         self,
         runtime: Runtime,
         request: pb.AdjustLimitRequest,
-        score: int,
+        account: pb.AccountState,
+        scored: _Score,
         inputs_digest: str,
         encrypted: str,
         fingerprint: str,
     ) -> pb.AdjustLimitResponse:
         """Replay the request's stored decision, or decide it on the stored state and commit."""
-        subject, account = request.subject, request.account
+        subject, score = request.subject, scored.score
         currency = account.current_limit.currency_code
         ledger = runtime.ledger
         stored = await ledger.limit_decision(subject.tenant, request.request_id)
@@ -236,6 +277,7 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             replay.replayed = True
             return replay
         last_increase = await ledger.last_increase_at(subject.tenant, subject.pseudonym)
+        open_alerts = await ledger.open_alerts(subject.tenant, subject.pseudonym)
         now = runtime.clock()
         with stage("policy"):
             grade = runtime.policy.score.grade_of(score)
@@ -246,6 +288,7 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
                 grade,
                 last_increase,
                 now,
+                open_alerts,
             )
         response = pb.AdjustLimitResponse(
             metadata=runtime.metadata(request.request_id, now),
@@ -255,6 +298,9 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             rule=decision.rule,
             reasons=[common_pb2.Reason(code=c, text=t) for c, t in decision.reasons],
             score=score,
+            score_source=scored.source,
+            score_decision_id=scored.decision_id,
+            blocking_alerts=decision.blocking_alerts,
         )
         metadata = response.metadata
         record = runtime.record(
@@ -263,8 +309,14 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             subject,
             input_digest=inputs_digest,
             encrypted_inputs=encrypted,
-            # What the cool-down rule saw, so a replay can decide exactly as this did.
+            # What the cool-down and alert rules saw, so a replay can decide exactly as this did.
             last_increase_at=last_increase.isoformat() if last_increase else None,
+            open_alerts=[
+                {"alert_sequence": a.alert_sequence, "severity": a.severity} for a in open_alerts
+            ],
+            # Where the score came from: a caller-stated one is marked as such.
+            score_source=pb.ScoreSource.Name(scored.source).removeprefix("SCORE_SOURCE_"),
+            score_decision_id=scored.decision_id or None,
             outputs={
                 "action": pb.LimitAction.Name(response.action),
                 "rule": decision.rule,

@@ -13,10 +13,12 @@ from privscore.v1 import common_pb2, scoring_service_pb2_grpc
 from privscore.v1 import scoring_service_pb2 as pb
 from service.api import validation as check
 from service.api.features import encrypted_inputs, open_row
+from service.api.ledger import SubjectScore
 from service.api.runtime import Runtime, RuntimeSlot
 from service.api.validation import well_formed_subject
 from service.audit.record import PD_PPB, PPB
 from service.decisions.policy import LimitPolicy, ScorePolicy
+from service.decisions.rows import RecordedScore
 from service.errors import ServiceError
 from service.model.scorer import ModelBatcher, Row
 from service.monitoring.tracing import stage
@@ -272,8 +274,25 @@ async def _decide(
                 **offer(runtime, method, response, offer_currency),
             )
         )
+    latest = [
+        SubjectScore(
+            applicant.subject.tenant,
+            applicant.subject.pseudonym,
+            RecordedScore(
+                decision_id=response.metadata.decision_id,
+                scored_at=decided_at,
+                score=response.score.score,
+                grade=response.score.grade,
+                decision=pb.CreditDecision.Name(response.score.decision).removeprefix(
+                    "CREDIT_DECISION_"
+                ),
+                model_version=response.metadata.model_version,
+            ),
+        )
+        for applicant, response in zip(applicants, responses, strict=True)
+    ]
     with stage("audit", records=len(records)):
-        sequences = await runtime.audit.append_all(records)
+        sequences = await runtime.ledger.commit_scores(records, latest)
     for response, sequence in zip(responses, sequences, strict=True):
         response.metadata.audit_sequence = sequence
     runtime.observe_drift([a.row for a in applicants], [s.score for s in scores])

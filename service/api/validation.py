@@ -27,7 +27,9 @@ TENANT = re.compile(r"[a-z][a-z0-9-]{0,62}")
 PSEUDONYM = re.compile(r"[0-9a-f]{64}")
 CURRENCY_CODE = re.compile(r"[A-Z]{3}")
 KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-SCHEMA_VERSION = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SCHEMA_VERSION = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+# A reason given with a state change: a code, never free text (which could carry personal data).
+REASON_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 FEATURE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 MAX_BATCH_ITEMS = 256
@@ -166,7 +168,7 @@ def check_encrypted_features(
         f"{field}.schema_version",
         features.schema_version,
         SCHEMA_VERSION,
-        "1-128 characters of [A-Za-z0-9._:-]",
+        "1-128 characters of [A-Za-z0-9._:/-]",
     )
     key_field = f"{field}.data_key"
     data_key = features.data_key

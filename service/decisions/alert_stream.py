@@ -74,6 +74,13 @@ class AlertStream:
         self._closed = True
         self._wake()
 
+    def erase_subject(self, tenant: str, pseudonym: str) -> None:
+        """Blank an erased subject's alerts in the cache, as the store has (their places
+        stay). Other replicas' caches keep theirs until they age out (SECURITY.md)."""
+        for sequence, alert in self._cache.items():
+            if (alert.subject.tenant, alert.subject.pseudonym) == (tenant, pseudonym):
+                self._cache[sequence] = pb.Alert(sequence=sequence)
+
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -153,7 +160,8 @@ class AlertStream:
                     break
                 for alert in batch:
                     cursor = alert.sequence
-                    if alert.severity >= min_severity:
+                    # An erased alert (no subject left) keeps its place but is not sent.
+                    if alert.severity >= min_severity and alert.HasField("subject"):
                         yield alert
             if self._closed:
                 return

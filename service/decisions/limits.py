@@ -7,9 +7,11 @@ idempotency, persistence and audit around them. Amounts are integer minor units 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.decisions.policy import LimitPolicy
+from service.decisions.rows import OpenAlert
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class LimitDecision:
     new_limit: int
     rule: str
     reasons: tuple[tuple[str, str], ...]  # (code, text)
+    # The unresolved alerts that froze the limit or held back an increase.
+    blocking_alerts: tuple[int, ...] = ()
 
 
 def _floor_to_step(amount: int, step: int) -> int:
@@ -35,6 +39,44 @@ def _floor_to_step(amount: int, step: int) -> int:
 
 
 def decide_limit(
+    policy: LimitPolicy,
+    account: Account,
+    score: int,
+    grade: str,
+    last_increase_at: dt.datetime | None,
+    now: dt.datetime,
+    open_alerts: Sequence[OpenAlert] = (),
+) -> LimitDecision:
+    """The limit rules, then the subject's unresolved alerts over them: a critical one freezes
+    the limit at the balance owed, a high one turns an increase into a hold, until resolved."""
+    critical = tuple(a.alert_sequence for a in open_alerts if a.severity == "CRITICAL")
+    if critical:
+        return LimitDecision(
+            "FREEZE",
+            account.balance,
+            "freeze.open_alert",
+            (
+                (
+                    "OPEN_CRITICAL_ALERT",
+                    "An unresolved critical alert froze the limit at the balance owed",
+                ),
+            ),
+            critical,
+        )
+    decision = _decide(policy, account, score, grade, last_increase_at, now)
+    high = tuple(a.alert_sequence for a in open_alerts if a.severity == "HIGH")
+    if high and decision.action == "INCREASE":
+        return LimitDecision(
+            "HOLD",
+            account.current_limit,
+            "hold.open_alert",
+            (("OPEN_HIGH_ALERT", "An unresolved high alert forbids an increase"),),
+            high,
+        )
+    return decision
+
+
+def _decide(
     policy: LimitPolicy,
     account: Account,
     score: int,

@@ -32,6 +32,9 @@ _TAG_BYTES = 16
 LIMIT_DECISIONS = "limit_decisions"
 EVENTS = "events"
 ALERTS = "alerts"
+SCORES = "scores"
+ALERT_STATES = "alert_states"
+SUBJECT_KEYS = "subject_keys"
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND = dt.timedelta(microseconds=1)
@@ -109,7 +112,41 @@ class AlertRow(NamedTuple):
     raised_at_us: int
 
 
-Row = TypeVar("Row", LimitRow, EventRow, AlertRow)
+class ScoreRow(NamedTuple):
+    """A subject's latest Score decision, what AdjustLimit decides on (sealed: `RecordedScore`)."""
+
+    tenant: str
+    pseudonym: str
+    decision_id: str
+    scored_at_us: int
+
+
+class AlertStateRow(NamedTuple):
+    """Where one raised alert stands, by subject, so that a limit decision finds the subject's
+    unresolved alerts without opening every alert (sealed: the last change's reason code)."""
+
+    alert_sequence: int
+    tenant: str
+    pseudonym: str
+    severity: str
+    state: str
+    changed_at_us: int
+
+
+class SubjectKeyRow(NamedTuple):
+    """One subject's key for one calendar month (sealed: the key itself): the personal fields
+    of that month's audit records are sealed under it, and destroying it (erasure, retention
+    expiry) makes them unreadable while the log still verifies."""
+
+    tenant: str
+    pseudonym: str
+    period: str
+    key_id: str
+    created_at_us: int
+
+
+AnyRow = LimitRow | EventRow | AlertRow | ScoreRow | AlertStateRow | SubjectKeyRow
+Row = TypeVar("Row", LimitRow, EventRow, AlertRow, ScoreRow, AlertStateRow, SubjectKeyRow)
 
 
 def _table(name: str, kind: type[tuple[object, ...]]) -> tuple[str, tuple[type, ...]]:
@@ -121,6 +158,9 @@ TABLES: dict[type[tuple[object, ...]], tuple[str, tuple[type, ...]]] = {
     LimitRow: _table(LIMIT_DECISIONS, LimitRow),
     EventRow: _table(EVENTS, EventRow),
     AlertRow: _table(ALERTS, AlertRow),
+    ScoreRow: _table(SCORES, ScoreRow),
+    AlertStateRow: _table(ALERT_STATES, AlertStateRow),
+    SubjectKeyRow: _table(SUBJECT_KEYS, SubjectKeyRow),
 }
 
 
@@ -134,13 +174,13 @@ def table_columns(table: str) -> tuple[tuple[str, type], ...]:
     raise KeyError(table)
 
 
-def associated_data(row: LimitRow | EventRow | AlertRow) -> bytes:
+def associated_data(row: AnyRow) -> bytes:
     """The table's name and each plain column (integers in decimal), length-prefixed."""
     table, _ = TABLES[type(row)]
     return length_prefixed(ROW_LABEL, table, *(str(value) for value in row))
 
 
-def columns(kind: type[LimitRow | EventRow | AlertRow]) -> str:
+def columns(kind: type[AnyRow]) -> str:
     return ", ".join(kind._fields)
 
 
@@ -152,9 +192,6 @@ def typed(kind: type[Row], values: Sequence[object]) -> Row:
         if type(value) is not expected:
             raise StoreTampered(table, f"a row's {column} column holds a value of the wrong type")
     return kind._make(values)
-
-
-AnyRow = LimitRow | EventRow | AlertRow
 
 
 def table_of(name: str) -> type[AnyRow]:
@@ -186,6 +223,48 @@ class RowSealer:
             return self._aead.decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], associated)
         except InvalidTag:
             raise StoreTampered(table, DOES_NOT_OPEN) from None
+
+
+@dataclass(frozen=True)
+class RecordedScore:
+    """The subject's latest Score decision as privscore recorded it."""
+
+    decision_id: str
+    scored_at: dt.datetime
+    score: int
+    grade: str
+    decision: str
+    model_version: str
+
+    def sealed(self) -> bytes:
+        return json.dumps(
+            {
+                "score": self.score,
+                "grade": self.grade,
+                "decision": self.decision,
+                "model_version": self.model_version,
+            }
+        ).encode("utf-8")
+
+    def row(self, tenant: str, pseudonym: str) -> ScoreRow:
+        return ScoreRow(tenant, pseudonym, self.decision_id, to_us(self.scored_at))
+
+    @classmethod
+    def opened(cls, row: ScoreRow, plaintext: bytes) -> RecordedScore:
+        return cls(
+            decision_id=row.decision_id,
+            scored_at=from_us(row.scored_at_us),
+            **json.loads(plaintext),
+        )
+
+
+@dataclass(frozen=True)
+class OpenAlert:
+    """An alert of the subject not yet resolved: it acts on the limit by its severity."""
+
+    alert_sequence: int
+    severity: str  # LOW .. CRITICAL
+    state: str  # OPEN or ACKNOWLEDGED
 
 
 def event_details(event: Event) -> bytes:

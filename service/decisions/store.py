@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from privscore.client.encoding import length_prefixed
+from privscore.v1 import alert_service_pb2
 from service.decisions.alert_rules import Event
 from service.decisions.rows import (
     ALERTS,
@@ -37,14 +38,19 @@ from service.decisions.rows import (
     ROW_LABEL_V2,
     TABLES,
     AlertRow,
+    AlertStateRow,
     AnyRow,
     EventRow,
     LimitRow,
+    OpenAlert,
+    RecordedScore,
     Row,
     RowSealer,
+    ScoreRow,
     StoredLimitDecision,
     StoreError,
     StoreTampered,
+    SubjectKeyRow,
     columns,
     event_details,
     event_of,
@@ -69,7 +75,7 @@ __all__ = [  # what the store's callers import from here
     "to_us",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _ALERTS_TABLE = """
 CREATE TABLE IF NOT EXISTS alerts (
     sequence INTEGER PRIMARY KEY,
@@ -102,7 +108,41 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_time ON events (tenant, pseudonym, occurred_at_us);
 """
     + _ALERTS_TABLE
+    + """
+CREATE TABLE IF NOT EXISTS scores (
+    tenant TEXT NOT NULL,
+    pseudonym TEXT NOT NULL,
+    decision_id TEXT NOT NULL,
+    scored_at_us INTEGER NOT NULL,
+    sealed BLOB NOT NULL,  -- AES-GCM: score, grade, decision, model version
+    PRIMARY KEY (tenant, pseudonym)
+);
+CREATE TABLE IF NOT EXISTS alert_states (
+    alert_sequence INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    pseudonym TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    state TEXT NOT NULL,
+    changed_at_us INTEGER NOT NULL,
+    sealed BLOB NOT NULL  -- AES-GCM: the last change's reason code
+);
+CREATE INDEX IF NOT EXISTS alert_states_by_subject ON alert_states (tenant, pseudonym, state);
+CREATE TABLE IF NOT EXISTS subject_keys (
+    tenant TEXT NOT NULL,
+    pseudonym TEXT NOT NULL,
+    period TEXT NOT NULL,
+    key_id TEXT NOT NULL UNIQUE,
+    created_at_us INTEGER NOT NULL,
+    sealed BLOB NOT NULL,  -- AES-GCM: the subject's key for the period
+    PRIMARY KEY (tenant, pseudonym, period)
+);
+"""
 )
+# Alert states as the wire names them, without the enum's prefix.
+OPEN, ACKNOWLEDGED, RESOLVED = "OPEN", "ACKNOWLEDGED", "RESOLVED"
+# An erased alert keeps its place in the stream (subscribers resume across it) as an empty
+# message: no subject, rule or reason is left.
+ERASED_ALERT = b""
 
 
 class _NotUtf8(bytes):
@@ -127,12 +167,17 @@ class DecisionStore:
         self._db.text_factory = _text
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed decision survives power loss
+        # What erasure and retention delete is overwritten, not left in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
         for leftover in ("-wal", "-shm"):  # kept from an older server's crash, maybe 0644
             private_file(path.with_name(path.name + leftover), create=False)
         try:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version == 2:
                 self._migrate_from_v2()
+            if version in (2, 3):
+                self._db.executescript(SCHEMA)
+                self._migrate_from_v3()
             elif version not in (0, SCHEMA_VERSION):
                 raise StoreError(
                     f"{path} has store schema {version}, this server reads {SCHEMA_VERSION}"
@@ -322,8 +367,22 @@ class DecisionStore:
         for alert in alerts:
             sequence += 1
             self._insert(AlertRow(sequence, to_us(raised_at)), alert)
+            self._insert_state(sequence, alert, raised_at)
             sequences.append(sequence)
         return sequences
+
+    def _insert_state(self, sequence: int, blob: bytes, raised_at: dt.datetime) -> None:
+        """A raised alert's state row: open, under its subject and severity."""
+        alert = alert_service_pb2.Alert.FromString(blob)
+        row = AlertStateRow(
+            sequence,
+            alert.subject.tenant,
+            alert.subject.pseudonym,
+            alert_service_pb2.Severity.Name(alert.severity).removeprefix("SEVERITY_"),
+            OPEN,
+            to_us(raised_at),
+        )
+        self._insert(row, b"")
 
     def event_keys(self) -> list[tuple[str, str, str]]:
         """(tenant, pseudonym, event_id) of every stored event, each row authenticated."""
@@ -350,7 +409,165 @@ class DecisionStore:
         rows = self._opened(AlertRow, "1", tail="ORDER BY sequence DESC LIMIT 1")
         return rows[0][0].sequence if rows else 0
 
+    # -- recorded scores ------------------------------------------------------------------
+
+    def latest_score(self, tenant: str, pseudonym: str) -> RecordedScore | None:
+        rows = self._opened(ScoreRow, "tenant=? AND pseudonym=?", (tenant, pseudonym))
+        return RecordedScore.opened(*rows[0]) if rows else None
+
+    def record_scores(self, scores: Sequence[tuple[str, str, RecordedScore]]) -> None:
+        """Keep each subject's latest Score decision (a later one already stored wins).
+
+        Written without its own fsync: the decision's audit record is durable before this
+        runs, and the start-up reconciliation puts back a latest score the store lost."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._transaction():
+                for tenant, pseudonym, score in scores:
+                    stored = self._opened(ScoreRow, "tenant=? AND pseudonym=?", (tenant, pseudonym))
+                    if stored and stored[0][0].scored_at_us > to_us(score.scored_at):
+                        continue
+                    self._db.execute(
+                        "DELETE FROM scores WHERE tenant=? AND pseudonym=?", (tenant, pseudonym)
+                    )
+                    self._insert(score.row(tenant, pseudonym), score.sealed())
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
+    # -- alert states ---------------------------------------------------------------------
+
+    def open_alerts(self, tenant: str, pseudonym: str) -> list[OpenAlert]:
+        """The subject's alerts not yet resolved, each row authenticated."""
+        rows = self._opened(
+            AlertStateRow,
+            "tenant=? AND pseudonym=? AND state != ?",
+            (tenant, pseudonym, RESOLVED),
+            "ORDER BY alert_sequence",
+        )
+        return [OpenAlert(row.alert_sequence, row.severity, row.state) for row, _ in rows]
+
+    def alert_state(self, alert_sequence: int) -> tuple[AlertStateRow, bytes] | None:
+        """An alert's state row and its stored message as raised, both authenticated."""
+        states = self._opened(AlertStateRow, "alert_sequence=?", (alert_sequence,))
+        raised = self._opened(AlertRow, "sequence=?", (alert_sequence,))
+        if not states or not raised:
+            return None
+        return states[0][0], raised[0][1]
+
+    def record_alert_update(
+        self, alert_sequence: int, state: str, changed_at: dt.datetime, update: bytes
+    ) -> int:
+        """Move an alert to `state` and append the change to the stream; its stream sequence.
+        StoreError if the alert is unknown or resolved meanwhile (the servicer checks first)."""
+        with self._transaction():
+            found = self._opened(AlertStateRow, "alert_sequence=?", (alert_sequence,))
+            if not found or found[0][0].state == RESOLVED:
+                raise StoreError(f"alert {alert_sequence} is not open")
+            row = found[0][0]._replace(state=state, changed_at_us=to_us(changed_at))
+            self._db.execute("DELETE FROM alert_states WHERE alert_sequence=?", (alert_sequence,))
+            self._insert(row, b"")
+            sequence = self._last_alert_sequence() + 1
+            self._insert(AlertRow(sequence, to_us(changed_at)), update)
+        return sequence
+
+    # -- subject keys ---------------------------------------------------------------------
+
+    def subject_key(
+        self, tenant: str, pseudonym: str, period: str, new_key: Callable[[], tuple[str, bytes]]
+    ) -> tuple[str, bytes]:
+        """(key id, key) of the subject for the period, made with `new_key` if there is none.
+        Committed with a full fsync before any record is sealed under it: a record whose key
+        was lost could never be read again."""
+        found = self._opened(
+            SubjectKeyRow, "tenant=? AND pseudonym=? AND period=?", (tenant, pseudonym, period)
+        )
+        if found:
+            row, key = found[0]
+            return row.key_id, key
+        key_id, key = new_key()
+        with self._transaction():
+            self._insert(
+                SubjectKeyRow(tenant, pseudonym, period, key_id, to_us(dt.datetime.now(dt.UTC))),
+                key,
+            )
+        return key_id, key
+
+    def key_by_id(self, key_id: str) -> tuple[SubjectKeyRow, bytes] | None:
+        """A subject key by its id, or None once destroyed (erased or expired)."""
+        found = self._opened(SubjectKeyRow, "key_id=?", (key_id,))
+        return found[0] if found else None
+
+    def subject_key_ids(self, tenant: str, pseudonym: str) -> list[str]:
+        """The ids of every key the subject has, oldest period first."""
+        rows = self._opened(
+            SubjectKeyRow, "tenant=? AND pseudonym=?", (tenant, pseudonym), "ORDER BY period"
+        )
+        return [row.key_id for row, _ in rows]
+
+    def erase_subject(self, tenant: str, pseudonym: str) -> dict[str, int]:
+        """Delete the subject's rows and destroy its keys, in one transaction: events, limit
+        decisions, the recorded score, alert states; the subject's alerts keep their place in
+        the stream as empty messages. Each row is authenticated before it goes. Counts by
+        table. SQLite's secure_delete overwrites what is deleted."""
+        subject = (tenant, pseudonym)
+        where = "tenant=? AND pseudonym=?"
+        with self._transaction():
+            states = self._opened(AlertStateRow, where, subject)
+            counts = {
+                "events": len(self._opened(EventRow, where, subject)),
+                "limit_decisions": len(self._opened(LimitRow, where, subject)),
+                "scores": len(self._opened(ScoreRow, where, subject)),
+                "subject_keys": len(self._opened(SubjectKeyRow, where, subject)),
+                "alerts": 0,
+            }
+            for table in (EVENTS, LIMIT_DECISIONS, "scores", "alert_states", "subject_keys"):
+                self._db.execute(f"DELETE FROM {table} WHERE {where}", subject)
+            for state, _ in states:
+                counts["alerts"] += self._erase_alerts(state.alert_sequence)
+        # Deleted pages are overwritten in the database file; the write-ahead log still holds
+        # their last contents until it is checkpointed, so checkpoint it now.
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return counts
+
+    def _erase_alerts(self, alert_sequence: int) -> int:
+        """Blank an alert and its state changes in place (a change names its alert by
+        `alert_sequence`, which needs opening, so changes are found from the raised one on)."""
+        blanked = 0
+        for row, blob in self._opened(AlertRow, "sequence >= ?", (alert_sequence,)):
+            if not blob:
+                continue
+            alert = alert_service_pb2.Alert.FromString(blob)
+            if row.sequence == alert_sequence or alert.alert_sequence == alert_sequence:
+                self._db.execute("DELETE FROM alerts WHERE sequence=?", (row.sequence,))
+                self._insert(row, ERASED_ALERT)
+                blanked += 1
+        return blanked
+
+    def expired_key_ids(self, before_period: str) -> list[tuple[str, str, str]]:
+        """(tenant, pseudonym, key id) of keys of periods before `before_period` (YYYY-MM)."""
+        rows = self._opened(SubjectKeyRow, "period < ?", (before_period,), "ORDER BY period")
+        return [(row.tenant, row.pseudonym, row.key_id) for row, _ in rows]
+
+    def destroy_keys(self, key_ids: Sequence[str]) -> int:
+        """Destroy subject keys by id (retention expiry); how many were there."""
+        with self._transaction():
+            destroyed = 0
+            for key_id in key_ids:
+                destroyed += self._db.execute(
+                    "DELETE FROM subject_keys WHERE key_id=?", (key_id,)
+                ).rowcount
+        return destroyed
+
     # -- schema ---------------------------------------------------------------------------
+
+    def _migrate_from_v3(self) -> None:
+        """Version 4 adds recorded scores, alert states and subject keys: every stored alert
+        becomes open (version 3 had no way to resolve one)."""
+        with self._transaction():
+            for row, blob in self._opened(AlertRow, "1", tail="ORDER BY sequence"):
+                if blob and not alert_service_pb2.Alert.FromString(blob).alert_sequence:
+                    self._insert_state(row.sequence, blob, from_us(row.raised_at_us))
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _migrate_from_v2(self) -> None:
         """Re-seal every row of a version-2 store under the version-3 associated data, in one

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from privscore.client.envelope import REQUEST_ID_METADATA, REQUEST_ID_SHAPE
-from service.callctx import CALLER
+from service.callctx import CALLER, GRANTS
 from service.errors import FieldViolation, InvalidArgument, ServiceError
 from service.monitoring import tracing
 from service.monitoring.metrics import NO_METRICS, SERVER_STREAM, UNARY, Metrics
@@ -135,11 +135,15 @@ class _Call:
             request_id=request_id, method=method, caller=self.identity
         )
         self._caller_token: Any = None
+        self._grants_token: Any = None
 
     async def __aenter__(self) -> _Call:
         self.span.__enter__()
         self._bound.__enter__()
         self._caller_token = CALLER.set(self.identity or f"unauthenticated:{self.context.peer()}")
+        self._grants_token = GRANTS.set(
+            self.guard.authz.grants.get(self.identity or "", frozenset())
+        )
         # The request id travels in the trailers, with the status, whatever the outcome: an
         # early header would cost every unary call a HEADERS write of its own.
         self.context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
@@ -208,6 +212,7 @@ class _Call:
         self.rpc.handled(self.code.name, seconds)
         log.info("rpc.finished", code=self.code.name, duration_ms=round(seconds * 1000, 3))
         CALLER.reset(self._caller_token)
+        GRANTS.reset(self._grants_token)
         self._bound.__exit__(exc_type, exc, tb)
         self.span.finish(self.code.value[0])
         self.span.__exit__(exc_type, exc, tb)

@@ -41,6 +41,8 @@ from privscore.client.envelope import (
     DataKeyExhausted,
     FeatureInput,
     KeyLimits,
+    Money,
+    SealedValue,
     ServerPublicKey,
     decode_value,
     encode_value,
@@ -81,8 +83,10 @@ __all__ = [
     "FeatureOpener",
     "Grant",
     "KeyLimits",
+    "Money",
     "OpenedDataKey",
     "RequestKeys",
+    "SealedValue",
     "ServerPublicKey",
     "decode_value",
     "encode_value",
@@ -251,7 +255,7 @@ class FeatureOpener:
         path: str = "features",
         opened_keys: RequestKeys | None = None,
         at: float | None = None,
-    ) -> dict[str, FeatureInput]:
+    ) -> dict[str, SealedValue]:
         """Decrypt every field; raises INVALID_ARGUMENT naming each field that fails.
 
         `opened_keys` is one request's memo across the items of a batch: a key charges the
@@ -280,7 +284,7 @@ class FeatureOpener:
             if opened_keys is not None:
                 opened_keys[memo] = opened
             aead = opened.aead
-        values: dict[str, FeatureInput] = {}
+        values: dict[str, SealedValue] = {}
         violations = []
         decrypt = aead.decrypt
         for index, field in enumerate(fields):

@@ -51,6 +51,11 @@ class AuthzPolicy:
             raise PermissionDenied(f"{identity} may not call {method}")
 
 
+def capability_name(method: str, capability: str) -> str:
+    """How the policy file names a capability within a method: `/pkg.Service/Method#what`."""
+    return f"{method}#{capability}"
+
+
 def load_authz_policy(path: Path) -> AuthzPolicy:
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -66,10 +71,12 @@ def load_authz_policy(path: Path) -> AuthzPolicy:
         raise AuthzPolicyError("authz needs [roles] and [identities] tables")
     for role, methods in roles.items():
         if not isinstance(methods, list) or not all(
-            isinstance(m, str) and m.startswith("/") and m.count("/") == 2 for m in methods
+            isinstance(m, str) and m.startswith("/") and m.count("/") == 2 and m.count("#") <= 1
+            for m in methods
         ):
             raise AuthzPolicyError(
-                f"authz.roles.{role} must list methods as /package.Service/Method"
+                f"authz.roles.{role} must list methods as /package.Service/Method "
+                "(or a capability within one, /package.Service/Method#capability)"
             )
     grants: dict[str, frozenset[str]] = {}
     for identity, granted_roles in identities.items():

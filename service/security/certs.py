@@ -21,7 +21,18 @@ from service.files import private_dir, write_private
 
 TRUST_DOMAIN = "privscore.dev"
 SERVER_NAME = "localhost"  # the name clients verify; the certificate also covers 127.0.0.1
-CLIENT_NAMES = ("dev", "scorer", "limit-manager", "monitor", "auditor", "probe", "nobody")
+CLIENT_NAMES = (
+    "dev",
+    "scorer",
+    "limit-manager",
+    "monitor",
+    "risk-officer",
+    "auditor",
+    "customer-service",
+    "privacy-office",
+    "probe",
+    "nobody",
+)
 VALID_DAYS = 365
 
 
