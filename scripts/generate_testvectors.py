@@ -48,6 +48,14 @@ CLOCK_SKEW_MS = 60_000
 SCORE = "/privscore.v1.ScoringService/Score"
 SCORE_BATCH = "/privscore.v1.ScoringService/ScoreBatch"
 ADJUST_LIMIT = "/privscore.v1.LimitService/AdjustLimit"
+EVALUATE_EVENT = "/privscore.v1.AlertService/EvaluateEvent"
+# The schema versions of sealed account state and event figures, and where each envelope
+# travels in its request (violations of its fields are named under that path).
+ACCOUNT_SCHEMA = "account/1"
+EVENT_SCHEMA = "event/1"
+FEATURES_PATH = "features"
+ACCOUNT_PATH = "sealed_account"
+EVENT_PATH = "event.sealed_figures"
 
 
 def fixed(label: str, size: int = 32) -> bytes:
@@ -85,7 +93,25 @@ def feature_value(kind: str, value: Any) -> bytes:
         return b"\x12" + _varint(len(encoded)) + encoded
     if kind == "bool_value":
         return b"\x18" + (b"\x01" if value else b"\x00")
+    if kind == "money_value":
+        # A Money message (field 4, length-delimited): currency_code (field 1, string) and
+        # minor_units (field 2, int64 varint; a negative one as its 64-bit two's complement,
+        # ten bytes), each left out at its default as protobuf leaves out proto3 defaults.
+        code = value["currency_code"].encode("utf-8")
+        units = int(value["minor_units"])
+        money = b""
+        if code:
+            money += b"\x0a" + _varint(len(code)) + code
+        if units:
+            money += b"\x10" + _varint(units % (1 << 64))
+        return b"\x22" + _varint(len(money)) + money
     raise ValueError(kind)
+
+
+def money_value(currency_code: str, minor_units: int) -> dict[str, Any]:
+    """A money value as the vectors write it: the protobuf JSON mapping of `Money` (int64 as a
+    decimal string, so that no JSON reader rounds it through a double)."""
+    return {"currency_code": currency_code, "minor_units": str(minor_units)}
 
 
 def _varint(n: int) -> bytes:
@@ -214,6 +240,31 @@ EDGE_FEATURES: list[tuple[str, str, Any]] = [
     ("long_category", "string_value", "c" * 200),
     ("no", "bool_value", False),
 ]
+# AdjustLimit's sealed account state ("account/1"): amounts as money, counts as whole numbers.
+ACCOUNT_FIELDS: list[tuple[str, str, Any]] = [
+    ("current_limit", "money_value", money_value("CNY", 1_000_000)),
+    ("balance", "money_value", money_value("CNY", 200_000)),
+    ("on_time_repayments_in_row", "number_value", 12),
+    ("days_past_due", "number_value", 0),
+    ("account_age_days", "number_value", 400),
+]
+# EvaluateEvent's figures of a missed payment ("event/1").
+EVENT_FIELDS: list[tuple[str, str, Any]] = [
+    ("amount", "money_value", money_value("CNY", 35_000)),
+    ("days_past_due", "number_value", 31),
+    ("balance_after", "money_value", money_value("CNY", 420_000)),
+]
+# Money encodings at their edges. The names are no event figure's: the envelope opens them, and
+# the event schema (after the envelope) would refuse them, as it refuses negative amounts.
+MONEY_EDGE_FIELDS: list[tuple[str, str, Any]] = [
+    ("zero_units", "money_value", money_value("CNY", 0)),
+    ("empty_money", "money_value", money_value("", 0)),
+    ("negative_one", "money_value", money_value("CNY", -1)),
+    ("beyond_double", "money_value", money_value("USD", 2**53 + 1)),
+    ("int64_max", "money_value", money_value("CNY", 2**63 - 1)),
+    ("int64_min", "money_value", money_value("CNY", -(2**63))),
+    ("non_ascii_code", "money_value", money_value("\u00c7NY", 100)),
+]
 
 
 def pseudonym(tenant: str, customer_id: str, key: bytes = PSEUDONYM_KEY) -> str:
@@ -284,7 +335,8 @@ class SealedKey:
 
 @dataclass
 class Message:
-    """One subject's features in one request, sealed under a data key."""
+    """One subject's features (or account state, or event figures) in one request, sealed
+    under a data key; `path` is where the envelope travels in the request."""
 
     request_id: str
     tenant: str
@@ -292,6 +344,7 @@ class Message:
     schema_version: str
     features: Sequence[tuple[str, str, Any]]
     nonce_label: str
+    path: str = FEATURES_PATH
 
     def fields(self, data_key: bytes) -> list[dict[str, Any]]:
         out = []
@@ -315,6 +368,7 @@ class Message:
         return {
             "request_id": self.request_id,
             "subject": {"tenant": self.tenant, "pseudonym": self.pseudonym},
+            "path": self.path,
             "schema_version": self.schema_version,
             "fields": self.fields(data_key),
         }
@@ -407,6 +461,73 @@ def _positive_cases() -> list[tuple[str, str, SealedKey, int, list[Message], boo
             ),
             NOW_MS,
             [Message("limit-0001", TENANT, ALICE, SCHEMA, features, "adjust-limit/limit-0001")],
+            False,
+        ),
+        (
+            "adjust-limit-sealed-account",
+            "AdjustLimit with features and the sealed account state (account/1: amounts as "
+            "money_value, counts as whole numbers) under one single-use key: both envelopes "
+            "are one request, so the key is granted one request and both envelopes' bytes.",
+            _sealed(
+                "adjust-limit-sealed-account",
+                ADJUST_LIMIT,
+                max_requests=1,
+                max_bytes=_plaintext_bytes(features) + _plaintext_bytes(ACCOUNT_FIELDS),
+            ),
+            NOW_MS,
+            [
+                Message("limit-0002", TENANT, ALICE, SCHEMA, features, "sealed-account/features"),
+                Message(
+                    "limit-0002",
+                    TENANT,
+                    ALICE,
+                    ACCOUNT_SCHEMA,
+                    ACCOUNT_FIELDS,
+                    "sealed-account/account",
+                    ACCOUNT_PATH,
+                ),
+            ],
+            False,
+        ),
+        (
+            "evaluate-event-sealed-figures",
+            "EvaluateEvent for a missed payment: its figures (event/1) sealed in "
+            "event.sealed_figures, the amount and balance as money_value, the days past due a "
+            "whole number.",
+            _sealed("evaluate-event-sealed-figures", EVALUATE_EVENT),
+            NOW_MS,
+            [
+                Message(
+                    "event-0001",
+                    TENANT,
+                    ALICE,
+                    EVENT_SCHEMA,
+                    EVENT_FIELDS,
+                    "sealed-figures/event-0001",
+                    EVENT_PATH,
+                )
+            ],
+            False,
+        ),
+        (
+            "money-edge-values",
+            "money_value encodings at their edges: zero units and an empty Money (fields at "
+            "their defaults are left out), -1 and the int64 extremes (ten-byte varints), 2^53+1 "
+            "(not representable as a double) and a non-ASCII currency code. The envelope opens "
+            "them; the event schema after it refuses these names and amounts.",
+            _sealed("money-edge-values", EVALUATE_EVENT),
+            NOW_MS,
+            [
+                Message(
+                    "event-0002",
+                    TENANT,
+                    ALICE,
+                    EVENT_SCHEMA,
+                    MONEY_EDGE_FIELDS,
+                    "money-edge/event-0002",
+                    EVENT_PATH,
+                )
+            ],
             False,
         ),
         (
@@ -519,8 +640,11 @@ def build_envelope() -> dict[str, Any]:
             "encapsulated_key, sealed_key and each ciphertext; opening them as `method` and "
             "`identity` at now_ms gives the grant and `opened`. Negative cases: opening "
             "`features` in `context` must fail with `expect` (gRPC code, ErrorInfo reason, "
-            "BadRequest field violations in order). Regenerate only on purpose: "
-            "python -m scripts.generate_testvectors."
+            "BadRequest field violations in order). `path` is where an envelope travels in "
+            "its request (features, sealed_account, event.sealed_figures; violations are named "
+            "under it); messages with one request id belong to one request, which charges its "
+            "data key once. Money values follow the protobuf JSON mapping (minor_units as a "
+            "decimal string). Regenerate only on purpose: python -m scripts.generate_testvectors."
         ),
         "suite": {
             "mode": "base",
@@ -558,20 +682,20 @@ def build_envelope() -> dict[str, Any]:
     }
 
 
-def _negative_cases(base: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    score = base["score"]
-    sealed = score["data_key"]
-    message = score["messages"][0]
+def _adder(out: list[dict[str, Any]], case: dict[str, Any], index: int = 0) -> Callable[..., None]:
+    """Adds negative vectors to `out` that change the `index`th message of a positive case:
+    its envelope as sent (`features_json`, or `edit` of a copy), or the context it is opened
+    in (`changes`)."""
+    message = case["messages"][index]
     features = message["features"]
-    n = len(message["fields"])
     context = {
-        "method": score["method"],
-        "identity": score["identity"],
+        "method": case["method"],
+        "identity": case["identity"],
         "request_id": message["request_id"],
         "subject": dict(message["subject"]),
-        "now_ms": score["now_ms"],
+        "path": message["path"],
+        "now_ms": case["now_ms"],
     }
-    out: list[dict[str, Any]] = []
 
     def add(
         name: str,
@@ -594,6 +718,18 @@ def _negative_cases(base: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "expect": expect,
             }
         )
+
+    return add
+
+
+def _negative_cases(base: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    score = base["score"]
+    sealed = score["data_key"]
+    message = score["messages"][0]
+    features = message["features"]
+    n = len(message["fields"])
+    out: list[dict[str, Any]] = []
+    add = _adder(out, score)
 
     add(
         "wrong-subject-pseudonym",
@@ -836,7 +972,8 @@ def _negative_cases(base: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
     )
     add(
         "malformed-value",
-        "Field 0 decrypts to bytes that are no FeatureValue with a kind set (an unknown field 4).",
+        "Field 0 decrypts to bytes that are no FeatureValue with a kind set (field 4, "
+        "money_value, with the varint wire type instead of a message: not a member).",
         _invalid(("features.fields[0].ciphertext", "MALFORMED_VALUE")),
         features_json=_resealed_plaintexts(score, {0: b"\x20\x01"}),
     )
@@ -861,7 +998,83 @@ def _negative_cases(base: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
             },
         ),
     )
+    _sealed_figure_negatives(out, base)
     return out
+
+
+def _sealed_figure_negatives(out: list[dict[str, Any]], base: Mapping[str, dict[str, Any]]) -> None:
+    """Account state and event figures are bound like features: to the request, subject, field
+    name, schema version and method. Only what the envelope decides: a value of the wrong kind
+    for its name (money under a count) opens, and the account or event schema refuses it."""
+    limit = base["adjust-limit-sealed-account"]
+    account = limit["messages"][1]
+    n = len(account["fields"])
+    add = _adder(out, limit, 1)
+
+    def undecryptable(path: str, *indexes: int) -> dict[str, Any]:
+        return _invalid(*((f"{path}.fields[{i}].ciphertext", "DECRYPTION_FAILED") for i in indexes))
+
+    add(
+        "account-in-another-request",
+        "The sealed account state of one AdjustLimit sent again under another request id.",
+        undecryptable(ACCOUNT_PATH, *range(n)),
+        request_id="limit-9999",
+    )
+    add(
+        "account-of-another-subject",
+        "The sealed account state opened for another customer of the same tenant.",
+        undecryptable(ACCOUNT_PATH, *range(n)),
+        subject={"tenant": TENANT, "pseudonym": BOB},
+    )
+
+    def swap_amounts(body: dict[str, Any]) -> None:
+        first, second = body["fields"][0], body["fields"][1]
+        first["name"], second["name"] = second["name"], first["name"]
+
+    add(
+        "account-amounts-swapped",
+        "current_limit and balance exchange names (the limit's ciphertext sent as the balance).",
+        undecryptable(ACCOUNT_PATH, 0, 1),
+        edit=swap_amounts,
+    )
+    add(
+        "account-sealed-as-features",
+        "The account fields sealed with the features' schema version in their associated "
+        "data, sent under account/1: no field opens.",
+        undecryptable(ACCOUNT_PATH, *range(n)),
+        features_json=_resealed_for_schema(limit, SCHEMA, message_index=1),
+    )
+    add(
+        "account-key-sealed-for-evaluate-event",
+        "Account state under a data key sealed for EvaluateEvent, sent to AdjustLimit.",
+        _invalid((f"{ACCOUNT_PATH}.data_key", "DECRYPTION_FAILED")),
+        method=EVALUATE_EVENT,
+    )
+    add(
+        "malformed-money-value",
+        "Field 0 decrypts to a money_value whose Money is cut short (a minor_units tag "
+        "without its varint).",
+        _invalid((f"{ACCOUNT_PATH}.fields[0].ciphertext", "MALFORMED_VALUE")),
+        features_json=_resealed_plaintexts(limit, {0: b"\x22\x01\x10"}, message_index=1),
+    )
+    event = base["evaluate-event-sealed-figures"]
+    add_event = _adder(out, event)
+    add_event(
+        "event-figures-in-another-request",
+        "An event's sealed figures sent again under another request id.",
+        undecryptable(EVENT_PATH, *range(len(event["messages"][0]["fields"]))),
+        request_id="event-9999",
+    )
+
+    def rename_days(body: dict[str, Any]) -> None:
+        body["fields"][1]["name"] = "account_age_days"
+
+    add_event(
+        "event-figure-renamed",
+        "The days past due sent under another name.",
+        undecryptable(EVENT_PATH, 1),
+        edit=rename_days,
+    )
 
 
 def _resealed(
@@ -870,9 +1083,11 @@ def _resealed(
     *,
     schema_for_aad: str | None = None,
     plaintexts: Mapping[int, bytes] | None = None,
+    message_index: int = 0,
 ) -> dict[str, Any]:
-    """The score case's request with some of its parts sealed differently."""
-    message = case["messages"][0]
+    """A case's message (the score case's, unless told) with some of its parts sealed
+    differently."""
+    message = case["messages"][message_index]
     data_key = bytes.fromhex(case["data_key"]["grant"]["data_key"])
     sealed = case["data_key"] if sealed_key is None else sealed_key.to_json()
     body = _features_json(sealed, message)
@@ -891,12 +1106,16 @@ def _resealed(
     return body
 
 
-def _resealed_for_schema(case: dict[str, Any], schema: str) -> dict[str, Any]:
-    return _resealed(case, schema_for_aad=schema)
+def _resealed_for_schema(
+    case: dict[str, Any], schema: str, *, message_index: int = 0
+) -> dict[str, Any]:
+    return _resealed(case, schema_for_aad=schema, message_index=message_index)
 
 
-def _resealed_plaintexts(case: dict[str, Any], plaintexts: Mapping[int, bytes]) -> dict[str, Any]:
-    return _resealed(case, plaintexts=plaintexts)
+def _resealed_plaintexts(
+    case: dict[str, Any], plaintexts: Mapping[int, bytes], *, message_index: int = 0
+) -> dict[str, Any]:
+    return _resealed(case, plaintexts=plaintexts, message_index=message_index)
 
 
 def _resealed_with_grant(
@@ -993,6 +1212,7 @@ def build_pseudonyms() -> dict[str, Any]:
 
 def check_against_code(envelope: dict[str, Any], pseudonyms: dict[str, Any]) -> None:
     """Refuse to write vectors the code would not produce or open."""
+    from privscore.client import envelope as envelope_constants
     from privscore.v1 import common_pb2
     from service.privacy import sealing
     from service.privacy.pseudonym import Pseudonymiser
@@ -1021,11 +1241,38 @@ def check_against_code(envelope: dict[str, Any], pseudonyms: dict[str, Any]) -> 
             )
             for field in message["fields"]:
                 assert bytes.fromhex(field["aad"]) == sealing.field_aad(prefix, field["name"])
-                ((_kind, value),) = field["value"].items()
-                assert bytes.fromhex(field["plaintext"]) == sealing.encode_value(value)
+                value = _typed_input(field["value"])
+                plaintext = bytes.fromhex(field["plaintext"])
+                assert plaintext == sealing.encode_value(value)
+                assert sealing.decode_value(plaintext) == value
+    # The sealed account state and event figures use the names and versions the SDK seals.
+    assert (ACCOUNT_SCHEMA, EVENT_SCHEMA) == (
+        envelope_constants.ACCOUNT_SCHEMA_VERSION,
+        envelope_constants.EVENT_SCHEMA_VERSION,
+    )
+    account_names = [name for name, _, _ in ACCOUNT_FIELDS]
+    assert account_names == [
+        *envelope_constants.ACCOUNT_MONEY_FIELDS,
+        *envelope_constants.ACCOUNT_COUNT_FIELDS,
+    ]
+    assert [name for name, _, _ in EVENT_FIELDS] == [
+        *envelope_constants.EVENT_MONEY_FIELDS["missed_payment"],
+        *envelope_constants.EVENT_COUNT_FIELDS["missed_payment"],
+        envelope_constants.EVENT_BALANCE_FIELD,
+    ]
     for row in pseudonyms["cases"]:
         pseudonymiser = Pseudonymiser(bytes.fromhex(row["key"]))
         assert pseudonymiser.pseudonym(row["tenant"], row["customer_id"]) == row["pseudonym"]
+
+
+def _typed_input(typed: Mapping[str, Any]) -> Any:
+    """A vector's typed value as the SDK takes it (a money value as its `Money`)."""
+    from privscore.client.envelope import Money
+
+    ((kind, value),) = typed.items()
+    if kind == "money_value":
+        return Money(value["currency_code"], int(value["minor_units"]))
+    return value
 
 
 def check_rfc9180_known_answer() -> None:

@@ -21,6 +21,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from privscore.client.envelope import (
+    ACCOUNT_SCHEMA_VERSION,
+    EVENT_SCHEMA_VERSION,
+    Money,
+    SealedValue,
+)
 from privscore.v1 import common_pb2
 from scripts import generate_testvectors
 from service.api import validation
@@ -32,7 +38,6 @@ from service.privacy.pseudonym import Pseudonymiser
 from service.privacy.sealing import (
     SUITE,
     DataKey,
-    FeatureInput,
     FeatureOpener,
     KeyLimits,
     RequestKeys,
@@ -123,10 +128,12 @@ def _fixed_random(case: dict[str, Any]) -> Callable[[int], bytes]:
     return random_bytes
 
 
-def _value(typed: dict[str, Any]) -> FeatureInput:
+def _value(typed: dict[str, Any]) -> SealedValue:
     ((kind, value),) = typed.items()
     if kind == "number_value":
         return float(value)
+    if kind == "money_value":  # the protobuf JSON mapping: int64 as a decimal string
+        return Money(value["currency_code"], int(value["minor_units"]))
     assert isinstance(value, str | bool)
     return value
 
@@ -249,6 +256,13 @@ def _features(body: dict[str, Any]) -> common_pb2.EncryptedFeatures:
     )
 
 
+# The schema version each sealed envelope's place requires; features name the served model's.
+SEALED_SCHEMA_VERSIONS = {
+    "sealed_account": ACCOUNT_SCHEMA_VERSION,
+    "event.sealed_figures": EVENT_SCHEMA_VERSION,
+}
+
+
 def open_as_servicer(
     opener: FeatureOpener,
     features: common_pb2.EncryptedFeatures,
@@ -257,27 +271,30 @@ def open_as_servicer(
     identity: str,
     request_id: str,
     subject: dict[str, str],
+    path: str,
     opened_keys: RequestKeys | None = None,
-) -> dict[str, FeatureInput]:
-    """What a servicer does with sealed features before the model sees them: validate the
-    request (service.api.validation), compare the schema version with the served one
-    (service.api.features.open_row), open (FeatureOpener). The model schema's own checks
-    (missing, unknown, out-of-range features) are the model's, not the envelope's."""
+) -> dict[str, SealedValue]:
+    """What a servicer does with a sealed envelope before the model or the rules see it:
+    validate the request (service.api.validation), compare the schema version with the one
+    its place takes (features: the served one, service.api.features.open_row), open
+    (FeatureOpener), naming violations under `path`. The model's and the account and event
+    schemas' own checks (missing, unknown, out-of-range values) come after the envelope."""
     ref = common_pb2.SubjectRef(**subject)
     check = validation.Violations()
     validation.check_request_id(check, "request_id", request_id)
     validation.check_subject(check, "subject", True, ref)
-    validation.check_encrypted_features(check, "features", True, features)
+    validation.check_encrypted_features(check, path, True, features)
     check.raise_if_any()
     served = envelope()["keyring"]["served_schema_version"]
-    if features.schema_version != served:
-        raise SchemaVersionMismatch("features.schema_version does not match the served schema")
+    if features.schema_version != SEALED_SCHEMA_VERSIONS.get(path, served):
+        raise SchemaVersionMismatch(f"{path}.schema_version does not match the served schema")
     return opener.open(
         features,
         ref,
         method=method,
         identity=identity,
         request_id=request_id,
+        path=path,
         opened_keys=opened_keys,
     )
 
@@ -285,7 +302,9 @@ def open_as_servicer(
 @pytest.mark.parametrize("case", CASES, ids=_ids(CASES))
 def test_server_opens_the_vector(case: dict[str, Any], tmp_path: Path) -> None:
     opener = FeatureOpener(_keyring(tmp_path), clock=lambda: case["now_ms"] / 1000)
-    memo: RequestKeys = {}
+    # Messages of one request (a batch's items; an AdjustLimit's features and account) share
+    # the request's memo: the request charges their data key once, as a single-use grant needs.
+    memos: dict[str, RequestKeys] = {}
     for message in case["messages"]:
         opened = open_as_servicer(
             opener,
@@ -294,7 +313,8 @@ def test_server_opens_the_vector(case: dict[str, Any], tmp_path: Path) -> None:
             identity=case["identity"],
             request_id=message["request_id"],
             subject=message["subject"],
-            opened_keys=memo if case["batch"] else None,
+            path=message["path"],
+            opened_keys=memos.setdefault(message["request_id"], {}),
         )
         expected = {name: _value(typed) for name, typed in message["opened"].items()}
         assert opened == expected
@@ -315,6 +335,7 @@ def test_server_refuses_the_negative_vector(vector: dict[str, Any], tmp_path: Pa
             identity=context["identity"],
             request_id=context["request_id"],
             subject=context["subject"],
+            path=context["path"],
         )
     error = refused.value
     expect = vector["expect"]

@@ -2,16 +2,19 @@
 
 It pseudonymises the id with the caller's own key, seals a data key to the server's primary
 public key for its own certificate identity and the method, encrypts every feature field by
-field under it (bound to the request id and subject) and calls the RPC. Sealed data keys are
-reused across requests within `KeyLimits` (by default 5 minutes, 10,000 requests or 16 MiB of
-field plaintext, whichever comes first; 0 turns reuse off), so most calls cost the server no
-HPKE open. It needs the generated stubs, `cryptography` and grpcio only (no server code, no model
+field under it (bound to the request id and subject) and calls the RPC. An account's state and
+an event's figures are given in clear, as the messages define them, and sealed the same way
+before anything leaves the process (privscore/client/figures.py): the server refuses them in
+clear. Sealed data keys are reused across requests within `KeyLimits` (by default 5 minutes,
+10,000 requests or 16 MiB of field plaintext, whichever comes first; 0 turns reuse off), so
+most calls cost the server no HPKE open. It needs the generated stubs, `cryptography` and grpcio only (no server code, no model
 runtime): it is the client distribution's (clients/python). The server's repository adds
 dev-key conveniences in service/client/sdk.py.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -24,7 +27,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from privscore.client.envelope import (
+    ACCOUNT_SCHEMA_VERSION,
     DEFAULT_MAX_AGE_S,
+    EVENT_SCHEMA_VERSION,
     MAX_ENCRYPTIONS_PER_KEY,
     REQUEST_ID_METADATA,
     REQUEST_ID_SHAPE,
@@ -35,6 +40,7 @@ from privscore.client.envelope import (
     ServerPublicKey,
     encode_value,
 )
+from privscore.client.figures import Figures, account_figures, event_figures
 from privscore.client.pseudonym import Pseudonymiser
 from privscore.v1 import (
     alert_service_pb2,
@@ -44,6 +50,8 @@ from privscore.v1 import (
     discovery_service_pb2_grpc,
     limit_service_pb2,
     limit_service_pb2_grpc,
+    privacy_service_pb2,
+    privacy_service_pb2_grpc,
     scoring_service_pb2,
     scoring_service_pb2_grpc,
 )
@@ -60,6 +68,7 @@ def _method(module: Any, service: str, method: str) -> str:
 SCORE_METHOD = _method(scoring_service_pb2, "ScoringService", "Score")
 SCORE_BATCH_METHOD = _method(scoring_service_pb2, "ScoringService", "ScoreBatch")
 ADJUST_LIMIT_METHOD = _method(limit_service_pb2, "LimitService", "AdjustLimit")
+EVALUATE_EVENT_METHOD = _method(alert_service_pb2, "AlertService", "EvaluateEvent")
 DEFAULT_TIMEOUT_S = 10.0
 Response = TypeVar("Response")
 
@@ -222,7 +231,7 @@ class DataKeyCache:
                 del self._keys[method]
 
 
-def _encoded(features: Features) -> list[tuple[str, bytes]]:
+def _encoded(features: Features | Figures) -> list[tuple[str, bytes]]:
     return [(name, encode_value(value)) for name, value in features.items()]
 
 
@@ -254,6 +263,7 @@ class PrivscoreClient:
         self._scoring = scoring_service_pb2_grpc.ScoringServiceStub(channel)
         self._limits = limit_service_pb2_grpc.LimitServiceStub(channel)
         self._alerts = alert_service_pb2_grpc.AlertServiceStub(channel)
+        self._privacy = privacy_service_pb2_grpc.PrivacyServiceStub(channel)
 
     @classmethod
     def discovered(
@@ -380,22 +390,37 @@ class PrivscoreClient:
         request_id: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> limit_service_pb2.AdjustLimitResponse:
-        """Decide a new limit from the latest score, or from features scored in the same call."""
-        if (latest_score is None) == (features is None):
-            raise ValueError("give exactly one of latest_score or features")
+        """Decide a new limit. The score: features scored in the same call, or a `latest_score`
+        the caller states (only a role allowed to state scores may), or neither: the subject's
+        latest Score decision as privscore recorded it.
+
+        `account` is the clear message, in this process only: its figures travel sealed in
+        `sealed_account` ("account/1"), under the same data key as the features when there are
+        any (the server charges the key one request for the call)."""
+        if latest_score is not None and features is not None:
+            raise ValueError("give at most one of latest_score or features")
         request_id = request_id or new_request_id()
         subject = self.subject(tenant, customer_id)
+        account_plaintexts = _encoded(account_figures(account))
+        feature_plaintexts = _encoded(features) if features is not None else []
+        both = account_plaintexts + feature_plaintexts
+        key = self.data_keys.take(ADJUST_LIMIT_METHOD, _size(both), len(both))
         request = limit_service_pb2.AdjustLimitRequest(
-            request_id=request_id, subject=subject, account=account
+            request_id=request_id,
+            subject=subject,
+            sealed_account=key.seal_encoded(
+                ACCOUNT_SCHEMA_VERSION, subject, account_plaintexts, request_id=request_id
+            ),
         )
-        used = None
         if features is not None:
-            sealed, key = self._seal(ADJUST_LIMIT_METHOD, request_id, subject, features)
-            request.features.CopyFrom(sealed)
-            used = (ADJUST_LIMIT_METHOD, key)
-        else:
-            request.latest_score = latest_score  # type: ignore[assignment]
-        return self._call(self._limits.AdjustLimit, request, timeout, used)
+            request.features.CopyFrom(
+                key.seal_encoded(
+                    self.schema_version, subject, feature_plaintexts, request_id=request_id
+                )
+            )
+        elif latest_score is not None:
+            request.latest_score = latest_score
+        return self._call(self._limits.AdjustLimit, request, timeout, (ADJUST_LIMIT_METHOD, key))
 
     def evaluate_event(
         self,
@@ -406,15 +431,104 @@ class PrivscoreClient:
         request_id: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> alert_service_pb2.EvaluateEventResponse:
+        """Report one behaviour event. `event` holds its figures in clear, in this process
+        only: what is sent is a copy with those fields cleared and the figures sealed in
+        `sealed_figures` ("event/1"); a login without a balance has none to seal."""
+        request_id = request_id or new_request_id()
+        subject = self.subject(tenant, customer_id)
+        clear, figures = event_figures(event)
+        used = None
+        if figures:
+            plaintexts = _encoded(figures)
+            key = self.data_keys.take(EVALUATE_EVENT_METHOD, _size(plaintexts), len(plaintexts))
+            clear.sealed_figures.CopyFrom(
+                key.seal_encoded(EVENT_SCHEMA_VERSION, subject, plaintexts, request_id=request_id)
+            )
+            used = (EVALUATE_EVENT_METHOD, key)
         request = alert_service_pb2.EvaluateEventRequest(
+            request_id=request_id, subject=subject, event=clear
+        )
+        return self._call(self._alerts.EvaluateEvent, request, timeout, used)
+
+    def update_alert_state(
+        self,
+        alert_sequence: int,
+        state: alert_service_pb2.AlertState.ValueType,
+        reason_code: str,
+        *,
+        request_id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> alert_service_pb2.UpdateAlertStateResponse:
+        """Acknowledge (ALERT_STATE_ACKNOWLEDGED) or resolve (ALERT_STATE_RESOLVED) the alert
+        raised at `alert_sequence`, with an upper-snake-case reason code such as
+        "CUSTOMER_CONTACTED" (never free text: it is recorded). A resolved alert no longer
+        freezes or holds the subject's limit."""
+        request = alert_service_pb2.UpdateAlertStateRequest(
             request_id=request_id or new_request_id(),
-            subject=self.subject(tenant, customer_id),
-            event=event,
+            alert_sequence=alert_sequence,
+            state=state,
+            reason_code=reason_code,
         )
-        response: alert_service_pb2.EvaluateEventResponse = self._alerts.EvaluateEvent(
-            request, timeout=timeout, metadata=call_metadata(request.request_id)
+        return self._call(self._alerts.UpdateAlertState, request, timeout, None)
+
+    def explain_decision(
+        self, decision_id: str, *, request_id: str | None = None, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> privacy_service_pb2.ExplainDecisionResponse:
+        """The decision explained in every language of the server's catalogue (zh-CN, then
+        en), with what would most change a declined or reviewed outcome."""
+        request = privacy_service_pb2.ExplainDecisionRequest(
+            request_id=request_id or new_request_id(), decision_id=decision_id
         )
-        return response
+        return self._call(self._privacy.ExplainDecision, request, timeout, None)
+
+    def export_subject(
+        self,
+        tenant: str,
+        *,
+        customer_id: str | None = None,
+        pseudonym: str | None = None,
+        request_id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        """Everything privscore keeps about one subject (decisions with their explanations,
+        limits, events, alerts), as the parsed JSON document (docs/subject-export.md). The
+        subject by raw customer id (pseudonymised here) or by the pseudonym itself."""
+        request = privacy_service_pb2.ExportSubjectRequest(
+            request_id=request_id or new_request_id(),
+            subject=self._subject_of(tenant, customer_id, pseudonym),
+        )
+        response = self._call(self._privacy.ExportSubject, request, timeout, None)
+        document: dict[str, Any] = json.loads(response.document.decode("utf-8"))
+        return document
+
+    def erase_subject(
+        self,
+        tenant: str,
+        *,
+        customer_id: str | None = None,
+        pseudonym: str | None = None,
+        request_id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> privacy_service_pb2.EraseSubjectResponse:
+        """Erase one subject's events, alerts, limit decisions and recorded scores (and the key
+        their audit records' personal fields are sealed under); `erased` is False when nothing
+        was kept. The subject by raw customer id or by pseudonym."""
+        request = privacy_service_pb2.EraseSubjectRequest(
+            request_id=request_id or new_request_id(),
+            subject=self._subject_of(tenant, customer_id, pseudonym),
+        )
+        return self._call(self._privacy.EraseSubject, request, timeout, None)
+
+    def _subject_of(
+        self, tenant: str, customer_id: str | None, pseudonym: str | None
+    ) -> common_pb2.SubjectRef:
+        """A subject named by exactly one of a raw customer id or a pseudonym (a privacy
+        office may hold only the pseudonym, e.g. from an audit record)."""
+        if pseudonym is None and customer_id is not None:
+            return self.subject(tenant, customer_id)
+        if customer_id is None and pseudonym is not None:
+            return common_pb2.SubjectRef(tenant=tenant, pseudonym=pseudonym)
+        raise ValueError("give exactly one of customer_id or pseudonym")
 
     def watch_alerts(
         self,
