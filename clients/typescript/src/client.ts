@@ -1,7 +1,8 @@
 // The privscore client: learns the server's sealing key and schema version over the wire
-// (DiscoveryService), pseudonymises customer ids, seals features under a reused data key
-// (sealing format 2) and calls Score, AdjustLimit and EvaluateEvent over mutual TLS, reading
-// each call's request id from its trailers and a failure's rich error details.
+// (DiscoveryService), pseudonymises customer ids, seals features, account state and event
+// figures under reused data keys (sealing format 2) and calls Score, AdjustLimit,
+// EvaluateEvent, UpdateAlertState and the PrivacyService over mutual TLS, reading each call's
+// request id from its trailers and a failure's rich error details.
 
 import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -12,6 +13,14 @@ import * as protoLoader from "@grpc/proto-loader";
 import { schemaVersionOf, sealingKey, type ServerInfo } from "./discovery.js";
 import { PrivscoreError, REQUEST_ID_TRAILER, requestIdOf } from "./errors.js";
 import type { Features } from "./featureValue.js";
+import {
+  ACCOUNT_SCHEMA_VERSION,
+  EVENT_SCHEMA_VERSION,
+  accountFigures,
+  eventFigures,
+  type AccountState,
+  type BehaviourEvent,
+} from "./figures.js";
 import { certificateIdentity } from "./keys.js";
 import { SERVICE_PROTO_FILES, defaultProtoRoot, vendoredProtoDir } from "./protos.js";
 import { Pseudonymiser } from "./pseudonym.js";
@@ -20,6 +29,7 @@ import {
   DEFAULT_KEY_LIMITS,
   DataKey,
   DataKeyCache,
+  EVALUATE_EVENT_METHOD,
   SCORE_METHOD,
   encodeFeatures,
   plaintextBytes,
@@ -38,10 +48,6 @@ export const REQUEST_ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
 export interface Money {
   currency_code: string;
   minor_units: string;
-}
-export interface MoneyInput {
-  currency_code: string;
-  minor_units: number | string;
 }
 export interface Timestamp {
   seconds: string;
@@ -70,13 +76,6 @@ export interface ScoreResponse {
   metadata: DecisionMetadata;
   score: CreditScore;
 }
-export interface AccountState {
-  current_limit: MoneyInput;
-  balance: MoneyInput;
-  on_time_repayments_in_row?: number;
-  days_past_due?: number;
-  account_age_days?: number;
-}
 export interface AdjustLimitResponse {
   metadata: DecisionMetadata;
   previous_limit: Money;
@@ -86,16 +85,12 @@ export interface AdjustLimitResponse {
   reasons: Reason[];
   score: number;
   replayed: boolean;
-}
-export interface BehaviourEvent {
-  event_id: string;
-  occurred_at: { seconds: number | string; nanos?: number };
-  balance_after?: MoneyInput;
-  purchase?: { amount: MoneyInput };
-  repayment?: { amount: MoneyInput; outcome: string };
-  missed_payment?: { amount_due: MoneyInput; days_past_due: number };
-  login?: { new_device: boolean };
-  limit_change?: { new_limit: MoneyInput };
+  /** SCORE_SOURCE_RECORDED, SCORE_SOURCE_IN_CALL or SCORE_SOURCE_CALLER_STATED. */
+  score_source: string;
+  /** For a recorded score, the Score decision it came from. */
+  score_decision_id: string;
+  /** Alert.alert_sequence of each unresolved alert that froze or held the limit. */
+  blocking_alerts: string[];
 }
 export interface Alert {
   sequence: string;
@@ -106,11 +101,64 @@ export interface Alert {
   reasons: Reason[];
   event_id: string;
   metadata: DecisionMetadata;
+  /** ALERT_STATE_OPEN, ALERT_STATE_ACKNOWLEDGED or ALERT_STATE_RESOLVED. */
+  state: string;
+  /** The alert's id: the stream sequence it was raised at. */
+  alert_sequence: string;
+  state_reason: string;
 }
 export interface EvaluateEventResponse {
   metadata: DecisionMetadata;
   alerts: Alert[];
   duplicate: boolean;
+}
+/** The states a caller may move an alert to. */
+export type AlertStateChange = "ALERT_STATE_ACKNOWLEDGED" | "ALERT_STATE_RESOLVED";
+export interface UpdateAlertStateResponse {
+  alert: Alert;
+  metadata: DecisionMetadata;
+}
+export interface Counterfactual {
+  feature: string;
+  text: string;
+  reaches: string;
+  score: number;
+}
+export interface Explanation {
+  language: string;
+  outcome: string;
+  score: number;
+  score_min: number;
+  score_max: number;
+  reasons: Reason[];
+  decided_at: Timestamp | null;
+  model_version: string;
+  contest: string;
+  counterfactuals: Counterfactual[];
+  text: string;
+}
+export interface ExplainDecisionResponse {
+  metadata: DecisionMetadata;
+  decision_id: string;
+  catalogue_version: string;
+  explanations: Explanation[];
+}
+export interface ExportSubjectResponse {
+  metadata: DecisionMetadata;
+  /** UTF-8 JSON (docs/subject-export.md); `subjectDocument` parses it. */
+  document: Buffer;
+}
+export interface EraseSubjectResponse {
+  metadata: DecisionMetadata;
+  erased: boolean;
+  events_deleted: number;
+  alerts_deleted: number;
+  adjustments_deleted: number;
+}
+
+/** An ExportSubject reply's document, parsed. */
+export function subjectDocument(response: ExportSubjectResponse): unknown {
+  return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(response.document));
 }
 
 /** A reply and the request id the server sent in its trailers. */
@@ -286,6 +334,7 @@ export class PrivscoreClient {
   readonly #scoring: grpc.Client;
   readonly #limits: grpc.Client;
   readonly #alerts: grpc.Client;
+  readonly #privacy: grpc.Client;
 
   /** A client sealing to `options.serverKey` for `options.schemaVersion`, both given by the
    * caller. `connection`: an open one to use (and close with this client). */
@@ -303,6 +352,7 @@ export class PrivscoreClient {
     this.#scoring = this.#connection.client("ScoringService");
     this.#limits = this.#connection.client("LimitService");
     this.#alerts = this.#connection.client("AlertService");
+    this.#privacy = this.#connection.client("PrivacyService");
   }
 
   /**
@@ -351,16 +401,36 @@ export class PrivscoreClient {
     return { tenant, pseudonym: this.#pseudonymiser.pseudonym(tenant, customerId) };
   }
 
-  /** One request's features sealed under the method's current data key. */
+  /** One request's values (features by default; account state or event figures under their
+   * own schema version) sealed under the method's current data key. */
   async seal(
     method: string,
     requestId: string,
     subject: Subject,
     features: Features,
+    schemaVersion: string = this.schemaVersion,
   ): Promise<{ sealed: EncryptedFeaturesMessage; key: DataKey }> {
-    const plaintexts = encodeFeatures(features);
-    const key = await this.dataKeys.take(method, plaintextBytes(plaintexts), plaintexts.length);
-    return { sealed: key.sealEncoded(this.schemaVersion, subject, plaintexts, requestId), key };
+    const sets = [[schemaVersion, features]] as const;
+    const [sealed, key] = await this.#sealAll(method, requestId, subject, sets);
+    return { sealed: sealed[0]!, key };
+  }
+
+  /** Several sets of values of one request sealed under ONE data key of the method, which is
+   * charged once: one request, every set's plaintext bytes and fields. */
+  async #sealAll(
+    method: string,
+    requestId: string,
+    subject: Subject,
+    sets: ReadonlyArray<readonly [string, Features]>,
+  ): Promise<[EncryptedFeaturesMessage[], DataKey]> {
+    const encoded = sets.map(([version, values]) => [version, encodeFeatures(values)] as const);
+    const bytes = encoded.reduce((n, [, plaintexts]) => n + plaintextBytes(plaintexts), 0);
+    const fields = encoded.reduce((n, [, plaintexts]) => n + plaintexts.length, 0);
+    const key = await this.dataKeys.take(method, bytes, fields);
+    const sealed = encoded.map(([version, plaintexts]) =>
+      key.sealEncoded(version, subject, plaintexts, requestId),
+    );
+    return [sealed, key];
   }
 
   async score(
@@ -376,48 +446,117 @@ export class PrivscoreClient {
     return this.#call<ScoreResponse>(this.#scoring, "Score", request, options.timeoutMs, key);
   }
 
-  /** A limit decision from the latest score, or from features scored in the same call. */
+  /**
+   * A limit decision. The account state is sealed ("account/1", for AdjustLimit); the score
+   * is, by `source`: absent or `{}`, the subject's latest Score decision the server recorded;
+   * `{ features }`, features scored in this call, sealed under the same data key as the
+   * account; `{ latestScore }`, a score the caller states (only a role allowed to state
+   * scores may). At most one of the two.
+   */
   async adjustLimit(
     tenant: string,
     customerId: string,
     account: AccountState,
-    source: { latestScore: number } | { features: Features },
+    source: { latestScore?: number; features?: Features } = {},
     options: CallOptions = {},
   ): Promise<Reply<AdjustLimitResponse>> {
+    const { latestScore, features } = source;
+    if (latestScore !== undefined && features !== undefined) {
+      throw new TypeError("give at most one of latestScore and features");
+    }
     const requestId = options.requestId ?? newRequestId();
     const subject = this.subject(tenant, customerId);
-    if ("latestScore" in source) {
-      const request = { request_id: requestId, subject, account, latest_score: source.latestScore };
-      return this.#call<AdjustLimitResponse>(this.#limits, "AdjustLimit", request, options.timeoutMs);
-    }
-    const { sealed, key } = await this.seal(ADJUST_LIMIT_METHOD, requestId, subject, source.features);
-    const request = { request_id: requestId, subject, account, features: sealed };
-    return this.#call<AdjustLimitResponse>(
-      this.#limits,
-      "AdjustLimit",
-      request,
-      options.timeoutMs,
-      key,
-    );
+    const sets: Array<[string, Features]> = [[ACCOUNT_SCHEMA_VERSION, accountFigures(account)]];
+    if (features !== undefined) sets.push([this.schemaVersion, features]);
+    const [sealed, key] = await this.#sealAll(ADJUST_LIMIT_METHOD, requestId, subject, sets);
+    const request: Record<string, unknown> & { request_id: string } = {
+      request_id: requestId,
+      subject,
+      sealed_account: sealed[0],
+    };
+    if (features !== undefined) request.features = sealed[1];
+    if (latestScore !== undefined) request.latest_score = latestScore;
+    const timeoutMs = options.timeoutMs;
+    return this.#call<AdjustLimitResponse>(this.#limits, "AdjustLimit", request, timeoutMs, key);
   }
 
+  /** Report one behaviour event; its figures are sealed ("event/1", for EvaluateEvent). A
+   * login without a balance has none and is sent without sealed_figures. */
   async evaluateEvent(
     tenant: string,
     customerId: string,
     event: BehaviourEvent,
     options: CallOptions = {},
   ): Promise<Reply<EvaluateEventResponse>> {
+    const requestId = options.requestId ?? newRequestId();
+    const subject = this.subject(tenant, customerId);
+    const { clear, figures } = eventFigures(event);
+    const timeoutMs = options.timeoutMs;
+    if (Object.keys(figures).length === 0) {
+      const request = { request_id: requestId, subject, event: clear };
+      return this.#call<EvaluateEventResponse>(this.#alerts, "EvaluateEvent", request, timeoutMs);
+    }
+    const { sealed, key } = await this.seal(
+      EVALUATE_EVENT_METHOD,
+      requestId,
+      subject,
+      figures,
+      EVENT_SCHEMA_VERSION,
+    );
+    const request = { request_id: requestId, subject, event: { ...clear, sealed_figures: sealed } };
+    return this.#call<EvaluateEventResponse>(this.#alerts, "EvaluateEvent", request, timeoutMs, key);
+  }
+
+  /** Acknowledge or resolve an alert (by Alert.alert_sequence) with an upper-snake-case
+   * reason code such as "PAYMENT_RECEIVED"; a resolved alert stops acting on the limit. */
+  updateAlertState(
+    alertSequence: number | bigint | string,
+    state: AlertStateChange,
+    reasonCode: string,
+    options: CallOptions = {},
+  ): Promise<Reply<UpdateAlertStateResponse>> {
+    const request = {
+      request_id: options.requestId ?? newRequestId(),
+      alert_sequence: String(alertSequence),
+      state,
+      reason_code: reasonCode,
+    };
+    return this.#call(this.#alerts, "UpdateAlertState", request, options.timeoutMs);
+  }
+
+  /** One decision explained (zh-CN, then en), by its DecisionMetadata.decision_id. */
+  explainDecision(
+    decisionId: string,
+    options: CallOptions = {},
+  ): Promise<Reply<ExplainDecisionResponse>> {
+    const request = { request_id: options.requestId ?? newRequestId(), decision_id: decisionId };
+    return this.#call(this.#privacy, "ExplainDecision", request, options.timeoutMs);
+  }
+
+  /** Everything the server keeps about one customer, as one JSON document (`subjectDocument`). */
+  exportSubject(
+    tenant: string,
+    customerId: string,
+    options: CallOptions = {},
+  ): Promise<Reply<ExportSubjectResponse>> {
     const request = {
       request_id: options.requestId ?? newRequestId(),
       subject: this.subject(tenant, customerId),
-      event,
     };
-    return this.#call<EvaluateEventResponse>(
-      this.#alerts,
-      "EvaluateEvent",
-      request,
-      options.timeoutMs,
-    );
+    return this.#call(this.#privacy, "ExportSubject", request, options.timeoutMs);
+  }
+
+  /** Erase one customer's events, alerts, limit decisions and recorded scores. */
+  eraseSubject(
+    tenant: string,
+    customerId: string,
+    options: CallOptions = {},
+  ): Promise<Reply<EraseSubjectResponse>> {
+    const request = {
+      request_id: options.requestId ?? newRequestId(),
+      subject: this.subject(tenant, customerId),
+    };
+    return this.#call(this.#privacy, "EraseSubject", request, options.timeoutMs);
   }
 
   close(): void {

@@ -3,6 +3,7 @@ export * from "./client.js";
 export * from "./discovery.js";
 export * from "./errors.js";
 export * from "./featureValue.js";
+export * from "./figures.js";
 export * from "./keys.js";
 export * from "./open.js";
 export * from "./protos.js";

@@ -1,5 +1,5 @@
 // The server's side of sealing format 2, written from docs/envelope.md section 7 (stages 1-9)
-// for one request: what a server must accept and refuse, with the stated code, reason and
+// for one envelope of one request (features, an account's state or an event's figures): what a server must accept and refuse, with the stated code, reason and
 // field violations. privscore's server is the Python one; this exists so that the test vectors'
 // negative cases can be checked in this language too. It keeps no cache, so it counts a key's
 // requests and bytes for this request alone.
@@ -9,6 +9,7 @@ import { HPKE_SUITE, CEILING_KEY_LIMITS, CLOCK_SKEW_MS, ENCAPSULATED_KEY_BYTES, 
   type EncryptedFeaturesMessage, type Grant, type Subject } from "./sealing.js";
 import { decodeFeatureValue, type Features } from "./featureValue.js";
 import { own } from "./bytes.js";
+import { ACCOUNT_SCHEMA_VERSION, EVENT_SCHEMA_VERSION } from "./figures.js";
 
 export interface Violation {
   field: string;
@@ -37,6 +38,9 @@ export interface OpenContext {
   /** Current field-encryption private keys by key id (raw 32-byte X25519). */
   privateKeys: ReadonlyMap<string, Uint8Array>;
   retiredKeyIds: ReadonlySet<string>;
+  /** Where the envelope sits in its request, for violation paths: "features" (the default),
+   * "sealed_account" (AdjustLimit's account state) or "event.sealed_figures". */
+  path?: string;
 }
 
 const REQUEST_ID = /^[A-Za-z0-9._:-]{1,64}$/;
@@ -56,8 +60,14 @@ function invalid(...violations: Array<[string, string, string]>): EnvelopeError 
   );
 }
 
+/** The schema version an envelope at each sealed path must carry (else the served model's). */
+const SEALED_SCHEMA_VERSIONS: Readonly<Record<string, string>> = {
+  sealed_account: ACCOUNT_SCHEMA_VERSION,
+  "event.sealed_figures": EVENT_SCHEMA_VERSION,
+};
+
 /** Stage 1: the request's structure. */
-function checkStructure(features: EncryptedFeaturesMessage, ctx: OpenContext): void {
+function checkStructure(features: EncryptedFeaturesMessage, ctx: OpenContext, at: string): void {
   const v: Array<[string, string, string]> = [];
   const pattern = (field: string, text: string, shape: RegExp) => {
     if (!text) v.push([field, "REQUIRED_FIELD", "is required"]);
@@ -66,24 +76,33 @@ function checkStructure(features: EncryptedFeaturesMessage, ctx: OpenContext): v
   pattern("request_id", ctx.requestId, REQUEST_ID);
   pattern("subject.tenant", ctx.subject.tenant, TENANT);
   pattern("subject.pseudonym", ctx.subject.pseudonym, PSEUDONYM);
-  pattern("features.schema_version", features.schema_version, SCHEMA_VERSION);
+  const sealedVersion = SEALED_SCHEMA_VERSIONS[at];
+  if (sealedVersion === undefined) {
+    pattern(`${at}.schema_version`, features.schema_version, SCHEMA_VERSION);
+  } else if (!features.schema_version) {
+    v.push([`${at}.schema_version`, "REQUIRED_FIELD", "is required"]);
+  } else if (features.schema_version !== sealedVersion) {
+    // Account state and event figures have one schema each: another is malformed, not a
+    // model the server does not serve.
+    v.push([`${at}.schema_version`, "INVALID_FIELD", `must be ${sealedVersion}`]);
+  }
   const key = features.data_key;
-  pattern("features.data_key.key_id", key.key_id, KEY_ID);
+  pattern(`${at}.data_key.key_id`, key.key_id, KEY_ID);
   if (key.encapsulated_key.length !== ENCAPSULATED_KEY_BYTES) {
-    v.push(["features.data_key.encapsulated_key", "INVALID_FIELD", "must be 32 bytes"]);
+    v.push([`${at}.data_key.encapsulated_key`, "INVALID_FIELD", "must be 32 bytes"]);
   }
   if (key.sealed_key.length !== SEALED_KEY_BYTES) {
-    v.push(["features.data_key.sealed_key", "INVALID_FIELD", `must be ${SEALED_KEY_BYTES} bytes`]);
+    v.push([`${at}.data_key.sealed_key`, "INVALID_FIELD", `must be ${SEALED_KEY_BYTES} bytes`]);
   }
   if (features.fields.length === 0) {
-    v.push(["features.fields", "REQUIRED_FIELD", "must hold at least one field"]);
+    v.push([`${at}.fields`, "REQUIRED_FIELD", "must hold at least one field"]);
   }
   if (features.fields.length > MAX_FIELDS) {
-    v.push(["features.fields", "INVALID_FIELD", `must hold at most ${MAX_FIELDS} fields`]);
+    v.push([`${at}.fields`, "INVALID_FIELD", `must hold at most ${MAX_FIELDS} fields`]);
   } else {
     const seen = new Set<string>();
     features.fields.forEach((field, i) => {
-      const path = `features.fields[${i}]`;
+      const path = `${at}.fields[${i}]`;
       if (!field.name) v.push([`${path}.name`, "REQUIRED_FIELD", "is required"]);
       else if (!FEATURE_NAME.test(field.name)) v.push([`${path}.name`, "INVALID_FIELD", "bad name"]);
       else if (seen.has(field.name)) v.push([`${path}.name`, "INVALID_FIELD", "repeats a name"]);
@@ -108,8 +127,10 @@ export async function openFeatures(
   features: EncryptedFeaturesMessage,
   ctx: OpenContext,
 ): Promise<Features> {
-  checkStructure(features, ctx);
-  if (features.schema_version !== ctx.servedSchemaVersion) {
+  const at = ctx.path ?? "features";
+  checkStructure(features, ctx, at);
+  const served = SEALED_SCHEMA_VERSIONS[at] ?? ctx.servedSchemaVersion;
+  if (features.schema_version !== served) {
     throw new EnvelopeError("FAILED_PRECONDITION", "SCHEMA_VERSION_MISMATCH");
   }
   const keyId = features.data_key.key_id;
@@ -132,10 +153,10 @@ export async function openFeatures(
       ),
     );
   } catch {
-    throw invalid(["features.data_key", "DECRYPTION_FAILED", "does not open"]);
+    throw invalid([`${at}.data_key`, "DECRYPTION_FAILED", "does not open"]);
   }
   if (plaintext.length !== GRANT_BYTES) {
-    throw invalid(["features.data_key", "INVALID_DATA_KEY", "is not a format 2 data key"]);
+    throw invalid([`${at}.data_key`, "INVALID_DATA_KEY", "is not a format 2 data key"]);
   }
   const grant: Grant = decodeGrant(plaintext);
   if (
@@ -143,7 +164,7 @@ export async function openFeatures(
     !(grant.maxRequests > 0 && grant.maxRequests <= CEILING_KEY_LIMITS.maxRequests) ||
     !(grant.maxBytes > 0 && grant.maxBytes <= CEILING_KEY_LIMITS.maxBytes)
   ) {
-    throw invalid(["features.data_key", "INVALID_DATA_KEY", "grants limits out of range"]);
+    throw invalid([`${at}.data_key`, "INVALID_DATA_KEY", "grants limits out of range"]);
   }
   if (ctx.nowMs < grant.madeAtMs - CLOCK_SKEW_MS) {
     throw new EnvelopeError("FAILED_PRECONDITION", "DATA_KEY_NOT_YET_VALID");
@@ -156,7 +177,7 @@ export async function openFeatures(
   const values: Features = {};
   const violations: Array<[string, string, string]> = [];
   features.fields.forEach((field, i) => {
-    const path = `features.fields[${i}].ciphertext`;
+    const path = `${at}.fields[${i}].ciphertext`;
     const aad = fieldAad(features.schema_version, ctx.requestId, ctx.subject, field.name);
     const opened = decryptField(grant.dataKey, field.nonce, field.ciphertext, aad);
     if (opened === null) {

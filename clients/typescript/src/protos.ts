@@ -38,6 +38,7 @@ export const SERVICE_PROTO_FILES = [
   "privscore/v1/limit_service.proto",
   "privscore/v1/alert_service.proto",
   "privscore/v1/discovery_service.proto",
+  "privscore/v1/privacy_service.proto",
 ];
 
 /** Resolve an import against the include directories, as protoc's -I does. */

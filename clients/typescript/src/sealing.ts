@@ -1,7 +1,8 @@
 // Sealing format 2, the caller's side (docs/envelope.md sections 4-6): a random AES-256 data
 // key and its grant sealed with HPKE to the server's X25519 key for one method and one caller
-// identity; each feature value encrypted with AES-256-GCM under the data key, bound to the
-// schema version, request id, subject and field name.
+// identity; each value (a feature, an account's state, an event's figure) encrypted with
+// AES-256-GCM under the data key, bound to the schema version, request id, subject and field
+// name.
 
 import { createCipheriv, createDecipheriv, randomBytes as nodeRandomBytes } from "node:crypto";
 
@@ -26,6 +27,7 @@ export const CLOCK_SKEW_MS = 60_000;
 export const SCORE_METHOD = "/privscore.v1.ScoringService/Score";
 export const SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch";
 export const ADJUST_LIMIT_METHOD = "/privscore.v1.LimitService/AdjustLimit";
+export const EVALUATE_EVENT_METHOD = "/privscore.v1.AlertService/EvaluateEvent";
 
 /** RFC 9180 base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM. */
 export const HPKE_SUITE = new CipherSuite({

@@ -18,6 +18,14 @@ import {
   hpkeInfo,
   openFeatures,
   toHex,
+  accountFigures,
+  encodeFeatures,
+  eventFigures,
+  type AccountState,
+  type BehaviourEvent,
+  type FeatureInput,
+  type Features,
+  type MoneyInput,
   type OpenContext,
 } from "../src/index.js";
 import { envelope, featuresMessage, typed, type PositiveCase } from "./vectors.js";
@@ -33,6 +41,7 @@ function context(
   requestId: string,
   subject: { tenant: string; pseudonym: string },
   nowMs: number,
+  path = "features",
 ): OpenContext {
   return {
     method,
@@ -40,6 +49,7 @@ function context(
     requestId,
     subject,
     nowMs,
+    path,
     servedSchemaVersion: envelope.keyring.served_schema_version,
     privateKeys: new Map([[envelope.server_key.key_id, fromHex(envelope.server_key.private_key)]]),
     retiredKeyIds: new Set(envelope.keyring.retired_key_ids),
@@ -133,7 +143,7 @@ describe("opening gives every positive vector's values", () => {
       for (const message of testCase.messages) {
         const opened = await openFeatures(
           featuresMessage(message.features),
-          context(testCase.method, testCase.identity, message.request_id, message.subject, testCase.now_ms),
+          context(testCase.method, testCase.identity, message.request_id, message.subject, testCase.now_ms, message.path),
         );
         const expected = Object.fromEntries(Object.entries(message.opened).map(([name, v]) => [name, typed(v)]));
         assert.deepEqual(opened, expected);
@@ -147,7 +157,7 @@ describe("opening refuses every negative vector as stated", () => {
     it(vector.name, async () => {
       const c = vector.context;
       await assert.rejects(
-        openFeatures(featuresMessage(vector.features), context(c.method, c.identity, c.request_id, c.subject, c.now_ms)),
+        openFeatures(featuresMessage(vector.features), context(c.method, c.identity, c.request_id, c.subject, c.now_ms, c.path)),
         (error: unknown) => {
           assert.ok(error instanceof EnvelopeError, String(error));
           assert.deepEqual(
@@ -165,10 +175,46 @@ describe("opening refuses every negative vector as stated", () => {
   }
 });
 
+describe("account state and event figures in clear give the sealed vectors' plaintexts", () => {
+  const money = (value: FeatureInput) => value as MoneyInput;
+  for (const testCase of envelope.cases) {
+    for (const message of testCase.messages) {
+      const values = Object.fromEntries(message.fields.map((f) => [f.name, typed(f.value)]));
+      let figures: Features;
+      if (message.path === "sealed_account") {
+        figures = accountFigures(values as unknown as AccountState);
+      } else if (message.path === "event.sealed_figures" && testCase.name === "evaluate-event-sealed-figures") {
+        const event: BehaviourEvent = {
+          event_id: "evt",
+          occurred_at: { seconds: 0 },
+          missed_payment: { amount_due: money(values.amount!), days_past_due: values.days_past_due as number },
+          balance_after: money(values.balance_after!),
+        };
+        figures = eventFigures(event).figures;
+      } else {
+        continue;
+      }
+      it(`${testCase.name}: ${message.path}`, () => {
+        assert.deepEqual(
+          encodeFeatures(figures).map(([name, plaintext]) => [name, toHex(plaintext)]),
+          message.fields.map((f) => [f.name, f.plaintext]),
+        );
+      });
+    }
+  }
+});
+
 describe("FeatureValue", () => {
   it("round-trips every kind, defaults included", () => {
     for (const value of [0, -0.5, 24, 1e300, "", "A11", "Zürich-北京", true, false]) {
       assert.equal(decodeFeatureValue(encodeFeatureValue(value)), value);
+    }
+    for (const value of [
+      { currency_code: "CNY", minor_units: 0n },
+      { currency_code: "", minor_units: -1n },
+      { currency_code: "USD", minor_units: 2n ** 53n + 1n },
+    ]) {
+      assert.deepEqual(decodeFeatureValue(encodeFeatureValue(value)), value);
     }
   });
 

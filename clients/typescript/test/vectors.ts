@@ -7,7 +7,13 @@ import { fromHex, packageRoot, type EncryptedFeaturesMessage, type FeatureInput 
 
 export const VECTORS_DIR = resolve(packageRoot(), "..", "..", "protos", "privscore", "v1", "testvectors");
 
-export type TypedValue = { number_value: number } | { string_value: string } | { bool_value: boolean };
+/** A typed value as the vectors write it; a Money in the protobuf JSON mapping (int64 minor
+ * units as a decimal string). */
+export type TypedValue =
+  | { number_value: number }
+  | { string_value: string }
+  | { bool_value: boolean }
+  | { money_value: { currency_code: string; minor_units: string } };
 
 export interface FieldJson {
   name: string;
@@ -43,6 +49,8 @@ export interface PositiveCase {
   messages: Array<{
     request_id: string;
     subject: SubjectJson;
+    /** Where the envelope travels in its request: features, sealed_account, event.sealed_figures. */
+    path?: string;
     schema_version: string;
     fields: Array<{ name: string; value: TypedValue; plaintext: string; nonce: string; aad: string; ciphertext: string }>;
     features: FeaturesJson;
@@ -52,7 +60,7 @@ export interface PositiveCase {
 export interface NegativeCase {
   name: string;
   description: string;
-  context: { method: string; identity: string; request_id: string; subject: SubjectJson; now_ms: number };
+  context: { method: string; identity: string; request_id: string; subject: SubjectJson; now_ms: number; path?: string };
   features: FeaturesJson;
   expect: { code: string; reason: string; violations: Array<{ field: string; reason: string }> };
 }
@@ -73,9 +81,15 @@ export interface Pseudonyms {
 export const envelope = JSON.parse(readFileSync(join(VECTORS_DIR, "envelope-v2.json"), "utf8")) as Envelope;
 export const pseudonyms = JSON.parse(readFileSync(join(VECTORS_DIR, "pseudonym.json"), "utf8")) as Pseudonyms;
 
+/** The value as the client takes it, and as decodeFeatureValue gives it back (a Money's
+ * minor units as a bigint). */
 export function typed(value: TypedValue): FeatureInput {
   if ("number_value" in value) return value.number_value;
   if ("string_value" in value) return value.string_value;
+  if ("money_value" in value) {
+    const { currency_code, minor_units } = value.money_value;
+    return { currency_code, minor_units: BigInt(minor_units) };
+  }
   return value.bool_value;
 }
 
