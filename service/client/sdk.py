@@ -11,6 +11,7 @@ import grpc
 from privscore.client.pseudonym import Pseudonymiser
 from privscore.client.sdk import (
     ADJUST_LIMIT_METHOD,
+    EVALUATE_EVENT_METHOD,
     SCORE_BATCH_METHOD,
     SCORE_METHOD,
     DataKeyCache,
@@ -30,6 +31,7 @@ from service.security.certs import CertPaths
 
 __all__ = [
     "ADJUST_LIMIT_METHOD",
+    "EVALUATE_EVENT_METHOD",
     "SCORE_BATCH_METHOD",
     "SCORE_METHOD",
     "DataKeyCache",
