@@ -253,6 +253,8 @@ def _call_limit(args: argparse.Namespace, client: Any) -> None:
         days_past_due=args.days_past_due,
         account_age_days=args.account_age_days,
     )
+    # The account's figures are sealed by the SDK; with neither --latest-score nor --features
+    # the server decides on the customer's latest score as it recorded it.
     features = _read_json(args.features) if args.features else None
     _print_message(
         client.adjust_limit(
@@ -267,12 +269,55 @@ def _call_limit(args: argparse.Namespace, client: Any) -> None:
 
 
 def _call_event(args: argparse.Namespace, client: Any) -> None:
+    """The event file holds the figures in clear (as BehaviourEvent's JSON); the SDK seals
+    them into sealed_figures and clears them before the request leaves this process."""
     from google.protobuf import json_format
 
     from privscore.v1 import alert_service_pb2
 
     event = json_format.ParseDict(_read_json(args.event), alert_service_pb2.BehaviourEvent())
     _print_message(client.evaluate_event(args.tenant, args.customer_id, event))
+
+
+def _call_alert(args: argparse.Namespace, client: Any) -> None:
+    from privscore.v1 import alert_service_pb2
+
+    state = {
+        "ack": alert_service_pb2.ALERT_STATE_ACKNOWLEDGED,
+        "resolve": alert_service_pb2.ALERT_STATE_RESOLVED,
+    }[args.alert_command]
+    _print_message(
+        client.update_alert_state(
+            args.alert, state, args.reason, request_id=args.request_id or None
+        )
+    )
+
+
+def _call_explain(args: argparse.Namespace, client: Any) -> None:
+    """Every language's explanation as the customer reads it, or the whole reply as JSON."""
+    response = client.explain_decision(args.decision_id)
+    if args.json:
+        _print_message(response)
+        return
+    texts = [f"[{e.language}]\n{e.text.rstrip()}" for e in response.explanations]
+    print("\n\n".join(texts))
+
+
+def _call_subject(args: argparse.Namespace, client: Any) -> None:
+    subject = {"customer_id": args.customer_id, "pseudonym": args.pseudonym}
+    if args.subject_command == "erase":
+        _print_message(client.erase_subject(args.tenant, **subject))
+        return
+    document = client.export_subject(args.tenant, **subject)
+    text = json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+    if args.out is None:
+        print(text, end="")
+        return
+    from service.files import write_private
+
+    # A subject's whole record: owner-only, like everything privscore writes.
+    write_private(Path(args.out), text.encode("utf-8"))
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 def _call_watch(args: argparse.Namespace, client: Any) -> None:
@@ -765,8 +810,10 @@ def build_parser(data_dir: Path | None = None) -> argparse.ArgumentParser:
     add_caller_arguments(services)
     services.set_defaults(run=_cmd_services)
 
-    def client_command(name: str, help_text: str, call: Any, subject: bool = True) -> Any:
-        sub = commands.add_parser(name, help=help_text)
+    def client_command(
+        name: str, help_text: str, call: Any, subject: bool = True, parent: Any = commands
+    ) -> Any:
+        sub = parent.add_parser(name, help=help_text)
         add_caller_arguments(sub)
         sub.add_argument(
             "--pin-key",
@@ -800,11 +847,61 @@ def build_parser(data_dir: Path | None = None) -> argparse.ArgumentParser:
     limit.add_argument("--days-past-due", type=int, default=0)
     limit.add_argument("--account-age-days", type=int, default=0)
     limit.add_argument("--request-id", help="idempotency key, default a fresh one")
-    source = limit.add_mutually_exclusive_group(required=True)
-    source.add_argument("--latest-score", type=int, help="the customer's latest score")
+    source = limit.add_mutually_exclusive_group()
+    source.add_argument(
+        "--latest-score",
+        type=int,
+        help="a score you state (only roles allowed to state scores); by default the "
+        "customer's latest score as privscore recorded it",
+    )
     source.add_argument("--features", help="JSON file of features to score in the same call")
     event = client_command("event", "evaluate one behaviour event", _call_event)
-    event.add_argument("--event", required=True, help="JSON file: a BehaviourEvent")
+    event.add_argument(
+        "--event",
+        required=True,
+        help="JSON file: a BehaviourEvent with its figures in clear (sealed before sending)",
+    )
+    alert = commands.add_parser("alert", help="acknowledge or resolve an alert")
+    alert_commands = alert.add_subparsers(dest="alert_command", required=True)
+    for verb, help_text in (
+        ("ack", "acknowledge an alert: someone is handling it (it still acts on the limit)"),
+        ("resolve", "resolve an alert: it no longer freezes or holds the limit"),
+    ):
+        change = client_command(verb, help_text, _call_alert, False, alert_commands)
+        change.add_argument(
+            "--alert", type=int, required=True, metavar="SEQ", help="the alert's sequence"
+        )
+        change.add_argument(
+            "--reason",
+            required=True,
+            metavar="CODE",
+            help="upper-snake-case reason code, e.g. CUSTOMER_CONTACTED (no free text)",
+        )
+        change.add_argument("--request-id", help="default a fresh one")
+    explain = client_command(
+        "explain", "explain a decision in every language", _call_explain, subject=False
+    )
+    explain.add_argument("--decision-id", required=True, help="the decision's id")
+    explain.add_argument("--json", action="store_true", help="the whole reply as JSON")
+    subject_command = commands.add_parser(
+        "subject", help="a subject's rights: export everything kept, or erase it"
+    )
+    subject_commands = subject_command.add_subparsers(dest="subject_command", required=True)
+    for verb, help_text in (
+        ("export", "everything privscore keeps about a subject, as JSON"),
+        ("erase", "erase a subject's events, alerts, limits and recorded scores"),
+    ):
+        rights = client_command(verb, help_text, _call_subject, False, subject_commands)
+        rights.add_argument("--tenant", required=True, help="the subject's tenant")
+        who = rights.add_mutually_exclusive_group(required=True)
+        who.add_argument("--pseudonym", help="the subject's pseudonym (64 hex characters)")
+        who.add_argument(
+            "--customer-id", help="raw customer id; pseudonymised before it leaves this process"
+        )
+        if verb == "export":
+            rights.add_argument(
+                "--out", metavar="FILE", help="write the document here (owner-only), not stdout"
+            )
     watch = client_command("watch", "stream alerts as JSON lines", _call_watch, subject=False)
     watch.add_argument(
         "--min-severity",
