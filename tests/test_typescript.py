@@ -1,14 +1,19 @@
 """The TypeScript client (clients/typescript) run from the Python suite, so `make test` runs it.
 
 Its own tests (`npm test`: sealing and opening against every committed vector, choosing the
-key to seal to from a GetServerInfo answer, with and without a pinned key) and end-to-end runs
-against a real privscore server over mutual TLS. Given only the caller's own secrets (copied
-out of the server's data directory), the client learns the sealing key and schema version from
-DiscoveryService, scores (twice, reusing the sealed data key), adjusts a limit with features
-sealed for AdjustLimit, reports an event, and sends a Score the server refuses; this file then
-checks what it discovered against the served manifest, the decisions and the published keyset,
-the replies, the request ids from the trailers, the decoded error details, and that the audit
-log holds every decision and the refusal. A second run pins keys the server does not list and
+key to seal to from a GetServerInfo answer, with and without a pinned key, account state and
+event figures split and sealed) and end-to-end runs against a real privscore server over mutual
+TLS. Given only the caller's own secrets (copied out of the server's data directory), the
+client learns the sealing key and schema version from DiscoveryService, scores (twice, reusing
+the sealed data key), and closes the loop with account state and event figures sealed: limits
+adjusted on features scored in the call (sealed with the account under one data key), on the
+score the server recorded and on a stated one; a missed payment whose alert freezes the limit
+until the TypeScript client acknowledges and resolves it; a login without figures; and calls
+the server refuses (a Score, an AdjustLimit for a subject never scored, resolving a resolved
+alert). This file then checks what it discovered against the served manifest, the decisions
+and the published keyset, the replies, the request ids from the trailers, the decoded error
+details, and that the audit log holds every decision, alert change and refusal with no
+figure of the account or event in clear. A second run pins keys the server does not list and
 must be refused by the client before any call but GetServerInfo.
 
 Node 20 and npm are needed: without them these tests skip, saying so, unless
@@ -45,6 +50,11 @@ NODE_MAJOR = 20
 INSTALL_STAMP = CLIENT_DIR / "node_modules" / ".privscore-package-lock.sha256"
 TENANT = "ts-e2e"
 CUSTOMER = "ts-customer-0001"
+UNSCORED_CUSTOMER = "ts-customer-0002"
+ADJUST_LIMIT = "/privscore.v1.LimitService/AdjustLimit"
+EVALUATE_EVENT = "/privscore.v1.AlertService/EvaluateEvent"
+UPDATE_ALERT_STATE = "/privscore.v1.AlertService/UpdateAlertState"
+SCORE = "/privscore.v1.ScoringService/Score"
 GET_SERVER_INFO = "/privscore.v1.DiscoveryService/GetServerInfo"
 
 
@@ -102,36 +112,57 @@ def test_typescript_unit_tests_pass_against_the_vectors(tools: Node) -> None:
     assert passed is not None and int(passed.group(1)) > 40, out[-2000:]
 
 
-def _scenario(score_features: dict[str, Any]) -> dict[str, Any]:
+def _scenario(score_features: dict[str, Any], stated_score: int) -> dict[str, Any]:
     refused = {**score_features, "purpose": "nonsense"}
     money = {"currency_code": "CNY"}
+    account = {
+        "current_limit": {**money, "minor_units": 1_000_000},
+        "balance": {**money, "minor_units": 200_000},
+        "on_time_repayments_in_row": 12,
+        "days_past_due": 0,
+        "account_age_days": 400,
+    }
+    occurred = {"seconds": int(time.time()) - 60, "nanos": 0}
     return {
         "tenant": TENANT,
         "customer_id": CUSTOMER,
+        "unscored_customer_id": UNSCORED_CUSTOMER,
         "score": {"request_id": "ts-score-1", "features": score_features},
         "adjust_limit": {
             "request_id": "ts-limit-1",
-            "account": {
-                "current_limit": {**money, "minor_units": 1_000_000},
-                "balance": {**money, "minor_units": 200_000},
-                "on_time_repayments_in_row": 12,
-                "days_past_due": 0,
-                "account_age_days": 400,
-            },
+            "account": account,
             "features": score_features,
         },
+        "adjust_limit_recorded": {"request_id": "ts-limit-2", "account": account},
+        "adjust_limit_stated": {
+            "request_id": "ts-limit-3",
+            "account": account,
+            "latest_score": stated_score,
+        },
+        # 65 days past due: the policy's CRITICAL bucket (60+), which freezes the limit.
         "evaluate_event": {
             "request_id": "ts-event-1",
             "event": {
                 "event_id": "ts-missed-1",
-                "occurred_at": {"seconds": int(time.time()) - 60, "nanos": 0},
+                "occurred_at": occurred,
                 "missed_payment": {
-                    "amount_due": {**money, "minor_units": 100_000},
-                    "days_past_due": 40,
+                    "amount_due": {**money, "minor_units": 123_457},
+                    "days_past_due": 65,
                 },
+                "balance_after": {**money, "minor_units": 246_913},
             },
         },
+        "login_event": {
+            "request_id": "ts-event-2",
+            "event": {"event_id": "ts-login-1", "occurred_at": occurred, "login": {}},
+        },
+        "adjust_limit_alerted": {"request_id": "ts-limit-4", "account": account},
+        "acknowledge_alert": {"request_id": "ts-alert-ack", "reason_code": "CUSTOMER_CONTACTED"},
+        "resolve_alert": {"request_id": "ts-alert-resolve", "reason_code": "PAYMENT_RECEIVED"},
+        "adjust_limit_resolved": {"request_id": "ts-limit-5", "account": account},
         "refused_score": {"request_id": "ts-refused-1", "features": refused},
+        "refused_adjust_limit": {"request_id": "ts-refused-2", "account": account},
+        "refused_resolve": {"request_id": "ts-refused-3", "reason_code": "PAYMENT_RECEIVED"},
     }
 
 
@@ -189,7 +220,9 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
             else:
                 pytest.fail("no applicant among the first 100 got reasons")
             pseudonym = client.subject(TENANT, CUSTOMER).pseudonym
-        scenario = _scenario(dict(features))
+            unscored = client.subject(TENANT, UNSCORED_CUSTOMER).pseudonym
+        stated_score = python_score.score + 7
+        scenario = _scenario(dict(features), stated_score)
         scenario_file = tmp_path / "scenario.json"
         scenario_file.write_text(json.dumps(scenario))
         env = {
@@ -255,22 +288,67 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
     assert re.fullmatch(r"[0-9a-f]{32}", again["requestId"])
     assert again["requestId"] == again["response"]["metadata"]["request_id"]
     assert again["response"]["score"]["score"] == credit["score"]
-    assert out["sealed_keys"] == 2, "the second Score reuses the first one's data key"
 
+    # Score's key; one AdjustLimit key, which sealed the account and the features together
+    # and served the next AdjustLimits; one EvaluateEvent key (the login sealed nothing).
+    assert out["sealed_keys_after_adjust_limits"] == 2, "the second Score reuses the first key"
+    assert out["sealed_keys"] == 3
+
+    # Limits on the account state sealed for AdjustLimit: scored in the call, on the score the
+    # server recorded (the latest Score decision: the second one), on a stated score.
     limit = out["adjust_limit"]
     assert limit["requestId"] == "ts-limit-1" == limit["response"]["metadata"]["request_id"]
     assert limit["response"]["action"].startswith("LIMIT_ACTION_")
     assert limit["response"]["action"] != "LIMIT_ACTION_UNSPECIFIED"
     assert limit["response"]["score"] == credit["score"]
+    assert limit["response"]["score_source"] == "SCORE_SOURCE_IN_CALL"
+    assert limit["response"]["previous_limit"] == {"currency_code": "CNY", "minor_units": "1000000"}
     assert limit["response"]["new_limit"]["currency_code"] == "CNY"
+    recorded = out["adjust_limit_recorded"]["response"]
+    assert (recorded["score_source"], recorded["score"]) == (
+        "SCORE_SOURCE_RECORDED",
+        credit["score"],
+    )
+    assert recorded["score_decision_id"] == again["response"]["metadata"]["decision_id"]
+    assert recorded["blocking_alerts"] == []
+    stated = out["adjust_limit_stated"]["response"]
+    assert (stated["score_source"], stated["score"]) == ("SCORE_SOURCE_CALLER_STATED", stated_score)
+    assert stated["score_decision_id"] == ""
 
+    # A missed payment, its figures sealed for EvaluateEvent: a critical alert, open.
     event = out["evaluate_event"]
     assert event["requestId"] == "ts-event-1" == event["response"]["metadata"]["request_id"]
     assert event["response"]["duplicate"] is False
-    assert event["response"]["alerts"], "a payment 40 days past due raises an alert"
+    assert event["response"]["alerts"], "a payment 65 days past due raises an alert"
     alert = event["response"]["alerts"][0]
     assert alert["subject"] == out["subject"] and alert["event_id"] == "ts-missed-1"
-    assert alert["severity"].startswith("SEVERITY_") and alert["rule"]
+    assert (alert["severity"], alert["rule"]) == ("SEVERITY_CRITICAL", "overdue.dpd_60")
+    assert alert["state"] == "ALERT_STATE_OPEN"
+    assert alert["alert_sequence"] == alert["sequence"]
+    login = out["login_event"]
+    assert login["requestId"] == "ts-event-2" and login["response"]["duplicate"] is False
+
+    # The open alert freezes the limit; acknowledged it still does; resolved (from TypeScript)
+    # it no longer does.
+    alerted = out["adjust_limit_alerted"]["response"]
+    assert alerted["action"] == "LIMIT_ACTION_FREEZE" and alerted["rule"] == "freeze.open_alert"
+    assert alerted["blocking_alerts"] == [alert["alert_sequence"]]
+    assert alerted["score_source"] == "SCORE_SOURCE_RECORDED"
+    acknowledged, resolved = out["acknowledge_alert"], out["resolve_alert"]
+    for reply, state, reason, request_id in (
+        (acknowledged, "ALERT_STATE_ACKNOWLEDGED", "CUSTOMER_CONTACTED", "ts-alert-ack"),
+        (resolved, "ALERT_STATE_RESOLVED", "PAYMENT_RECEIVED", "ts-alert-resolve"),
+    ):
+        changed = reply["response"]["alert"]
+        assert reply["requestId"] == request_id == reply["response"]["metadata"]["request_id"]
+        assert (changed["state"], changed["state_reason"]) == (state, reason)
+        assert changed["alert_sequence"] == alert["alert_sequence"]
+        assert int(changed["sequence"]) > int(alert["sequence"]), "a change is a new stream entry"
+        assert (changed["rule"], changed["subject"]) == (alert["rule"], alert["subject"])
+        assert reply["response"]["metadata"] == changed["metadata"]
+    after = out["adjust_limit_resolved"]["response"]
+    assert after["blocking_alerts"] == [] and after["rule"] != "freeze.open_alert"
+    assert after["score_source"] == "SCORE_SOURCE_RECORDED"
 
     refused = out["refused_score"]
     purpose = list(scenario["refused_score"]["features"]).index("purpose")
@@ -281,6 +359,17 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
         (f"features.fields[{purpose}]", "UNKNOWN_CATEGORY")
     ]
     assert "nonsense" not in json.dumps(refused)
+    refused_limit, refused_resolve = out["refused_adjust_limit"], out["refused_resolve"]
+    assert (refused_limit["code"], refused_limit["reason"], refused_limit["request_id"]) == (
+        "FAILED_PRECONDITION",
+        "NO_RECORDED_SCORE",
+        "ts-refused-2",
+    )
+    assert (refused_resolve["code"], refused_resolve["reason"], refused_resolve["request_id"]) == (
+        "FAILED_PRECONDITION",
+        "ALERT_STATE_CONFLICT",
+        "ts-refused-3",
+    )
 
     # Each pinned key the server does not list: refused by the client, which made no call but
     # GetServerInfo (no log line for any other method, no audit record).
@@ -291,19 +380,32 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
     assert [r["method"] for r in calls_after] == [GET_SERVER_INFO] * len(pinned), calls_after
     assert sum(1 for _ in iter_records(DataLayout(data_dir).audit_dir)) == audited_before
 
-    # The audit log holds every decision the TypeScript client got, and its refusal.
+    # The audit log holds every decision the TypeScript client got, and its refusals.
     records = {
         str(stored.record["decision_id"]): (stored.sequence, stored.record)
         for stored in iter_records(DataLayout(data_dir).audit_dir)
     }
-    for reply, rpc in (
-        (score, "/privscore.v1.ScoringService/Score"),
-        (again, "/privscore.v1.ScoringService/Score"),
-        (limit, "/privscore.v1.LimitService/AdjustLimit"),
-        (event, "/privscore.v1.AlertService/EvaluateEvent"),
-    ):
+    decisions = {
+        name: (out[name], rpc)
+        for name, rpc in (
+            ("score", SCORE),
+            ("score_again", SCORE),
+            ("adjust_limit", ADJUST_LIMIT),
+            ("adjust_limit_recorded", ADJUST_LIMIT),
+            ("adjust_limit_stated", ADJUST_LIMIT),
+            ("evaluate_event", EVALUATE_EVENT),
+            ("login_event", EVALUATE_EVENT),
+            ("adjust_limit_alerted", ADJUST_LIMIT),
+            ("acknowledge_alert", UPDATE_ALERT_STATE),
+            ("resolve_alert", UPDATE_ALERT_STATE),
+            ("adjust_limit_resolved", ADJUST_LIMIT),
+        )
+    }
+    recorded_as: dict[str, dict[str, Any]] = {}
+    for name, (reply, rpc) in decisions.items():
         metadata = reply["response"]["metadata"]
         sequence, record = records[metadata["decision_id"]]
+        recorded_as[name] = record
         assert sequence == int(metadata["audit_sequence"])
         assert (record["rpc"], record["request_id"], record["caller"]) == (
             rpc,
@@ -311,14 +413,41 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
             identity,
         )
         assert (record["tenant"], record["subject"]) == (TENANT, pseudonym)
+    # Where each limit decision's score came from, as recorded; a stated one is marked.
+    assert [
+        (recorded_as[name]["score_source"], recorded_as[name].get("score_decision_id"))
+        for name in ("adjust_limit", "adjust_limit_recorded", "adjust_limit_stated")
+    ] == [
+        ("IN_CALL", None),
+        ("RECORDED", again["response"]["metadata"]["decision_id"]),
+        ("CALLER_STATED", None),
+    ]
+    assert [
+        (recorded_as[name]["alert"]["from"], recorded_as[name]["alert"]["to"])
+        for name in ("acknowledge_alert", "resolve_alert")
+    ] == [("OPEN", "ACKNOWLEDGED"), ("ACKNOWLEDGED", "RESOLVED")]
+    # No figure of the account or the event is in clear in any record: amounts and the days
+    # past due travelled sealed, and the records keep them sealed.
+    figures = ("123457", "246913", '"days_past_due"', '"balance_after"', '"amount_due"')
+    for name in ("adjust_limit", "adjust_limit_recorded", "evaluate_event", "adjust_limit_alerted"):
+        text = json.dumps(recorded_as[name])
+        assert not [f for f in figures if f in text], (name, text)
+        assert '"account"' not in text, (name, text)
     _, score_record = records[score["response"]["metadata"]["decision_id"]]
     sealed = read_encrypted_inputs(str(score_record["encrypted_inputs"]))
     assert sealed.data_key.key_id == keyset_id
-    refusal = next(r for _, r in records.values() if r["request_id"] == "ts-refused-1")
-    assert (refusal["outcome"], refusal["code"], refusal["caller"]) == (
-        "refused",
-        "INVALID_ARGUMENT",
-        identity,
-    )
+    for request_id, code, subject in (
+        ("ts-refused-1", "INVALID_ARGUMENT", pseudonym),
+        ("ts-refused-2", "FAILED_PRECONDITION", unscored),
+        ("ts-refused-3", "FAILED_PRECONDITION", None),
+    ):
+        refusal = next(r for _, r in records.values() if r["request_id"] == request_id)
+        assert (refusal["outcome"], refusal["code"], refusal["caller"]) == (
+            "refused",
+            code,
+            identity,
+        )
+        if subject is not None:
+            assert refusal.get("subject") == subject, refusal
     verified = privscore_cli(data_dir, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -1,10 +1,15 @@
 // End to end against a real privscore server over mutual TLS, driven by tests/test_typescript.py.
 // The client learns the sealing key and schema version from the server (DiscoveryService);
 // only the caller's own secrets are files. Then it scores twice (the second reusing the first
-// one's data key), adjusts a limit with features sealed for AdjustLimit, reports an event, and
-// sends one Score the server refuses, printing what came back as one JSON document on stdout.
-// With `pinned` in the scenario it instead tries each pinned key, expecting the client to
-// refuse it before any call (it would Score if it did not).
+// one's data key) and closes the loop with the account state and event figures sealed: it
+// adjusts a limit with features scored in the call (sealed with the account under one data
+// key), on the score the server recorded and on a stated one; reports a missed payment (its
+// figures sealed) and a login (none); adjusts the limit the alert freezes; acknowledges and
+// resolves that alert; adjusts again; and makes calls the server refuses (a Score, an
+// AdjustLimit for a subject never scored, resolving a resolved alert), printing what came
+// back as one JSON document on stdout. With `pinned` in the scenario it instead tries each
+// pinned key, expecting the client to refuse it before any call (it would Score if it did
+// not).
 //
 // Environment: PRIVSCORE_TARGET (host:port), PRIVSCORE_CA_FILE, PRIVSCORE_CERT_FILE,
 // PRIVSCORE_KEY_FILE (PEM), PRIVSCORE_PSEUDONYM_KEY_FILE (raw key bytes), and
@@ -26,10 +31,27 @@ import {
 interface Scenario {
   tenant: string;
   customer_id: string;
+  /** A customer never scored: AdjustLimit on the recorded score is refused for them. */
+  unscored_customer_id: string;
   score: { request_id: string; features: Features };
+  /** Features scored in the call, sealed with the account under one data key. */
   adjust_limit: { request_id: string; account: AccountState; features: Features };
+  /** On the subject's latest Score decision, as the server recorded it. */
+  adjust_limit_recorded: { request_id: string; account: AccountState };
+  /** On a score the caller states (the dev identity may). */
+  adjust_limit_stated: { request_id: string; account: AccountState; latest_score: number };
+  /** Raises an alert that freezes the limit until resolved. */
   evaluate_event: { request_id: string; event: BehaviourEvent };
+  /** A login without a balance: no sealed figures. */
+  login_event: { request_id: string; event: BehaviourEvent };
+  /** On the recorded score again, with the alert open, then after it is resolved. */
+  adjust_limit_alerted: { request_id: string; account: AccountState };
+  acknowledge_alert: { request_id: string; reason_code: string };
+  resolve_alert: { request_id: string; reason_code: string };
+  adjust_limit_resolved: { request_id: string; account: AccountState };
   refused_score: { request_id: string; features: Features };
+  refused_adjust_limit: { request_id: string; account: AccountState };
+  refused_resolve: { request_id: string; reason_code: string };
   /** Keys to pin (id, base64 of the raw 32 bytes), each of which the server must not list. */
   pinned?: { key_id: string; public_key: string }[];
 }
@@ -79,6 +101,23 @@ async function tryPinned(scenario: Scenario): Promise<unknown[]> {
   return outcomes;
 }
 
+/** What a refused call said: code, ErrorInfo, field violations, request id. */
+async function refusal(call: Promise<unknown>): Promise<unknown> {
+  try {
+    await call;
+  } catch (error) {
+    if (!(error instanceof PrivscoreError)) throw error;
+    return {
+      code: error.codeName,
+      reason: error.reason,
+      domain: error.domain,
+      field_violations: error.fieldViolations,
+      request_id: error.requestId,
+    };
+  }
+  return null;
+}
+
 async function main(): Promise<void> {
   const scenario = JSON.parse(readFileSync(env("PRIVSCORE_E2E_INPUT"), "utf8")) as Scenario;
   if (scenario.pinned !== undefined) {
@@ -89,9 +128,8 @@ async function main(): Promise<void> {
   try {
     const info = client.serverInfo!;
     const { tenant, customer_id: customer } = scenario;
-    const score = await client.score(tenant, customer, scenario.score.features, {
-      requestId: scenario.score.request_id,
-    });
+    const id = (step: { request_id: string }) => ({ requestId: step.request_id });
+    const score = await client.score(tenant, customer, scenario.score.features, id(scenario.score));
     // A second Score reuses the first one's sealed data key (one HPKE seal per method).
     const again = await client.score(tenant, customer, scenario.score.features);
     const limit = await client.adjustLimit(
@@ -99,26 +137,83 @@ async function main(): Promise<void> {
       customer,
       scenario.adjust_limit.account,
       { features: scenario.adjust_limit.features },
-      { requestId: scenario.adjust_limit.request_id },
+      id(scenario.adjust_limit),
     );
-    const event = await client.evaluateEvent(tenant, customer, scenario.evaluate_event.event, {
-      requestId: scenario.evaluate_event.request_id,
-    });
-    let refused: unknown = null;
-    try {
-      await client.score(tenant, customer, scenario.refused_score.features, {
-        requestId: scenario.refused_score.request_id,
-      });
-    } catch (error) {
-      if (!(error instanceof PrivscoreError)) throw error;
-      refused = {
-        code: error.codeName,
-        reason: error.reason,
-        domain: error.domain,
-        field_violations: error.fieldViolations,
-        request_id: error.requestId,
-      };
-    }
+    const recorded = await client.adjustLimit(
+      tenant,
+      customer,
+      scenario.adjust_limit_recorded.account,
+      {},
+      id(scenario.adjust_limit_recorded),
+    );
+    const stated = await client.adjustLimit(
+      tenant,
+      customer,
+      scenario.adjust_limit_stated.account,
+      { latestScore: scenario.adjust_limit_stated.latest_score },
+      id(scenario.adjust_limit_stated),
+    );
+    const adjustKeys = client.dataKeys.sealedKeys;
+    const event = await client.evaluateEvent(
+      tenant,
+      customer,
+      scenario.evaluate_event.event,
+      id(scenario.evaluate_event),
+    );
+    const login = await client.evaluateEvent(
+      tenant,
+      customer,
+      scenario.login_event.event,
+      id(scenario.login_event),
+    );
+    const alerted = await client.adjustLimit(
+      tenant,
+      customer,
+      scenario.adjust_limit_alerted.account,
+      {},
+      id(scenario.adjust_limit_alerted),
+    );
+    const alertSequence = event.response.alerts[0]?.alert_sequence;
+    if (alertSequence === undefined) throw new Error("the event raised no alert");
+    const acknowledged = await client.updateAlertState(
+      alertSequence,
+      "ALERT_STATE_ACKNOWLEDGED",
+      scenario.acknowledge_alert.reason_code,
+      id(scenario.acknowledge_alert),
+    );
+    const resolved = await client.updateAlertState(
+      alertSequence,
+      "ALERT_STATE_RESOLVED",
+      scenario.resolve_alert.reason_code,
+      id(scenario.resolve_alert),
+    );
+    const afterResolve = await client.adjustLimit(
+      tenant,
+      customer,
+      scenario.adjust_limit_resolved.account,
+      {},
+      id(scenario.adjust_limit_resolved),
+    );
+    const refused = await refusal(
+      client.score(tenant, customer, scenario.refused_score.features, id(scenario.refused_score)),
+    );
+    const refusedLimit = await refusal(
+      client.adjustLimit(
+        tenant,
+        scenario.unscored_customer_id,
+        scenario.refused_adjust_limit.account,
+        {},
+        id(scenario.refused_adjust_limit),
+      ),
+    );
+    const refusedResolve = await refusal(
+      client.updateAlertState(
+        alertSequence,
+        "ALERT_STATE_RESOLVED",
+        scenario.refused_resolve.reason_code,
+        id(scenario.refused_resolve),
+      ),
+    );
     const output = {
       discovered: {
         sealing_format: info.sealing_format,
@@ -137,11 +232,24 @@ async function main(): Promise<void> {
       sealed_to: client.dataKeys.server.keyId,
       identity: client.identity,
       subject: client.subject(tenant, customer),
-      score: score,
-      adjust_limit: limit,
-      evaluate_event: event,
-      refused_score: refused,
+      unscored_subject: client.subject(tenant, scenario.unscored_customer_id),
+      score,
       score_again: again,
+      adjust_limit: limit,
+      adjust_limit_recorded: recorded,
+      adjust_limit_stated: stated,
+      evaluate_event: event,
+      login_event: login,
+      adjust_limit_alerted: alerted,
+      acknowledge_alert: acknowledged,
+      resolve_alert: resolved,
+      adjust_limit_resolved: afterResolve,
+      refused_score: refused,
+      refused_adjust_limit: refusedLimit,
+      refused_resolve: refusedResolve,
+      // Score's key, then one AdjustLimit key (account and features under it, reused by the
+      // next two AdjustLimits)
+      sealed_keys_after_adjust_limits: adjustKeys,
       sealed_keys: client.dataKeys.sealedKeys,
     };
     process.stdout.write(JSON.stringify(output) + "\n");
