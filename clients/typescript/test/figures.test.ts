@@ -17,6 +17,7 @@ import {
   EVALUATE_EVENT_METHOD,
   EVENT_SCHEMA_VERSION,
   HPKE_SUITE,
+  EnvelopeError,
   Pseudonymiser,
   PrivscoreClient,
   accountFigures,
@@ -285,6 +286,33 @@ describe("AdjustLimit on the wire", () => {
       purpose: "A43",
     });
     await assert.rejects(open(request.sealed_account, "/privscore.v1.ScoringService/Score", "req-l1", subject, "sealed_account"));
+  });
+
+  it("is opened at its place's schema version only (docs/envelope.md section 7)", async () => {
+    const sent: Sent[] = [];
+    const c = client(sent);
+    await c.adjustLimit("baitiao-cn", "c-1", account, { features: { duration_in_month: 24 } }, { requestId: "req-l6" });
+    const { request } = sent[0]!;
+    const subject = c.subject("baitiao-cn", "c-1");
+    const refusal = (error: unknown) => {
+      assert.ok(error instanceof EnvelopeError, String(error));
+      return { code: error.code, reason: error.reason, violations: error.violations.map((v) => [v.field, v.reason]) };
+    };
+    // the account envelope relabelled with the features' schema version: refused unopened
+    const relabelled = { ...request.sealed_account, schema_version: schemaVersion };
+    await assert.rejects(open(relabelled, ADJUST_LIMIT_METHOD, "req-l6", subject, "sealed_account"), (error) => {
+      assert.deepEqual(refusal(error), {
+        code: "INVALID_ARGUMENT",
+        reason: "INVALID_ARGUMENT",
+        violations: [["sealed_account.schema_version", "INVALID_FIELD"]],
+      });
+      return true;
+    });
+    // the account envelope sent as features: well formed, but not the served model's schema
+    await assert.rejects(open(request.sealed_account, ADJUST_LIMIT_METHOD, "req-l6", subject, "features"), (error) => {
+      assert.deepEqual(refusal(error), { code: "FAILED_PRECONDITION", reason: "SCHEMA_VERSION_MISMATCH", violations: [] });
+      return true;
+    });
   });
 
   it("with reuse off, grants its one key one request and both envelopes' bytes", async () => {
