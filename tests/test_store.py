@@ -441,7 +441,7 @@ def test_a_version_2_store_is_resealed_under_every_column(tmp_path: Path) -> Non
     finally:
         store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert [r[1] for r in db.execute("PRAGMA table_info(alerts)")] == [
         "sequence",
         "raised_at_us",

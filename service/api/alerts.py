@@ -21,7 +21,6 @@ from service.decisions.alert_rules import MISSED_PAYMENT, REPAYMENT, Event, eval
 from service.decisions.rows import StateChanged
 from service.errors import Aborted, FailedPrecondition, NotFound
 from service.monitoring.tracing import stage
-from service.privacy.record_seal import seal_record_fields
 
 EVALUATE_EVENT_METHOD = "/privscore.v1.AlertService/EvaluateEvent"
 UPDATE_ALERT_STATE_METHOD = "/privscore.v1.AlertService/UpdateAlertState"
@@ -229,10 +228,14 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
         alerts.sort(key=lambda a: -a.severity)
         response.duplicate = duplicate
         metadata = response.metadata
+        (seal,) = await runtime.subject_seals([subject], now)
         record = runtime.record(
             EVALUATE_EVENT_METHOD,
             metadata,
             subject,
+            seal=seal,
+            # Amounts, balance, outcome and days past due: personal financial data.
+            personal=sealed_event_fields(opened, event, alerts),
             event=clear_event_fields(opened, event),
             outputs={
                 "duplicate": duplicate,
@@ -246,14 +249,6 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
                     for a in alerts
                 ],
             },
-            # Amounts, balance, outcome and days past due: personal financial data.
-            sealed=seal_record_fields(
-                runtime.record_key,
-                EVALUATE_EVENT_METHOD,
-                metadata.decision_id,
-                metadata.request_id,
-                sealed_event_fields(opened, event, alerts),
-            ),
         )
 
         def stored_alerts(sequence: int) -> list[bytes]:
@@ -327,10 +322,14 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
         update.state = request.state
         update.state_reason = request.reason_code
         update.metadata.CopyFrom(metadata)
+        (seal,) = await runtime.subject_seals([update.subject], now)
         record = runtime.record(
             UPDATE_ALERT_STATE_METHOD,
             metadata,
             update.subject,
+            seal=seal,
+            # The alert as the stream carries the change, so the row can be rebuilt.
+            personal={"update": base64.b64encode(update.SerializeToString()).decode("ascii")},
             alert={
                 "alert_sequence": request.alert_sequence,
                 "rule": update.rule,
@@ -339,14 +338,6 @@ class AlertServicer(alert_service_pb2_grpc.AlertServiceServicer):
                 "to": wanted,
                 "reason": request.reason_code,
             },
-            # The alert as the stream carries the change, so the row can be rebuilt.
-            sealed=seal_record_fields(
-                runtime.record_key,
-                UPDATE_ALERT_STATE_METHOD,
-                metadata.decision_id,
-                metadata.request_id,
-                {"update": base64.b64encode(update.SerializeToString()).decode("ascii")},
-            ),
         )
 
         def stored(sequence: int) -> list[bytes]:

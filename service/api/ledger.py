@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import secrets
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import structlog
 from service.audit import AuditLog, AuditWriteError
 from service.decisions.alert_rules import Event
 from service.decisions.rows import OpenAlert, RecordedScore, StoredLimitDecision, StoreTampered
-from service.decisions.store import DecisionStore
+from service.decisions.store import DecisionStore, raised_state
 from service.errors import DataLoss, Unavailable
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 SUBJECT_KEY_BYTES = 32
+# Subject keys the embedded ledger keeps in memory (each well under a kilobyte).
+CACHED_SUBJECT_KEYS = 50_000
 
 
 def new_key() -> tuple[str, bytes]:
@@ -155,6 +158,12 @@ class Ledger(Protocol):
         first if there is none yet."""
         ...
 
+    async def subject_keys(
+        self, subjects: Sequence[tuple[str, str]], period: str
+    ) -> list[tuple[str, bytes]]:
+        """`subject_key` for several (tenant, pseudonym) at once, in order."""
+        ...
+
     async def key_by_id(self, key_id: str) -> bytes | None:
         """A subject key by id; None once destroyed."""
         ...
@@ -235,6 +244,8 @@ class EmbeddedLedger:
         self._audit = audit
         # SQLite is used from this one thread only: it serialises writers, keeps the loop free.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        # Subject keys in use, by (tenant, pseudonym, period): most Score calls find theirs here.
+        self._keys: OrderedDict[tuple[str, str, str], tuple[str, bytes]] = OrderedDict()
 
     @property
     def audit(self) -> FailClosedAudit:
@@ -276,7 +287,24 @@ class EmbeddedLedger:
         return None if found is None else (found[0].state, found[1])
 
     async def subject_key(self, tenant: str, pseudonym: str, period: str) -> tuple[str, bytes]:
-        return await self._in_store(self._store.subject_key, tenant, pseudonym, period, new_key)
+        (found,) = await self.subject_keys([(tenant, pseudonym)], period)
+        return found
+
+    async def subject_keys(
+        self, subjects: Sequence[tuple[str, str]], period: str
+    ) -> list[tuple[str, bytes]]:
+        """From memory when known (one process owns the store, and erasure forgets them);
+        the rest from the store in one transaction, one fsync for all that are new."""
+        wanted = [(tenant, pseudonym, period) for tenant, pseudonym in subjects]
+        missing = sorted({key for key in wanted if key not in self._keys})
+        if missing:
+            found = await self._in_store(self._store.subject_keys, missing, new_key)
+            for key, value in zip(missing, found, strict=True):
+                self._keys[key] = value
+                self._keys.move_to_end(key)
+            while len(self._keys) > CACHED_SUBJECT_KEYS:
+                self._keys.popitem(last=False)
+        return [self._keys[key] for key in wanted]
 
     async def key_by_id(self, key_id: str) -> bytes | None:
         found = await self._in_store(self._store.key_by_id, key_id)
@@ -314,6 +342,8 @@ class EmbeddedLedger:
         self, record: Mapping[str, Any], tenant: str, pseudonym: str
     ) -> tuple[int, dict[str, int]]:
         sequence = await self._audit.append(record)
+        for key in [key for key in self._keys if key[:2] == (tenant, pseudonym)]:
+            del self._keys[key]
         counts = await self._in_store(self._store.erase_subject, tenant, pseudonym)
         return sequence, counts
 
@@ -324,9 +354,10 @@ class EmbeddedLedger:
         if not expired:
             return None, 0
         sequence = await self._audit.append(record(len(expired)))
-        destroyed = await self._in_store(
-            self._store.destroy_keys, [key_id for _, _, key_id in expired]
-        )
+        gone = {key_id for _, _, key_id in expired}
+        for key in [key for key, (key_id, _) in self._keys.items() if key_id in gone]:
+            del self._keys[key]
+        destroyed = await self._in_store(self._store.destroy_keys, sorted(gone))
         return sequence, destroyed
 
     async def commit_limit(
@@ -360,14 +391,16 @@ class EmbeddedLedger:
         sequence = await self._audit.append(record)
         if duplicate:
             return sequence, []
+        blobs = alerts(sequence)
         sequences = await self._in_store(
             self._store.record_event,
             tenant,
             pseudonym,
             event,
-            alerts(sequence),
+            blobs,
             raised_at,
             forget_before,
+            [raised_state(blob)[2] for blob in blobs],
         )
         return sequence, sequences
 

@@ -25,7 +25,6 @@ from service.decisions.rows import StateChanged
 from service.errors import Aborted, FailedPrecondition
 from service.model.scorer import Row
 from service.monitoring.tracing import stage
-from service.privacy.record_seal import seal_record_fields
 from service.privacy.sealing import RequestKeys
 from service.security.authz import PermissionDenied, capability_name
 
@@ -303,12 +302,18 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             blocking_alerts=decision.blocking_alerts,
         )
         metadata = response.metadata
+        (seal,) = await runtime.subject_seals([subject], now)
         record = runtime.record(
             ADJUST_LIMIT_METHOD,
             metadata,
             subject,
-            input_digest=inputs_digest,
-            encrypted_inputs=encrypted,
+            seal=seal,
+            # Limits, balance, the account's figures, the inputs: personal financial data.
+            personal={
+                "input_digest": inputs_digest,
+                **({"encrypted_inputs": encrypted} if encrypted else {}),
+                **sealed_limit_fields(account, response, fingerprint),
+            },
             # What the cool-down and alert rules saw, so a replay can decide exactly as this did.
             last_increase_at=last_increase.isoformat() if last_increase else None,
             open_alerts=[
@@ -325,14 +330,6 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
                 "grade": grade,
                 "currency": currency,
             },
-            # Limits, balance and the account's figures: personal financial data.
-            sealed=seal_record_fields(
-                runtime.record_key,
-                ADJUST_LIMIT_METHOD,
-                metadata.decision_id,
-                metadata.request_id,
-                sealed_limit_fields(account, response, fingerprint),
-            ),
         )
 
         def stored_reply(sequence: int) -> bytes:

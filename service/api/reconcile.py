@@ -21,6 +21,7 @@ raises `StoreTampered` here too.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 from collections import defaultdict
@@ -30,20 +31,22 @@ from pathlib import Path
 from typing import Any
 
 from privscore.v1 import alert_service_pb2, limit_service_pb2
-from service.api.alerts import EVALUATE_EVENT_METHOD
+from service.api.alerts import EVALUATE_EVENT_METHOD, UPDATE_ALERT_STATE_METHOD
 from service.api.limits import ADJUST_LIMIT_METHOD
 from service.audit import StoredRecord, records_containing
+from service.audit.record import SUBJECT_KEY
 from service.audit.verify import parse_time
 from service.decisions.alert_rules import Event
 from service.decisions.store import DecisionStore
-from service.privacy.record_seal import open_record
+from service.privacy.record_seal import open_personal
 
 # The audit record of a reconciliation at start: what was rebuilt, or why the start was refused.
 STORE_RECONCILE = "privscore.store/Reconcile"
 _ACTION_PREFIX = "LIMIT_ACTION_"
-_NEEDLES = tuple(
-    b'"rpc":"' + rpc.encode() + b'"' for rpc in (ADJUST_LIMIT_METHOD, EVALUATE_EVENT_METHOD)
-)
+_RPCS = (ADJUST_LIMIT_METHOD, EVALUATE_EVENT_METHOD, UPDATE_ALERT_STATE_METHOD)
+_NEEDLES = tuple(b'"rpc":"' + rpc.encode() + b'"' for rpc in _RPCS)
+# How a format-3 record's subject is held until the store names it: by its key's id.
+_BY_KEY = "key:"
 
 
 class ReconcileError(Exception):
@@ -56,6 +59,7 @@ class ReconcileError(Exception):
 class _LimitRow:
     sequence: int
     key: tuple[str, str]
+    subject: str  # `_subject_ref`
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,29 @@ def _decisions(audit_dir: Path) -> Iterator[StoredRecord]:
 
 
 def _is_decision(record: dict[str, Any]) -> bool:
-    return record.get("rpc") in (ADJUST_LIMIT_METHOD, EVALUATE_EVENT_METHOD) and (
-        record.get("outcome") != "refused"
-    )
+    return record.get("rpc") in _RPCS and record.get("outcome") != "refused"
+
+
+def _subject_ref(record: dict[str, Any]) -> str:
+    """The record's subject: its pseudonym (formats 1-2), or its key's id (format 3), which
+    `Subjects` turns into the pseudonym while the key exists."""
+    key_id = record.get(SUBJECT_KEY)
+    return f"{_BY_KEY}{key_id}" if key_id is not None else str(record.get("subject"))
+
+
+class Subjects:
+    """Names format-3 records' subjects from the store's subject keys. A record whose key is
+    destroyed belongs to an erased subject (or a period past retention): the store is right
+    not to hold its rows, and nothing is rebuilt from it."""
+
+    def __init__(self, store: DecisionStore) -> None:
+        self._by_key = store.subjects_of_keys()
+
+    def pseudonym(self, ref: str) -> str | None:
+        if not ref.startswith(_BY_KEY):
+            return ref
+        found = self._by_key.get(ref.removeprefix(_BY_KEY))
+        return None if found is None else found[1]
 
 
 class LoggedDecisions:
@@ -154,13 +178,15 @@ class LoggedDecisions:
 
     def add(self, stored: StoredRecord) -> None:
         record = stored.record
-        tenant, subject = str(record.get("tenant")), str(record.get("subject"))
+        tenant, subject = str(record.get("tenant")), _subject_ref(record)
         self.decision_ids.add(str(record.get("decision_id")))
+        if record["rpc"] == UPDATE_ALERT_STATE_METHOD:
+            return  # its stream row is known by its decision id; see `compare`
         if record["rpc"] == ADJUST_LIMIT_METHOD:
             key = (tenant, str(record.get("request_id")))
             if key in self.limits:
                 self.decided_twice.add(key)
-            self.limits.setdefault(key, _LimitRow(stored.sequence, key))
+            self.limits.setdefault(key, _LimitRow(stored.sequence, key, subject))
             return
         outputs = record.get("outputs") or {}
         if outputs.get("duplicate"):
@@ -201,21 +227,39 @@ def _expected_events(
 
 def compare(logged: LoggedDecisions, store: DecisionStore, retention_days: int) -> Reconciliation:
     """Compare the store with what the log holds (reads the store; changes nothing)."""
-    logged_limits, events = logged.limits, logged.events
+    subjects = Subjects(store)
+    # Records of subjects whose keys are destroyed expect no rows (erased or expired).
+    logged_limits = {
+        key: row
+        for key, row in logged.limits.items()
+        if subjects.pseudonym(row.subject) is not None
+    }
+    events: dict[tuple[str, str], list[_EventRecord]] = defaultdict(list)
+    for (tenant, ref), history in logged.events.items():
+        pseudonym = subjects.pseudonym(ref)
+        if pseudonym is not None:
+            events[(tenant, pseudonym)] += [
+                dataclasses.replace(e, key=(tenant, pseudonym, e.key[2])) for e in history
+            ]
+    for history in events.values():
+        history.sort(key=lambda e: e.sequence)
+    event_keys = {e.key for history in events.values() for e in history}
     report = Reconciliation(decided_twice=sorted(logged.decided_twice))
     stored_limits = set(store.limit_decision_keys())
     report.missing_limit_decisions = [
         row for key, row in logged_limits.items() if key not in stored_limits
     ]
-    report.unlogged_limit_decisions = sorted(stored_limits - logged_limits.keys())
+    report.unlogged_limit_decisions = sorted(stored_limits - logged.limits.keys())
 
     stored_events = set(store.event_keys())
     expected = list(_expected_events(events, dt.timedelta(days=retention_days)))
     report.missing_events = [event for event in expected if event.key not in stored_events]
-    report.unlogged_events = sorted(stored_events - logged.event_keys)
+    report.unlogged_events = sorted(stored_events - event_keys)
 
     alert_decisions: set[str] = set()
     for sequence, blob in store.alert_rows():
+        if not blob:
+            continue  # erased in place
         decision_id = alert_service_pb2.Alert.FromString(blob).metadata.decision_id
         alert_decisions.add(decision_id)
         if decision_id not in logged.decision_ids:
@@ -241,6 +285,27 @@ def restore(
     wanted = {row.sequence for row in report.missing_limit_decisions}
     wanted |= {event.sequence for event in (*report.missing_events, *report.missing_alerts)}
     records = {r.sequence: r for r in _decisions(audit_dir) if r.sequence in wanted}
+    subjects = Subjects(store)
+
+    def _opened(record_key: bytes, stored: StoredRecord) -> dict[str, Any]:
+        def subject_key(key_id: str) -> bytes | None:
+            found = store.key_by_id(key_id)
+            return None if found is None else found[1]
+
+        try:
+            return open_personal(stored.record, record_key=record_key, subject_key=subject_key)
+        except ValueError as error:
+            raise ReconcileError(f"record {stored.sequence}: {error}") from None
+
+    def _alerts(record_key: bytes, stored: StoredRecord) -> list[bytes]:
+        """The alerts an event decision raised, as stored: with the record's audit sequence."""
+        blobs = []
+        for encoded in _opened(record_key, stored)["alerts"]:
+            alert = alert_service_pb2.Alert.FromString(base64.b64decode(encoded))
+            alert.metadata.audit_sequence = stored.sequence
+            blobs.append(alert.SerializeToString())
+        return blobs
+
     written = 0
     for limit in report.missing_limit_decisions:
         stored = records[limit.sequence]
@@ -252,7 +317,7 @@ def restore(
         action = str((stored.record.get("outputs") or {}).get("action", ""))
         store.record_limit_decision(
             tenant=limit.key[0],
-            pseudonym=str(stored.record["subject"]),
+            pseudonym=str(subjects.pseudonym(limit.subject)),
             request_id=limit.key[1],
             fingerprint=str(sealed["fingerprint"]),
             decided_at=_decided_at(stored),
@@ -282,25 +347,8 @@ def restore(
     return written
 
 
-def _opened(record_key: bytes, stored: StoredRecord) -> dict[str, Any]:
-    try:
-        return open_record(record_key, stored.record)
-    except ValueError as error:
-        raise ReconcileError(f"record {stored.sequence}: {error}") from None
-
-
 def _decided_at(stored: StoredRecord) -> dt.datetime:
     moment = parse_time(stored.record.get("time"))
     if moment is None:
         raise ReconcileError(f"record {stored.sequence} has no time")
     return moment
-
-
-def _alerts(record_key: bytes, stored: StoredRecord) -> list[bytes]:
-    """The alerts an event decision raised, as stored: with the record's audit sequence."""
-    blobs = []
-    for encoded in _opened(record_key, stored)["alerts"]:
-        alert = alert_service_pb2.Alert.FromString(base64.b64decode(encoded))
-        alert.metadata.audit_sequence = stored.sequence
-        blobs.append(alert.SerializeToString())
-    return blobs

@@ -14,6 +14,7 @@ import base64
 import binascii
 import datetime as dt
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +34,11 @@ from service.api.scoring import (
 from service.audit.record import recorded_probability
 from service.decisions.limits import decide_limit
 from service.decisions.policy import DecisionPolicy
+from service.decisions.rows import OpenAlert
 from service.errors import ServiceError
 from service.model.scorer import ModelBatcher, Row, Scorer
 from service.privacy.digest import input_digest
-from service.privacy.record_seal import RecordSealError, open_record
+from service.privacy.record_seal import RecordSealError, open_personal
 from service.privacy.sealing import FeatureOpener
 
 _SCORES = (SCORE_METHOD, SCORE_BATCH_METHOD)
@@ -164,21 +166,13 @@ def _same_offer(
     again = policy.limits.initial_offer(str(offered.get("currency")), str(replayed.get("grade")))
     if again is None or again[1] != offered.get("rule"):
         return ["offer"]
-    try:
-        sealed = open_record(keys.record_key, record)
-    except RecordSealError as error:
-        raise NotReplayable(f"the offered limit cannot be read: {error}") from None
-    return [] if sealed.get("initial_limit") == again[0] else ["offer"]
+    return [] if record.get("initial_limit") == again[0] else ["offer"]
 
 
 def _sealed_limit(
-    record: dict[str, Any], key: bytes
+    sealed: dict[str, Any],
 ) -> tuple[limit_service_pb2.AccountState, limit_service_pb2.AdjustLimitResponse, str]:
     """(account, response as decided, request fingerprint) from the record's sealed fields."""
-    try:
-        sealed = open_record(key, record)
-    except RecordSealError as error:
-        raise NotReplayable(f"the account figures cannot be read: {error}") from None
     try:
         account = json_format.ParseDict(sealed["account"], limit_service_pb2.AccountState())
         response = limit_service_pb2.AdjustLimitResponse.FromString(
@@ -200,6 +194,13 @@ def _replay_limit(
         if not same_inputs:
             differences.append("input_digest")
         score = _rescore(scorer, policy, row)["score"]
+    elif record.get("score_source") == "RECORDED":
+        # The subject's recorded score, which the record keeps (with the decision it came from).
+        score = outputs.get("score")
+        if input_digest(keys.digest_key, {"score_source": "recorded"}) != record.get(
+            "input_digest"
+        ):
+            raise NotReplayable("the record's input digest is not a recorded score's")
     else:
         # Decided from a caller's latest score, unless the inputs were taken out of the record:
         # the keyed digest says which.
@@ -211,7 +212,7 @@ def _replay_limit(
             )
     if not isinstance(score, int):
         raise NotReplayable("the record has no score")
-    account, response, fingerprint = _sealed_limit(record, keys.record_key)
+    account, response, fingerprint = _sealed_limit(record)
     if (
         request_fingerprint(
             keys.digest_key, _subject(record), account, str(record.get("input_digest"))
@@ -227,7 +228,13 @@ def _replay_limit(
         raise NotReplayable("the record's times are not ISO 8601") from None
     grade = policy.score.grade_of(score)
     decision = decide_limit(
-        policy.limits, account_of(account), score, grade, last_increase, decided_at
+        policy.limits,
+        account_of(account),
+        score,
+        grade,
+        last_increase,
+        decided_at,
+        _open_alerts(record),
     )
     replayed = {
         "score": score,
@@ -253,6 +260,15 @@ def _replay_limit(
     return differences
 
 
+def _open_alerts(record: dict[str, Any]) -> list[OpenAlert]:
+    """The unresolved alerts the decision saw, as its record lists them."""
+    listed = record.get("open_alerts") or []
+    try:
+        return [OpenAlert(int(a["alert_sequence"]), str(a["severity"]), "OPEN") for a in listed]
+    except (KeyError, TypeError, ValueError):
+        raise NotReplayable("the record's open alerts are not a list of alerts") from None
+
+
 def replay(
     record: dict[str, Any],
     scorer: Scorer,
@@ -260,8 +276,11 @@ def replay(
     policy: DecisionPolicy,
     digest_key: bytes,
     record_key: bytes,
+    subject_key: Callable[[str], bytes | None] = lambda key_id: None,
 ) -> ReplayReport:
-    """Re-decide a Score, ScoreBatch item or AdjustLimit record; NotReplayable says why not."""
+    """Re-decide a Score, ScoreBatch item or AdjustLimit record; NotReplayable says why not.
+    `subject_key` finds the key a format-3 record's personal fields are sealed under (the
+    decision store keeps them until erasure or retention expiry)."""
     rpc = record.get("rpc")
     if record.get("outcome") == "refused":
         raise NotReplayable(
@@ -286,6 +305,11 @@ def replay(
             f"policy (--policy), not {policy.version}"
         )
     report = ReplayReport(_text(record, "decision_id"), rpc, matches=True)
+    try:
+        personal = open_personal(record, record_key=record_key, subject_key=subject_key)
+    except RecordSealError as error:
+        raise NotReplayable(f"the personal fields cannot be read: {error}") from None
+    record = {**record, **personal}
     keys = _Keys(opener, digest_key, record_key)
     if rpc in _SCORES:
         report.differences = _replay_score(record, scorer, policy, keys)

@@ -19,7 +19,7 @@ from google.protobuf import timestamp_pb2
 from privscore.v1 import common_pb2
 from service.api.ledger import Ledger
 from service.audit import Checkpoint, StoredRecord, VerifierKey
-from service.audit.record import RECORD_FORMAT
+from service.audit.record import RECORD_FORMAT, SUBJECT_KEY
 from service.callctx import CALLER
 from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy
@@ -28,6 +28,7 @@ from service.model.scorer import ModelBatcher, Scorer
 from service.monitoring.drift import DriftMonitor
 from service.privacy.digest import input_digest
 from service.privacy.keyring import Keyring
+from service.privacy.record_seal import SEALED, seal_record_fields
 from service.privacy.sealing import FeatureOpener
 
 # A decision's record with its inclusion proof against the latest checkpoint, by decision id:
@@ -45,6 +46,19 @@ def decided_again(method: str, attempt: int, error: Exception) -> None:
     """Log that a decision is made again because its state changed under it (another replica
     decided for the same request or customer): which table, never a value."""
     _decisions_log.info("decision.decided_again", method=method, attempt=attempt, why=str(error))
+
+
+@dataclass(frozen=True)
+class SubjectSeal:
+    """The key one subject's records of one month are sealed under, and its id."""
+
+    key_id: str
+    key: bytes
+
+
+def key_period(at: dt.datetime) -> str:
+    """The period a subject key covers: the UTC calendar month, YYYY-MM."""
+    return at.astimezone(dt.UTC).strftime("%Y-%m")
 
 
 class AuditSink(Protocol):
@@ -132,18 +146,35 @@ class Runtime:
             request_id=request_id,
         )
 
+    async def subject_seals(
+        self, subjects: Sequence[common_pb2.SubjectRef], at: dt.datetime
+    ) -> list[SubjectSeal]:
+        """The keys the subjects' records of `at`'s month are sealed under (made first, and
+        stored durably, for a subject new this month)."""
+        found = await self.ledger.subject_keys(
+            [(s.tenant, s.pseudonym) for s in subjects], key_period(at)
+        )
+        return [SubjectSeal(key_id, key) for key_id, key in found]
+
     def record(
         self,
         rpc: str,
         metadata: common_pb2.DecisionMetadata,
         subject: common_pb2.SubjectRef | None,
+        *,
+        seal: SubjectSeal | None = None,
+        personal: Mapping[str, Any] | None = None,
         **details: Any,
     ) -> dict[str, Any]:
-        """An audit record: who, what, when, under which model and policy, plus `details`.
+        """An audit record: who, what, when, under which model and policy, plus `details`,
+        which a reviewer reads in clear and which must hold nothing personal.
 
-        Subjects appear by pseudonym only; details must hold no plaintext feature value.
+        The subject appears by tenant and, with `seal`, by the id of its key alone: its
+        pseudonym and `personal` (amounts, encrypted inputs and their digest, anything of the
+        person) are sealed under that key, which erasure or retention expiry destroys. Without
+        `seal` (a refusal) the record names the tenant only.
         """
-        return {
+        record = {
             "format": RECORD_FORMAT,
             "rpc": rpc,
             "decision_id": metadata.decision_id,
@@ -151,12 +182,22 @@ class Runtime:
             "time": metadata.decided_at.ToJsonString(),
             "caller": CALLER.get(),
             "tenant": subject.tenant if subject is not None else None,
-            "subject": subject.pseudonym if subject is not None else None,
             "model_version": self.scorer.model_version,
             "model_manifest_sha256": self.scorer.manifest_sha256,
             "policy_version": self.policy.version,
             **details,
         }
+        if seal is not None:
+            assert subject is not None
+            record[SUBJECT_KEY] = seal.key_id
+            record[SEALED] = seal_record_fields(
+                seal.key,
+                rpc,
+                metadata.decision_id,
+                metadata.request_id,
+                {"subject": subject.pseudonym, **(personal or {})},
+            )
+        return record
 
     async def audit_refusal(
         self, rpc: str, request_id: str, subject: common_pb2.SubjectRef | None, error: ServiceError

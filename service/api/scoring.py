@@ -22,7 +22,6 @@ from service.decisions.rows import RecordedScore
 from service.errors import ServiceError
 from service.model.scorer import ModelBatcher, Row
 from service.monitoring.tracing import stage
-from service.privacy.record_seal import seal_record_fields
 
 SCORE_METHOD = "/privscore.v1.ScoringService/Score"
 SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch"
@@ -215,11 +214,12 @@ async def assess(
 
 
 def offer(
-    runtime: Runtime, method: str, response: pb.ScoreResponse, currency: str
-) -> dict[str, Any]:
+    runtime: Runtime, response: pb.ScoreResponse, currency: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The initial-limit offer of an approved applicant (set on `response`), as the audit
-    record's fields: the rule and currency in clear (`offer`), the amount in `sealed` (a limit
-    is personal financial data, service/privacy/record_seal.py). Empty: no offer."""
+    record's fields: (in clear, the rule and currency as `offer`; personal, sealed with the
+    subject's other fields, the amount as `initial_limit`: a limit is personal financial
+    data). Both empty: no offer."""
     score = response.score
     found = (
         runtime.policy.limits.initial_offer(currency, score.grade)
@@ -227,24 +227,14 @@ def offer(
         else None
     )
     if found is None:
-        return {}
+        return {}, {}
     amount, rule = found
     response.initial_limit.CopyFrom(
         pb.InitialLimitOffer(
             limit=common_pb2.Money(currency_code=currency, minor_units=amount), rule=rule
         )
     )
-    metadata = response.metadata
-    return {
-        "offer": {"currency": currency, "rule": rule},
-        "sealed": seal_record_fields(
-            runtime.record_key,
-            method,
-            metadata.decision_id,
-            metadata.request_id,
-            {"initial_limit": amount},
-        ),
-    }
+    return {"offer": {"currency": currency, "rule": rule}}, {"initial_limit": amount}
 
 
 async def _decide(
@@ -258,20 +248,26 @@ async def _decide(
     one fsync), then reply."""
     scores = await assess(runtime.model, runtime.policy.score, [a.row for a in applicants])
     decided_at = runtime.clock()
+    seals = await runtime.subject_seals([a.subject for a in applicants], decided_at)
     responses = []
     records = []
-    for applicant, score in zip(applicants, scores, strict=True):
+    for applicant, score, seal in zip(applicants, scores, seals, strict=True):
         response = pb.ScoreResponse(metadata=runtime.metadata(request_id, decided_at), score=score)
         responses.append(response)
+        offered, offered_amount = offer(runtime, response, offer_currency)
         records.append(
             runtime.record(
                 method,
                 response.metadata,
                 applicant.subject,
-                input_digest=runtime.input_digest(dict(applicant.row)),
-                encrypted_inputs=encrypted_inputs(applicant.features),
+                seal=seal,
+                personal={
+                    "input_digest": runtime.input_digest(dict(applicant.row)),
+                    "encrypted_inputs": encrypted_inputs(applicant.features),
+                    **offered_amount,
+                },
                 outputs=score_outputs(response.score),
-                **offer(runtime, method, response, offer_currency),
+                **offered,
             )
         )
     latest = [

@@ -28,6 +28,8 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from privscore.client.encoding import length_prefixed
 from privscore.v1 import alert_service_pb2
 from service.decisions.alert_rules import Event
@@ -143,6 +145,17 @@ OPEN, ACKNOWLEDGED, RESOLVED = "OPEN", "ACKNOWLEDGED", "RESOLVED"
 # An erased alert keeps its place in the stream (subscribers resume across it) as an empty
 # message: no subject, rule or reason is left.
 ERASED_ALERT = b""
+
+
+def severity_of(alert: alert_service_pb2.Alert) -> str:
+    """An alert's severity as the state rows keep it, e.g. CRITICAL."""
+    return alert_service_pb2.Severity.Name(alert.severity).removeprefix("SEVERITY_")
+
+
+def raised_state(blob: bytes) -> tuple[str, str, str]:
+    """(tenant, pseudonym, severity) of a raised alert as stored."""
+    alert = alert_service_pb2.Alert.FromString(blob)
+    return alert.subject.tenant, alert.subject.pseudonym, severity_of(alert)
 
 
 class _NotUtf8(bytes):
@@ -331,8 +344,11 @@ class DecisionStore:
         alerts: list[bytes],
         raised_at: dt.datetime,
         forget_before: dt.datetime,
+        severities: Sequence[str] = (),
     ) -> list[int]:
         """Store the event and its alerts in one transaction; returns the alerts' sequences.
+        With `severities` (one per alert: `severity_of`), each alert also gets its open state
+        under this subject, which limit decisions read.
 
         Alerts are stored without their sequence, which is the row's key (and bound into its
         seal).
@@ -344,6 +360,8 @@ class DecisionStore:
         with self._transaction():
             self._insert(row, event_details(event))
             sequences = self._insert_alerts(alerts, raised_at)
+            for sequence, severity in zip(sequences, severities, strict=False):
+                self._insert_state(sequence, tenant, pseudonym, severity, raised_at)
             where = "tenant=? AND pseudonym=? AND occurred_at_us < ?"
             old = (tenant, pseudonym, to_us(forget_before))
             self._opened(EventRow, where, old)
@@ -351,9 +369,13 @@ class DecisionStore:
         return sequences
 
     def record_alerts(self, alerts: list[bytes], raised_at: dt.datetime) -> list[int]:
-        """Store alerts alone (restoring those an audit record holds); their sequences."""
+        """Store alerts alone (restoring those an audit record holds), each open under its
+        subject; their sequences."""
         with self._transaction():
-            return self._insert_alerts(alerts, raised_at)
+            sequences = self._insert_alerts(alerts, raised_at)
+            for sequence, blob in zip(sequences, alerts, strict=True):
+                self._insert_state(sequence, *raised_state(blob), raised_at)
+            return sequences
 
     def _insert_alerts(self, alerts: list[bytes], raised_at: dt.datetime) -> list[int]:
         # Inside a write transaction. The sequence is bound into the seal, so it is chosen
@@ -367,22 +389,21 @@ class DecisionStore:
         for alert in alerts:
             sequence += 1
             self._insert(AlertRow(sequence, to_us(raised_at)), alert)
-            self._insert_state(sequence, alert, raised_at)
             sequences.append(sequence)
         return sequences
 
-    def _insert_state(self, sequence: int, blob: bytes, raised_at: dt.datetime) -> None:
+    def _insert_state(
+        self,
+        sequence: int,
+        tenant: str,
+        pseudonym: str,
+        severity: str,
+        raised_at: dt.datetime,
+    ) -> None:
         """A raised alert's state row: open, under its subject and severity."""
-        alert = alert_service_pb2.Alert.FromString(blob)
-        row = AlertStateRow(
-            sequence,
-            alert.subject.tenant,
-            alert.subject.pseudonym,
-            alert_service_pb2.Severity.Name(alert.severity).removeprefix("SEVERITY_"),
-            OPEN,
-            to_us(raised_at),
+        self._insert(
+            AlertStateRow(sequence, tenant, pseudonym, severity, OPEN, to_us(raised_at)), b""
         )
-        self._insert(row, b"")
 
     def event_keys(self) -> list[tuple[str, str, str]]:
         """(tenant, pseudonym, event_id) of every stored event, each row authenticated."""
@@ -472,25 +493,37 @@ class DecisionStore:
 
     # -- subject keys ---------------------------------------------------------------------
 
-    def subject_key(
-        self, tenant: str, pseudonym: str, period: str, new_key: Callable[[], tuple[str, bytes]]
-    ) -> tuple[str, bytes]:
-        """(key id, key) of the subject for the period, made with `new_key` if there is none.
-        Committed with a full fsync before any record is sealed under it: a record whose key
-        was lost could never be read again."""
-        found = self._opened(
-            SubjectKeyRow, "tenant=? AND pseudonym=? AND period=?", (tenant, pseudonym, period)
-        )
-        if found:
-            row, key = found[0]
-            return row.key_id, key
-        key_id, key = new_key()
-        with self._transaction():
-            self._insert(
-                SubjectKeyRow(tenant, pseudonym, period, key_id, to_us(dt.datetime.now(dt.UTC))),
-                key,
+    def subject_keys(
+        self,
+        wanted: Sequence[tuple[str, str, str]],
+        new_key: Callable[[], tuple[str, bytes]],
+    ) -> list[tuple[str, bytes]]:
+        """`subject_key` for several (tenant, pseudonym, period), the new ones made in one
+        transaction (one fsync however many)."""
+        found: dict[tuple[str, str, str], tuple[str, bytes]] = {}
+        for tenant, pseudonym, period in set(wanted):
+            rows = self._opened(
+                SubjectKeyRow,
+                "tenant=? AND pseudonym=? AND period=?",
+                (tenant, pseudonym, period),
             )
-        return key_id, key
+            if rows:
+                found[(tenant, pseudonym, period)] = (rows[0][0].key_id, rows[0][1])
+        missing = sorted(set(wanted) - found.keys())
+        if missing:
+            now = to_us(dt.datetime.now(dt.UTC))
+            with self._transaction():
+                for tenant, pseudonym, period in missing:
+                    key_id, key = new_key()
+                    self._insert(SubjectKeyRow(tenant, pseudonym, period, key_id, now), key)
+                    found[(tenant, pseudonym, period)] = (key_id, key)
+        return [found[key] for key in wanted]
+
+    def subjects_of_keys(self) -> dict[str, tuple[str, str]]:
+        """Every subject key's id with its (tenant, pseudonym), each row authenticated: how
+        the start-up reconciliation names the subject of a record."""
+        rows = self._opened(SubjectKeyRow, "1")
+        return {row.key_id: (row.tenant, row.pseudonym) for row, _ in rows}
 
     def key_by_id(self, key_id: str) -> tuple[SubjectKeyRow, bytes] | None:
         """A subject key by its id, or None once destroyed (erased or expired)."""
@@ -565,8 +598,12 @@ class DecisionStore:
         becomes open (version 3 had no way to resolve one)."""
         with self._transaction():
             for row, blob in self._opened(AlertRow, "1", tail="ORDER BY sequence"):
-                if blob and not alert_service_pb2.Alert.FromString(blob).alert_sequence:
-                    self._insert_state(row.sequence, blob, from_us(row.raised_at_us))
+                try:
+                    alert = alert_service_pb2.Alert.FromString(blob)
+                except DecodeError:
+                    continue  # authentic, but no Alert: not privscore's to give a state
+                if alert.HasField("subject") and not alert.alert_sequence:
+                    self._insert_state(row.sequence, *raised_state(blob), from_us(row.raised_at_us))
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _migrate_from_v2(self) -> None:

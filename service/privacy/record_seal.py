@@ -15,7 +15,7 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -85,6 +85,41 @@ def open_record_fields(
     if not isinstance(payload, dict):
         raise RecordSealError(f"sealed fields of decision {decision_id} are not a JSON object")
     return payload
+
+
+class Shredded(RecordSealError):
+    """The record's personal fields were sealed under a subject key that is destroyed (the
+    subject erased, or the period past retention): they can never be read again."""
+
+
+def open_personal(
+    record: Mapping[str, Any],
+    *,
+    record_key: bytes,
+    subject_key: Callable[[str], bytes | None],
+) -> dict[str, Any]:
+    """A decision record's personal fields, whatever its format: the subject's pseudonym,
+    the input digest, the encrypted inputs and the sealed payload (amounts, the stored reply).
+
+    Format 3 seals them all under the subject key the record names (`subject_key(key_id)`,
+    None once destroyed: Shredded); earlier formats kept the first three in clear and sealed
+    the payload under the server's record key."""
+    key_id = record.get("subject_key")
+    if key_id is None:
+        payload = open_record(record_key, record) if SEALED in record else {}
+        clear = {
+            name: record[name]
+            for name in ("subject", "input_digest", "encrypted_inputs")
+            if name in record
+        }
+        return {**clear, **payload}
+    key = subject_key(str(key_id))
+    if key is None:
+        raise Shredded(
+            f"the personal fields of decision {record.get('decision_id')} are sealed under a "
+            "destroyed subject key (erased, or past retention)"
+        )
+    return open_record(key, record)
 
 
 def open_record(key: bytes, record: Mapping[str, Any]) -> dict[str, Any]:
