@@ -3,9 +3,11 @@
 Each input is one request as the server receives it: the first byte picks the RPC, the rest is
 parsed with protobuf as that RPC's request message and taken through the server's own code
 path up to the model: validation (`validate_*`), then for requests that pass, decryption and
-schema validation (`open_row`: `FeatureOpener.open` with a real keyring, `validate_record`) or
-`to_event`. One more mode builds a request from the input and seals it correctly (as a caller
-would, with fuzzed names and fuzzed plaintext bytes), so the fuzzer reaches what lies behind a
+schema validation (`open_row`: `FeatureOpener.open` with a real keyring, `validate_record`;
+`open_account` and `open_event` for sealed account state and event figures) and `to_event`. One
+more mode builds a request from the input and seals it correctly (as a caller would, with
+fuzzed names and fuzzed plaintext bytes, money among them): a Score's features, an
+AdjustLimit's account state or an event's figures, so the fuzzer reaches what lies behind a
 successful decryption. A structure-aware mutator (in the spirit of libprotobuf-mutator) sets
 one field of a parsed request at a time to a boundary or random value of its type, switches
 oneofs, and duplicates or drops repeated items, so a sealed seed stays decryptable while its
@@ -48,6 +50,15 @@ from google.protobuf.descriptor import FieldDescriptor
 with atheris.instrument_imports(include=["service", "privscore"]):
     from google.protobuf.message import DecodeError, Message
 
+    from privscore.client.envelope import (
+        ACCOUNT_COUNT_FIELDS,
+        ACCOUNT_MONEY_FIELDS,
+        ACCOUNT_SCHEMA_VERSION,
+        EVENT_BALANCE_FIELD,
+        EVENT_CLEAR_FIELDS,
+        EVENT_SCHEMA_VERSION,
+    )
+    from privscore.client.figures import seal_account, seal_event
     from privscore.v1 import (
         alert_service_pb2,
         common_pb2,
@@ -56,6 +67,7 @@ with atheris.instrument_imports(include=["service", "privscore"]):
     )
     from service.api.alerts import to_event, validate_evaluate_event, validate_watch_alerts
     from service.api.features import encrypted_inputs, open_row
+    from service.api.figures import open_account, open_event
     from service.api.limits import validate_adjust_limit
     from service.api.scoring import (
         validate_batch_envelope,
@@ -71,6 +83,7 @@ with atheris.instrument_imports(include=["service", "privscore"]):
     from service.privacy.sealing import (
         DataKey,
         FeatureOpener,
+        RequestKeys,
         ServerPublicKey,
         load_public_keyset,
     )
@@ -78,6 +91,7 @@ with atheris.instrument_imports(include=["service", "privscore"]):
 SCORE = "/privscore.v1.ScoringService/Score"
 SCORE_BATCH = "/privscore.v1.ScoringService/ScoreBatch"
 ADJUST_LIMIT = "/privscore.v1.LimitService/AdjustLimit"
+EVALUATE_EVENT = "/privscore.v1.AlertService/EvaluateEvent"
 TENANT = "baitiao-cn"
 # The verified caller the servicers would see: data keys are sealed for it.
 IDENTITY = "spiffe://privscore.dev/client/dev"
@@ -128,7 +142,7 @@ def open_features(
     subject: common_pb2.SubjectRef,
     method: str,
     request_id: str,
-    opened_keys: dict[bytes, Any] | None = None,
+    opened_keys: RequestKeys | None = None,
 ) -> None:
     """What the servicers do with features that passed validation."""
     row = open_row(
@@ -164,7 +178,7 @@ def score_batch(data: bytes) -> None:
     request = scoring_service_pb2.ScoreBatchRequest.FromString(data)
     refusal_context(request)
     validate_batch_envelope(request)
-    opened_keys: dict[bytes, Any] = {}
+    opened_keys: RequestKeys = {}
     for item in request.items:
         try:
             well_formed_subject(item)
@@ -175,18 +189,42 @@ def score_batch(data: bytes) -> None:
 
 
 def adjust_limit(data: bytes) -> None:
+    """As the servicer: the account opened first, then the features, one request's memo for
+    both (they may share a data key)."""
     request = limit_service_pb2.AdjustLimitRequest.FromString(data)
     refusal_context(request)
     validate_adjust_limit(request)
+    opened_keys: RequestKeys = {}
+    account = open_account(
+        OPENER,
+        request.sealed_account,
+        request.subject,
+        method=ADJUST_LIMIT,
+        identity=IDENTITY,
+        request_id=request.request_id,
+        opened_keys=opened_keys,
+    )
+    assert account.HasField("current_limit") and account.HasField("balance")
     if request.HasField("features"):
-        open_features(request.features, request.subject, ADJUST_LIMIT, request.request_id)
+        open_features(
+            request.features, request.subject, ADJUST_LIMIT, request.request_id, opened_keys
+        )
 
 
 def evaluate_event(data: bytes) -> None:
     request = alert_service_pb2.EvaluateEventRequest.FromString(data)
     refusal_context(request)
     validate_evaluate_event(request)
-    event = to_event(request.event)
+    opened = open_event(
+        OPENER,
+        request.event,
+        request.subject,
+        method=EVALUATE_EVENT,
+        identity=IDENTITY,
+        request_id=request.request_id,
+    )
+    assert not opened.HasField("sealed_figures")
+    event = to_event(opened)
     assert event.event_id == request.event.event_id
 
 
@@ -195,8 +233,15 @@ def watch_alerts(data: bytes) -> None:
 
 
 def _plaintext(fdp: Any) -> tuple[bytes, str | None]:
-    """A sealed field's plaintext: a typed FeatureValue, or raw bytes; and its string value."""
-    kind = fdp.ConsumeIntInRange(0, 4)
+    """A sealed field's plaintext: a typed FeatureValue (money too), or raw bytes; and its
+    string value."""
+    kind = fdp.ConsumeIntInRange(0, 5)
+    if kind == 5:
+        money = common_pb2.Money(
+            currency_code=fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 4)),
+            minor_units=fdp.ConsumeIntInRange(-(2**63), 2**63 - 1),
+        )
+        return common_pb2.FeatureValue(money_value=money).SerializeToString(), None
     if kind == 0:
         return common_pb2.FeatureValue(number_value=fdp.ConsumeFloat()).SerializeToString(), None
     if kind == 1:
@@ -212,9 +257,21 @@ def _plaintext(fdp: Any) -> tuple[bytes, str | None]:
     return fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 64)), None
 
 
+# The names a sealed mode draws from most of the time, per target: the features', the account
+# state's, an event's figures'.
+ACCOUNT_NAMES = (*ACCOUNT_MONEY_FIELDS, *ACCOUNT_COUNT_FIELDS)
+EVENT_NAMES = (
+    *sorted({name for fields in EVENT_CLEAR_FIELDS.values() for name in fields}),
+    EVENT_BALANCE_FIELD,
+)
+EVENT_KINDS = tuple(sorted(EVENT_CLEAR_FIELDS))
+
+
 def sealed(data: bytes) -> None:
-    """A Score request sealed correctly from fuzzed names and plaintexts, then served."""
+    """A Score's features, an AdjustLimit's account state or an EvaluateEvent's figures, sealed
+    correctly from fuzzed names and plaintexts, then served."""
     fdp = atheris.FuzzedDataProvider(data)
+    target = fdp.ConsumeIntInRange(0, 2)
     request_id = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(1, 70)) or "r"
     tenant = TENANT if fdp.ConsumeBool() else fdp.ConsumeUnicodeNoSurrogates(8)
     pseudonym = PSEUDONYMS.pseudonym(tenant or "t", "customer")
@@ -223,35 +280,54 @@ def sealed(data: bytes) -> None:
     subject = common_pb2.SubjectRef(tenant=tenant, pseudonym=pseudonym)
     plaintexts: list[tuple[str, bytes]] = []
     strings: list[str] = []
+    known = (NAMES, ACCOUNT_NAMES, EVENT_NAMES)[target]
     for _ in range(fdp.ConsumeIntInRange(0, MAX_SEALED_FIELDS)):
         if fdp.ConsumeIntInRange(0, 9):
-            name = NAMES[fdp.ConsumeIntInRange(0, len(NAMES) - 1)]
+            name = known[fdp.ConsumeIntInRange(0, len(known) - 1)]
         else:
             name = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 70))
         plaintext, text = _plaintext(fdp)
         plaintexts.append((name, plaintext))
         if text is not None:
             strings.append(text)
-    version = SCHEMA_VERSION if fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeUnicodeNoSurrogates(20)
-    features = _seal(request_id, version, subject, plaintexts)
-    request = scoring_service_pb2.ScoreRequest(
-        request_id=request_id, subject=subject, features=features
-    )
+    own = (SCHEMA_VERSION, ACCOUNT_SCHEMA_VERSION, EVENT_SCHEMA_VERSION)[target]
+    version = own if fdp.ConsumeIntInRange(0, 7) else fdp.ConsumeUnicodeNoSurrogates(20)
+    method = (SCORE, ADJUST_LIMIT, EVALUATE_EVENT)[target]
+    envelope = _seal(method, request_id, version, subject, plaintexts)
+    if target == 0:
+        serve: Callable[[bytes], None] = score
+        request: Message = scoring_service_pb2.ScoreRequest(
+            request_id=request_id, subject=subject, features=envelope
+        )
+    elif target == 1:
+        serve = adjust_limit
+        request = limit_service_pb2.AdjustLimitRequest(
+            request_id=request_id, subject=subject, sealed_account=envelope, latest_score=560
+        )
+    else:
+        serve = evaluate_event
+        event = alert_service_pb2.BehaviourEvent(event_id="fuzz-event", sealed_figures=envelope)
+        event.occurred_at.FromSeconds(1_790_000_000)
+        getattr(event, EVENT_KINDS[fdp.ConsumeIntInRange(0, len(EVENT_KINDS) - 1)]).SetInParent()
+        request = alert_service_pb2.EvaluateEventRequest(
+            request_id=request_id, subject=subject, event=event
+        )
     names = [name for name, _ in plaintexts]
     try:
-        score(request.SerializeToString())
+        serve(request.SerializeToString())
     except ServiceError as error:
         refused(error, strings, names)
 
 
 def _seal(
+    method: str,
     request_id: str,
     version: str,
     subject: common_pb2.SubjectRef,
     plaintexts: Sequence[tuple[str, bytes]],
 ) -> common_pb2.EncryptedFeatures:
     """As the SDK seals, but any plaintext bytes, not only typed values."""
-    data_key = DataKey(SERVER_KEY, SCORE, identity=IDENTITY)
+    data_key = DataKey(SERVER_KEY, method, identity=IDENTITY)
     return data_key.seal_encoded(version, subject, plaintexts, request_id=request_id)
 
 
@@ -447,14 +523,17 @@ def write_seeds(directory: Path) -> None:
     account = limit_service_pb2.AccountState(
         current_limit=money, balance=money, on_time_repayments_in_row=7, account_age_days=400
     )
+    # Account state and event figures sealed as the SDK seals them; an AdjustLimit's features
+    # under the account's data key.
+    limit_key = DataKey(SERVER_KEY, ADJUST_LIMIT, identity=IDENTITY)
     seeds.append(
         (
             2,
             limit_service_pb2.AdjustLimitRequest(
                 request_id="seed-limit",
                 subject=subject,
-                account=account,
-                features=DataKey(SERVER_KEY, ADJUST_LIMIT, identity=IDENTITY).seal(
+                sealed_account=seal_account(limit_key, subject, account, request_id="seed-limit"),
+                features=limit_key.seal(
                     SCHEMA_VERSION, subject, applicants()[0], request_id="seed-limit"
                 ),
             ).SerializeToString(),
@@ -464,24 +543,39 @@ def write_seeds(directory: Path) -> None:
         (
             2,
             limit_service_pb2.AdjustLimitRequest(
-                request_id="seed-limit-score", subject=subject, account=account, latest_score=560
+                request_id="seed-limit-score",
+                subject=subject,
+                sealed_account=seal_account(
+                    limit_key, subject, account, request_id="seed-limit-score"
+                ),
+                latest_score=560,
             ).SerializeToString(),
         )
     )
-    event = alert_service_pb2.BehaviourEvent(
-        event_id="seed-event",
-        missed_payment=alert_service_pb2.MissedPayment(amount_due=money, days_past_due=31),
-        balance_after=money,
-    )
-    event.occurred_at.FromSeconds(1_790_000_000)
-    seeds.append(
-        (
-            3,
-            alert_service_pb2.EvaluateEventRequest(
-                request_id="seed-event", subject=subject, event=event
-            ).SerializeToString(),
+    event_key = DataKey(SERVER_KEY, EVALUATE_EVENT, identity=IDENTITY)
+    for kind in EVENT_KINDS:
+        event = alert_service_pb2.BehaviourEvent(event_id=f"seed-{kind}", balance_after=money)
+        event.occurred_at.FromSeconds(1_790_000_000)
+        details = getattr(event, kind)
+        details.SetInParent()
+        for clear_name in EVENT_CLEAR_FIELDS[kind].values():
+            if clear_name == "days_past_due":
+                details.days_past_due = 31
+            else:
+                getattr(details, clear_name).CopyFrom(money)
+        if kind == "repayment":
+            details.outcome = alert_service_pb2.REPAYMENT_OUTCOME_SUCCEEDED
+        request_id = f"seed-event-{kind}"
+        seeds.append(
+            (
+                3,
+                alert_service_pb2.EvaluateEventRequest(
+                    request_id=request_id,
+                    subject=subject,
+                    event=seal_event(event_key, subject, event, request_id=request_id),
+                ).SerializeToString(),
+            )
         )
-    )
     seeds.append(
         (
             4,
