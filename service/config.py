@@ -19,6 +19,7 @@ from typing import Any
 from service.db.settings import DatabaseSettings
 from service.files import private_dir
 from service.monitoring.settings import MonitoringSettings
+from service.retention import RetentionSettings
 from service.security.limits import CallLimits
 from service.settings import (
     SETTING,
@@ -262,6 +263,10 @@ class ServerSettings:
         _file,
         str(DEFAULT_AUTHZ_POLICY),
         default_doc="the bundled one",
+    )
+    # A group: how long subjects' personal data stays readable in the audit log.
+    retention: RetentionSettings = field(
+        default_factory=RetentionSettings, metadata={SETTING: RetentionSettings}
     )
     # A group: CallLimits' own fields are settings too, resolved here in their order.
     limits: CallLimits = field(default_factory=CallLimits, metadata={SETTING: CallLimits})

@@ -26,6 +26,8 @@ from privscore.v1 import (
     discovery_service_pb2_grpc,
     limit_service_pb2,
     limit_service_pb2_grpc,
+    privacy_service_pb2,
+    privacy_service_pb2_grpc,
     scoring_service_pb2,
     scoring_service_pb2_grpc,
 )
@@ -34,6 +36,7 @@ from service.api.audit import AuditServicer, file_prover
 from service.api.discovery import DiscoveryServicer
 from service.api.ledger import EmbeddedLedger, FailClosedAudit, Ledger
 from service.api.limits import LimitServicer
+from service.api.privacy import PrivacyServicer, expire
 from service.api.reconcile import (
     STORE_RECONCILE,
     LoggedDecisions,
@@ -41,6 +44,7 @@ from service.api.reconcile import (
     compare,
     restore,
 )
+from service.api.records import FileRecords, PgRecords, RecordFinder
 from service.api.runtime import Prover, Runtime, RuntimeSlot
 from service.api.scoring import ScoringServicer
 from service.api.validation import well_formed_request_id, well_formed_subject
@@ -50,6 +54,7 @@ from service.decisions.alert_stream import AlertStream
 from service.decisions.policy import DecisionPolicy, PolicyError, load_policy
 from service.decisions.store import DecisionStore, StoreError, StoreTampered
 from service.errors import ServiceError
+from service.explain import CatalogueError, default_catalogue
 from service.files import write_private
 from service.interceptors import RequestContextInterceptor
 from service.model.manifest import ArtifactError
@@ -88,6 +93,7 @@ SERVICE_NAMES = (
     alert_service_pb2.DESCRIPTOR.services_by_name["AlertService"].full_name,
     audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     discovery_service_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
+    privacy_service_pb2.DESCRIPTOR.services_by_name["PrivacyService"].full_name,
 )
 # "" is the whole server's status, as grpc_health_probe and Kubernetes ask by default.
 HEALTH_NAMES = ("", *SERVICE_NAMES)
@@ -190,6 +196,7 @@ class PrivscoreServer:
         )
         self._metrics_http: MetricsEndpoint | None = None
         self._drift_watch: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         try:
             authz = load_authz_policy(settings.authz_policy)
         except AuthzPolicyError as error:
@@ -223,6 +230,9 @@ class PrivscoreServer:
         )
         discovery_service_pb2_grpc.add_DiscoveryServiceServicer_to_server(
             DiscoveryServicer(self.slot), self._server
+        )
+        privacy_service_pb2_grpc.add_PrivacyServiceServicer_to_server(
+            PrivacyServicer(self.slot, default_catalogue()), self._server
         )
         if settings.reflection:
             _serve_reflection(
@@ -279,10 +289,17 @@ class PrivscoreServer:
         secret = keyring.server_secret()
         if not settings.audit_fsync:
             log.warning("audit.fsync_off", detail="benchmark mode: decisions are not crash-safe")
+        try:
+            default_catalogue().check_schema(scorer.manifest.schema)
+        except CatalogueError as error:
+            raise StartupError(f"explanations: {error}") from None
         if settings.database.database_url is None:
             ledger, prove, alerts = await self._embedded(signing_key, secret, policy)
+            records: RecordFinder = FileRecords(settings.layout.audit_dir)
         else:
             ledger, prove, alerts = await self._postgres(signing_key, secret)
+            assert self._database is not None
+            records = PgRecords(self._database.pool)
         audit_log = self._audit_log
         assert audit_log is not None
         runtime = Runtime(
@@ -304,12 +321,14 @@ class PrivscoreServer:
             input_digest_key=derive_input_digest_key(secret),
             record_key=derive_record_key(secret),
             prove=prove,
+            records=records,
             drift=self._drift_monitor(scorer),
         )
         if self._database is not None:
             self._database.listen(runtime.alerts)
         self._watch_runtime(runtime, audit_log)
         self.slot.fill(runtime)
+        self._retention = asyncio.create_task(self._expire(runtime), name="retention")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self._database is not None:
             self._watch = asyncio.create_task(self._watch_database(), name="database-health")
@@ -323,6 +342,21 @@ class PrivscoreServer:
             backend="embedded" if self._database is None else "postgresql",
             metrics_port=self._metrics_http.port if self._metrics_http is not None else None,
         )
+
+    async def _expire(self, runtime: Runtime) -> None:
+        """Retention expiry on its schedule, from start-up on: subject keys of periods past
+        the retention period are destroyed (service/api/privacy.py `expire`), audited. A
+        failure is logged and tried again next time, never taken as done."""
+        retention = self.settings.retention
+        while True:
+            try:
+                destroyed = await expire(runtime, retention.retention_days)
+            except Exception as error:  # noqa: BLE001 - logged; the schedule goes on
+                log.error("retention.failed", error_type=type(error).__name__)
+            else:
+                if destroyed:
+                    log.info("retention.expired", keys=destroyed)
+            await asyncio.sleep(retention.retention_interval_s)
 
     def _drift_monitor(self, scorer: Scorer) -> DriftMonitor | None:
         reference = scorer.manifest.drift_reference
@@ -552,6 +586,8 @@ class PrivscoreServer:
             self._watch.cancel()  # health stays NOT_SERVING from here, whatever the database
         if self._drift_watch is not None:
             self._drift_watch.cancel()
+        if self._retention is not None:
+            self._retention.cancel()
         await self.health.enter_graceful_shutdown()
         runtime = self.slot.peek()
         if runtime is not None:

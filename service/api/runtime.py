@@ -18,6 +18,7 @@ from google.protobuf import timestamp_pb2
 
 from privscore.v1 import common_pb2
 from service.api.ledger import Ledger
+from service.api.records import RecordFinder
 from service.audit import Checkpoint, StoredRecord, VerifierKey
 from service.audit.record import RECORD_FORMAT, SUBJECT_KEY
 from service.callctx import CALLER
@@ -109,6 +110,8 @@ class Runtime:
     # Seals the amounts in audit records (service.privacy.record_seal).
     record_key: bytes
     prove: Prover
+    # Decision records by decision id and by subject key, for explanations and exports.
+    records: RecordFinder
     # Counts scored rows in the training bins (service/monitoring/drift.py); None when the
     # model's manifest has no drift reference.
     drift: DriftMonitor | None = None
