@@ -200,8 +200,9 @@ class Ledger(Protocol):
     async def expire_keys(
         self, before_period: str, record: Callable[[int], Mapping[str, Any]]
     ) -> tuple[int | None, int]:
-        """Destroy every subject key of a period before `before_period`, logging one record
-        (`record(count)`) first when there are any; (audit sequence or None, keys destroyed)."""
+        """Destroy every subject key of a period before `before_period` (YYYY-MM) and forget
+        the store's rows of decisions made before it, logging one record (`record(count)`)
+        first when there are keys; (audit sequence or None, keys destroyed)."""
         ...
 
     async def commit_limit(
@@ -357,7 +358,8 @@ class EmbeddedLedger:
         gone = {key_id for _, _, key_id in expired}
         for key in [key for key, (key_id, _) in self._keys.items() if key_id in gone]:
             del self._keys[key]
-        destroyed = await self._in_store(self._store.destroy_keys, sorted(gone))
+        start = dt.datetime.strptime(before_period, "%Y-%m").replace(tzinfo=dt.UTC)
+        destroyed = await self._in_store(self._store.destroy_keys, sorted(gone), start)
         return sequence, destroyed
 
     async def commit_limit(

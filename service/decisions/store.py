@@ -581,14 +581,29 @@ class DecisionStore:
         rows = self._opened(SubjectKeyRow, "period < ?", (before_period,), "ORDER BY period")
         return [(row.tenant, row.pseudonym, row.key_id) for row, _ in rows]
 
-    def destroy_keys(self, key_ids: Sequence[str]) -> int:
-        """Destroy subject keys by id (retention expiry); how many were there."""
+    def destroy_keys(self, key_ids: Sequence[str], before: dt.datetime) -> int:
+        """Retention expiry: destroy subject keys by id, and forget the rows of decisions made
+        before `before` (limit decisions, recorded scores, resolved alerts' states; alerts
+        blanked in place), as those keys' records become unreadable; how many keys."""
+        cut = (to_us(before),)
         with self._transaction():
             destroyed = 0
             for key_id in key_ids:
                 destroyed += self._db.execute(
                     "DELETE FROM subject_keys WHERE key_id=?", (key_id,)
                 ).rowcount
+            # Each row is authenticated before it goes: an edited time must not erase it.
+            self._opened(LimitRow, "decided_at_us < ?", cut)
+            self._db.execute("DELETE FROM limit_decisions WHERE decided_at_us < ?", cut)
+            self._opened(ScoreRow, "scored_at_us < ?", cut)
+            self._db.execute("DELETE FROM scores WHERE scored_at_us < ?", cut)
+            old = self._opened(AlertStateRow, "changed_at_us < ? AND state = ?", (*cut, RESOLVED))
+            for state, _ in old:
+                self._erase_alerts(state.alert_sequence)
+                self._db.execute(
+                    "DELETE FROM alert_states WHERE alert_sequence=?", (state.alert_sequence,)
+                )
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return destroyed
 
     # -- schema ---------------------------------------------------------------------------
