@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -374,14 +376,16 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
                 f"privscore audit replay: no record for decision {args.decision}", file=sys.stderr
             )
             return 1
-        report = replay(
-            found.record,
-            scorer,
-            FeatureOpener(keyring),
-            policy,
-            derive_input_digest_key(secret),
-            derive_record_key(secret),
-        )
+        with _subject_keys(data_dir, secret) as subject_key:
+            report = replay(
+                found.record,
+                scorer,
+                FeatureOpener(keyring),
+                policy,
+                derive_input_digest_key(secret),
+                derive_record_key(secret),
+                subject_key,
+            )
     except (AuditError, OSError) as error:
         print(f"privscore audit replay: the log cannot be read: {error}", file=sys.stderr)
         return 1
@@ -393,6 +397,30 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps({"sequence": found.sequence, **report.to_json()}, indent=2))
     return 0 if report.matches else 1
+
+
+@contextlib.contextmanager
+def _subject_keys(data_dir: Path, secret: bytes) -> Iterator[Callable[[str], bytes | None]]:
+    """Subject keys by id from the decision store under `data_dir` (the embedded store; the
+    server may be running: SQLite serves readers beside it), for opening format-3 records'
+    personal fields. None for a key destroyed, or with no store there."""
+    from service.decisions.store import DecisionStore
+    from service.privacy.digest import derive_state_key
+
+    path = DataLayout(data_dir).decision_store
+    if not path.exists():
+        yield lambda key_id: None
+        return
+    store = DecisionStore(path, derive_state_key(secret))
+    try:
+
+        def find(key_id: str) -> bytes | None:
+            found = store.key_by_id(key_id)
+            return None if found is None else found[1]
+
+        yield find
+    finally:
+        store.close()
 
 
 def _audit_show_opening(show: Any) -> Any:
@@ -414,7 +442,7 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
     from service.audit import AuditError, find_records
     from service.privacy.digest import derive_record_key
     from service.privacy.keyring import Keyring, KeyringError, load_kek
-    from service.privacy.record_seal import SEALED, RecordSealError, open_record
+    from service.privacy.record_seal import SEALED, RecordSealError, open_personal
 
     try:
         data_dir = data_dir_from(args)
@@ -423,7 +451,8 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
     except (ConfigError, KeyringError) as error:
         print(f"privscore audit show: {error}", file=sys.stderr)
         return 2
-    key = derive_record_key(keyring.server_secret())
+    secret = keyring.server_secret()
+    key = derive_record_key(secret)
     equals = {
         name: value
         for name, value in (("decision_id", args.decision), ("subject", args.subject))
@@ -436,14 +465,16 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
         print(f"privscore audit show: {error}", file=sys.stderr)
         return 2
     try:
-        with source.directory() as directory:
+        with source.directory() as directory, _subject_keys(data_dir, secret) as subject_key:
             for stored in find_records(
                 directory, equals=equals, since=args.since, until=args.until
             ):
                 record: dict[str, Any] = dict(stored.record)
                 if SEALED in record:
                     try:
-                        record["opened"] = open_record(key, record)
+                        record["opened"] = open_personal(
+                            record, record_key=key, subject_key=subject_key
+                        )
                     except RecordSealError as error:
                         print(
                             f"privscore audit show: record {stored.sequence}: {error}",
