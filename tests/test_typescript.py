@@ -51,6 +51,9 @@ INSTALL_STAMP = CLIENT_DIR / "node_modules" / ".privscore-package-lock.sha256"
 TENANT = "ts-e2e"
 CUSTOMER = "ts-customer-0001"
 UNSCORED_CUSTOMER = "ts-customer-0002"
+ERASED_CUSTOMER = "ts-customer-0003"
+# The erased customer's purchase: after erasure no record may show it, opened or not.
+ERASED_SPEND = 54_321
 ADJUST_LIMIT = "/privscore.v1.LimitService/AdjustLimit"
 EVALUATE_EVENT = "/privscore.v1.AlertService/EvaluateEvent"
 UPDATE_ALERT_STATE = "/privscore.v1.AlertService/UpdateAlertState"
@@ -163,6 +166,32 @@ def _scenario(score_features: dict[str, Any], stated_score: int) -> dict[str, An
         "refused_score": {"request_id": "ts-refused-1", "features": refused},
         "refused_adjust_limit": {"request_id": "ts-refused-2", "account": account},
         "refused_resolve": {"request_id": "ts-refused-3", "reason_code": "PAYMENT_RECEIVED"},
+        "explain": {"score": "ts-explain-1", "limit": "ts-explain-2", "refused": "ts-refused-4"},
+        "erasure": {
+            "customer_id": ERASED_CUSTOMER,
+            "request_ids": {
+                step: f"ts-erasure-{n}"
+                for n, step in enumerate(
+                    (
+                        "score",
+                        "adjust_limit",
+                        "event",
+                        "export",
+                        "erase",
+                        "adjust_limit_after",
+                        "explain_after",
+                        "export_after",
+                        "erase_again",
+                    )
+                )
+            },
+            "account": account,
+            "event": {
+                "event_id": "ts-purchase-1",
+                "occurred_at": occurred,
+                "purchase": {"amount": {**money, "minor_units": ERASED_SPEND}},
+            },
+        },
     }
 
 
@@ -221,6 +250,7 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
                 pytest.fail("no applicant among the first 100 got reasons")
             pseudonym = client.subject(TENANT, CUSTOMER).pseudonym
             unscored = client.subject(TENANT, UNSCORED_CUSTOMER).pseudonym
+            erased_pseudonym = client.subject(TENANT, ERASED_CUSTOMER).pseudonym
         stated_score = python_score.score + 7
         scenario = _scenario(dict(features), stated_score)
         scenario_file = tmp_path / "scenario.json"
@@ -293,6 +323,7 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
     # and served the next AdjustLimits; one EvaluateEvent key (the login sealed nothing).
     assert out["sealed_keys_after_adjust_limits"] == 2, "the second Score reuses the first key"
     assert out["sealed_keys"] == 3
+    assert out["sealed_keys_at_the_end"] == 5, "a refused call's key is not used again"
 
     # Limits on the account state sealed for AdjustLimit: scored in the call, on the score the
     # server recorded (the latest Score decision: the second one), on a stated score.
@@ -371,6 +402,68 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
         "ts-refused-3",
     )
 
+    # Explained from TypeScript, in Chinese and English: the Score (reviewed or declined: what
+    # would change it) and the frozen limit; an alert's change is no decision to explain.
+    for name, decision_id, score_of in (
+        ("explain_score", score["response"]["metadata"]["decision_id"], credit["score"]),
+        ("explain_limit", out["adjust_limit_alerted"]["response"]["metadata"]["decision_id"], None),
+    ):
+        explained = out[name]["response"]
+        assert explained["decision_id"] == decision_id and explained["catalogue_version"]
+        assert [e["language"] for e in explained["explanations"]] == ["zh-CN", "en"]
+        for text in explained["explanations"]:
+            assert text["score_min"] < text["score"] < text["score_max"]
+            assert text["score"] == (score_of if score_of is not None else credit["score"])
+            assert text["outcome"] and text["contest"] and text["text"]
+            assert text["model_version"] == manifest.model_version
+    for text in out["explain_score"]["response"]["explanations"]:
+        assert [r["code"] for r in text["reasons"]] == [r["code"] for r in credit["reasons"]]
+        assert text["counterfactuals"], "a reviewed or declined applicant is told what would help"
+        for change in text["counterfactuals"]:
+            assert change["feature"] in discovered["features"] and change["text"]
+            assert change["score"] > credit["score"]
+    assert out["explain_score"]["requestId"] == "ts-explain-1"
+    refused_explain = out["refused_explain"]
+    assert (refused_explain["code"], refused_explain["reason"]) == (
+        "FAILED_PRECONDITION",
+        "NOT_EXPLAINABLE",
+    )
+
+    # Another customer, exported (what the TypeScript client sealed, opened) and erased: then
+    # the store has nothing of them, and their decisions no longer explain.
+    erasure = out["erasure"]
+    assert erasure["subject"] == {"tenant": TENANT, "pseudonym": erased_pseudonym}
+    exported = erasure["export"]["document"]
+    assert exported["subject"] == erasure["subject"]
+    assert [d["decision_id"] for d in exported["decisions"]] == [
+        erasure["score"]["response"]["metadata"]["decision_id"]
+    ]
+    assert [e["language"] for e in exported["decisions"][0]["explanation"]] == ["zh-CN", "en"]
+    (limit_kept,) = exported["limits"]
+    assert limit_kept["score_source"] == "RECORDED"
+    assert limit_kept["account"]["current_limit"] == {
+        "currency_code": "CNY",
+        "minor_units": "1000000",
+    }
+    (event_kept,) = exported["events"]
+    assert event_kept["event"]["purchase"]["amount"] == {
+        "currency_code": "CNY",
+        "minor_units": str(ERASED_SPEND),
+    }
+    assert exported["alerts"] == [] and exported["open_alerts"] == []
+    erased = erasure["erase"]["response"]
+    assert erased["erased"] is True
+    assert (erased["events_deleted"], erased["adjustments_deleted"]) == (1, 1)
+    after_erasure = erasure["after"]
+    assert (after_erasure["adjust_limit"]["code"], after_erasure["adjust_limit"]["reason"]) == (
+        "FAILED_PRECONDITION",
+        "NO_RECORDED_SCORE",
+    )
+    assert after_erasure["explain"]["reason"] == "SUBJECT_ERASED"
+    emptied = after_erasure["export"]["document"]
+    assert emptied["decisions"] == emptied["limits"] == emptied["events"] == []
+    assert after_erasure["erase"]["response"]["erased"] is False
+
     # Each pinned key the server does not list: refused by the client, which made no call but
     # GetServerInfo (no log line for any other method, no audit record).
     assert [o["refused"] for o in pinned_out["pinned"]] == [True, True], pinned_out
@@ -380,10 +473,26 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
     assert [r["method"] for r in calls_after] == [GET_SERVER_INFO] * len(pinned), calls_after
     assert sum(1 for _ in iter_records(DataLayout(data_dir).audit_dir)) == audited_before
 
-    # The audit log holds every decision the TypeScript client got, and its refusals.
+    # The audit log holds every decision the TypeScript client got, and its refusals. A
+    # decision names its subject by subject key only; what is personal (the pseudonym, the
+    # encrypted inputs, the account and event figures) is sealed under that key, and
+    # `privscore audit show --open` opens it with the server's keys.
     records = {
         str(stored.record["decision_id"]): (stored.sequence, stored.record)
         for stored in iter_records(DataLayout(data_dir).audit_dir)
+    }
+    # The erased customer's records no longer open: exactly those, for a destroyed key.
+    shown = privscore_cli(data_dir, "audit", "show", "--open")
+    unopened = dict(re.findall(r"^privscore audit show: record (\d+): (.*)$", shown.stderr, re.M))
+    assert shown.returncode == 1, shown.stderr
+    assert set(unopened) == {
+        erasure[step]["response"]["metadata"]["audit_sequence"]
+        for step in ("score", "adjust_limit", "evaluate_event")
+    } | {erasure["export"]["metadata"]["audit_sequence"]}, shown.stderr
+    assert all("destroyed subject key" in why for why in unopened.values()), unopened
+    opened = {
+        line["record"]["decision_id"]: line["record"].get("opened")
+        for line in map(json.loads, shown.stdout.splitlines())
     }
     decisions = {
         name: (out[name], rpc)
@@ -402,17 +511,21 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
         )
     }
     recorded_as: dict[str, dict[str, Any]] = {}
+    personal: dict[str, dict[str, Any]] = {}
     for name, (reply, rpc) in decisions.items():
         metadata = reply["response"]["metadata"]
         sequence, record = records[metadata["decision_id"]]
-        recorded_as[name] = record
+        recorded_as[name], personal[name] = record, opened[metadata["decision_id"]]
         assert sequence == int(metadata["audit_sequence"])
         assert (record["rpc"], record["request_id"], record["caller"]) == (
             rpc,
             reply["requestId"],
             identity,
         )
-        assert (record["tenant"], record["subject"]) == (TENANT, pseudonym)
+        assert record["tenant"] == TENANT and "subject" not in record
+        assert personal[name]["subject"] == pseudonym
+    subject_keys = {record["subject_key"] for record in recorded_as.values()}
+    assert len(subject_keys) == 1, "one key seals the subject's records of one month"
     # Where each limit decision's score came from, as recorded; a stated one is marked.
     assert [
         (recorded_as[name]["score_source"], recorded_as[name].get("score_decision_id"))
@@ -426,28 +539,58 @@ def test_typescript_client_scores_adjusts_and_reports_against_a_real_server(
         (recorded_as[name]["alert"]["from"], recorded_as[name]["alert"]["to"])
         for name in ("acknowledge_alert", "resolve_alert")
     ] == [("OPEN", "ACKNOWLEDGED"), ("ACKNOWLEDGED", "RESOLVED")]
-    # No figure of the account or the event is in clear in any record: amounts and the days
-    # past due travelled sealed, and the records keep them sealed.
+    # What the TypeScript client sealed is what the server opened and recorded, sealed: the
+    # account state of each limit decision and the missed payment's figures (protobuf's JSON
+    # mapping: int64 amounts as strings, a count at 0 left out). None of it is in clear.
+    sent_account = scenario["adjust_limit"]["account"]
+    as_recorded = {
+        name: {**value, "minor_units": str(value["minor_units"])}
+        if isinstance(value, dict)
+        else value
+        for name, value in sent_account.items()
+        if value != 0
+    }
+    for name in decisions:
+        if name.startswith("adjust_limit"):
+            assert personal[name]["account"] == as_recorded, name
+    sent_event = scenario["evaluate_event"]["event"]
+    event_opened = personal["evaluate_event"]["event"]
+    assert event_opened["missed_payment"] == {
+        "amount_due": {"currency_code": "CNY", "minor_units": "123457"},
+        "days_past_due": sent_event["missed_payment"]["days_past_due"],
+    }
+    assert event_opened["balance_after"] == {"currency_code": "CNY", "minor_units": "246913"}
     figures = ("123457", "246913", '"days_past_due"', '"balance_after"', '"amount_due"')
-    for name in ("adjust_limit", "adjust_limit_recorded", "evaluate_event", "adjust_limit_alerted"):
+    for name in decisions:
         text = json.dumps(recorded_as[name])
         assert not [f for f in figures if f in text], (name, text)
-        assert '"account"' not in text, (name, text)
-    _, score_record = records[score["response"]["metadata"]["decision_id"]]
-    sealed = read_encrypted_inputs(str(score_record["encrypted_inputs"]))
+        assert '"account"' not in text and "1000000" not in text, (name, text)
+    sealed = read_encrypted_inputs(str(personal["score"]["encrypted_inputs"]))
     assert sealed.data_key.key_id == keyset_id
-    for request_id, code, subject in (
-        ("ts-refused-1", "INVALID_ARGUMENT", pseudonym),
-        ("ts-refused-2", "FAILED_PRECONDITION", unscored),
+    # Refusals name the tenant only (an UpdateAlertState names none: it carries no subject).
+    for request_id, code, tenant in (
+        ("ts-refused-1", "INVALID_ARGUMENT", TENANT),
+        ("ts-refused-2", "FAILED_PRECONDITION", TENANT),
         ("ts-refused-3", "FAILED_PRECONDITION", None),
     ):
         refusal = next(r for _, r in records.values() if r["request_id"] == request_id)
-        assert (refusal["outcome"], refusal["code"], refusal["caller"]) == (
+        assert (refusal["outcome"], refusal["code"], refusal["caller"], refusal["tenant"]) == (
             "refused",
             code,
             identity,
+            tenant,
         )
-        if subject is not None:
-            assert refusal.get("subject") == subject, refusal
+        text = json.dumps(refusal)
+        assert pseudonym not in text and unscored not in text, refusal
+    # Erasure is recorded by tenant and the ids of the keys destroyed; nothing of the erased
+    # customer is in clear anywhere in the log.
+    (erasure_record,) = [r for _, r in records.values() if r["request_id"] == "ts-erasure-4"]
+    assert erasure_record["rpc"] == "/privscore.v1.PrivacyService/EraseSubject"
+    assert erasure_record["tenant"] == TENANT
+    assert erasure_record["erased"]["key_ids"]
+    assert all(key.startswith("sk-") for key in erasure_record["erased"]["key_ids"])
+    for _, record in records.values():
+        text = json.dumps(record)
+        assert erased_pseudonym not in text and str(ERASED_SPEND) not in text, record
     verified = privscore_cli(data_dir, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -5,9 +5,10 @@
 // adjusts a limit with features scored in the call (sealed with the account under one data
 // key), on the score the server recorded and on a stated one; reports a missed payment (its
 // figures sealed) and a login (none); adjusts the limit the alert freezes; acknowledges and
-// resolves that alert; adjusts again; and makes calls the server refuses (a Score, an
-// AdjustLimit for a subject never scored, resolving a resolved alert), printing what came
-// back as one JSON document on stdout. With `pinned` in the scenario it instead tries each
+// resolves that alert; adjusts again; makes calls the server refuses (a Score, an
+// AdjustLimit for a subject never scored, resolving a resolved alert); has decisions
+// explained; and exports and erases another customer, whose data is then gone. It prints
+// what came back as one JSON document on stdout. With `pinned` in the scenario it instead tries each
 // pinned key, expecting the client to refuse it before any call (it would Score if it did
 // not).
 //
@@ -23,9 +24,11 @@ import {
   PrivscoreError,
   type AccountState,
   type BehaviourEvent,
+  type ExportSubjectResponse,
   type FileOptions,
   type Features,
   type ServerPublicKey,
+  subjectDocument,
 } from "../src/index.js";
 
 interface Scenario {
@@ -52,6 +55,26 @@ interface Scenario {
   refused_score: { request_id: string; features: Features };
   refused_adjust_limit: { request_id: string; account: AccountState };
   refused_resolve: { request_id: string; reason_code: string };
+  /** ExplainDecision of the first Score, of the frozen limit, and of an alert change (refused). */
+  explain: { score: string; limit: string; refused: string };
+  /** Another customer: scored, a limit, a purchase; exported, erased, then gone. */
+  erasure: {
+    customer_id: string;
+    request_ids: Record<
+      | "score"
+      | "adjust_limit"
+      | "event"
+      | "export"
+      | "erase"
+      | "adjust_limit_after"
+      | "explain_after"
+      | "export_after"
+      | "erase_again",
+      string
+    >;
+    account: AccountState;
+    event: BehaviourEvent;
+  };
   /** Keys to pin (id, base64 of the raw 32 bytes), each of which the server must not list. */
   pinned?: { key_id: string; public_key: string }[];
 }
@@ -214,6 +237,52 @@ async function main(): Promise<void> {
         id(scenario.refused_resolve),
       ),
     );
+    const sealedKeys = client.dataKeys.sealedKeys;
+
+    // The PrivacyService: explanations, then another customer exported and erased.
+    const explainScore = await client.explainDecision(score.response.metadata.decision_id, {
+      requestId: scenario.explain.score,
+    });
+    const explainLimit = await client.explainDecision(alerted.response.metadata.decision_id, {
+      requestId: scenario.explain.limit,
+    });
+    const refusedExplain = await refusal(
+      client.explainDecision(resolved.response.metadata.decision_id, {
+        requestId: scenario.explain.refused,
+      }),
+    );
+    const erasure = scenario.erasure;
+    const ids = erasure.request_ids;
+    const gone = erasure.customer_id;
+    const goneScore = await client.score(tenant, gone, scenario.score.features, {
+      requestId: ids.score,
+    });
+    const goneLimit = await client.adjustLimit(tenant, gone, erasure.account, {}, {
+      requestId: ids.adjust_limit,
+    });
+    const goneEvent = await client.evaluateEvent(tenant, gone, erasure.event, {
+      requestId: ids.event,
+    });
+    const exported = await client.exportSubject(tenant, gone, { requestId: ids.export });
+    const erased = await client.eraseSubject(tenant, gone, { requestId: ids.erase });
+    const afterErasure = {
+      adjust_limit: await refusal(
+        client.adjustLimit(tenant, gone, erasure.account, {}, { requestId: ids.adjust_limit_after }),
+      ),
+      explain: await refusal(
+        client.explainDecision(goneScore.response.metadata.decision_id, {
+          requestId: ids.explain_after,
+        }),
+      ),
+      export: await client.exportSubject(tenant, gone, { requestId: ids.export_after }),
+      erase: await client.eraseSubject(tenant, gone, { requestId: ids.erase_again }),
+    };
+    const document = (reply: { response: ExportSubjectResponse; requestId: string | undefined }) => ({
+      requestId: reply.requestId,
+      metadata: reply.response.metadata,
+      document: subjectDocument(reply.response),
+    });
+
     const output = {
       discovered: {
         sealing_format: info.sealing_format,
@@ -247,10 +316,25 @@ async function main(): Promise<void> {
       refused_score: refused,
       refused_adjust_limit: refusedLimit,
       refused_resolve: refusedResolve,
+      explain_score: explainScore,
+      explain_limit: explainLimit,
+      refused_explain: refusedExplain,
+      erasure: {
+        subject: client.subject(tenant, gone),
+        score: goneScore,
+        adjust_limit: goneLimit,
+        evaluate_event: goneEvent,
+        export: document(exported),
+        erase: erased,
+        after: { ...afterErasure, export: document(afterErasure.export) },
+      },
       // Score's key, then one AdjustLimit key (account and features under it, reused by the
       // next two AdjustLimits)
       sealed_keys_after_adjust_limits: adjustKeys,
-      sealed_keys: client.dataKeys.sealedKeys,
+      sealed_keys: sealedKeys,
+      // The refused Score and AdjustLimit retired their keys: the erased customer's Score and
+      // AdjustLimit each sealed a new one.
+      sealed_keys_at_the_end: client.dataKeys.sealedKeys,
     };
     process.stdout.write(JSON.stringify(output) + "\n");
   } finally {
