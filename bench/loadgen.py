@@ -1,7 +1,11 @@
 """The load generator: one process, grpc.aio, N concurrent callers for a bounded time.
 
-Requests are sealed before the clock starts (as a caller's own process would), so the numbers
-measure the server. Prints one JSON line: count, errors, rps, rows_per_s, p50/p90/p99 in ms.
+Score requests are sealed before the clock starts (as a caller's own process would), so the
+numbers measure the server. AdjustLimit and EvaluateEvent need a fresh request or event id per
+call (a repeated one replays or is a duplicate), so each is built and its account state or
+figures sealed per call, under one data key per method (two or three AES-GCM fields: tens of
+microseconds of client CPU). Prints one JSON line: count, errors, rps, rows_per_s, p50/p90/p99
+in ms.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
+from privscore.client.figures import seal_account, seal_event
 from privscore.v1 import (
     alert_service_pb2,
     alert_service_pb2_grpc,
@@ -35,12 +40,18 @@ from privscore.v1 import (
     scoring_service_pb2,
     scoring_service_pb2_grpc,
 )
-from service.client.sdk import SCORE_BATCH_METHOD, SCORE_METHOD, certificate_identity
+from service.client.sdk import (
+    ADJUST_LIMIT_METHOD,
+    EVALUATE_EVENT_METHOD,
+    SCORE_BATCH_METHOD,
+    SCORE_METHOD,
+    certificate_identity,
+)
 from service.config import DEFAULT_MODEL_DIR, DataLayout
 from service.model.manifest import load_unverified_manifest
 from service.model.schema import parse_text
 from service.privacy.pseudonym import Pseudonymiser
-from service.privacy.sealing import DataKey, KeyLimits, load_public_keyset
+from service.privacy.sealing import CEILING_MAX_AGE_S, DataKey, KeyLimits, load_public_keyset
 from service.security.certs import CertPaths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +86,7 @@ class Requests:
         assert identity is not None
         self.identity = identity
         self._keys: dict[int, DataKey] = {}
+        self._figure_keys: dict[str, DataKey] = {}
 
     def _key(self, method: str, group: int) -> DataKey:
         if group not in self._keys:
@@ -85,6 +97,20 @@ class Requests:
                 limits=KeyLimits(max_requests=1_000_000, max_bytes=1 << 30),
             )
         return self._keys[group]
+
+    def _figure_key(self, method: str) -> DataKey:
+        """One data key per method for the requests sealed per call, granted the longest age
+        and the most requests the server allows, so a long run keeps one."""
+        if method not in self._figure_keys:
+            self._figure_keys[method] = DataKey(
+                self.server_key,
+                method,
+                identity=self.identity,
+                limits=KeyLimits(
+                    max_age_s=CEILING_MAX_AGE_S, max_requests=1_000_000, max_bytes=1 << 30
+                ),
+            )
+        return self._figure_keys[method]
 
     def subject(self, n: int) -> common_pb2.SubjectRef:
         return common_pb2.SubjectRef(
@@ -123,16 +149,23 @@ class Requests:
         return scoring_service_pb2.ScoreBatchRequest(request_id=request_id, items=items)
 
     def limit(self) -> limit_service_pb2.AdjustLimitRequest:
+        """An AdjustLimit on a stated score (the dev identity may state one; the bench's
+        subjects have no recorded Score decision), its account sealed."""
         n = next(self.counter)
         money = common_pb2.Money
+        request_id = f"bench-limit-{n}-{time.monotonic_ns()}"
+        subject = self.subject(n)
+        account = limit_service_pb2.AccountState(
+            current_limit=money(currency_code="CNY", minor_units=1_000_000),
+            balance=money(currency_code="CNY", minor_units=200_000),
+            on_time_repayments_in_row=3,
+            account_age_days=400,
+        )
         return limit_service_pb2.AdjustLimitRequest(
-            request_id=f"bench-limit-{n}-{time.monotonic_ns()}",
-            subject=self.subject(n),
-            account=limit_service_pb2.AccountState(
-                current_limit=money(currency_code="CNY", minor_units=1_000_000),
-                balance=money(currency_code="CNY", minor_units=200_000),
-                on_time_repayments_in_row=3,
-                account_age_days=400,
+            request_id=request_id,
+            subject=subject,
+            sealed_account=seal_account(
+                self._figure_key(ADJUST_LIMIT_METHOD), subject, account, request_id=request_id
             ),
             latest_score=540,
         )
@@ -140,15 +173,20 @@ class Requests:
     def event(self) -> alert_service_pb2.EvaluateEventRequest:
         n = next(self.counter)
         stamp = timestamp_pb2.Timestamp(seconds=1_790_000_000 + n)
+        request_id = f"bench-event-{n}"
+        subject = self.subject(n)
+        event = alert_service_pb2.BehaviourEvent(
+            event_id=f"bench-e-{n}-{time.monotonic_ns()}",
+            occurred_at=stamp,
+            purchase=alert_service_pb2.Purchase(
+                amount=common_pb2.Money(currency_code="CNY", minor_units=5_000 + n % 900)
+            ),
+        )
         return alert_service_pb2.EvaluateEventRequest(
-            request_id=f"bench-event-{n}",
-            subject=self.subject(n),
-            event=alert_service_pb2.BehaviourEvent(
-                event_id=f"bench-e-{n}-{time.monotonic_ns()}",
-                occurred_at=stamp,
-                purchase=alert_service_pb2.Purchase(
-                    amount=common_pb2.Money(currency_code="CNY", minor_units=5_000 + n % 900)
-                ),
+            request_id=request_id,
+            subject=subject,
+            event=seal_event(
+                self._figure_key(EVALUATE_EVENT_METHOD), subject, event, request_id=request_id
             ),
         )
 
