@@ -10,11 +10,13 @@ adjusted on features scored in the call (sealed with the account under one data 
 score the server recorded and on a stated one; a missed payment whose alert freezes the limit
 until the TypeScript client acknowledges and resolves it; a login without figures; and calls
 the server refuses (a Score, an AdjustLimit for a subject never scored, resolving a resolved
-alert). This file then checks what it discovered against the served manifest, the decisions
-and the published keyset, the replies, the request ids from the trailers, the decoded error
-details, and that the audit log holds every decision, alert change and refusal with no
-figure of the account or event in clear. A second run pins keys the server does not list and
-must be refused by the client before any call but GetServerInfo.
+alert); decisions explained; and another customer exported and erased. This file then checks
+what it discovered against the served manifest, the decisions and the published keyset, the
+replies, the request ids from the trailers, the decoded error details, and that the audit log
+holds every decision, alert change and refusal, with the figures the client sealed opening
+from the records' sealed fields and none in clear, and the erased customer's unreadable. A
+second run pins keys the server does not list and must be refused by the client before any
+call but GetServerInfo.
 
 Node 20 and npm are needed: without them these tests skip, saying so, unless
 PRIVSCORE_REQUIRE_NODE=1 (CI, .ci/run), where they fail. `npm ci` (from the npm registry)
