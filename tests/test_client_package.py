@@ -1,5 +1,7 @@
 """The client distribution installs alone: its wheel goes into a fresh virtual environment
-(no server, no onnxruntime, no numpy) and scores against a real server over mutual TLS."""
+(no server, no onnxruntime, no numpy) and, against a real server over mutual TLS, scores, decides
+a limit on that recorded score with the account sealed, and reports an event with its figures
+sealed."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import importlib.util, json, sys
 from privscore.client import (
     PrivscoreClient, Pseudonymiser, certificate_identity, secure_channel,
 )
+from privscore.v1 import alert_service_pb2, common_pb2, limit_service_pb2
 absent = [m for m in ("service", "onnxruntime", "numpy", "structlog", "model_export")
           if importlib.util.find_spec(m) is not None]
 args = json.loads(sys.argv[1])
@@ -35,8 +38,17 @@ client = PrivscoreClient.discovered(
     channel, Pseudonymiser(read(args["pseudonym_key"])), identity=certificate_identity(cert)
 )
 response = client.score("t", "client-package-1", args["features"])
+money = common_pb2.Money(currency_code="CNY", minor_units=500_000)
+limit = client.adjust_limit("t", "client-package-1", limit_service_pb2.AccountState(
+    current_limit=money, balance=money, account_age_days=400))
+event = alert_service_pb2.BehaviourEvent(
+    event_id="client-package-event", purchase=alert_service_pb2.Purchase(amount=money))
+event.occurred_at.FromSeconds(1_790_000_000)
+evaluated = client.evaluate_event("t", "client-package-1", event)
 print(json.dumps({"importable": absent, "score": response.score.score,
-                  "decision_id": response.metadata.decision_id}))
+                  "decision_id": response.metadata.decision_id,
+                  "limit_scored_on": limit.score_decision_id,
+                  "event_recorded": evaluated.metadata.audit_sequence > 0}))
 """
 
 
@@ -62,6 +74,7 @@ def test_the_client_wheel_installs_alone_and_scores(tmp_path: Path) -> None:
     tops = {name.split("/")[0] for name in names if not name.endswith(".dist-info/")}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"privscore"}
     assert "privscore/client/sdk.py" in names and "privscore/v1/scoring_service_pb2.py" in names
+    assert "privscore/client/figures.py" in names and "privscore/v1/privacy_service_pb2.py" in names
 
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=True)
@@ -94,3 +107,5 @@ def test_the_client_wheel_installs_alone_and_scores(tmp_path: Path) -> None:
     result = json.loads(done.stdout)
     assert result["importable"] == []
     assert result["score"] > 0 and result["decision_id"]
+    assert result["limit_scored_on"] == result["decision_id"]  # the score privscore recorded
+    assert result["event_recorded"]
