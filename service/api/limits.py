@@ -79,7 +79,7 @@ def validate_adjust_limit(request: pb.AdjustLimitRequest) -> None:
     source = request.WhichOneof("score_source")
     if source == "features":
         check.check_encrypted_features(v, "features", True, request.features)
-    else:
+    elif source == "latest_score":
         low, high = LATEST_SCORE_RANGE
         v.require(
             low <= request.latest_score <= high, "latest_score", f"must be between {low} and {high}"
