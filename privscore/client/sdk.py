@@ -7,9 +7,9 @@ an event's figures are given in clear, as the messages define them, and sealed t
 before anything leaves the process (privscore/client/figures.py): the server refuses them in
 clear. Sealed data keys are reused across requests within `KeyLimits` (by default 5 minutes,
 10,000 requests or 16 MiB of field plaintext, whichever comes first; 0 turns reuse off), so
-most calls cost the server no HPKE open. It needs the generated stubs, `cryptography` and grpcio only (no server code, no model
-runtime): it is the client distribution's (clients/python). The server's repository adds
-dev-key conveniences in service/client/sdk.py.
+most calls cost the server no HPKE open. It needs the generated stubs, `cryptography` and
+grpcio only (no server code, no model runtime): it is the client distribution's
+(clients/python). The server's repository adds dev-key conveniences in service/client/sdk.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
@@ -535,10 +535,16 @@ class PrivscoreClient:
         min_severity: alert_service_pb2.Severity.ValueType = alert_service_pb2.SEVERITY_UNSPECIFIED,
         after_sequence: int | None = None,
         timeout: float | None = None,
-    ) -> Iterator[alert_service_pb2.Alert]:
+    ) -> Generator[alert_service_pb2.Alert, None, None]:
+        """Alerts as they are raised and as their state changes. Closing the generator (or
+        dropping it) cancels the stream, so a watcher that stops reading ends its call."""
         request = alert_service_pb2.WatchAlertsRequest(min_severity=min_severity)
         if after_sequence is not None:
             request.after_sequence = after_sequence
         stream = self._alerts.WatchAlerts(request, timeout=timeout, metadata=trace_metadata())
-        for response in stream:
-            yield response.alert
+        try:
+            for response in stream:
+                yield response.alert
+        finally:
+            # A no-op once the stream has ended; grpc-stubs leave RpcContext.cancel unannotated.
+            stream.cancel()  # type: ignore[no-untyped-call]
