@@ -12,6 +12,7 @@ back by themselves when the database does (`healthy`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from service.api.ledger import FailClosedAudit
 from service.api.pg_ledger import PgLedger
 from service.audit import AuditError, Signer
 from service.audit.pg import PgAuditLog, establish_identity
+from service.audit.pg.tables import describe
 from service.config import ConfigError, ServerSettings
 from service.db.connect import DatabaseUnavailable, open_async_pool
 from service.db.schema import SchemaError, check_schema_async
@@ -32,6 +34,7 @@ from service.db.settings import ConnectionKwargs, connection_kwargs
 from service.decisions.alert_stream import AlertStream
 from service.decisions.pg_alerts import AlertListener
 from service.decisions.pg_store import PgDecisionStore
+from service.decisions.rows import StoreError
 from service.privacy.digest import derive_audit_mac_key, derive_state_key
 from service.server import StartupError
 
@@ -106,7 +109,16 @@ async def open_database(
         await pool.close()
         raise
     audit = FailClosedAudit(audit_log, on_audit_failure, on_durable)
-    ledger = PgLedger(PgDecisionStore(pool, derive_state_key(secret)), audit)
+    store = PgDecisionStore(pool, derive_state_key(secret))
+    try:
+        await _fill(store, kwargs)
+    except BaseException:
+        # The start is refused for the fill's error; closing can only add a checkpoint.
+        with contextlib.suppress(AuditError):
+            await audit_log.close()
+        await pool.close()
+        raise
+    ledger = PgLedger(store, audit)
     log.info(
         "database.opened",
         database=kwargs.describe(),
@@ -116,6 +128,22 @@ async def open_database(
         key_id=audit_log.verifier.key_id.hex(),
     )
     return DatabaseParts(kwargs, pool, audit_log, ledger)
+
+
+async def _fill(store: PgDecisionStore, kwargs: ConnectionKwargs) -> None:
+    """What the migrations left for a server to fill (it opens sealed rows), before serving:
+    a limit decision must find the alerts of schema 1 open."""
+    try:
+        filled = await store.fill_alert_states()
+    except StoreError as error:  # a row that does not open: named by table, never by value
+        raise StartupError(f"decision store in {kwargs.describe()}: {error}") from None
+    except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+        # By class and SQLSTATE: a statement's message can quote a row.
+        raise StartupError(
+            f"database {kwargs.describe()}: filling alert states: {describe(error)}"
+        ) from None
+    if filled is not None:
+        log.info("database.alert_states_filled", rows=filled)
 
 
 async def _open_log(

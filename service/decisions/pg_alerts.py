@@ -2,6 +2,12 @@
 `NOTIFY privscore_alerts` (service/decisions/pg_store.py sends it) advances this process's
 alert stream, and its subscribers read the new alerts from the database.
 
+An erasure on any replica blanks the subject's alerts in the table; its notification on
+`privscore_alerts_erased` names their numbers, and the listener blanks them in this process's
+cache of recent alerts too, which would otherwise go on sending them to subscribers that resume.
+A notification lost while the listener reconnects leaves those entries until they age out of the
+cache.
+
 Why no alert is ever skipped: a notification carries only the highest number its transaction
 gave; subscribers read every alert after their cursor from the table, and alerts become visible
 in the order of their numbers (the counter row is held to COMMIT). Notifications can still be
@@ -19,10 +25,11 @@ from typing import Any
 
 import structlog
 
+from privscore.v1 import alert_service_pb2
 from service.db.connect import connect_async
 from service.db.settings import ConnectionKwargs
 from service.decisions.alert_stream import AlertStream
-from service.decisions.pg_store import ALERTS_CHANNEL
+from service.decisions.pg_store import ALERTS_CHANNEL, ERASED_CHANNEL
 
 DEFAULT_POLL_SECONDS = 1.0  # a missed notification is made up within this
 DEFAULT_RETRY_SECONDS = 1.0
@@ -74,11 +81,23 @@ class AlertListener:
         conn: Any = await connect_async(self._kwargs)
         async with conn:
             await conn.execute(f"LISTEN {ALERTS_CHANNEL}")
+            await conn.execute(f"LISTEN {ERASED_CHANNEL}")
             while True:
                 # After LISTEN, and after every quiet while: what committed unheard.
                 self._stream.advance(await self._last_sequence())
                 async for notice in conn.notifies(timeout=self._poll_seconds):
                     try:
-                        self._stream.advance(int(notice.payload))
+                        numbers = [int(part) for part in notice.payload.split(",")]
                     except ValueError:
                         _log.warning("alerts.notification_not_a_sequence")
+                        continue
+                    if notice.channel == ERASED_CHANNEL:
+                        self._erased(numbers)
+                    else:
+                        self._stream.advance(max(numbers))
+
+    def _erased(self, sequences: list[int]) -> None:
+        """Blank erased alerts in the stream as the table holds them now: an empty message
+        under its number, which subscribers pass over. The erasure committed after every one
+        of them, so each is announced as stored."""
+        self._stream.publish(alert_service_pb2.Alert(sequence=sequence) for sequence in sequences)

@@ -1,8 +1,8 @@
 """`privscore db import`, the decision store's part: the SQLite store's rows copied into
-PostgreSQL's `limit_decisions`, `events` and `alerts` (schema 1), unchanged, inside the caller's
-transaction.
+PostgreSQL's `limit_decisions`, `events` and `alerts` (schema 1) and `scores`, `alert_states`
+and `subject_keys` (schema 2), unchanged, inside the caller's transaction.
 
-Schema 1 mirrors the store column for column, times as timestamptz where SQLite keeps
+The schemas mirror the store column for column, times as timestamptz where SQLite keeps
 microseconds (`decided_at_us` -> `decided_at`, the same instant), and each row's seal binds the
 same values (service/db/migrations/__init__.py): so the sealed blobs and the plain columns are
 copied as they are and still open under the same state key. Every row is authenticated as it
@@ -23,6 +23,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from service.decisions.rows import ALERT_STATES, SCORES, SUBJECT_KEYS
 from service.decisions.store import (
     ALERTS,
     EVENTS,
@@ -37,7 +38,7 @@ from service.decisions.store import (
 if TYPE_CHECKING:
     import psycopg
 
-TABLES = (LIMIT_DECISIONS, EVENTS, ALERTS)
+TABLES = (LIMIT_DECISIONS, EVENTS, ALERTS, SCORES, ALERT_STATES, SUBJECT_KEYS)
 _TIME_SUFFIX = "_us"
 _MODULUS = 1 << 256
 

@@ -20,6 +20,17 @@ numbers: a reader that sees alert N has every alert below N. Each transaction th
 alerts sends `NOTIFY privscore_alerts` with its highest number, so every replica's alert stream
 learns of them when they commit.
 
+The closed loop's state (schema 2) follows the same rules. A subject's latest score is written
+in its Score record's transaction, and a later `scored_at` wins whichever replica commits last.
+An alert's state row is written with the alert; a state change locks that row, re-checks the
+state the change was decided from (`StateChanged` otherwise), takes the next stream number from
+`alerts_sequencing` as raised alerts do, appends the changed Alert to the stream and notifies.
+Erasure deletes the subject's rows and blanks its alerts and their changes in place (each keeps
+its number, sealed empty, so a subscriber resumes across them), in its record's transaction.
+Subject keys are the one write outside the log's transaction: a key must be committed before any
+record is sealed under it, so `subject_keys` inserts it (`ON CONFLICT DO NOTHING`, so replicas
+racing for one subject keep one key) and commits, then reads back whichever key won.
+
 Database errors reach the caller as they are (psycopg errors); the runtime turns them into
 UNAVAILABLE. Nothing here logs or raises a value from a row: tables, counts and numbers only.
 """
@@ -27,38 +38,58 @@ UNAVAILABLE. Nothing here logs or raises a value from a row: tables, counts and 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from privscore.v1 import alert_service_pb2
 from service.decisions.alert_rules import Event
 from service.decisions.rows import (
+    ALERT_STATES,
     ALERTS,
     EVENTS,
     LIMIT_DECISIONS,
+    SCORES,
+    SUBJECT_KEYS,
     TABLES,
     AlertRow,
+    AlertStateRow,
     AlreadyStored,
     AnyRow,
     EventRow,
     LimitRow,
+    OpenAlert,
+    RecordedScore,
     Row,
     RowSealer,
+    ScoreRow,
     StateChanged,
     StoredLimitDecision,
     StoreError,
+    SubjectKeyRow,
     event_details,
     event_of,
     from_us,
     to_us,
     typed,
 )
+from service.decisions.store import ERASED_ALERT, OPEN, RESOLVED, raised_state
 
 if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
 
 ALERTS_CHANNEL = "privscore_alerts"
+# The numbers of alerts an erasure blanked, comma-separated: other replicas blank them in their
+# streams' caches of recent alerts, which would otherwise still send them.
+ERASED_CHANNEL = "privscore_alerts_erased"
+_NOTIFY_CHARS = 7000  # a notification's payload is at most 8000 bytes
+ALERT_STATES_FILL = "alert_states"  # its row in store_fills (0002_loop_state.sql)
 _TIME_SUFFIX = "_us"
+# Rows opened per query when a pass reads a table from one point on (alerts after a sequence).
+_PAGE = 1000
+# (tenant, pseudonym, period): one key `subject_keys` is asked for.
+SubjectPeriod = tuple[str, str, str]
+NewKey = Callable[[], tuple[str, bytes]]
 
 
 def _select_list(kind: type[AnyRow]) -> str:
@@ -79,6 +110,34 @@ def _to_row(kind: type[Row], values: Sequence[object]) -> Row:
         for i, value in enumerate(values)
     ]
     return typed(kind, converted)
+
+
+def raised_state_row(sequence: int, alert: bytes, raised_at: dt.datetime) -> AlertStateRow:
+    """A raised alert's state row: open, under the subject and severity its message names
+    (the row the SQLite store writes for it)."""
+    return AlertStateRow(sequence, *raised_state(alert), OPEN, to_us(raised_at))
+
+
+def changed_alert(alert: bytes) -> int:
+    """The raised alert a stream entry changes (its `alert_sequence`), 0 for a raised alert
+    itself or an erased entry."""
+    return alert_service_pb2.Alert.FromString(alert).alert_sequence if alert else 0
+
+
+def _chunks(sequences: Sequence[int]) -> list[str]:
+    """`sequences` as comma-separated payloads, each short enough for one notification."""
+    payloads: list[str] = []
+    current: list[str] = []
+    length = 0
+    for sequence in map(str, sequences):
+        if current and length + 1 + len(sequence) > _NOTIFY_CHARS:
+            payloads.append(",".join(current))
+            current, length = [], 0
+        length += len(sequence) + (1 if current else 0)
+        current.append(sequence)
+    if current:
+        payloads.append(",".join(current))
+    return payloads
 
 
 def _to_columns(row: AnyRow) -> list[object]:
@@ -174,6 +233,142 @@ class PgDecisionStore:
             ).fetchone()
         return int(row[0]) if row else 0
 
+    async def _alerts_from(
+        self, conn: psycopg.AsyncConnection[Any], first: int
+    ) -> AsyncIterator[tuple[AlertRow, bytes]]:
+        """Every alert from sequence `first` on, in order, opened a page at a time (a pass
+        over the stream never holds it all)."""
+        after = first - 1
+        while True:
+            page = await self._opened(
+                conn, AlertRow, "sequence > %s", (after, _PAGE), "ORDER BY sequence LIMIT %s"
+            )
+            for found in page:
+                yield found
+            if len(page) < _PAGE:
+                return
+            after = page[-1][0].sequence
+
+    async def latest_score(self, tenant: str, pseudonym: str) -> RecordedScore | None:
+        rows = await self._opened(
+            None, ScoreRow, "tenant = %s AND pseudonym = %s", (tenant, pseudonym)
+        )
+        return RecordedScore.opened(*rows[0]) if rows else None
+
+    async def open_alerts(self, tenant: str, pseudonym: str) -> list[OpenAlert]:
+        """The subject's alerts not yet resolved. Every state row of the subject is opened,
+        the resolved ones too: a query on the plain `state` alone would never notice a row
+        whose state was edited to RESOLVED, and that would lift a freeze."""
+        rows = await self._opened(
+            None,
+            AlertStateRow,
+            "tenant = %s AND pseudonym = %s",
+            (tenant, pseudonym),
+            "ORDER BY alert_sequence",
+        )
+        return [
+            OpenAlert(row.alert_sequence, row.severity, row.state)
+            for row, _ in rows
+            if row.state != RESOLVED
+        ]
+
+    async def alert_state(self, alert_sequence: int) -> tuple[AlertStateRow, bytes] | None:
+        """An alert's state row and its message as raised, both authenticated; None for an
+        alert not kept (never raised, or erased)."""
+        async with self._pool.connection() as conn:
+            states = await self._opened(
+                conn, AlertStateRow, "alert_sequence = %s", (alert_sequence,)
+            )
+            raised = await self._opened(conn, AlertRow, "sequence = %s", (alert_sequence,))
+        if not states or not raised:
+            return None
+        return states[0][0], raised[0][1]
+
+    # -- subject keys ------------------------------------------------------------------------
+
+    async def _keys(
+        self, conn: psycopg.AsyncConnection[Any] | None, wanted: Sequence[SubjectPeriod]
+    ) -> dict[SubjectPeriod, tuple[str, bytes]]:
+        """The stored keys of `wanted` (tenant, pseudonym, period), each row opened."""
+        columns = [list(column) for column in zip(*wanted, strict=True)] if wanted else [[], [], []]
+        rows = await self._opened(
+            conn,
+            SubjectKeyRow,
+            "(tenant, pseudonym, period) IN "
+            "(SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))",
+            columns,
+        )
+        return {(row.tenant, row.pseudonym, row.period): (row.key_id, key) for row, key in rows}
+
+    async def subject_keys(
+        self, wanted: Sequence[SubjectPeriod], new_key: NewKey
+    ) -> list[tuple[str, bytes]]:
+        """(key id, key) for each (tenant, pseudonym, period), in order; those missing made
+        with `new_key` and committed before this returns (a record sealed under a key that
+        was never stored could not be read again). Replicas making one subject's key at once
+        each insert theirs with ON CONFLICT DO NOTHING and read back the one that won."""
+        found = await self._keys(None, sorted(set(wanted)))
+        missing = sorted(set(wanted) - found.keys())
+        if missing:
+            made_at = to_us(dt.datetime.now(dt.UTC))
+            async with self._pool.connection() as conn:
+                async with conn.transaction():
+                    for tenant, pseudonym, period in missing:
+                        key_id, key = new_key()
+                        row = SubjectKeyRow(tenant, pseudonym, period, key_id, made_at)
+                        await self._insert(conn, row, key)
+                found |= await self._keys(conn, missing)
+            if len(found) < len(set(wanted)):  # a new key's id was another's: never in practice
+                raise StoreError(f"{SUBJECT_KEYS}: a new key was neither stored nor found")
+        return [found[key] for key in wanted]
+
+    async def key_by_id(self, key_id: str) -> bytes | None:
+        """A subject key by its id, or None once destroyed (erased or expired)."""
+        rows = await self._opened(None, SubjectKeyRow, "key_id = %s", (key_id,))
+        return rows[0][1] if rows else None
+
+    async def subject_key_ids(self, tenant: str, pseudonym: str) -> list[str]:
+        """The ids of every key the subject has, oldest period first."""
+        rows = await self._opened(
+            None,
+            SubjectKeyRow,
+            "tenant = %s AND pseudonym = %s",
+            (tenant, pseudonym),
+            "ORDER BY period",
+        )
+        return [row.key_id for row, _ in rows]
+
+    async def expired_key_ids(self, before_period: str) -> list[str]:
+        """The ids of keys of periods before `before_period` (YYYY-MM), each row opened."""
+        rows = await self._opened(
+            None, SubjectKeyRow, "period < %s", (before_period,), "ORDER BY period, key_id"
+        )
+        return [row.key_id for row, _ in rows]
+
+    # -- schema 2's fill ---------------------------------------------------------------------
+
+    async def fill_alert_states(self) -> int | None:
+        """Give every alert raised under schema 1 its state row (open, as SQLite's migration
+        to schema 4 does: schema 1 could not change an alert's state), once: the number of
+        rows written, or None when there was nothing to fill (a new database, or filled by
+        an earlier start). Replicas starting together wait on the fill's row lock, and the
+        second finds it done; a start that fails midway rolls back, leaving it to the next."""
+        async with self._pool.connection() as conn, conn.transaction():
+            # A replica that waited on the row's lock then reads it anew, and finds it deleted.
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            pending = await conn.execute(
+                "SELECT 1 FROM store_fills WHERE name = %s FOR UPDATE", (ALERT_STATES_FILL,)
+            )
+            if await pending.fetchone() is None:
+                return None
+            filled = 0
+            async for row, alert in self._alerts_from(conn, 1):
+                if alert and not changed_alert(alert):
+                    state = raised_state_row(row.sequence, alert, from_us(row.raised_at_us))
+                    filled += await self._insert(conn, state, b"")
+            await conn.execute("DELETE FROM store_fills WHERE name = %s", (ALERT_STATES_FILL,))
+        return filled
+
     # -- writing, inside the audit log's transaction ----------------------------------------
 
     async def _insert(self, conn: psycopg.AsyncConnection[Any], row: AnyRow, plain: bytes) -> int:
@@ -253,9 +448,132 @@ class PgDecisionStore:
             for sequence, alert in zip(sequences, alerts, strict=True):
                 if not await self._insert(conn, AlertRow(sequence, to_us(raised_at)), alert):
                     raise StoreError(f"{ALERTS}: a number from alerts_sequencing was taken")
+                await self._insert(conn, raised_state_row(sequence, alert, raised_at), b"")
             await conn.execute("SELECT pg_notify(%s, %s)", (ALERTS_CHANNEL, str(last)))
         old = (tenant, pseudonym, from_us(to_us(forget_before)))
         where = "tenant = %s AND pseudonym = %s AND occurred_at < %s"
         await self._opened(conn, EventRow, where, old)
         await conn.execute(f"DELETE FROM events WHERE {where}", old)
         return sequences
+
+    async def _next_alert_sequence(self, conn: psycopg.AsyncConnection[Any], count: int) -> int:
+        """Take `count` numbers of the alert stream; the last of them. The counter row stays
+        locked to COMMIT, so numbers become visible in order (module doc)."""
+        counter = await (
+            await conn.execute(
+                "UPDATE alerts_sequencing SET last_sequence = last_sequence + %s "
+                "WHERE id = 0 RETURNING last_sequence",
+                (count,),
+            )
+        ).fetchone()
+        if counter is None:
+            raise StoreError(f"{ALERTS}: alerts_sequencing has no row")
+        return int(counter[0])
+
+    async def upsert_score(
+        self, conn: psycopg.AsyncConnection[Any], tenant: str, pseudonym: str, score: RecordedScore
+    ) -> bool:
+        """Keep `score` as the subject's latest unless the stored one, opened first, is later;
+        whether it was kept. Two replicas' scores of one subject are written one after the
+        other (the log's state row serialises their transactions), so the later wins whichever
+        commits last."""
+        subject = (tenant, pseudonym)
+        stored = await self._opened(
+            conn, ScoreRow, "tenant = %s AND pseudonym = %s", subject, "FOR UPDATE"
+        )
+        if stored and stored[0][0].scored_at_us > to_us(score.scored_at):
+            return False
+        row = score.row(tenant, pseudonym)
+        await conn.execute(
+            f"INSERT INTO {SCORES} ({_select_list(ScoreRow)}) VALUES (%s, %s, %s, %s, %s) "
+            "ON CONFLICT (tenant, pseudonym) DO UPDATE SET decision_id = excluded.decision_id, "
+            "scored_at = excluded.scored_at, sealed = excluded.sealed",
+            (*_to_columns(row), self._rows.seal(row, score.sealed())),
+        )
+        return True
+
+    async def update_alert(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        alert_sequence: int,
+        seen_state: str | None,
+        state: str,
+        changed_at: dt.datetime,
+        update: Callable[[], bytes],
+    ) -> int:
+        """Move the alert to `state` and append the change (`update()`, the Alert the stream
+        carries) to the stream; its stream sequence. StateChanged if the alert is no longer
+        kept, is resolved or already in `state`, or is not in `seen_state` (the state the
+        change was decided from) now that its row is locked: the caller decides again."""
+        sequence = await self._next_alert_sequence(conn, 1)
+        found = await self._opened(
+            conn, AlertStateRow, "alert_sequence = %s", (alert_sequence,), "FOR UPDATE"
+        )
+        if not found:
+            raise StateChanged(f"{ALERT_STATES}: the alert was erased meanwhile")
+        row = found[0][0]
+        if row.state in (RESOLVED, state) or seen_state not in (None, row.state):
+            raise StateChanged(f"{ALERT_STATES}: the alert's state changed meanwhile")
+        if not await self._insert(conn, AlertRow(sequence, to_us(changed_at)), update()):
+            raise StoreError(f"{ALERTS}: a number from alerts_sequencing was taken")
+        changed = row._replace(state=state, changed_at_us=to_us(changed_at))
+        await conn.execute(
+            f"UPDATE {ALERT_STATES} SET state = %s, changed_at = %s, sealed = %s "
+            "WHERE alert_sequence = %s",
+            (state, from_us(changed.changed_at_us), self._rows.seal(changed, b""), alert_sequence),
+        )
+        await conn.execute("SELECT pg_notify(%s, %s)", (ALERTS_CHANNEL, str(sequence)))
+        return sequence
+
+    async def erase_subject(
+        self, conn: psycopg.AsyncConnection[Any], tenant: str, pseudonym: str
+    ) -> dict[str, int]:
+        """Delete the subject's events, limit decisions, score, alert states and keys, and
+        blank its alerts and their state changes in place (each keeps its number, sealed
+        empty, so subscribers resume across them); every row opened before it goes. Rows by
+        table, as the SQLite store counts them."""
+        subject = (tenant, pseudonym)
+        where = "tenant = %s AND pseudonym = %s"
+        states = await self._opened(conn, AlertStateRow, where, subject, "FOR UPDATE")
+        counts = {
+            EVENTS: len(await self._opened(conn, EventRow, where, subject, "FOR UPDATE")),
+            LIMIT_DECISIONS: len(await self._opened(conn, LimitRow, where, subject, "FOR UPDATE")),
+            SCORES: len(await self._opened(conn, ScoreRow, where, subject, "FOR UPDATE")),
+            SUBJECT_KEYS: len(
+                await self._opened(conn, SubjectKeyRow, where, subject, "FOR UPDATE")
+            ),
+            ALERTS: 0,
+        }
+        for table in (EVENTS, LIMIT_DECISIONS, SCORES, ALERT_STATES, SUBJECT_KEYS):
+            await conn.execute(f"DELETE FROM {table} WHERE {where}", subject)
+        raised = {row.alert_sequence for row, _ in states}
+        blanked: list[int] = []
+        if raised:
+            # A change names its alert inside its seal: every entry from the first alert on
+            # is opened to find them.
+            async for row, alert in self._alerts_from(conn, min(raised)):
+                if alert and (row.sequence in raised or changed_alert(alert) in raised):
+                    await conn.execute(
+                        f"UPDATE {ALERTS} SET sealed = %s WHERE sequence = %s",
+                        (self._rows.seal(row, ERASED_ALERT), row.sequence),
+                    )
+                    blanked.append(row.sequence)
+        for payload in _chunks(blanked):
+            await conn.execute("SELECT pg_notify(%s, %s)", (ERASED_CHANNEL, payload))
+        counts[ALERTS] = len(blanked)
+        return counts
+
+    async def destroy_keys(self, conn: psycopg.AsyncConnection[Any], key_ids: Sequence[str]) -> int:
+        """Destroy the subject keys `key_ids` (retention expiry), each row opened first; how
+        many. StateChanged if any is gone already (another replica expired or erased it since
+        they were counted), so the record that counts them is made again."""
+        rows = await self._opened(
+            conn, SubjectKeyRow, "key_id = ANY(%s)", (list(key_ids),), "FOR UPDATE"
+        )
+        if len(rows) != len(set(key_ids)):
+            raise StateChanged(f"{SUBJECT_KEYS}: keys were destroyed meanwhile")
+        cursor = await conn.execute(
+            f"DELETE FROM {SUBJECT_KEYS} WHERE key_id = ANY(%s)", (list(key_ids),)
+        )
+        return cursor.rowcount

@@ -35,10 +35,19 @@ from service.privacy.admin import init_keys
 from service.privacy.digest import derive_audit_mac_key, derive_state_key
 from service.privacy.keyring import Keyring, load_kek
 from tests.conftest import ServerProcess, applicants, privscore_cli
+from tests.db.rows import raised_alert
 from tests.test_alerts import cny, event, purchase
 from tests.test_limits import GOOD_SCORE, account
 
-STORE_TABLES = {"limit_decisions": 4, "events": 3, "alerts": 1}  # the index of each time column
+# The index of each table's time column.
+STORE_TABLES = {
+    "limit_decisions": 4,
+    "events": 3,
+    "alerts": 1,
+    "scores": 3,
+    "alert_states": 5,
+    "subject_keys": 4,
+}
 
 
 def keys_of(data_dir: Path) -> tuple[Keyring, Signer, bytes, str]:
@@ -85,7 +94,9 @@ def holds_nothing(database: Any) -> bool:
         "+ (SELECT count(*) FROM audit_checkpoints) + (SELECT count(*) FROM audit_tiles) "
         "+ (SELECT count(*) FROM audit_decisions) + (SELECT size FROM audit_log_state) "
         "+ (SELECT count(*) FROM limit_decisions) + (SELECT count(*) FROM events) "
-        "+ (SELECT count(*) FROM alerts) + (SELECT last_sequence FROM alerts_sequencing)",
+        "+ (SELECT count(*) FROM alerts) + (SELECT last_sequence FROM alerts_sequencing) "
+        "+ (SELECT count(*) FROM scores) + (SELECT count(*) FROM alert_states) "
+        "+ (SELECT count(*) FROM subject_keys)",
     )
     return bool(counts[0][0] == 0)
 
@@ -140,7 +151,8 @@ def test_a_served_deployment_moves_into_postgresql(db, tmp_path) -> None:
 
     original = [stored.envelope for stored in iter_records(layout.audit_dir)]
     stored_rows = sqlite_rows(layout.decision_store)
-    assert [len(stored_rows[t]) for t in STORE_TABLES] == [2, 2, 1]
+    # Three scored applicants, one alert, and a key for each of the five subjects this month.
+    assert [len(stored_rows[t]) for t in STORE_TABLES] == [2, 2, 1, 3, 1, 5]
 
     imported = import_into(data_dir, db)
     assert imported.returncode == 0, imported.stdout + imported.stderr
@@ -154,6 +166,9 @@ def test_a_served_deployment_moves_into_postgresql(db, tmp_path) -> None:
         "limit_decisions": 2,
         "events": 2,
         "alerts": 1,
+        "scores": 3,
+        "alert_states": 1,
+        "subject_keys": 5,
         "last_alert_sequence": events[1].alerts[0].sequence,
     }
 
@@ -278,7 +293,8 @@ def embedded(tmp_path: Path, records: int = 20) -> Path:
         days_past_due=0,
         balance_after=50,
     )
-    store.record_event("t", "a" * 64, happened, [b"alert-1", b"alert-2"], moment, moment)
+    alerts = [raised_alert("t", "a" * 64), raised_alert("t", "a" * 64, rule="velocity.purchases")]
+    store.record_event("t", "a" * 64, happened, alerts, moment, moment)
     store.close()
     return data_dir
 
@@ -367,6 +383,7 @@ def test_run_again_after_a_failed_store_part_it_imports_the_store_alone(db, tmp_
     rows = database_rows(db)
     # What a store part that rolled back leaves: the log committed, no store rows.
     sql(db, "DELETE FROM limit_decisions; DELETE FROM events; DELETE FROM alerts")
+    sql(db, "DELETE FROM scores; DELETE FROM alert_states; DELETE FROM subject_keys")
     sql(db, "UPDATE alerts_sequencing SET last_sequence = 0")
 
     done = import_into(data_dir, db)
@@ -374,10 +391,9 @@ def test_run_again_after_a_failed_store_part_it_imports_the_store_alone(db, tmp_
     report = json.loads(done.stdout)
     assert report["audit_log"]["imported"].startswith("already in the database")
     assert report["store"] == {
-        "limit_decisions": 1,
-        "events": 1,
-        "alerts": 2,
+        **{table: len(held) for table, held in rows.items()},
         "last_alert_sequence": 2,
     }
+    assert (report["store"]["limit_decisions"], report["store"]["alerts"]) == (1, 2)
     assert database_rows(db) == rows
     assert sql(db, "SELECT sequence, envelope FROM audit_entries ORDER BY sequence") == log_rows

@@ -32,9 +32,13 @@ from service.db.schema import judge, load_migrations
 from service.decisions.alert_rules import Event
 from service.decisions.store import DecisionStore, from_us, to_us
 from tests.conftest import REPO_ROOT
+from tests.db.rows import raised_alert
 
-# A slow second migration: long enough that two migrators overlap.
-SLOW = Migration(2, "slow", "SELECT pg_sleep(0.5); CREATE TABLE slow_marker (x integer);")
+# A slow next migration: long enough that two migrators overlap.
+SLOW = Migration(
+    SCHEMA_VERSION + 1, "slow", "SELECT pg_sleep(0.5); CREATE TABLE slow_marker (x integer);"
+)
+SHIPPED = [(migration.version, migration.name) for migration in MIGRATIONS]
 
 
 def applied_versions(database: Any) -> list[tuple[int, str]]:
@@ -52,13 +56,13 @@ def test_the_shipped_migrations_are_numbered_from_one() -> None:
 def test_migrate_applies_the_schema_once(postgres_database) -> None:
     with postgres_database.connect() as conn:
         assert schema_status(conn).version == 0
-        assert [m.version for m in schema_status(conn).pending] == [1]
+        assert [m.version for m in schema_status(conn).pending] == [1, 2]
         assert migrate(conn) == list(MIGRATIONS)
         assert migrate(conn) == []  # nothing left: a second run changes nothing
         status = schema_status(conn)
     assert status.current and status.version == SCHEMA_VERSION
     assert [row.sha256 for row in status.applied] == [m.sha256 for m in MIGRATIONS]
-    assert applied_versions(postgres_database) == [(1, "initial")]
+    assert applied_versions(postgres_database) == SHIPPED == [(1, "initial"), (2, "loop_state")]
 
 
 # Every column of schema 1 with its exact type: bytes as bytea, counters and sequence numbers
@@ -115,9 +119,37 @@ SCHEMA_1 = {
         ("applied_at", "timestamp with time zone"),
     ],
 }
+# What schema 2 adds: the closed loop's tables, as SQLite schema 4 has them (times timestamptz).
+SCHEMA_2 = {
+    "scores": [
+        ("tenant", "text"),
+        ("pseudonym", "text"),
+        ("decision_id", "text"),
+        ("scored_at", "timestamp with time zone"),
+        ("sealed", "bytea"),
+    ],
+    "alert_states": [
+        ("alert_sequence", "bigint"),
+        ("tenant", "text"),
+        ("pseudonym", "text"),
+        ("severity", "text"),
+        ("state", "text"),
+        ("changed_at", "timestamp with time zone"),
+        ("sealed", "bytea"),
+    ],
+    "subject_keys": [
+        ("tenant", "text"),
+        ("pseudonym", "text"),
+        ("period", "text"),
+        ("key_id", "text"),
+        ("created_at", "timestamp with time zone"),
+        ("sealed", "bytea"),
+    ],
+    "store_fills": [("name", "text")],
+}
 
 
-def test_schema_1_has_exactly_the_designed_tables_and_types(postgres_database) -> None:
+def test_the_schema_has_exactly_the_designed_tables_and_types(postgres_database) -> None:
     with postgres_database.connect() as conn:
         migrate(conn)
         rows = conn.execute(
@@ -126,14 +158,16 @@ def test_schema_1_has_exactly_the_designed_tables_and_types(postgres_database) -
         ).fetchall()
         state = conn.execute("SELECT size, chain, root FROM audit_log_state").fetchall()
         alerts = conn.execute("SELECT last_sequence FROM alerts_sequencing").fetchall()
+        fills = conn.execute("SELECT name FROM store_fills").fetchall()
     found: dict[str, list[tuple[str, str]]] = {}
     for table, column, data_type, nullable in rows:
         found.setdefault(table, []).append((column, data_type))
         assert nullable == "NO", f"{table}.{column} may be null"
-    assert found == SCHEMA_1
+    assert found == SCHEMA_1 | SCHEMA_2
     # The empty log as the file log starts it: no records, the genesis chain, RFC 9162's root.
     assert state == [(0, GENESIS_CHAIN, EMPTY_ROOT)]
     assert alerts == [(0,)]
+    assert fills == []  # no alert to give a state row to
 
 
 def test_the_shape_checks_refuse_malformed_rows(postgres_database) -> None:
@@ -149,6 +183,9 @@ def test_the_shape_checks_refuse_malformed_rows(postgres_database) -> None:
             "INSERT INTO audit_entries VALUES (-1, '\\x7b7d')",
             "INSERT INTO audit_decisions VALUES (gen_random_uuid(), 5)",  # no such entry
             "INSERT INTO alerts VALUES (0, now(), '\\x00')",  # alerts number from 1
+            "INSERT INTO alert_states VALUES (0, 't', 'p', 'HIGH', 'OPEN', now(), '\\x00')",
+            "INSERT INTO alert_states VALUES (1, 't', 'p', 'HIGH', 'CLOSED', now(), '\\x00')",
+            "INSERT INTO subject_keys VALUES ('t', 'p', '2026-13-01', 'k', now(), '\\x00')",
         ):
             with pytest.raises(psycopg.errors.IntegrityError), conn.transaction():
                 conn.execute(statement.encode())
@@ -176,8 +213,9 @@ def test_two_migrators_at_once_both_succeed_and_apply_each_migration_once(
     for thread in threads:
         thread.join(timeout=60)
     assert errors == []
-    assert sorted(v for applied in results for v in applied) == [1, 2]  # each once, by either
-    assert applied_versions(postgres_database) == [(1, "initial"), (2, "slow")]
+    # Each once, by either.
+    assert sorted(v for applied in results for v in applied) == list(range(1, SLOW.version + 1))
+    assert applied_versions(postgres_database) == [*SHIPPED, (SLOW.version, "slow")]
 
 
 def test_two_migrate_commands_at_once_both_exit_0(postgres_database) -> None:
@@ -194,7 +232,7 @@ def test_two_migrate_commands_at_once_both_exit_0(postgres_database) -> None:
     assert [process.returncode for process in processes] == [0, 0], outputs
     applied = b"".join(stdout for stdout, _ in outputs).count(b'"db.migration_applied"')
     assert applied == len(MIGRATIONS)
-    assert applied_versions(postgres_database) == [(1, "initial")]
+    assert applied_versions(postgres_database) == SHIPPED
     status = subprocess.run(
         [*command[:-1], "status"],
         cwd=REPO_ROOT,
@@ -207,11 +245,14 @@ def test_two_migrate_commands_at_once_both_exit_0(postgres_database) -> None:
 
 
 def test_a_failing_migration_leaves_nothing_behind(postgres_database) -> None:
-    broken = Migration(2, "broken", "CREATE TABLE half_done (x integer); SELECT no_such_column;")
+    broken = Migration(
+        SCHEMA_VERSION + 1, "broken", "CREATE TABLE half_done (x integer); SELECT no_such_column;"
+    )
     with postgres_database.connect() as conn:
-        with pytest.raises(SchemaError, match="migration 0002_broken failed"):
+        with pytest.raises(SchemaError, match=f"migration {broken.label} failed"):
             migrate(conn, shipped=(*MIGRATIONS, broken))
-        assert schema_status(conn).version == 1  # 0001 committed on its own, 0002 not at all
+        # The shipped ones committed each on its own, the broken one not at all.
+        assert schema_status(conn).version == SCHEMA_VERSION
         missing = conn.execute("SELECT to_regclass('half_done') IS NULL").fetchone()
     assert missing == (True,)
 
@@ -265,7 +306,8 @@ def test_an_older_schema_is_refused_until_migrated() -> None:
     first = MIGRATIONS[0]
     ran = [AppliedMigration(1, first.name, first.sha256, dt.datetime.now(dt.UTC))]
     status = judge(ran, later)
-    assert status.version == 1 and [m.version for m in status.pending] == [2]
+    assert status.version == 1
+    assert [m.version for m in status.pending] == list(range(2, SLOW.version + 1))
     assert not status.problems
     error = refusal(status)
     assert error is not None and "version 1 is older" in str(error) and "needs" in str(error)
@@ -317,7 +359,8 @@ def test_store_rows_move_between_sqlite_and_postgresql_unchanged(
         days_past_due=0,
         balance_after=54_321,
     )
-    source.record_event("baitiao-cn", "a" * 64, event, [b"alert-1", b"alert-2"], decided, occurred)
+    raised = [raised_alert("baitiao-cn", "a" * 64, rule=rule) for rule in ("one", "two")]
+    source.record_event("baitiao-cn", "a" * 64, event, raised, decided, occurred)
     source.close()
 
     raw = sqlite3.connect(tmp_path / "source.sqlite3")
@@ -373,7 +416,7 @@ def test_store_rows_move_between_sqlite_and_postgresql_unchanged(
         assert stored is not None and stored.response == b"\x00sealed response\xff"
         assert copy.last_increase_at("baitiao-cn", "a" * 64) == decided
         assert copy.events("baitiao-cn", "a" * 64) == [event]
-        assert copy.alert_rows() == [(1, b"alert-1"), (2, b"alert-2")]
+        assert copy.alert_rows() == [(1, raised[0]), (2, raised[1])]
         assert copy.tampered_rows() == []
     finally:
         copy.close()

@@ -67,4 +67,24 @@ locks `audit_log_state` first, then `alerts_sequencing`, then inserts; never the
 
 Not here yet: the backends that use these tables (issue 13), LISTEN/NOTIFY channels (no
 schema), and any retention or partitioning of `audit_entries`.
+
+Schema 2 (0002_loop_state.sql): the closed loop's state
+--------------------------------------------------------
+`scores`, `alert_states` and `subject_keys` mirror service/decisions/store.py schema 4 as
+schema 1 mirrors schema 3: the same plain columns, times as timestamptz, the same seals. Their
+keys are what the queries look up, so each query is an index lookup: a subject's latest score by
+(tenant, pseudonym); a subject's alert states by (tenant, pseudonym, state), and one by its
+alert's sequence when it changes; a subject key by (tenant, pseudonym, period), by its id (which
+must name one key: UNIQUE), and by period for retention expiry.
+
+The backends' writes keep schema 1's lock order: an alert state change locks `audit_log_state`
+(the log's batch), then `alerts_sequencing` (its number in the stream), then its `alert_states`
+row (`SELECT ... FOR UPDATE`, to re-check the state it was decided on).
+
+One part of the migration cannot be SQL: alerts raised under schema 1 need their state rows, and
+an alert's subject and severity are inside its seal, which SQL cannot open. `store_fills` holds
+that work as a row, present only if there were alerts to fill; the first server to start does the
+fill and deletes the row in one transaction, under the row's lock (`fill_alert_states` in
+service/decisions/pg_store.py), so replicas starting together fill once, and a server that dies
+midway leaves it to the next.
 """
