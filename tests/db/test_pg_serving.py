@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -19,57 +18,11 @@ from privscore.v1 import limit_service_pb2 as limit_pb
 from service.audit import VerifierKey, parse_checkpoint, verify_inclusion
 from service.config import DataLayout
 from tests.conftest import PostgresDatabase, ServerProcess, applicants, privscore_cli
-from tests.db.replicas import migrate, replica, verify_database_log
+from tests.db.replicas import replica, rows, until, verify_database_log
 from tests.test_alerts import cny, event
 from tests.test_limits import account
 
 GOOD_SCORE = 800
-T = TypeVar("T")
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "var"
-
-
-@pytest.fixture
-def replicas(
-    postgres_database: PostgresDatabase, data_dir: Path
-) -> Iterator[Callable[[int], list[ServerProcess]]]:
-    """Start N replicas on the migrated test database; all are stopped after the test."""
-    migrate(postgres_database, data_dir)
-    started: list[ServerProcess] = []
-
-    def start(count: int) -> list[ServerProcess]:
-        # One after another: each also (re)publishes the shared data directory's keys.
-        servers = []
-        for _ in range(count):
-            servers.append(replica(postgres_database, data_dir))
-            started.append(servers[-1])
-        return servers
-
-    try:
-        yield start
-    finally:
-        for server in started:
-            if server.process.poll() is None:
-                server.terminate()
-
-
-def rows(database: PostgresDatabase, query: str, *parameters: object) -> list[tuple[Any, ...]]:
-    with database.connect() as conn:
-        return list(conn.execute(query, parameters).fetchall())
-
-
-def until(check: Callable[[], T | None], timeout: float = 10.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError("not within the time allowed")
-        time.sleep(0.05)
 
 
 def missed_payment(days: int = 45) -> alert_service_pb2.BehaviourEvent:
