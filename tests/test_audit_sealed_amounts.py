@@ -1,7 +1,8 @@
 """Audit records hold no account amount in clear: a real server's AdjustLimit and EvaluateEvent
-records seal limits, balances, amounts and the account's figures (PIPL Art. 28) with the record
-key, bound to the record; `audit show --open`, with the keyring and KEK, opens them, and the
-sealed payload holds everything the decision store keeps for those decisions."""
+records seal limits, balances, amounts and the account's figures (PIPL Art. 28), with the
+subject's pseudonym, under the key of that subject and month (record format 3), bound to the
+record; `audit show --open`, with the keyring, KEK and the decision store's subject keys, opens
+them, and the sealed payload holds everything the decision store keeps for those decisions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import dataclasses
 import hashlib
 import json
 import re
+import shutil
+import struct
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,15 @@ from privscore.v1 import common_pb2
 from privscore.v1 import limit_service_pb2 as limits_pb
 from service.api.limits import request_fingerprint
 from service.audit import iter_records
+from service.audit.storage import GENESIS_CHAIN, canonical_json, frame
 from service.config import DataLayout
 from service.decisions.store import DecisionStore
 from service.privacy.digest import derive_input_digest_key, derive_record_key, derive_state_key
 from service.privacy.keyring import Keyring, load_kek
 from service.privacy.record_seal import (
     RecordSealError,
+    Shredded,
+    open_personal,
     open_record,
     open_record_fields,
     seal_record_fields,
@@ -59,6 +66,7 @@ FIGURES = (
     EVENT_DAYS_PAST_DUE,
     REPAID,
 )
+CUSTOMERS = ("sealed-1", "sealed-2", "sealed-3")
 
 
 def standalone(number: int) -> re.Pattern[bytes]:
@@ -76,6 +84,29 @@ def server_secret(data_dir: Path) -> bytes:
     return Keyring.load(layout.keyring, load_kek(layout.dev_kek)).server_secret()
 
 
+def subject_key(data_dir: Path, key_id: str) -> bytes | None:
+    """A subject key by id from the server's decision store (None once destroyed): what
+    `audit show --open` and replay open a format-3 record's personal fields with."""
+    store = DecisionStore(
+        DataLayout(data_dir).decision_store, derive_state_key(server_secret(data_dir))
+    )
+    try:
+        found = store.key_by_id(key_id)
+    finally:
+        store.close()
+    return None if found is None else found[1]
+
+
+def personal(data_dir: Path, record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's personal fields (pseudonym, inputs, amounts), opened as a key holder opens
+    them: under the subject key the store keeps (format 3) or the record key (before)."""
+    return open_personal(
+        record,
+        record_key=derive_record_key(server_secret(data_dir)),
+        subject_key=lambda key_id: subject_key(data_dir, key_id),
+    )
+
+
 @dataclasses.dataclass
 class Decisions:
     data_dir: Path
@@ -84,6 +115,7 @@ class Decisions:
     limit_account: limits_pb.AccountState
     features_account: limits_pb.AccountState
     events: list[alerts_pb.EvaluateEventResponse]
+    pseudonyms: dict[str, str]  # by customer id
 
     def record(self, decision_id: str) -> dict[str, Any]:
         for stored in iter_records(DataLayout(self.data_dir).audit_dir):
@@ -142,11 +174,12 @@ def decided(tmp_path_factory: pytest.TempPathFactory) -> Decisions:
                     ),
                 ),
             ]
+            pseudonyms = {c: client.subject(TENANT, c).pseudonym for c in CUSTOMERS}
     finally:
         assert server.terminate() == 0
     assert events[1].alerts, "the missed payment raises an alert whose proto the record seals"
     return Decisions(
-        data_dir, limit_latest, limit_features, limit_account, features_account, events
+        data_dir, limit_latest, limit_features, limit_account, features_account, events, pseudonyms
     )
 
 
@@ -167,6 +200,14 @@ def test_no_figure_in_clear_in_the_log_files_or_audit_show(decided: Decisions) -
         if standalone(number).search(data)
     ]
     assert leaks == []
+    # Nor whose figures they are: the pseudonyms are sealed with them.
+    named = [
+        (name, customer)
+        for name, data in haystacks.items()
+        for customer, pseudonym in decided.pseudonyms.items()
+        if pseudonym.encode() in data
+    ]
+    assert named == []
     # The sealed field is there, but holds nothing readable without the key.
     limit_record = decided.record(decided.limit_latest.metadata.decision_id)
     assert isinstance(limit_record["sealed"], str)
@@ -174,6 +215,9 @@ def test_no_figure_in_clear_in_the_log_files_or_audit_show(decided: Decisions) -
 
 
 def test_what_stays_readable(decided: Decisions) -> None:
+    """A reviewer reads the decision, its rule and reasons, where its score came from and the
+    subject's key id; never the subject's pseudonym, inputs or their digest, which are sealed
+    with the figures under the subject key (so that destroying it erases them)."""
     limit = decided.limit_latest
     record = decided.record(limit.metadata.decision_id)
     assert "account" not in record
@@ -185,13 +229,21 @@ def test_what_stays_readable(decided: Decisions) -> None:
         "grade": "A",
         "currency": "CNY",
     }
-    assert record["encrypted_inputs"] == "" and len(record["input_digest"]) == 64
+    assert record["score_source"] == "CALLER_STATED" and record["score_decision_id"] is None
+    assert record["open_alerts"] == [] and record["subject_key"].startswith("sk-")
     features_record = decided.record(decided.limit_features.metadata.decision_id)
     assert features_record["outputs"]["action"] == "LIMIT_ACTION_FREEZE"
-    assert features_record["encrypted_inputs"]
+    assert features_record["score_source"] == "IN_CALL"
+    for clear in (record, features_record):
+        assert {"subject", "input_digest", "encrypted_inputs"}.isdisjoint(clear)
+        text = json.dumps(clear)
+        assert [c for c, p in decided.pseudonyms.items() if p in text] == []
+    assert len(personal(decided.data_dir, record)["input_digest"]) == 64
+    assert personal(decided.data_dir, features_record)["encrypted_inputs"]
 
     missed = decided.events[1]
     record = decided.record(missed.metadata.decision_id)
+    assert decided.pseudonyms["sealed-3"] not in json.dumps(record)
     assert record["event"] == {
         "event_id": record["event"]["event_id"],
         "occurred_at": "2026-11-01T09:01:00Z",
@@ -225,7 +277,15 @@ def test_show_open_gives_the_reviewer_every_figure_and_the_store_row(decided: De
     shown = json.loads(result.stdout)
     assert shown["seq"] == limit.metadata.audit_sequence
     opened = shown["record"]["opened"]
-    assert set(opened) == {"account", "new_limit", "response", "fingerprint"}
+    assert set(opened) == {
+        "subject",
+        "input_digest",
+        "account",
+        "new_limit",
+        "response",
+        "fingerprint",
+    }
+    assert opened["subject"] == decided.pseudonyms["sealed-1"]
     assert opened["account"]["current_limit"] == {"currency_code": "CNY", "minor_units": str(LIMIT)}
     assert opened["account"]["balance"]["minor_units"] == str(BALANCE)
     assert opened["account"]["on_time_repayments_in_row"] == ON_TIME
@@ -249,6 +309,7 @@ def test_show_open_gives_the_reviewer_every_figure_and_the_store_row(decided: De
 
     features = shown_open(decided.data_dir, decided.limit_features.metadata.decision_id)
     assert features["record"]["opened"]["account"]["days_past_due"] == DAYS_PAST_DUE
+    assert features["record"]["opened"]["encrypted_inputs"]
 
 
 def test_show_open_gives_the_events_and_alerts_rows(decided: Decisions) -> None:
@@ -259,7 +320,8 @@ def test_show_open_gives_the_events_and_alerts_rows(decided: Decisions) -> None:
     layout = DataLayout(decided.data_dir)
     store = DecisionStore(layout.decision_store, derive_state_key(server_secret(decided.data_dir)))
     try:
-        pseudonym = next(iter(record_of.values()))["record"]["subject"]
+        pseudonym = next(iter(record_of.values()))["record"]["opened"]["subject"]
+        assert pseudonym == decided.pseudonyms["sealed-3"]
         stored_events = {e.event_id: e for e in store.events(TENANT, pseudonym)}
         stored_alerts = dict(store.alerts_after(0, 100))
     finally:
@@ -268,7 +330,7 @@ def test_show_open_gives_the_events_and_alerts_rows(decided: Decisions) -> None:
     for response in decided.events:
         shown = record_of[response.metadata.decision_id]
         opened = shown["record"]["opened"]
-        assert set(opened) == {"event", "details", "alerts"}
+        assert set(opened) == {"subject", "event", "details", "alerts"}
         event_id = shown["record"]["event"]["event_id"]
         expected = dataclasses.asdict(stored_events[event_id])
         del expected["event_id"], expected["occurred_at"]
@@ -278,7 +340,7 @@ def test_show_open_gives_the_events_and_alerts_rows(decided: Decisions) -> None:
             alert = alerts_pb.Alert.FromString(base64.b64decode(sealed))
             alert.metadata.audit_sequence = shown["seq"]
             assert alerts_pb.Alert.FromString(stored_alerts[sent.sequence]) == alert
-            alert.sequence = sent.sequence
+            alert.sequence = alert.alert_sequence = sent.sequence
             assert alert == sent
     details = [record_of[r.metadata.decision_id]["record"]["opened"] for r in decided.events]
     assert details[0]["details"]["amount"] == PURCHASE
@@ -313,10 +375,14 @@ def test_show_open_without_the_right_kek_opens_nothing(decided: Decisions, tmp_p
 
 
 def test_sealed_fields_open_only_in_their_own_record(decided: Decisions) -> None:
-    key = derive_record_key(server_secret(decided.data_dir))
+    """Under the subject key and bound to the record's rpc, decision id and request id: moved
+    to another record, altered, or opened with another key (the server's record key that
+    sealed them before format 3 included), they do not open."""
     limit_record = decided.record(decided.limit_latest.metadata.decision_id)
     other_limit = decided.record(decided.limit_features.metadata.decision_id)
     event_record = decided.record(decided.events[0].metadata.decision_id)
+    key = subject_key(decided.data_dir, limit_record["subject_key"])
+    assert key is not None
     assert open_record(key, limit_record)["account"]["current_limit"]["minor_units"] == str(LIMIT)
 
     moves = [
@@ -332,10 +398,95 @@ def test_sealed_fields_open_only_in_their_own_record(decided: Decisions) -> None
     blob[20] ^= 1
     with pytest.raises(RecordSealError, match="do not open"):
         open_record(key, {**limit_record, "sealed": base64.b64encode(bytes(blob)).decode()})
-    with pytest.raises(RecordSealError, match="do not open"):
-        open_record(derive_state_key(server_secret(decided.data_dir)), limit_record)
+    secret = server_secret(decided.data_dir)
+    for wrong in (derive_state_key(secret), derive_record_key(secret)):
+        with pytest.raises(RecordSealError, match="do not open"):
+            open_record(wrong, limit_record)
     with pytest.raises(RecordSealError, match="no sealed fields"):
         open_record(key, {k: v for k, v in limit_record.items() if k != "sealed"})
+
+
+def test_personal_fields_do_not_open_as_another_subjects(decided: Decisions) -> None:
+    """The attack on crypto-shredding: a record's sealed fields moved into another subject's
+    record, or its subject_key pointed at another subject's key (say, one not erased), must
+    not open: the seal is bound to its own record and key. Opened as the reviewer's tools
+    open them, by the key the record names."""
+    limit_record = decided.record(decided.limit_latest.metadata.decision_id)
+    other_subject = decided.record(decided.limit_features.metadata.decision_id)
+    event_record = decided.record(decided.events[0].metadata.decision_id)
+    assert len({r["subject_key"] for r in (limit_record, other_subject, event_record)}) == 3
+    assert personal(decided.data_dir, limit_record)["subject"] == decided.pseudonyms["sealed-1"]
+    attacks = [
+        {**other_subject, "sealed": limit_record["sealed"]},
+        {**event_record, "sealed": limit_record["sealed"]},
+        {**limit_record, "subject_key": other_subject["subject_key"]},
+        {**limit_record, "subject_key": event_record["subject_key"]},
+        # Both moved: the record still is another decision's.
+        {
+            **other_subject,
+            "sealed": limit_record["sealed"],
+            "subject_key": limit_record["subject_key"],
+        },
+        # Made to look like a record of before format 3, to be opened with the record key.
+        {k: v for k, v in limit_record.items() if k != "subject_key"},
+    ]
+    for attack in attacks:
+        with pytest.raises(RecordSealError, match="do not open"):
+            personal(decided.data_dir, attack)
+    with pytest.raises(Shredded):  # a key id the store never made opens nothing either
+        personal(decided.data_dir, {**limit_record, "subject_key": "sk-" + "0" * 24})
+
+
+def relabelled(segment: bytes, key_id: str, other: str) -> bytes:
+    """The first segment of a log with every record naming subject key `key_id` made to name
+    `other`, rewritten as anyone able to write the files can (service/audit/storage.py): each
+    record's chain made again from its predecessor's, each frame's length and CRC32 too. The
+    MAC, which only the server can make, is left as it was."""
+    out, offset, chain = [], 0, GENESIS_CHAIN
+    while offset < len(segment):
+        (length,) = struct.unpack_from(">I", segment, offset)
+        envelope = json.loads(segment[offset + 4 : offset + 4 + length])
+        offset += length + 8
+        record = envelope["record"]
+        if record.get("subject_key") == key_id:
+            record["subject_key"] = other
+        seq = str(envelope["seq"]).encode()
+        chain = hashlib.sha256(
+            chain + b'{"record":' + canonical_json(record) + b',"seq":' + seq + b"}"
+        ).digest()
+        envelope["chain"] = base64.b64encode(chain).decode()
+        out.append(frame(canonical_json(envelope)))
+    return b"".join(out)
+
+
+def test_show_open_of_a_record_relabelled_to_another_subject_opens_nothing(
+    decided: Decisions, tmp_path: Path
+) -> None:
+    """The same attack on the files, by someone who can write them: the limit record's
+    subject_key edited in the log to another subject's key id, the chain and frames made
+    again so that the log still reads. `audit show --open` shows the record but cannot open
+    it, nor show any figure of it; `audit verify` reports the edit (a record's MAC is the
+    server's alone)."""
+    data_dir = tmp_path / "var"
+    shutil.copytree(decided.data_dir, data_dir)
+    decision_id = decided.limit_latest.metadata.decision_id
+    own = decided.record(decision_id)["subject_key"]
+    other = decided.record(decided.limit_features.metadata.decision_id)["subject_key"]
+    (segment,) = DataLayout(data_dir).audit_dir.glob("segment-*")  # one, from sequence 0
+    data = segment.read_bytes()
+    assert data.count(own.encode()) == 1  # sealed-1 has this one decision
+    segment.write_bytes(relabelled(data, own, other))
+
+    result = cli(data_dir, "show", "--open", "--decision", decision_id)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "do not open" in result.stderr and "Traceback" not in result.stderr
+    (line,) = result.stdout.splitlines()
+    shown = json.loads(line)["record"]
+    assert shown["subject_key"] == other and "opened" not in shown
+    assert not standalone(LIMIT).search(result.stdout.encode())
+    assert decided.pseudonyms["sealed-1"] not in result.stdout
+    verified = cli(data_dir, "verify")
+    assert verified.returncode != 0 and "server's MAC" in verified.stdout, verified.stdout
 
 
 def test_the_idempotency_fingerprint_is_keyed(decided: Decisions) -> None:
@@ -351,24 +502,26 @@ def test_the_idempotency_fingerprint_is_keyed(decided: Decisions) -> None:
     finally:
         store.close()
     assert row is not None
-    subject = common_pb2.SubjectRef(tenant=record["tenant"], pseudonym=record["subject"])
+    opened = personal(decided.data_dir, record)
+    subject = common_pb2.SubjectRef(tenant=record["tenant"], pseudonym=opened["subject"])
+    digest = opened["input_digest"]
     unkeyed = hashlib.sha256(
         b"\x00".join(
             [
                 subject.SerializeToString(deterministic=True),
                 decided.limit_account.SerializeToString(deterministic=True),
-                record["input_digest"].encode(),
+                digest.encode(),
             ]
         )
     ).hexdigest()
     assert row.fingerprint != unkeyed
-    assert row.fingerprint == request_fingerprint(
-        derive_input_digest_key(key), subject, decided.limit_account, record["input_digest"]
+    assert (
+        row.fingerprint
+        == opened["fingerprint"]
+        == request_fingerprint(derive_input_digest_key(key), subject, decided.limit_account, digest)
     )
     other_key = derive_state_key(key)
-    assert row.fingerprint != request_fingerprint(
-        other_key, subject, decided.limit_account, record["input_digest"]
-    )
+    assert row.fingerprint != request_fingerprint(other_key, subject, decided.limit_account, digest)
     store_bytes = b"".join(p.read_bytes() for p in decided.data_dir.glob("decisions.sqlite3*"))
     assert unkeyed.encode() not in store_bytes
 
