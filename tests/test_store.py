@@ -486,3 +486,27 @@ def test_text_that_is_not_utf8_is_refused_not_crashed_on(
     assert_tampered("limit_decisions", lambda: store.limit_decision(TENANT, "req-hold"))
     assert_tampered("limit_decisions", lambda: store.last_increase_at(TENANT, ALICE))
     assert_tampered("events", store.event_keys)
+
+
+def test_an_alert_edited_to_resolved_cannot_lift_a_freeze(tmp_path: Path) -> None:
+    """An unresolved CRITICAL alert freezes the subject's limit: editing its state row to
+    RESOLVED must be caught, not taken as the alert's resolution."""
+    path = tmp_path / "decisions.sqlite3"
+    store = DecisionStore(path, KEY)
+    try:
+        [sequence] = store.record_event(
+            TENANT, BOB, event("ev-missed", 0), [b"a critical alert"], T0, T0, ["CRITICAL"]
+        )
+        assert [a.alert_sequence for a in store.open_alerts(TENANT, BOB)] == [sequence]
+    finally:
+        store.close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE alert_states SET state='RESOLVED' WHERE alert_sequence=?", (sequence,))
+    db.close()
+    store = DecisionStore(path, KEY)
+    try:
+        with pytest.raises(StoreTampered):
+            store.open_alerts(TENANT, BOB)
+    finally:
+        store.close()

@@ -123,7 +123,8 @@ class ScoreRow(NamedTuple):
 
 class AlertStateRow(NamedTuple):
     """Where one raised alert stands, by subject, so that a limit decision finds the subject's
-    unresolved alerts without opening every alert (sealed: the last change's reason code)."""
+    unresolved alerts without opening every alert. Its seal holds nothing: every column is
+    plain for the queries, and authenticated as the seal's associated data."""
 
     alert_sequence: int
     tenant: str

@@ -459,13 +459,20 @@ class DecisionStore:
 
     def open_alerts(self, tenant: str, pseudonym: str) -> list[OpenAlert]:
         """The subject's alerts not yet resolved, each row authenticated."""
+        # Every state row of the subject is opened, then filtered: selecting on the plain
+        # state column alone would never see a row whose state was edited to RESOLVED, which
+        # would lift a freeze unnoticed.
         rows = self._opened(
             AlertStateRow,
-            "tenant=? AND pseudonym=? AND state != ?",
-            (tenant, pseudonym, RESOLVED),
+            "tenant=? AND pseudonym=?",
+            (tenant, pseudonym),
             "ORDER BY alert_sequence",
         )
-        return [OpenAlert(row.alert_sequence, row.severity, row.state) for row, _ in rows]
+        return [
+            OpenAlert(row.alert_sequence, row.severity, row.state)
+            for row, _ in rows
+            if row.state != RESOLVED
+        ]
 
     def alert_state(self, alert_sequence: int) -> tuple[AlertStateRow, bytes] | None:
         """An alert's state row and its stored message as raised, both authenticated."""
