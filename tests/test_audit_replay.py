@@ -1,10 +1,13 @@
 """`privscore audit replay` over every kind of record a real server writes: decisions replay
-with `matches: true`, everything else says why it cannot be replayed (exit 1, no traceback)."""
+with `matches: true`, everything else says why it cannot be replayed (exit 1, no traceback).
+Replay reads a format-3 record's inputs and figures where they are sealed, under the subject's
+key that the decision store under --data-dir keeps."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,16 +26,17 @@ from service.api.limits import ADJUST_LIMIT_METHOD
 from service.api.scoring import SCORE_BATCH_METHOD, SCORE_METHOD
 from service.audit import StoredRecord, iter_records
 from service.config import DEFAULT_POLICY, DataLayout
-from service.privacy.digest import derive_record_key
 from service.privacy.record_seal import open_record, seal_record_fields
 from tests.conftest import REPO_ROOT, ServerProcess, applicants
 from tests.test_alerts import cny, event
-from tests.test_audit_sealed_amounts import server_secret
+from tests.test_audit_sealed_amounts import personal, subject_key
 from tests.test_limits import GOOD_SCORE, account
 
 
 def replay_cli(data_dir: Path, decision_id: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    """`privscore audit replay` as its own process; several run at once, as reviewers may, each
+    reading the decision store's subject keys beside the others."""
+    result = subprocess.run(
         [
             *(sys.executable, "-m", "service.cli", "audit", "replay"),
             *("--decision", decision_id, "--data-dir", str(data_dir), *extra),
@@ -43,23 +47,49 @@ def replay_cli(data_dir: Path, decision_id: str, *extra: str) -> subprocess.Comp
         timeout=120,
         env={"PATH": "/usr/bin:/bin"},
     )
+    assert result.returncode >= 0, f"replay killed by {signal.Signals(-result.returncode).name}"
+    return result
 
 
 @dataclasses.dataclass
 class Log:
     data_dir: Path
     records: list[dict[str, Any]]
+    erased: str  # the decision id of a Score whose subject was erased since
 
     def of(self, rpc: str, **equals: Any) -> list[dict[str, Any]]:
+        """The records of `rpc` with the values given, but the erased subject's."""
         return [
             r
             for r in self.records
-            if r["rpc"] == rpc and all(r.get(k) == v for k, v in equals.items())
+            if r["rpc"] == rpc
+            and r["decision_id"] != self.erased
+            and all(r.get(k) == v for k, v in equals.items())
         ]
 
     def decision(self, decision_id: str) -> dict[str, Any]:
         (record,) = [r for r in self.records if r["decision_id"] == decision_id]
         return record
+
+    def key_of(self, record: dict[str, Any]) -> bytes:
+        """The subject key the record's personal fields are sealed under."""
+        key = subject_key(self.data_dir, record["subject_key"])
+        assert key is not None
+        return key
+
+    def resealed(self, record: dict[str, Any], **changes: Any) -> dict[str, Any]:
+        """The record with its sealed personal fields changed (None: removed) and sealed again
+        under its own subject key, as only a holder of that key could."""
+        payload = open_record(self.key_of(record), record)
+        for name, value in changes.items():
+            if value is None:
+                del payload[name]
+            else:
+                payload[name] = value
+        sealed = seal_record_fields(
+            self.key_of(record), record["rpc"], record["decision_id"], record["request_id"], payload
+        )
+        return {**record, "sealed": sealed}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +101,8 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Log:
         with server.channel() as channel:
             client = server.client(channel)
             client.score("t", "r-score", applicants()[3])
+            erased = client.score("t", "r-erased", applicants()[3]).metadata.decision_id
+            assert client.erase_subject("t", customer_id="r-erased").erased
             client.score_batch(
                 "t",
                 [
@@ -108,7 +140,7 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Log:
     finally:
         assert server.terminate() == 0
     records = [s.record for s in iter_records(DataLayout(data_dir).audit_dir)]
-    return Log(data_dir, records)
+    return Log(data_dir, records, erased)
 
 
 def test_every_decision_a_server_wrote_replays_to_the_same_outcome(log: Log) -> None:
@@ -120,7 +152,9 @@ def test_every_decision_a_server_wrote_replays_to_the_same_outcome(log: Log) -> 
     limits = log.of(ADJUST_LIMIT_METHOD)
     assert any("offer" in r for r in decisions)  # an initial-limit offer replays too
     assert len(log.of(SCORE_BATCH_METHOD, outcome=None)) == 2
-    assert [bool(r["encrypted_inputs"]) for r in limits] == [True, False, False]
+    sealed_inputs = [bool(personal(log.data_dir, r).get("encrypted_inputs")) for r in limits]
+    assert sealed_inputs == [True, False, False]
+    assert [r["score_source"] for r in limits] == ["IN_CALL", "CALLER_STATED", "CALLER_STATED"]
     assert limits[2]["last_increase_at"] is not None  # the cool-down's input replays too
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda r: replay_cli(log.data_dir, r["decision_id"]), decisions))
@@ -158,6 +192,10 @@ def test_what_cannot_be_replayed_says_why(log: Log, tmp_path: Path) -> None:
         (r["decision_id"], (), "was refused") for r in refusals
     ]
     cases.append((evaluated["decision_id"], (), "event history"))
+    # Its subject erased, its key destroyed: the inputs can never be read again.
+    cases.append((log.erased, (), "destroyed subject key"))
+    (erasure,) = log.of("/privscore.v1.PrivacyService/EraseSubject")
+    cases.append((erasure["decision_id"], (), "not decisions replay covers"))
     cases.append(
         (score["decision_id"], ("--policy", str(other_policy)), f"policy {recorded_version}")
     )
@@ -198,17 +236,23 @@ def test_altered_records_say_why_they_cannot_be_replayed(
         return {k: v for k, v in record.items() if k != name}
 
     cases = [
-        (without(score, "encrypted_inputs"), "holds no encrypted inputs"),
-        ({**score, "encrypted_inputs": ""}, "holds no encrypted inputs"),
-        (without(batch_item, "encrypted_inputs"), "holds no encrypted inputs"),
-        ({**score, "encrypted_inputs": "not base64!"}, "not a serialised message"),
-        ({**from_features, "encrypted_inputs": ""}, "scored from features"),
-        (without(from_features, "encrypted_inputs"), "scored from features"),
+        (log.resealed(score, encrypted_inputs=None), "holds no encrypted inputs"),
+        (log.resealed(score, encrypted_inputs=""), "holds no encrypted inputs"),
+        (log.resealed(batch_item, encrypted_inputs=None), "holds no encrypted inputs"),
+        (log.resealed(score, encrypted_inputs="not base64!"), "not a serialised message"),
+        (log.resealed(from_features, encrypted_inputs=""), "scored from features"),
+        (log.resealed(from_features, encrypted_inputs=None), "scored from features"),
         ({**score, "model_version": "another-model"}, "recorded with model another-model"),
         ({**latest, "model_version": "another-model"}, "recorded with model another-model"),
         (without(latest, "sealed"), "has no sealed fields"),
+        # Another subject's sealed fields, or its key named, do not open here.
         ({**latest, "sealed": from_features["sealed"]}, "do not open"),
         ({**from_features, "sealed": latest["sealed"]}, "do not open"),
+        ({**latest, "subject_key": from_features["subject_key"]}, "do not open"),
+        # Without its key id the record passes for one of before format 3: the record key
+        # does not open what the subject key sealed.
+        (without(latest, "subject_key"), "do not open"),
+        ({**latest, "subject_key": "sk-" + "0" * 24}, "destroyed subject key"),
         (without(latest, "outputs"), "no outputs"),
         ({**latest, "rpc": "/privscore.v1.AuditService/GetDecisionRecord"}, "not decisions"),
     ]
@@ -235,10 +279,11 @@ def test_replay_reads_the_account_from_the_sealed_fields(
     in_process_log: list[dict[str, Any]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A record whose sealed account was re-sealed with other figures (by a key holder) does
-    not replay to the recorded limit: replay decides from what the record sealed."""
+    """A record whose sealed account was re-sealed with other figures (by a holder of the
+    subject's key) does not replay to the recorded limit: replay decides from what the record
+    sealed."""
     _, latest, _ = log.of(ADJUST_LIMIT_METHOD)
-    key = derive_record_key(server_secret(log.data_dir))
+    key = log.key_of(latest)
     payload = open_record(key, latest)
     argv = ["audit", "replay", "--decision", latest["decision_id"], "--data-dir", str(log.data_dir)]
 
