@@ -24,8 +24,10 @@ from service.config import DataLayout
 from service.decisions.store import DecisionStore
 from service.privacy.digest import derive_input_digest_key, derive_state_key, input_digest
 from service.privacy.keyring import Keyring, load_kek
+from tests.audit.test_record_schema import validate
 from tests.conftest import ServerProcess, privscore_cli
 from tests.test_alerts import cny, event
+from tests.test_audit_sealed_amounts import personal
 from tests.test_audit_trust import refused, run_decisions
 from tests.test_limits import GOOD_SCORE, account
 from tests.test_model_serving import serve_once
@@ -49,11 +51,14 @@ def limit_records(data_dir: Path, request_id: str) -> list[dict[str, Any]]:
 
 
 def reconcile_records(data_dir: Path) -> list[dict[str, Any]]:
-    return [
+    """The start-up reconciliation's records, each one of the schema's kinds."""
+    found = [
         r.record
         for r in iter_records(DataLayout(data_dir).audit_dir)
         if r.record.get("rpc") == RECONCILE
     ]
+    assert [validate(record) for record in found] == ["reconcile"] * len(found)
+    return found
 
 
 def sql(data_dir: Path, statement: str, *parameters: object) -> None:
@@ -120,9 +125,12 @@ def test_deleted_events_and_alerts_are_rebuilt(tmp_path: Path) -> None:
 def test_a_crash_between_the_audit_append_and_the_store_commit_does_not_decide_twice(
     tmp_path: Path,
 ) -> None:
-    """Kill the server in the window: its audit record is durable, its store row is not."""
+    """Kill the server in the window: its audit record is durable, its store row is not.
+    The customer decided on before, so its subject key of the month is stored already: a key
+    is made durably before any record is sealed under it, which the lock would hold up."""
     data_dir = tmp_path / "var"
     server = ServerProcess(data_dir)
+    adjust(server, "req-before")
     # Another connection holds SQLite's write lock: the server's reads pass (WAL), its audit
     # append completes, and its store commit waits for the lock, where it is killed.
     blocker = sqlite3.connect(DataLayout(data_dir).decision_store, isolation_level=None)
@@ -258,9 +266,10 @@ def test_a_request_stored_with_the_unkeyed_fingerprint_of_before_still_replays(
     layout = DataLayout(data_dir)
     secret = Keyring.load(layout.keyring, load_kek(layout.dev_kek)).server_secret()
     [record] = limit_records(data_dir, "req-old")
+    opened = personal(data_dir, record)  # sealed under the subject's key since format 3
     digest = input_digest(derive_input_digest_key(secret), {"latest_score": GOOD_SCORE})
-    assert record["input_digest"] == digest
-    wire_subject = common_pb2.SubjectRef(tenant="t", pseudonym=record["subject"])
+    assert opened["input_digest"] == digest
+    wire_subject = common_pb2.SubjectRef(tenant="t", pseudonym=opened["subject"])
     store = DecisionStore(layout.decision_store, derive_state_key(secret))
     try:
         stored = store.limit_decision("t", "req-old")
@@ -268,7 +277,7 @@ def test_a_request_stored_with_the_unkeyed_fingerprint_of_before_still_replays(
         sql(data_dir, "DELETE FROM limit_decisions")
         store.record_limit_decision(
             tenant="t",
-            pseudonym=record["subject"],
+            pseudonym=opened["subject"],
             request_id="req-old",
             fingerprint=legacy_fingerprint(wire_subject, account(), digest),
             decided_at=dt.datetime.fromisoformat(record["time"]),
