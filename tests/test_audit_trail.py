@@ -3,6 +3,7 @@ provable over AuditService, replayable, durable under SIGKILL, and failing close
 
 from __future__ import annotations
 
+import json
 import resource
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from service.client.probe import health_status
 from service.config import DataLayout
 from tests.conftest import ServerProcess, applicants, audit_log_key, privscore_cli
 from tests.test_alerts import cny, event
+from tests.test_audit_sealed_amounts import personal
 from tests.test_limits import GOOD_SCORE, account
 from tests.test_server import error_reason
 
@@ -93,8 +95,11 @@ def test_every_decision_and_refusal_is_recorded_and_the_log_verifies(tmp_path: P
         assert record["caller"] == "spiffe://privscore.dev/client/dev"
         assert len(str(record["model_manifest_sha256"])) == 64
     _, score_record = records[scored.metadata.decision_id]
-    assert len(str(score_record["input_digest"])) == 64
-    assert read_encrypted_inputs(str(score_record["encrypted_inputs"])).data_key.key_id
+    # The inputs as received and their digest are recorded, sealed under the subject's key.
+    opened = personal(data_dir, score_record)
+    assert opened["subject"] == client.subject("t", "a-1").pseudonym
+    assert len(str(opened["input_digest"])) == 64
+    assert read_encrypted_inputs(str(opened["encrypted_inputs"])).data_key.key_id
     assert score_record["outputs"]["score"] == scored.score.score  # type: ignore[index]
 
     refusals = [r for _, r in records.values() if r.get("outcome") == "refused"]
@@ -103,7 +108,10 @@ def test_every_decision_and_refusal_is_recorded_and_the_log_verifies(tmp_path: P
         ("/privscore.v1.ScoringService/Score", "INVALID_ARGUMENT"),
     }
     single = next(r for r in refusals if r["request_id"] == "refused-1")
-    assert single["fields"] == ["features"] and single["subject"] == "f" * 64
+    assert single["fields"] == ["features"] and single["tenant"] == "t"
+    # A refusal names the tenant only: not the subject the call named, in any form.
+    assert {"subject", "subject_key", "sealed"}.isdisjoint(single)
+    assert "f" * 64 not in json.dumps(single)
 
     verified = privscore(data_dir, "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
