@@ -1,6 +1,7 @@
 """The initial limit (issue 17, the loop's first step): an approved applicant scored with an
 offer currency is offered the policy's initial limit for its grade, recorded in the audit log
-with the rule in clear and the amount sealed."""
+with the rule in clear and the amount sealed (with the applicant's other personal fields, under
+its subject key)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from privscore.v1 import scoring_service_pb2 as pb
 from service.audit import iter_records
 from service.config import DEFAULT_POLICY, DataLayout
 from service.decisions.policy import load_policy
-from service.privacy.digest import derive_record_key
 from service.privacy.record_seal import open_record_fields
 from tests.conftest import ServerProcess, applicants
-from tests.test_audit_sealed_amounts import server_secret
+from tests.test_audit_sealed_amounts import personal, subject_key
 from tests.test_server import error_reason, violations
 
 LIMITS = load_policy(DEFAULT_POLICY).limits
@@ -42,6 +42,10 @@ def test_approved_applicants_get_the_policys_offer_for_their_grade(
             client.score("t", f"offer-{n}", row, offer_currency="CNY")
             for n, row in enumerate(applicants()[:40])
         ]
+        pseudonym_of = {
+            r.metadata.decision_id: client.subject("t", f"offer-{n}").pseudonym
+            for n, r in enumerate(responses)
+        }
         unasked = client.score("t", "offer-none", applicants()[0])
     offered = [r for r in responses if r.HasField("initial_limit")]
     assert offered and len(offered) < len(responses)
@@ -62,25 +66,28 @@ def test_approved_applicants_get_the_policys_offer_for_their_grade(
         assert amount <= LIMITS.ceilings["CNY"][score.grade]
     assert not unasked.HasField("initial_limit")
 
-    # The record: rule and currency in clear, the amount sealed to this record only.
-    key = derive_record_key(server_secret(shared_server.data_dir))
+    # The record: rule and currency in clear, the amount sealed to this record only, under
+    # the applicant's subject key.
     for response in offered[:3]:
         metadata = response.metadata
         record = record_of(shared_server, metadata.decision_id)
         assert record["offer"] == {"currency": "CNY", "rule": response.initial_limit.rule}
-        sealed = str(record["sealed"])
+        key = subject_key(shared_server.data_dir, str(record["subject_key"]))
+        assert key is not None
         opened = open_record_fields(
             key,
             "/privscore.v1.ScoringService/Score",
             metadata.decision_id,
             metadata.request_id,
-            sealed,
+            str(record["sealed"]),
         )
-        assert opened == {"initial_limit": response.initial_limit.limit.minor_units}
-        clear = {k: v for k, v in record.items() if k not in ("sealed", "encrypted_inputs")}
+        assert set(opened) == {"subject", "input_digest", "encrypted_inputs", "initial_limit"}
+        assert opened["initial_limit"] == response.initial_limit.limit.minor_units
+        assert opened["subject"] == pseudonym_of[metadata.decision_id]
+        clear = {k: v for k, v in record.items() if k != "sealed"}
         assert str(response.initial_limit.limit.minor_units) not in json.dumps(clear)
     plain = record_of(shared_server, unasked.metadata.decision_id)
-    assert "offer" not in plain and "sealed" not in plain
+    assert "offer" not in plain and "initial_limit" not in personal(shared_server.data_dir, plain)
 
 
 def test_a_batch_offers_to_each_approved_item(shared_server: ServerProcess) -> None:
