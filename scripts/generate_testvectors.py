@@ -1044,6 +1044,18 @@ def _sealed_figure_negatives(out: list[dict[str, Any]], base: Mapping[str, dict[
         undecryptable(ACCOUNT_PATH, *range(n)),
         features_json=_resealed_for_schema(limit, SCHEMA, message_index=1),
     )
+
+    def features_schema(body: dict[str, Any]) -> None:
+        body["schema_version"] = SCHEMA
+
+    add(
+        "account-names-the-features-schema",
+        "An account envelope that names (and is sealed under) the features' schema version: "
+        "sealed_account takes account/1 only, refused before any decryption.",
+        _invalid((f"{ACCOUNT_PATH}.schema_version", "INVALID_FIELD")),
+        features_json=_resealed_for_schema(limit, SCHEMA, message_index=1),
+        edit=features_schema,
+    )
     add(
         "account-key-sealed-for-evaluate-event",
         "Account state under a data key sealed for EvaluateEvent, sent to AdjustLimit.",

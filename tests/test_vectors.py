@@ -31,6 +31,7 @@ from privscore.v1 import common_pb2
 from scripts import generate_testvectors
 from service.api import validation
 from service.api.features import SchemaVersionMismatch
+from service.api.figures import check_sealed
 from service.client.sdk import PrivscoreClient
 from service.errors import InvalidArgument, ServiceError
 from service.privacy.keyring import FIELD_ENCRYPTION, KeyEntry, Keyring, _wrap_aad
@@ -275,18 +276,23 @@ def open_as_servicer(
     opened_keys: RequestKeys | None = None,
 ) -> dict[str, SealedValue]:
     """What a servicer does with a sealed envelope before the model or the rules see it:
-    validate the request (service.api.validation), compare the schema version with the one
-    its place takes (features: the served one, service.api.features.open_row), open
-    (FeatureOpener), naming violations under `path`. The model's and the account and event
-    schemas' own checks (missing, unknown, out-of-range values) come after the envelope."""
+    validate the request (service.api.validation; for account state and event figures, with
+    the schema version their place takes, service.api.figures.check_sealed), compare a
+    features envelope's schema version with the served one (service.api.features.open_row),
+    open (FeatureOpener), naming violations under `path`. The model's and the account and
+    event schemas' own checks (missing, unknown, out-of-range values) come after the
+    envelope."""
     ref = common_pb2.SubjectRef(**subject)
     check = validation.Violations()
     validation.check_request_id(check, "request_id", request_id)
     validation.check_subject(check, "subject", True, ref)
-    validation.check_encrypted_features(check, path, True, features)
+    if path in SEALED_SCHEMA_VERSIONS:
+        check_sealed(check, path, True, features, SEALED_SCHEMA_VERSIONS[path])
+    else:
+        validation.check_encrypted_features(check, path, True, features)
     check.raise_if_any()
     served = envelope()["keyring"]["served_schema_version"]
-    if features.schema_version != SEALED_SCHEMA_VERSIONS.get(path, served):
+    if path not in SEALED_SCHEMA_VERSIONS and features.schema_version != served:
         raise SchemaVersionMismatch(f"{path}.schema_version does not match the served schema")
     return opener.open(
         features,
