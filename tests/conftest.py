@@ -142,9 +142,11 @@ class ServerProcess:
         retrying the idempotent calls as the SDK's channel does unless `retries=False`."""
         return open_channel(self.target, self.data_dir, cert_name, retries=retries)
 
-    def client(self, channel: grpc.Channel) -> PrivscoreClient:
+    def client(self, channel: grpc.Channel, cert_name: str = "dev") -> PrivscoreClient:
+        """The SDK on `channel`, sealing for the identity of `cert_name`: the certificate the
+        channel presents, or the server opens none of its data keys."""
         return PrivscoreClient.from_data_dir(
-            channel, self.data_dir, served_manifest().schema_version
+            channel, self.data_dir, served_manifest().schema_version, cert_name=cert_name
         )
 
     def terminate(self, timeout: float = 30.0) -> int:

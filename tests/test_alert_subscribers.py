@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from privscore.v1 import alert_service_pb2 as pb
+from privscore.v1 import common_pb2
 from privscore.v1.alert_service_pb2_grpc import AlertServiceStub
 from service.config import ConfigError, add_server_arguments, settings_from
 from service.decisions.alert_stream import AlertStream
@@ -36,11 +37,17 @@ A, B = "monitor", "dev"  # two identities with the monitor role in the default p
 PER_CALLER_REFUSAL = "TOO_MANY_SUBSCRIBERS_PER_CALLER"
 STREAM_TIMEOUT_S = 60.0  # every stream ends by itself, whatever a failing test leaves open
 RELEASE_TIMEOUT_S = 10.0
+# Whom the stand-alone stream's alerts are about (an alert without a subject is an erased one,
+# which the stream passes over).
+SUBJECT = common_pb2.SubjectRef(tenant="t", pseudonym="0" * 64)
 
 
-def raise_alert(server: ServerProcess, channel: grpc.Channel, customer: str) -> int:
-    """Store one alert, so a stream replaying from sequence 0 has something to send at once."""
-    response = server.client(channel).evaluate_event(
+def raise_alert(
+    server: ServerProcess, channel: grpc.Channel, customer: str, cert_name: str = A
+) -> int:
+    """Store one alert, so a stream replaying from sequence 0 has something to send at once
+    (the channel presents `cert_name`, whose identity the event's figures are sealed for)."""
+    response = server.client(channel, cert_name).evaluate_event(
         "t",
         customer,
         event(0, missed_payment=pb.MissedPayment(amount_due=cny(1000), days_past_due=5)),
@@ -90,7 +97,7 @@ def test_one_identity_cannot_take_every_subscriber_slot(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "var", "--max-alert-subscribers", "8")  # 2 per caller
     try:
         with server.channel(A) as a_channel, server.channel(B) as b_channel:
-            raise_alert(server, b_channel, "subscribers-1")
+            raise_alert(server, b_channel, "subscribers-1", B)
             # A tries to take every slot there is, and one more.
             a_streams, refusal = fill_slots(a_channel, 8 + 1)
             assert len(a_streams) == 2  # the default: a quarter of the slots
@@ -117,7 +124,7 @@ def test_a_slot_comes_back_when_its_stream_is_cancelled_or_its_client_disconnect
     )
     try:
         with server.channel(B) as b_channel:
-            raise_alert(server, b_channel, "subscribers-2")
+            raise_alert(server, b_channel, "subscribers-2", B)
         a_channel = server.channel(A)
         try:
             held, refusal = fill_slots(a_channel, 3)
@@ -153,7 +160,7 @@ def test_open_streams_leave_the_callers_unary_allowance_whole(tmp_path: Path) ->
             raise_alert(server, a_channel, "subscribers-3")
             streams, refusal = fill_slots(a_channel, 2)  # A's whole share of the slots
             assert len(streams) == 2 and refusal is None
-            client = server.client(a_channel)
+            client = server.client(a_channel, A)
             barrier = threading.Barrier(in_flight, timeout=10)
 
             def evaluate(worker: int) -> list[str]:
@@ -186,7 +193,9 @@ def test_open_streams_leave_the_callers_unary_allowance_whole(tmp_path: Path) ->
 
 def test_alert_stream_caps_each_identity_and_frees_slots_however_a_subscription_ends() -> None:
     async def scenario() -> None:
-        stored = [pb.Alert(sequence=5, rule="r")]  # alerts 1-4 are no longer retained
+        stored = [
+            pb.Alert(sequence=5, rule="r", subject=SUBJECT)
+        ]  # alerts 1-4 are no longer retained
 
         async def fetch_after(cursor: int, limit: int) -> list[pb.Alert]:
             return [a for a in stored if a.sequence > cursor][:limit]
@@ -208,7 +217,7 @@ def test_alert_stream_caps_each_identity_and_frees_slots_however_a_subscription_
         a1_next, a2_next = next_of(a1), next_of(a2)
         await settle()
         assert stream.subscribers("a") == 2
-        stream.publish([pb.Alert(sequence=6, rule="r")])
+        stream.publish([pb.Alert(sequence=6, rule="r", subject=SUBJECT)])
         assert (await a1_next).sequence == (await a2_next).sequence == 6  # both at their yield
         with pytest.raises(ResourceExhausted) as per_caller:
             await anext(stream.subscribe("a", 0, None))

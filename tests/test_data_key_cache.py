@@ -51,6 +51,7 @@ from service.privacy.sealing import (
 )
 from service.security.certs import CertPaths, client_identity
 from tests.conftest import ServerProcess, applicants, init_dev_keys, served_manifest
+from tests.test_audit_sealed_amounts import personal
 from tests.test_privacy import TENANT, privscore, sealed_request
 from tests.test_server import error_reason, violations
 
@@ -360,10 +361,11 @@ def recorded_data_keys(data_dir: Path, request_ids: set[str]) -> list[bytes]:
     found = []
     for stored in iter_records(DataLayout(data_dir).audit_dir):
         record = stored.record
-        if record.get("request_id") in request_ids and record.get("encrypted_inputs"):
-            features = common_pb2.EncryptedFeatures.FromString(
-                base64.b64decode(record["encrypted_inputs"])
-            )
+        if record.get("request_id") not in request_ids or record.get("outcome") == "refused":
+            continue
+        recorded = personal(data_dir, record).get("encrypted_inputs")  # sealed since format 3
+        if recorded:
+            features = common_pb2.EncryptedFeatures.FromString(base64.b64decode(recorded))
             found.append(features.data_key.encapsulated_key)
     return found
 
