@@ -43,7 +43,10 @@ from service.privacy.record_seal import open_personal
 # The audit record of a reconciliation at start: what was rebuilt, or why the start was refused.
 STORE_RECONCILE = "privscore.store/Reconcile"
 _ACTION_PREFIX = "LIMIT_ACTION_"
-_RPCS = (ADJUST_LIMIT_METHOD, EVALUATE_EVENT_METHOD, UPDATE_ALERT_STATE_METHOD)
+# The erasure's record (its RPC's name, written by service/api/privacy.py, which imports this
+# room's neighbours; named here so the reconciliation does not import the servicer).
+_ERASE_SUBJECT = "/privscore.v1.PrivacyService/EraseSubject"
+_RPCS = (ADJUST_LIMIT_METHOD, EVALUATE_EVENT_METHOD, UPDATE_ALERT_STATE_METHOD, _ERASE_SUBJECT)
 _NEEDLES = tuple(b'"rpc":"' + rpc.encode() + b'"' for rpc in _RPCS)
 # How a format-3 record's subject is held until the store names it: by its key's id.
 _BY_KEY = "key:"
@@ -79,6 +82,11 @@ class Reconciliation:
     missing_limit_decisions: list[_LimitRow] = field(default_factory=list)
     missing_events: list[_EventRecord] = field(default_factory=list)
     missing_alerts: list[_EventRecord] = field(default_factory=list)
+    # Alert state changes the log holds and the stream does not (sequences of their records).
+    missing_alert_changes: list[int] = field(default_factory=list)
+    # Erasures the log holds whose subject keys the store still has (a crash between the
+    # erasure's record and its deletions): (record sequence, key ids still there).
+    unfinished_erasures: list[tuple[int, list[str]]] = field(default_factory=list)
     unlogged_limit_decisions: list[tuple[str, str]] = field(default_factory=list)
     unlogged_events: list[tuple[str, str, str]] = field(default_factory=list)
     unlogged_alerts: list[int] = field(default_factory=list)  # alert stream sequences
@@ -89,7 +97,11 @@ class Reconciliation:
     @property
     def missing(self) -> int:
         return (
-            len(self.missing_limit_decisions) + len(self.missing_events) + len(self.missing_alerts)
+            len(self.missing_limit_decisions)
+            + len(self.missing_events)
+            + len(self.missing_alerts)
+            + len(self.missing_alert_changes)
+            + len(self.unfinished_erasures)
         )
 
     @property
@@ -107,6 +119,8 @@ class Reconciliation:
                 "limit_decisions": [list(row.key) for row in self.missing_limit_decisions],
                 "events": [list(row.key) for row in self.missing_events],
                 "alerts_of_decisions": [row.decision_id for row in self.missing_alerts],
+                "alert_changes": len(self.missing_alert_changes),
+                "erasures_unfinished": len(self.unfinished_erasures),
             },
             "missing_in_log": {
                 "limit_decisions": [list(key) for key in self.unlogged_limit_decisions],
@@ -161,6 +175,9 @@ class LoggedDecisions:
         self.events: dict[tuple[str, str], list[_EventRecord]] = defaultdict(list)
         self.event_keys: set[tuple[str, str, str]] = set()
         self.decision_ids: set[str] = set()
+        # (record sequence, decision id, `_subject_ref`)
+        self.alert_changes: list[tuple[int, str, str]] = []
+        self.erasures: list[tuple[int, list[str]]] = []  # (record sequence, key ids)
 
     @classmethod
     def from_log(cls, audit_dir: Path) -> LoggedDecisions:
@@ -181,7 +198,14 @@ class LoggedDecisions:
         tenant, subject = str(record.get("tenant")), _subject_ref(record)
         self.decision_ids.add(str(record.get("decision_id")))
         if record["rpc"] == UPDATE_ALERT_STATE_METHOD:
-            return  # its stream row is known by its decision id; see `compare`
+            self.alert_changes.append(
+                (stored.sequence, str(record.get("decision_id")), _subject_ref(record))
+            )
+            return
+        if record["rpc"] == _ERASE_SUBJECT:
+            erased = record.get("erased") or {}
+            self.erasures.append((stored.sequence, [str(k) for k in erased.get("key_ids", [])]))
+            return
         if record["rpc"] == ADJUST_LIMIT_METHOD:
             key = (tenant, str(record.get("request_id")))
             if key in self.limits:
@@ -264,6 +288,17 @@ def compare(logged: LoggedDecisions, store: DecisionStore, retention_days: int) 
         alert_decisions.add(decision_id)
         if decision_id not in logged.decision_ids:
             report.unlogged_alerts.append(sequence)
+    report.missing_alert_changes = [
+        sequence
+        for sequence, decision_id, ref in logged.alert_changes
+        if decision_id not in alert_decisions and subjects.pseudonym(ref) is not None
+    ]
+    keys_left = store.subjects_of_keys()
+    report.unfinished_erasures = [
+        (sequence, [key for key in key_ids if key in keys_left])
+        for sequence, key_ids in logged.erasures
+        if any(key in keys_left for key in key_ids)
+    ]
     report.missing_alerts = [
         event
         for history in events.values()
@@ -284,6 +319,7 @@ def restore(
     returns how many rows were written."""
     wanted = {row.sequence for row in report.missing_limit_decisions}
     wanted |= {event.sequence for event in (*report.missing_events, *report.missing_alerts)}
+    wanted |= set(report.missing_alert_changes)
     records = {r.sequence: r for r in _decisions(audit_dir) if r.sequence in wanted}
     subjects = Subjects(store)
 
@@ -344,6 +380,22 @@ def restore(
     for sequence in sorted(alerts_missing):
         stored = records[sequence]
         written += len(store.record_alerts(_alerts(record_key, stored), _decided_at(stored)))
+    for sequence in report.missing_alert_changes:  # in log order: a resolution after its ack
+        stored = records[sequence]
+        update = alert_service_pb2.Alert.FromString(
+            base64.b64decode(_opened(record_key, stored)["update"])
+        )
+        update.metadata.audit_sequence = stored.sequence
+        state = alert_service_pb2.AlertState.Name(update.state).removeprefix("ALERT_STATE_")
+        store.record_alert_update(
+            update.alert_sequence, state, _decided_at(stored), update.SerializeToString()
+        )
+        written += 1
+    # Last: an erasure the log records takes whatever was rebuilt for its subject too.
+    for _, key_ids in report.unfinished_erasures:
+        by_key = store.subjects_of_keys()
+        for tenant, pseudonym in sorted({by_key[k] for k in key_ids if k in by_key}):
+            written += sum(store.erase_subject(tenant, pseudonym).values())
     return written
 
 
