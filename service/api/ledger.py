@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import structlog
 
@@ -237,6 +237,52 @@ class Ledger(Protocol):
     def close(self) -> None: ...
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class GroupCommit(Generic[K, V]):
+    """Concurrent calls' store writes in one transaction: a call adds its items and waits;
+    while one batch is being written, the next gathers, so under load one fsync serves many
+    calls (as the audit log's group commit does), and alone a call waits for its own."""
+
+    def __init__(self, write: Callable[[list[K]], Awaitable[dict[K, V]]]) -> None:
+        self._write = write
+        self._pending: dict[K, asyncio.Future[V]] = {}
+        self._writer: asyncio.Task[None] | None = None
+
+    async def submit(self, items: Sequence[K]) -> list[V]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in items:
+            future = self._pending.get(item)
+            if future is None:
+                future = self._pending[item] = loop.create_future()
+            futures.append(future)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._drain())
+        return list(await asyncio.gather(*futures))
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                try:
+                    written = await self._write(list(batch))
+                except BaseException as error:  # every waiter of the batch gets it
+                    for future in batch.values():
+                        if not future.done():
+                            future.set_exception(error)
+                    if isinstance(error, asyncio.CancelledError):
+                        raise
+                    continue
+                for item, future in batch.items():
+                    if not future.done():
+                        future.set_result(written[item])
+        finally:
+            self._writer = None
+
+
 class EmbeddedLedger:
     """SQLite and the file log: the record first, then the row (module doc)."""
 
@@ -247,6 +293,12 @@ class EmbeddedLedger:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         # Subject keys in use, by (tenant, pseudonym, period): most Score calls find theirs here.
         self._keys: OrderedDict[tuple[str, str, str], tuple[str, bytes]] = OrderedDict()
+        self._new_keys: GroupCommit[tuple[str, str, str], tuple[str, bytes]] = GroupCommit(
+            self._make_keys
+        )
+        self._scores: GroupCommit[tuple[str, str, RecordedScore], None] = GroupCommit(
+            self._write_scores
+        )
 
     @property
     def audit(self) -> FailClosedAudit:
@@ -297,15 +349,28 @@ class EmbeddedLedger:
         """From memory when known (one process owns the store, and erasure forgets them);
         the rest from the store in one transaction, one fsync for all that are new."""
         wanted = [(tenant, pseudonym, period) for tenant, pseudonym in subjects]
-        missing = sorted({key for key in wanted if key not in self._keys})
+        known = {key: self._keys[key] for key in wanted if key in self._keys}
+        missing = sorted(set(wanted) - known.keys())
         if missing:
-            found = await self._in_store(self._store.subject_keys, missing, new_key)
+            found = await self._new_keys.submit(missing)
             for key, value in zip(missing, found, strict=True):
-                self._keys[key] = value
+                known[key] = self._keys[key] = value
                 self._keys.move_to_end(key)
             while len(self._keys) > CACHED_SUBJECT_KEYS:
                 self._keys.popitem(last=False)
-        return [self._keys[key] for key in wanted]
+        return [known[key] for key in wanted]
+
+    async def _make_keys(
+        self, wanted: list[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], tuple[str, bytes]]:
+        found = await self._in_store(self._store.subject_keys, wanted, new_key)
+        return dict(zip(wanted, found, strict=True))
+
+    async def _write_scores(
+        self, scores: list[tuple[str, str, RecordedScore]]
+    ) -> dict[tuple[str, str, RecordedScore], None]:
+        await self._in_store(self._store.record_scores, scores)
+        return dict.fromkeys(scores)
 
     async def key_by_id(self, key_id: str) -> bytes | None:
         found = await self._in_store(self._store.key_by_id, key_id)
@@ -318,9 +383,7 @@ class EmbeddedLedger:
         self, records: Sequence[Mapping[str, Any]], scores: Sequence[SubjectScore]
     ) -> list[int]:
         sequences = await self._audit.append_all(records)
-        await self._in_store(
-            self._store.record_scores, [(s.tenant, s.pseudonym, s.score) for s in scores]
-        )
+        await self._scores.submit([(s.tenant, s.pseudonym, s.score) for s in scores])
         return sequences
 
     async def commit_alert_update(

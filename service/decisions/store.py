@@ -437,23 +437,22 @@ class DecisionStore:
         return RecordedScore.opened(*rows[0]) if rows else None
 
     def record_scores(self, scores: Sequence[tuple[str, str, RecordedScore]]) -> None:
-        """Keep each subject's latest Score decision (a later one already stored wins).
-
-        Written without its own fsync: the decision's audit record is durable before this
-        runs, and the start-up reconciliation puts back a latest score the store lost."""
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        try:
-            with self._transaction():
-                for tenant, pseudonym, score in scores:
-                    stored = self._opened(ScoreRow, "tenant=? AND pseudonym=?", (tenant, pseudonym))
-                    if stored and stored[0][0].scored_at_us > to_us(score.scored_at):
-                        continue
-                    self._db.execute(
-                        "DELETE FROM scores WHERE tenant=? AND pseudonym=?", (tenant, pseudonym)
-                    )
-                    self._insert(score.row(tenant, pseudonym), score.sealed())
-        finally:
-            self._db.execute("PRAGMA synchronous=FULL")
+        """Keep each subject's latest Score decision, several calls' in one transaction (one
+        fsync); a later one already stored wins. The stored row is not opened first: an edited
+        `scored_at_us` that held a newer score back would fail its authentication at the next
+        read (`latest_score`), which refuses the call rather than decide on it."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO scores (tenant, pseudonym, decision_id, scored_at_us, sealed) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, pseudonym) DO UPDATE SET "
+                "decision_id = excluded.decision_id, scored_at_us = excluded.scored_at_us, "
+                "sealed = excluded.sealed WHERE excluded.scored_at_us >= scores.scored_at_us",
+                [
+                    (*row, self._seal(row, score.sealed()))
+                    for tenant, pseudonym, score in scores
+                    for row in (score.row(tenant, pseudonym),)
+                ],
+            )
 
     # -- alert states ---------------------------------------------------------------------
 
