@@ -376,7 +376,7 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
                 f"privscore audit replay: no record for decision {args.decision}", file=sys.stderr
             )
             return 1
-        with _subject_keys(data_dir, secret) as subject_key:
+        with _subject_keys(data_dir, secret, source) as subject_key:
             report = replay(
                 found.record,
                 scorer,
@@ -400,13 +400,24 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _subject_keys(data_dir: Path, secret: bytes) -> Iterator[Callable[[str], bytes | None]]:
-    """Subject keys by id from the decision store under `data_dir` (the embedded store; the
-    server may be running: SQLite serves readers beside it), for opening format-3 records'
-    personal fields. None for a key destroyed, or with no store there."""
+def _subject_keys(
+    data_dir: Path, secret: bytes, source: Any = None
+) -> Iterator[Callable[[str], bytes | None]]:
+    """Subject keys by id, for opening format-3 records' personal fields: from the database
+    when the log read is one (`source`), else from the embedded store under `data_dir` (the
+    server may be running: SQLite serves readers beside it). None for a key destroyed, or
+    with no store there."""
+    from service.audit.pg.review import DatabaseLog
     from service.decisions.store import DecisionStore
     from service.privacy.digest import derive_state_key
 
+    if isinstance(source, DatabaseLog):
+        from service.db.connect import connect
+        from service.decisions.pg_store import subject_key_by_id
+
+        with connect(source.kwargs) as conn:
+            yield lambda key_id: subject_key_by_id(conn, derive_state_key(secret), key_id)
+        return
     path = DataLayout(data_dir).decision_store
     if not path.exists():
         yield lambda key_id: None
@@ -465,7 +476,10 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
         print(f"privscore audit show: {error}", file=sys.stderr)
         return 2
     try:
-        with source.directory() as directory, _subject_keys(data_dir, secret) as subject_key:
+        with (
+            source.directory() as directory,
+            _subject_keys(data_dir, secret, source) as subject_key,
+        ):
             for stored in find_records(
                 directory, equals=equals, since=args.since, until=args.until
             ):

@@ -112,6 +112,17 @@ def _to_row(kind: type[Row], values: Sequence[object]) -> Row:
     return typed(kind, converted)
 
 
+def subject_key_by_id(conn: psycopg.Connection[Any], state_key: bytes, key_id: str) -> bytes | None:
+    """A subject key by id, for the offline tools that open format-3 records of a database log
+    (`audit show --open`, `audit replay`): authenticated like every row; None once destroyed."""
+    found = conn.execute(
+        f"SELECT {_select_list(SubjectKeyRow)} FROM subject_keys WHERE key_id = %s", (key_id,)
+    ).fetchone()
+    if found is None:
+        return None
+    return RowSealer(state_key).open(_to_row(SubjectKeyRow, found[:-1]), bytes(found[-1]))
+
+
 def raised_state_row(sequence: int, alert: bytes, raised_at: dt.datetime) -> AlertStateRow:
     """A raised alert's state row: open, under the subject and severity its message names
     (the row the SQLite store writes for it)."""

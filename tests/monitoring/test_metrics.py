@@ -99,7 +99,7 @@ def test_a_scrape_after_real_calls_has_every_metric_with_plausible_values(
         next(stream)
         text = scrape(metrics_port(metered))
         found = samples(text)
-        watching.close()  # type: ignore[attr-defined]
+        watching.close()
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     score = {"grpc_service": "privscore.v1.ScoringService", "grpc_method": "Score"}

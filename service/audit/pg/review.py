@@ -57,6 +57,12 @@ class DatabaseLog:
     def __repr__(self) -> str:
         return f"DatabaseLog({self._kwargs.describe()})"
 
+    @property
+    def kwargs(self) -> ConnectionKwargs:
+        """How to reach the database, for tools that read more of it than the log (the
+        subject keys a format-3 record is opened with)."""
+        return self._kwargs
+
     def origin(self) -> str:
         """The origin in `audit_log_identity`; AuditError when the database holds no log."""
 
