@@ -264,6 +264,16 @@ class ServerSettings:
         str(DEFAULT_AUTHZ_POLICY),
         default_doc="the bundled one",
     )
+    challenger_dir: Path | None = setting(
+        "--challenger-dir",
+        "a signed model artifact to run in shadow beside the champion from the start (verified "
+        "like it; its scores are recorded as shadow, never answered); ModelService changes it "
+        "while serving",
+        lambda flag, text, resolved: _directory(flag, text, resolved) if text else None,
+        "",
+        default_doc="unset: no challenger",
+        value=None,
+    )
     # A group: how long subjects' personal data stays readable in the audit log.
     retention: RetentionSettings = field(
         default_factory=RetentionSettings, metadata={SETTING: RetentionSettings}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import os
 import signal
 from collections.abc import Callable
 from dataclasses import astuple
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -26,6 +28,10 @@ from privscore.v1 import (
     discovery_service_pb2_grpc,
     limit_service_pb2,
     limit_service_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    outcome_service_pb2,
+    outcome_service_pb2_grpc,
     privacy_service_pb2,
     privacy_service_pb2_grpc,
     scoring_service_pb2,
@@ -36,6 +42,8 @@ from service.api.audit import AuditServicer, file_prover
 from service.api.discovery import DiscoveryServicer
 from service.api.ledger import EmbeddedLedger, FailClosedAudit, Ledger
 from service.api.limits import LimitServicer
+from service.api.models import ModelControl, ModelRefused, ModelServicer
+from service.api.outcomes import OutcomeServicer
 from service.api.privacy import PrivacyServicer, expire
 from service.api.reconcile import (
     STORE_RECONCILE,
@@ -94,6 +102,8 @@ SERVICE_NAMES = (
     audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     discovery_service_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
     privacy_service_pb2.DESCRIPTOR.services_by_name["PrivacyService"].full_name,
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    outcome_service_pb2.DESCRIPTOR.services_by_name["OutcomeService"].full_name,
 )
 # "" is the whole server's status, as grpc_health_probe and Kubernetes ask by default.
 HEALTH_NAMES = ("", *SERVICE_NAMES)
@@ -234,6 +244,12 @@ class PrivscoreServer:
         privacy_service_pb2_grpc.add_PrivacyServiceServicer_to_server(
             PrivacyServicer(self.slot, default_catalogue()), self._server
         )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(self.slot, self._model_control()), self._server
+        )
+        outcome_service_pb2_grpc.add_OutcomeServiceServicer_to_server(
+            OutcomeServicer(self.slot), self._server
+        )
         if settings.reflection:
             _serve_reflection(
                 (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
@@ -302,8 +318,25 @@ class PrivscoreServer:
             records = PgRecords(self._database.pool)
         audit_log = self._audit_log
         assert audit_log is not None
+        challenger = (
+            await self._load_model(settings.challenger_dir)
+            if settings.challenger_dir is not None
+            else None
+        )
+        if challenger is not None and challenger.scorer.schema_version != scorer.schema_version:
+            raise StartupError(
+                f"challenger: its feature schema {challenger.scorer.schema_version} is not the "
+                f"champion's {scorer.schema_version}"
+            )
+        started = dt.datetime.now(dt.UTC)
         runtime = Runtime(
             model=ModelBatcher(scorer, on_run=self.metrics.model_run),
+            challenger=challenger,
+            loaded_at={
+                model.manifest_sha256: started
+                for model in (scorer, challenger.scorer if challenger else None)
+                if model is not None
+            },
             keyring=keyring,
             opener=FeatureOpener(keyring),
             policy=policy,
@@ -358,6 +391,44 @@ class PrivscoreServer:
                     log.info("retention.expired", keys=destroyed)
             await asyncio.sleep(retention.retention_interval_s)
 
+    async def _load_model(self, model_dir: Path) -> ModelBatcher:
+        """A signed artifact verified against the model team's key, as the champion was."""
+        try:
+            scorer = await asyncio.to_thread(Scorer, model_dir, self.settings.model_public_key)
+        except (ArtifactError, OSError) as error:
+            raise ModelRefused(f"the artifact in model_dir is refused: {error}") from None
+        return ModelBatcher(scorer, on_run=self.metrics.model_run)
+
+    def _model_control(self) -> ModelControl:
+        def retire(model: ModelBatcher) -> None:
+            # Closed once every call that could hold it has ended: the longest deadline a
+            # call may have, and the shutdown grace on top.
+            delay = self.settings.limits.max_deadline_seconds + self.settings.grace_seconds
+            loop = asyncio.get_running_loop()
+            loop.call_later(delay, lambda: loop.run_in_executor(None, model.close))
+
+        def swap(runtime: Runtime) -> None:
+            before = self.slot.peek()
+            self.slot.fill(runtime)
+            if before is not None and before.drift is not runtime.drift:
+                self._watch_drift(runtime)
+
+        return ModelControl(
+            load=self._load_model,
+            retire=retire,
+            drift=lambda model: self._drift_monitor(model.scorer),
+            swap=swap,
+        )
+
+    def _watch_drift(self, runtime: Runtime) -> None:
+        """The drift watch of the champion serving now (a promotion brings its own bins)."""
+        if self._drift_watch is not None:
+            self._drift_watch.cancel()
+            self._drift_watch = None
+        if runtime.drift is not None:
+            watch = DriftWatch(runtime.drift, self.metrics)
+            self._drift_watch = asyncio.create_task(watch.run(), name="drift-watch")
+
     def _drift_monitor(self, scorer: Scorer) -> DriftMonitor | None:
         reference = scorer.manifest.drift_reference
         if reference is None:
@@ -373,15 +444,18 @@ class PrivscoreServer:
         ages, live alert subscribers, drift; and the drift watch, which logs crossings
         whether or not metrics are served."""
         metrics = self.metrics
+        self._watch_drift(runtime)
         if runtime.drift is not None:
-            watch = DriftWatch(runtime.drift, metrics)
-            self._drift_watch = asyncio.create_task(watch.run(), name="drift-watch")
-            metrics.watch(DriftCollector(runtime.drift))
+            slot = self.slot
+            metrics.watch(DriftCollector(lambda: found.drift if (found := slot.peek()) else None))
         if not metrics.enabled:
             return
         audit_log.on_commit = metrics.audit_commit
         metrics.watch(AuditCollector(lambda: AuditTotals(*astuple(audit_log.stats))))
-        metrics.watch(KeyAgeCollector(lambda: runtime.keyring.entries))
+        slot = self.slot
+        metrics.watch(
+            KeyAgeCollector(lambda: found.keyring.entries if (found := slot.peek()) else [])
+        )
         metrics.watch(
             GaugeCollector(
                 "privscore_alert_subscribers",
@@ -542,8 +616,7 @@ class PrivscoreServer:
         """Pick up `privscore keys rotate|retire` without a restart: requests sealed to a new
         primary open, retired keys stop opening. A keyring that does not load is logged and
         the keys in use stay."""
-        runtime = self.slot.peek()
-        if runtime is None:
+        if self.slot.peek() is None:
             return
         settings = self.settings
         try:
@@ -553,7 +626,12 @@ class PrivscoreServer:
         except KeyringError as error:
             log.error("keys.reload_failed", reason=str(error))
             return
-        runtime.keyring, runtime.opener = keyring, FeatureOpener(keyring)
+        # The runtime serving now (a model may have been swapped while the keyring loaded),
+        # replaced whole like a model swap: a call in flight keeps the keys it started with.
+        runtime = self.slot.peek()
+        if runtime is None:
+            return
+        self.slot.fill(dataclasses.replace(runtime, keyring=keyring, opener=FeatureOpener(keyring)))
         usable = [
             e.key_id
             for e in keyring.entries

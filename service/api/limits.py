@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -19,6 +20,7 @@ from service.api.features import encrypted_inputs, open_row
 from service.api.figures import ACCOUNT_SCHEMA_VERSION, SEAL_REQUIRED, check_sealed, open_account
 from service.api.ledger import LimitRow
 from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot, decided_again
+from service.api.scoring import shadow
 from service.callctx import CALLER, GRANTS
 from service.decisions.limits import Account, decide_limit
 from service.decisions.rows import StateChanged
@@ -60,6 +62,8 @@ class _Score:
     source: pb.ScoreSource.ValueType
     decision_id: str = ""
     rows: list[Row] = field(default_factory=list)
+    # The challenger's assessment of the row scored in the call, when one runs in shadow.
+    shadow: dict[str, Any] | None = None
 
 
 def validate_adjust_limit(request: pb.AdjustLimitRequest) -> None:
@@ -202,11 +206,16 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             raise check.CurrencyNotSupported(f"the limit policy has no ceilings for {currency}")
         if row is not None:
             with stage("model", rows=1):
-                probability = float(
-                    (await runtime.model.probabilities(runtime.scorer.columns([row])))[0]
+                champion, (shadowed,) = await asyncio.gather(
+                    runtime.model.probabilities(runtime.scorer.columns([row])),
+                    shadow(runtime.challenger, runtime.policy.score, [row]),
                 )
             scored = _Score(
-                runtime.scorer.score_of(probability), pb.SCORE_SOURCE_IN_CALL, "", [row]
+                runtime.scorer.score_of(float(champion[0])),
+                pb.SCORE_SOURCE_IN_CALL,
+                "",
+                [row],
+                shadowed,
             )
             inputs_digest = runtime.input_digest(dict(row))
             encrypted = encrypted_inputs(request.features)
@@ -322,6 +331,7 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             # Where the score came from: a caller-stated one is marked as such.
             score_source=pb.ScoreSource.Name(scored.source).removeprefix("SCORE_SOURCE_"),
             score_decision_id=scored.decision_id or None,
+            **({"shadow": scored.shadow} if scored.shadow else {}),
             outputs={
                 "action": pb.LimitAction.Name(response.action),
                 "rule": decision.rule,

@@ -38,6 +38,11 @@ class RecordFinder(Protocol):
         """Every record sealed under one of these subject keys, in log order."""
         ...
 
+    async def mentioning(self, decision_id: str) -> list[StoredRecord]:
+        """Every record naming this decision id anywhere (the decision, its outcomes, its
+        explanations), in log order."""
+        ...
+
 
 def _decision(found: list[StoredRecord], decision_id: str) -> StoredRecord | None:
     """The record a needle matched that really is the decision: the needle can match inside
@@ -56,10 +61,11 @@ class FileRecords:
         self._dir = audit_dir
 
     async def by_decision(self, decision_id: str) -> StoredRecord | None:
-        found = await asyncio.to_thread(
-            lambda: list(records_containing(self._dir, [decision_needle(decision_id)]))
-        )
-        return _decision(found, decision_id)
+        return _decision(await self.mentioning(decision_id), decision_id)
+
+    async def mentioning(self, decision_id: str) -> list[StoredRecord]:
+        needle = decision_needle(decision_id)
+        return await asyncio.to_thread(lambda: list(records_containing(self._dir, [needle])))
 
     async def by_subject_keys(self, key_ids: Sequence[str]) -> list[StoredRecord]:
         if not key_ids:
@@ -94,6 +100,11 @@ class PgRecords:
         async with self._pool.connection() as conn:
             rows = await (await conn.execute(self._BY_DECISION, (key,))).fetchall()
         return _decision([_stored(row) for row in rows], decision_id)
+
+    async def mentioning(self, decision_id: str) -> list[StoredRecord]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(self._BY_NEEDLE, (decision_needle(decision_id),))
+            return [_stored(row) for row in await cursor.fetchall()]
 
     async def by_subject_keys(self, key_ids: Sequence[str]) -> list[StoredRecord]:
         found: dict[int, StoredRecord] = {}

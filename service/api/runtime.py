@@ -95,7 +95,11 @@ class KeyedLocks:
 
 @dataclass
 class Runtime:
-    model: ModelBatcher
+    """Everything a call decides with. A call reads its runtime once and uses only that: a
+    model swap (service/api/models.py) puts a new one in the slot, so a call in flight never
+    mixes two models; fields not meant to change are shared by the copies."""
+
+    model: ModelBatcher  # the champion: its decisions are answered
     # The keyring (public halves and dates are what callers and metrics see) and the opener
     # built on it; both replaced together when SIGHUP reloads the keyring.
     keyring: Keyring
@@ -115,6 +119,12 @@ class Runtime:
     # Counts scored rows in the training bins (service/monitoring/drift.py); None when the
     # model's manifest has no drift reference.
     drift: DriftMonitor | None = None
+    # The model run in shadow on every scored row (recorded as `shadow`, never answered), and
+    # the champion the last promotion replaced (for a rollback).
+    challenger: ModelBatcher | None = None
+    previous: ModelBatcher | None = None
+    # When each served artifact (by manifest SHA-256) was loaded.
+    loaded_at: dict[str, dt.datetime] = field(default_factory=dict)
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     subject_locks: KeyedLocks = field(default_factory=KeyedLocks)
 
@@ -222,7 +232,9 @@ class Runtime:
         )
 
     def close(self) -> None:
-        self.model.close()
+        for model in (self.model, self.challenger, self.previous):
+            if model is not None:
+                model.close()
         self.ledger.close()
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import structlog
 
 from privscore.v1 import common_pb2, scoring_service_pb2_grpc
 from privscore.v1 import scoring_service_pb2 as pb
@@ -25,6 +26,7 @@ from service.monitoring.tracing import stage
 
 SCORE_METHOD = "/privscore.v1.ScoringService/Score"
 SCORE_BATCH_METHOD = "/privscore.v1.ScoringService/ScoreBatch"
+_log = structlog.get_logger("privscore.decisions")
 _DECISIONS = {
     "APPROVE": pb.CREDIT_DECISION_APPROVE,
     "REVIEW": pb.CREDIT_DECISION_REVIEW,
@@ -169,6 +171,45 @@ def score_outputs(score: pb.CreditScore) -> dict[str, Any]:
     return outputs
 
 
+def verdict(score: int, policy: ScorePolicy) -> str:
+    """APPROVE, REVIEW or DECLINE: the policy's thresholds on the score."""
+    if score >= policy.approve_min_score:
+        return "APPROVE"
+    return "REVIEW" if score >= policy.review_min_score else "DECLINE"
+
+
+async def shadow(
+    challenger: ModelBatcher | None, policy: ScorePolicy, rows: Sequence[Row]
+) -> list[dict[str, Any] | None]:
+    """The challenger's assessment of the rows the champion decides, for the audit record
+    only (`shadow`): its probability of default, score, grade and decision, no reasons (no
+    one is told them). A challenger that fails is logged and leaves no shadow: the champion's
+    decision is answered regardless."""
+    if challenger is None or not rows:
+        return [None] * len(rows)
+    scorer = challenger.scorer
+    try:
+        with stage("model", rows=len(rows)):
+            probabilities = (await challenger.probabilities(scorer.columns(rows))).tolist()
+    except Exception as error:  # noqa: BLE001 - the shadow never fails a decision
+        _log.error("shadow.failed", model_version=scorer.model_version, error=type(error).__name__)
+        return [None] * len(rows)
+    shadows: list[dict[str, Any] | None] = []
+    for probability in probabilities:
+        score = round(scorer.manifest.scaling.score(probability))
+        shadows.append(
+            {
+                "model_version": scorer.model_version,
+                "model_manifest_sha256": scorer.manifest_sha256,
+                PD_PPB: round(probability * PPB),
+                "score": score,
+                "grade": policy.grade_of(score),
+                "decision": f"CREDIT_DECISION_{verdict(score, policy)}",
+            }
+        )
+    return shadows
+
+
 async def assess(
     model: ModelBatcher, policy: ScorePolicy, rows: Sequence[Row]
 ) -> list[pb.CreditScore]:
@@ -183,14 +224,7 @@ async def assess(
     with stage("policy"):
         exact_scores = [scorer.manifest.scaling.score(p) for p in probabilities]
         scores = [round(s) for s in exact_scores]
-        verdicts = [
-            "APPROVE"
-            if s >= policy.approve_min_score
-            else "REVIEW"
-            if s >= policy.review_min_score
-            else "DECLINE"
-            for s in scores
-        ]
+        verdicts = [verdict(s, policy) for s in scores]
     adverse = [i for i, verdict in enumerate(verdicts) if verdict != "APPROVE"]
     explained = []
     if adverse:
@@ -246,12 +280,16 @@ async def _decide(
 ) -> list[pb.ScoreResponse]:
     """Assess every applicant, audit every decision (concurrently, so group commit makes them
     one fsync), then reply."""
-    scores = await assess(runtime.model, runtime.policy.score, [a.row for a in applicants])
+    rows = [a.row for a in applicants]
+    scores, shadows = await asyncio.gather(
+        assess(runtime.model, runtime.policy.score, rows),
+        shadow(runtime.challenger, runtime.policy.score, rows),
+    )
     decided_at = runtime.clock()
     seals = await runtime.subject_seals([a.subject for a in applicants], decided_at)
     responses = []
     records = []
-    for applicant, score, seal in zip(applicants, scores, seals, strict=True):
+    for applicant, score, seal, shadowed in zip(applicants, scores, seals, shadows, strict=True):
         response = pb.ScoreResponse(metadata=runtime.metadata(request_id, decided_at), score=score)
         responses.append(response)
         offered, offered_amount = offer(runtime, response, offer_currency)
@@ -268,6 +306,8 @@ async def _decide(
                 },
                 outputs=score_outputs(response.score),
                 **offered,
+                # The challenger's view of the same row, marked: never the reply.
+                **({"shadow": shadowed} if shadowed else {}),
             )
         )
     latest = [

@@ -19,7 +19,7 @@ counted; the watch runs every few seconds whether or not anyone scrapes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -49,11 +49,16 @@ def series(report: DriftReport) -> Iterator[tuple[str, str, Drift]]:
 
 
 class DriftCollector(Collector):
-    def __init__(self, monitor: DriftMonitor) -> None:
-        self._monitor = monitor
+    def __init__(self, monitor: DriftMonitor | Callable[[], DriftMonitor | None]) -> None:
+        """`monitor`, or how to find the one serving now: a promoted champion brings its
+        own (its training bins), so the scrape follows the model that decides."""
+        self._monitor = monitor if callable(monitor) else (lambda: monitor)
 
     def collect(self) -> Iterator[Metric]:
-        report = self._monitor.report()
+        monitor = self._monitor()
+        if monitor is None:
+            return
+        report = monitor.report()
         decisions = GaugeMetricFamily(
             "privscore_drift_decisions",
             "Scored decisions in the drift window (window: the last --drift-window; "

@@ -30,6 +30,8 @@ CLIENT_NAMES = (
     "auditor",
     "customer-service",
     "privacy-office",
+    "model-admin",
+    "collections",
     "probe",
     "nobody",
 )
