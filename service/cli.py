@@ -399,6 +399,51 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
     return 0 if report.matches else 1
 
 
+def _cmd_audit_outcomes(args: argparse.Namespace) -> int:
+    """`privscore audit outcomes`: the Score decisions with outcomes, for `privscore-model
+    report` (service/api/outcome_export.py), written owner-only."""
+    from service.api.outcome_export import AgeReader, outcome_lines
+    from service.audit import AuditError
+    from service.model.manifest import ArtifactError
+    from service.model.scorer import Scorer
+    from service.privacy.digest import derive_record_key
+    from service.privacy.keyring import Keyring, KeyringError, load_kek
+    from service.privacy.sealing import FeatureOpener
+
+    try:
+        data_dir = data_dir_from(args)
+        keyring_path, kek_file = key_paths_from(args, data_dir)
+        keyring = Keyring.load(keyring_path, load_kek(kek_file))
+        scorer = Scorer(
+            Path(args.model_dir or DEFAULT_MODEL_DIR),
+            Path(args.model_public_key or DEFAULT_MODEL_PUBLIC_KEY),
+        )
+        args.default_audit_dir = str(DataLayout(data_dir).audit_dir)
+        source = log_source(args)
+    except (ConfigError, KeyringError, ArtifactError, UsageError) as error:
+        print(f"privscore audit outcomes: {error}", file=sys.stderr)
+        return 2
+    secret = keyring.server_secret()
+    try:
+        with (
+            source.directory() as directory,
+            _subject_keys(data_dir, secret, source) as subject_key,
+        ):
+            ages = AgeReader(scorer, FeatureOpener(keyring), derive_record_key(secret), subject_key)
+            lines = [
+                json.dumps(line, ensure_ascii=False, sort_keys=True)
+                for line in outcome_lines(Path(directory), ages, args.definition)
+            ]
+    except (AuditError, OSError) as error:
+        print(f"privscore audit outcomes: the log cannot be read: {error}", file=sys.stderr)
+        return 1
+    from service.files import write_private
+
+    write_private(Path(args.out), ("\n".join(lines) + "\n").encode("utf-8"))
+    print(f"wrote {len(lines) - 1} decisions with outcomes to {args.out}", file=sys.stderr)
+    return 0
+
+
 @contextlib.contextmanager
 def _subject_keys(
     data_dir: Path, secret: bytes, source: Any = None
@@ -748,6 +793,22 @@ def build_parser(data_dir: Path | None = None) -> argparse.ArgumentParser:
     replay.add_argument("--policy", help="the recorded policy file, default the bundled one")
     _database_option().add_arguments(replay)
     replay.set_defaults(run=_cmd_audit_replay, database=_database_option())
+    outcomes = audit_commands.add_parser(
+        "outcomes",
+        allow_abbrev=False,
+        help="the Score decisions with outcomes, champion and shadow, for privscore-model "
+        "report (needs the keyring and KEK: the age group is read from the inputs)",
+    )
+    outcomes.add_argument("--out", required=True, help="JSON lines file, written owner-only")
+    outcomes.add_argument(
+        "--definition", help="only outcomes under this definition, e.g. DPD90_WITHIN_12M"
+    )
+    add_data_dir_argument(outcomes)
+    add_key_arguments(outcomes)
+    outcomes.add_argument("--model-dir", help="the model whose schema opens the inputs")
+    outcomes.add_argument("--model-public-key", help="the model team's key, default bundled")
+    _database_option().add_arguments(outcomes)
+    outcomes.set_defaults(run=_cmd_audit_outcomes, database=_database_option())
     rotate_key = audit_commands.add_parser(
         "rotate-key",
         help="hand the log to a new signing key, recorded in the log and signed by both keys "
@@ -768,7 +829,7 @@ def build_parser(data_dir: Path | None = None) -> argparse.ArgumentParser:
     # ./var).
     show.set_defaults(run=_audit_show_opening(show.get_default("run")))
     for name, sub in audit_commands.choices.items():
-        if name not in ("show", "replay", "rotate-key"):  # those declare it with their keys
+        if name not in ("show", "replay", "outcomes", "rotate-key"):  # declared with their keys
             add_data_dir_argument(sub)
 
     store = commands.add_parser("store", help="check the decision store against the audit log")

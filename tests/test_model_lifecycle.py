@@ -24,7 +24,7 @@ from privscore.v1 import model_service_pb2_grpc, outcome_service_pb2_grpc
 from privscore.v1 import outcome_service_pb2 as outcomes_pb
 from service.audit import iter_records
 from service.config import DEFAULT_MODEL_DIR, DataLayout
-from tests.conftest import ServerProcess, applicants
+from tests.conftest import ServerProcess, applicants, privscore_cli
 from tests.test_closed_loop import account
 from tests.test_server import error_reason
 
@@ -244,3 +244,57 @@ def test_outcomes_come_back_by_decision_id(team: dict[str, Any]) -> None:
     for outcome in outcomes:
         assert outcome["observed"]["decision_id"] == scored.metadata.decision_id
         assert "subject_key" not in outcome and "sealed" not in outcome  # by decision id only
+
+
+def test_outcomes_export_joins_champion_shadow_and_age_group(team: dict[str, Any]) -> None:
+    server: ServerProcess = team["server"]
+    with server.channel() as channel:
+        stub, client = admin(channel), server.client(channel)
+        stub.LoadChallenger(
+            models_pb.LoadChallengerRequest(request_id="load", model_dir=str(team["challenger"])),
+            timeout=30,
+        )
+        decisions = [client.score("t", f"export-{n}", applicants()[n]) for n in range(4)]
+        outcomes = outcome_service_pb2_grpc.OutcomeServiceStub(channel)
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromDatetime(dt.datetime.now(dt.UTC))
+        for n, decided in enumerate(decisions[:3]):
+            outcomes.RecordOutcome(
+                outcomes_pb.RecordOutcomeRequest(
+                    request_id=f"o-{n}",
+                    decision_id=decided.metadata.decision_id,
+                    outcome=outcomes_pb.OUTCOME_BAD if n else outcomes_pb.OUTCOME_GOOD,
+                    observed_at=stamp,
+                    definition="DPD90_WITHIN_12M",
+                ),
+                timeout=10,
+            )
+        client.erase_subject("t", customer_id="export-2")
+    out = team["root"] / "outcomes.jsonl"
+    done = privscore_cli(
+        server.data_dir,
+        "audit",
+        "outcomes",
+        "--out",
+        str(out),
+        "--model-dir",
+        str(team["root"] / "champion"),
+        "--model-public-key",
+        str(team["root"] / "team.pub"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    header, *lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert header["format"] == "privscore-outcomes/1"
+    by_id = {line["decision_id"]: line for line in lines}
+    assert set(by_id) == {d.metadata.decision_id for d in decisions[:3]}  # with outcomes only
+    for n, decided in enumerate(decisions[:3]):
+        line = by_id[decided.metadata.decision_id]
+        assert line["outcome"] == ("BAD" if n else "GOOD")
+        assert line["champion"]["score"] == decided.score.score
+        assert line["challenger"]["model_version"] == "german-credit-challenger-1"
+        expected = None if n == 2 else line["age_group"]  # erased: its inputs no longer open
+        assert line["age_group"] == expected
+        assert n == 2 or line["age_group"] in {"under_25", "25_34", "35_49", "50_plus"}
+    text = out.read_text()
+    assert all(client.subject("t", f"export-{n}").pseudonym not in text for n in range(4))
