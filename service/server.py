@@ -42,7 +42,7 @@ from service.api.audit import AuditServicer, file_prover
 from service.api.discovery import DiscoveryServicer
 from service.api.ledger import EmbeddedLedger, FailClosedAudit, Ledger
 from service.api.limits import LimitServicer
-from service.api.models import ModelControl, ModelRefused, ModelServicer
+from service.api.models import ModelControl, ModelRefused, ModelServicer, shadows
 from service.api.outcomes import OutcomeServicer
 from service.api.privacy import PrivacyServicer, expire
 from service.api.reconcile import (
@@ -323,10 +323,10 @@ class PrivscoreServer:
             if settings.challenger_dir is not None
             else None
         )
-        if challenger is not None and challenger.scorer.schema_version != scorer.schema_version:
+        if challenger is not None and not shadows(scorer, challenger):
             raise StartupError(
-                f"challenger: its feature schema {challenger.scorer.schema_version} is not the "
-                f"champion's {scorer.schema_version}"
+                f"challenger: its feature schema {challenger.scorer.schema_version} lacks "
+                f"inputs of the champion's {scorer.schema_version}"
             )
         started = dt.datetime.now(dt.UTC)
         runtime = Runtime(
@@ -397,6 +397,10 @@ class PrivscoreServer:
             scorer = await asyncio.to_thread(Scorer, model_dir, self.settings.model_public_key)
         except (ArtifactError, OSError) as error:
             raise ModelRefused(f"the artifact in model_dir is refused: {error}") from None
+        try:  # a model that may be promoted must be explainable to the customers it decides
+            default_catalogue().check_schema(scorer.manifest.schema)
+        except CatalogueError as error:
+            raise ModelRefused(f"the explanation catalogue does not cover it: {error}") from None
         return ModelBatcher(scorer, on_run=self.metrics.model_run)
 
     def _model_control(self) -> ModelControl:

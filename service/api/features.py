@@ -16,6 +16,36 @@ class SchemaVersionMismatch(FailedPrecondition):
     reason = "SCHEMA_VERSION_MISMATCH"
 
 
+def request_scorer(
+    champion: Scorer, challenger: Scorer | None, version: str, path: str = "features"
+) -> Scorer:
+    """The scorer whose schema a request under `version` is validated against.
+
+    The champion's own schema, as always; and, while a challenger on a newer schema runs in
+    shadow, the challenger's, provided the champion's inputs are all in it: a caller that has
+    moved to the new schema (e.g. a feature from a new data source) is answered by the
+    champion on the features it knows and scored by the challenger on all of them, so callers
+    can migrate before the promotion. Anything else is refused, saying what is served and, for
+    a caller still on an older schema, which features it lacks."""
+    if version == champion.schema_version:
+        return champion
+    needed = champion.manifest.schema.model_feature_names
+    if (
+        challenger is not None
+        and version == challenger.schema_version
+        and needed <= {spec.name for spec in challenger.manifest.schema.features}
+    ):
+        return challenger
+    accepted = [champion.schema_version]
+    if challenger is not None and challenger.schema_version != champion.schema_version:
+        accepted.append(challenger.schema_version)
+    message = f"{path}.schema_version is not a schema served here ({', '.join(accepted)})"
+    if challenger is None or version != challenger.schema_version:
+        names = sorted(spec.name for spec in champion.manifest.schema.features)
+        message += f"; the served schema's features are {', '.join(names)}"
+    raise SchemaVersionMismatch(message)
+
+
 def open_row(
     scorer: Scorer,
     opener: FeatureOpener,

@@ -16,11 +16,11 @@ from google.protobuf import json_format
 from privscore.v1 import common_pb2, limit_service_pb2_grpc
 from privscore.v1 import limit_service_pb2 as pb
 from service.api import validation as check
-from service.api.features import encrypted_inputs, open_row
+from service.api.features import encrypted_inputs, open_row, request_scorer
 from service.api.figures import ACCOUNT_SCHEMA_VERSION, SEAL_REQUIRED, check_sealed, open_account
 from service.api.ledger import LimitRow
 from service.api.runtime import DECISION_ATTEMPTS, Runtime, RuntimeSlot, decided_again
-from service.api.scoring import shadow
+from service.api.scoring import challenger_of, shadow
 from service.callctx import CALLER, GRANTS
 from service.decisions.limits import Account, decide_limit
 from service.decisions.rows import StateChanged
@@ -190,7 +190,11 @@ class LimitServicer(limit_service_pb2_grpc.LimitServiceServicer):
             )
             row = (
                 open_row(
-                    runtime.scorer,
+                    request_scorer(
+                        runtime.scorer,
+                        challenger_of(runtime),
+                        request.features.schema_version,
+                    ),
                     runtime.opener,
                     request.features,
                     subject,

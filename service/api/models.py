@@ -27,7 +27,7 @@ from privscore.v1 import model_service_pb2_grpc
 from service.api import validation as check
 from service.api.runtime import Runtime, RuntimeSlot
 from service.errors import FailedPrecondition
-from service.model.scorer import ModelBatcher
+from service.model.scorer import ModelBatcher, Scorer
 from service.monitoring.drift import DriftMonitor
 from service.monitoring.tracing import stage
 
@@ -93,6 +93,16 @@ def served_models(runtime: Runtime) -> pb.ServedModels:
         if found is not None:
             getattr(models, name).CopyFrom(found)
     return models
+
+
+def shadows(champion: Scorer, challenger: ModelBatcher) -> bool:
+    """Whether `challenger` can run in shadow beside `champion`: the same feature schema, or a
+    newer one that keeps every input of the champion's (callers move to it while the champion
+    still answers: service/api/features.py `request_scorer`)."""
+    schema = challenger.scorer.manifest.schema
+    return challenger.scorer.schema_version == champion.schema_version or (
+        champion.manifest.schema.model_feature_names <= {spec.name for spec in schema.features}
+    )
 
 
 def _recorded(model: ModelBatcher | None) -> dict[str, str] | None:
@@ -168,12 +178,12 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             runtime = self._slot.runtime
             loaded = await self._control.load(Path(request.model_dir))
             champion = runtime.scorer
-            if loaded.scorer.schema_version != champion.schema_version:
+            if not shadows(champion, loaded):
                 loaded.close()
                 raise ModelRefused(
-                    f"the challenger's feature schema {loaded.scorer.schema_version} is not "
-                    f"the champion's {champion.schema_version}: a shadow scores the rows "
-                    "callers send for the champion"
+                    f"the challenger's feature schema {loaded.scorer.schema_version} lacks "
+                    f"inputs of the champion's {champion.schema_version}: a shadow scores the "
+                    "rows callers send for the champion, and a newer schema must keep them all"
                 )
             after = dataclasses.replace(
                 runtime,
@@ -232,14 +242,18 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             previous = runtime.previous
             if previous is None:
                 raise NoPreviousModel("no promotion to roll back")
+            dropped = [runtime.challenger] if runtime.challenger is not None else []
+            # The rolled-back champion goes back to shadow, if it can shadow the one restored.
+            back = runtime.model if shadows(previous.scorer, runtime.model) else None
             after = dataclasses.replace(
                 runtime,
                 model=previous,
-                challenger=runtime.model,  # the rolled-back champion goes back to shadow
+                challenger=back,
                 previous=None,
                 drift=self._control.drift(previous),
             )
-            dropped = [runtime.challenger] if runtime.challenger is not None else []
+            if back is None:
+                dropped.append(runtime.model)
             metadata, models = await self._change(
                 ROLLBACK_CHAMPION_METHOD, request.request_id, "rollback", after, dropped
             )

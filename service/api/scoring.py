@@ -13,7 +13,7 @@ import structlog
 from privscore.v1 import common_pb2, scoring_service_pb2_grpc
 from privscore.v1 import scoring_service_pb2 as pb
 from service.api import validation as check
-from service.api.features import encrypted_inputs, open_row
+from service.api.features import encrypted_inputs, open_row, request_scorer
 from service.api.ledger import SubjectScore
 from service.api.runtime import Runtime, RuntimeSlot
 from service.api.validation import well_formed_subject
@@ -21,7 +21,7 @@ from service.audit.record import PD_PPB, PPB
 from service.decisions.policy import LimitPolicy, ScorePolicy
 from service.decisions.rows import RecordedScore
 from service.errors import ServiceError
-from service.model.scorer import ModelBatcher, Row
+from service.model.scorer import ModelBatcher, Row, Scorer
 from service.monitoring.tracing import stage
 
 SCORE_METHOD = "/privscore.v1.ScoringService/Score"
@@ -90,7 +90,9 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
         check_offer_supported(runtime.policy.limits, request.offer_currency)
         with stage("decrypt"):
             row = open_row(
-                runtime.scorer,
+                request_scorer(
+                    runtime.scorer, challenger_of(runtime), request.features.schema_version
+                ),
                 runtime.opener,
                 request.features,
                 request.subject,
@@ -121,7 +123,11 @@ class ScoringServicer(scoring_service_pb2_grpc.ScoringServiceServicer):
                 try:
                     validate_batch_item(item)
                     row = open_row(
-                        runtime.scorer,
+                        request_scorer(
+                            runtime.scorer,
+                            challenger_of(runtime),
+                            item.features.schema_version,
+                        ),
                         runtime.opener,
                         item.features,
                         item.subject,
@@ -188,26 +194,38 @@ async def shadow(
     if challenger is None or not rows:
         return [None] * len(rows)
     scorer = challenger.scorer
+    # A row under the champion's older schema lacks what a challenger on a newer one needs:
+    # it is recorded as not shadowed, never guessed at.
+    needed = scorer.manifest.schema.model_feature_names
+    scorable = [i for i, row in enumerate(rows) if needed <= row.keys()]
+    shadows: list[dict[str, Any] | None] = [
+        {"model_version": scorer.model_version, "skipped": "SCHEMA_VERSION"} for _ in rows
+    ]
+    if not scorable:
+        return shadows
     try:
-        with stage("model", rows=len(rows)):
-            probabilities = (await challenger.probabilities(scorer.columns(rows))).tolist()
+        with stage("model", rows=len(scorable)):
+            probabilities = (
+                await challenger.probabilities(scorer.columns([rows[i] for i in scorable]))
+            ).tolist()
     except Exception as error:  # noqa: BLE001 - the shadow never fails a decision
         _log.error("shadow.failed", model_version=scorer.model_version, error=type(error).__name__)
         return [None] * len(rows)
-    shadows: list[dict[str, Any] | None] = []
-    for probability in probabilities:
+    for index, probability in zip(scorable, probabilities, strict=True):
         score = round(scorer.manifest.scaling.score(probability))
-        shadows.append(
-            {
-                "model_version": scorer.model_version,
-                "model_manifest_sha256": scorer.manifest_sha256,
-                PD_PPB: round(probability * PPB),
-                "score": score,
-                "grade": policy.grade_of(score),
-                "decision": f"CREDIT_DECISION_{verdict(score, policy)}",
-            }
-        )
+        shadows[index] = {
+            "model_version": scorer.model_version,
+            "model_manifest_sha256": scorer.manifest_sha256,
+            PD_PPB: round(probability * PPB),
+            "score": score,
+            "grade": policy.grade_of(score),
+            "decision": f"CREDIT_DECISION_{verdict(score, policy)}",
+        }
     return shadows
+
+
+def challenger_of(runtime: Runtime) -> Scorer | None:
+    return runtime.challenger.scorer if runtime.challenger is not None else None
 
 
 async def assess(
