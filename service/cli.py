@@ -281,6 +281,41 @@ def _call_event(args: argparse.Namespace, client: Any) -> None:
     _print_message(client.evaluate_event(args.tenant, args.customer_id, event))
 
 
+def _call_model(args: argparse.Namespace, client: Any) -> None:
+    """The models serving, or one change of them (ModelService)."""
+    if args.model_command == "status":
+        _print_message(client.get_models())
+        return
+    _print_message(
+        client.change_models(
+            args.model_command,
+            model_dir=str(Path(args.model_dir).resolve()) if args.model_command == "load" else "",
+            model_version=getattr(args, "model_version", "") or "",
+            request_id=args.request_id or None,
+        )
+    )
+
+
+def _call_outcome(args: argparse.Namespace, client: Any) -> None:
+    """What happened after a Score decision (OutcomeService), by its decision id."""
+    import datetime as dt
+
+    from privscore.v1 import outcome_service_pb2
+
+    observed = dt.datetime.fromisoformat(args.observed_at.replace("Z", "+00:00"))
+    if observed.tzinfo is None:
+        raise ValueError("--observed-at needs a time zone, e.g. 2027-11-30T00:00:00Z")
+    _print_message(
+        client.record_outcome(
+            args.decision_id,
+            outcome_service_pb2.Outcome.Value(f"OUTCOME_{args.outcome}"),
+            observed,
+            args.definition,
+            request_id=args.request_id or None,
+        )
+    )
+
+
 def _call_alert(args: argparse.Namespace, client: Any) -> None:
     from privscore.v1 import alert_service_pb2
 
@@ -1008,6 +1043,38 @@ def build_parser(data_dir: Path | None = None) -> argparse.ArgumentParser:
             rights.add_argument(
                 "--out", metavar="FILE", help="write the document here (owner-only), not stdout"
             )
+    model = commands.add_parser(
+        "model", help="the models serving: a challenger in shadow, promotion and rollback"
+    )
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    for verb, help_text in (
+        ("status", "the champion, the challenger and the previous champion"),
+        ("load", "verify a signed artifact on the server and run it in shadow"),
+        ("promote", "make the challenger the champion (the champion is kept for rollback)"),
+        ("rollback", "bring back the champion the last promotion replaced"),
+        ("unload", "stop the shadow"),
+    ):
+        change = client_command(verb, help_text, _call_model, False, model_commands)
+        if verb != "status":
+            change.add_argument("--request-id", help="default a fresh one")
+        if verb == "load":
+            change.add_argument(
+                "--model-dir", required=True, help="the artifact directory, on the server"
+            )
+        if verb == "promote":
+            change.add_argument(
+                "--model-version", required=True, help="the challenger's, as status shows it"
+            )
+    outcome = client_command(
+        "outcome", "record what happened after a Score decision", _call_outcome, subject=False
+    )
+    outcome.add_argument("--decision-id", required=True, help="the Score decision's id")
+    outcome.add_argument("--outcome", required=True, choices=("BAD", "GOOD", "INDETERMINATE"))
+    outcome.add_argument("--observed-at", required=True, help="when, e.g. 2027-11-30T00:00:00Z")
+    outcome.add_argument(
+        "--definition", required=True, help="the outcome definition, e.g. DPD90_WITHIN_12M"
+    )
+    outcome.add_argument("--request-id", help="default a fresh one")
     watch = client_command("watch", "stream alerts as JSON lines", _call_watch, subject=False)
     watch.add_argument(
         "--min-severity",

@@ -298,3 +298,42 @@ def test_outcomes_export_joins_champion_shadow_and_age_group(team: dict[str, Any
         assert n == 2 or line["age_group"] in {"under_25", "25_34", "35_49", "50_plus"}
     text = out.read_text()
     assert all(client.subject("t", f"export-{n}").pseudonym not in text for n in range(4))
+
+
+def test_the_cli_changes_models_and_records_outcomes(team: dict[str, Any]) -> None:
+    server: ServerProcess = team["server"]
+
+    def cli(*args: str, cert: str = "model-admin") -> Any:
+        words = 2 if args[0] == "model" else 1
+        caller = ("--target", server.target, "--cert-name", cert)
+        done = privscore_cli(server.data_dir, *args[:words], *caller, *args[words:])
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    before = cli("model", "status")
+    loaded = cli("model", "load", "--model-dir", str(team["challenger"]))
+    assert loaded["challenger"]["model_version"] == "german-credit-challenger-1"
+    promoted = cli("model", "promote", "--model-version", "german-credit-challenger-1")
+    assert promoted["champion"]["model_version"] == "german-credit-challenger-1"
+    assert promoted["previous"]["model_version"] == before["champion"]["model_version"]
+    back = cli("model", "rollback")
+    assert back["champion"] == before["champion"]
+    with server.channel() as channel:
+        scored = server.client(channel).score("t", "cli-outcome", applicants()[0])
+    recorded = cli(
+        "outcome",
+        "--decision-id",
+        scored.metadata.decision_id,
+        "--outcome",
+        "BAD",
+        "--observed-at",
+        dt.datetime.now(dt.UTC).isoformat(),
+        "--definition",
+        "DPD90_WITHIN_12M",
+        cert="collections",
+    )
+    assert recorded["replaced"] is False and recorded["metadata"]["decision_id"]
+    denied = privscore_cli(
+        server.data_dir, "model", "status", "--target", server.target, "--cert-name", "collections"
+    )
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr

@@ -14,6 +14,7 @@ grpcio only (no server code, no model runtime): it is the client distribution's
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -50,6 +51,10 @@ from privscore.v1 import (
     discovery_service_pb2_grpc,
     limit_service_pb2,
     limit_service_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    outcome_service_pb2,
+    outcome_service_pb2_grpc,
     privacy_service_pb2,
     privacy_service_pb2_grpc,
     scoring_service_pb2,
@@ -264,6 +269,8 @@ class PrivscoreClient:
         self._limits = limit_service_pb2_grpc.LimitServiceStub(channel)
         self._alerts = alert_service_pb2_grpc.AlertServiceStub(channel)
         self._privacy = privacy_service_pb2_grpc.PrivacyServiceStub(channel)
+        self._models = model_service_pb2_grpc.ModelServiceStub(channel)
+        self._outcomes = outcome_service_pb2_grpc.OutcomeServiceStub(channel)
 
     @classmethod
     def discovered(
@@ -518,6 +525,76 @@ class PrivscoreClient:
             subject=self._subject_of(tenant, customer_id, pseudonym),
         )
         return self._call(self._privacy.EraseSubject, request, timeout, None)
+
+    def get_models(self, *, timeout: float = DEFAULT_TIMEOUT_S) -> model_service_pb2.ServedModels:
+        """The champion, the challenger in shadow and the champion a promotion replaced."""
+        response: model_service_pb2.GetModelsResponse = self._models.GetModels(
+            model_service_pb2.GetModelsRequest(), timeout=timeout, metadata=trace_metadata()
+        )
+        return response.models
+
+    def change_models(
+        self,
+        change: str,
+        *,
+        model_dir: str = "",
+        model_version: str = "",
+        request_id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> model_service_pb2.ServedModels:
+        """One model change while serving (role model_admin), recorded before it takes effect:
+        "load" a signed artifact at `model_dir` (a path on the server) as the challenger,
+        "promote" the challenger (naming its `model_version`), "rollback" the last promotion,
+        or "unload" the challenger. Returns the models serving after it."""
+        request_id = request_id or new_request_id()
+        calls: dict[str, tuple[Callable[..., Any], Any]] = {
+            "load": (
+                self._models.LoadChallenger,
+                model_service_pb2.LoadChallengerRequest(request_id=request_id, model_dir=model_dir),
+            ),
+            "promote": (
+                self._models.PromoteChallenger,
+                model_service_pb2.PromoteChallengerRequest(
+                    request_id=request_id, model_version=model_version
+                ),
+            ),
+            "rollback": (
+                self._models.RollbackChampion,
+                model_service_pb2.RollbackChampionRequest(request_id=request_id),
+            ),
+            "unload": (
+                self._models.UnloadChallenger,
+                model_service_pb2.UnloadChallengerRequest(request_id=request_id),
+            ),
+        }
+        if change not in calls:
+            raise ValueError(f"change must be one of {', '.join(calls)}")
+        rpc, request = calls[change]
+        response = self._call(rpc, request, timeout, None)
+        models: model_service_pb2.ServedModels = response.models
+        return models
+
+    def record_outcome(
+        self,
+        decision_id: str,
+        outcome: outcome_service_pb2.Outcome.ValueType,
+        observed_at: dt.datetime,
+        definition: str,
+        *,
+        request_id: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> outcome_service_pb2.RecordOutcomeResponse:
+        """What happened after a Score decision (role outcome_recorder), by its decision id
+        only: OUTCOME_BAD, OUTCOME_GOOD or OUTCOME_INDETERMINATE under `definition` (an
+        upper-snake code such as "DPD90_WITHIN_12M"), observed at a timezone-aware time."""
+        request = outcome_service_pb2.RecordOutcomeRequest(
+            request_id=request_id or new_request_id(),
+            decision_id=decision_id,
+            outcome=outcome,
+            definition=definition,
+        )
+        request.observed_at.FromDatetime(observed_at)
+        return self._call(self._outcomes.RecordOutcome, request, timeout, None)
 
     def _subject_of(
         self, tenant: str, customer_id: str | None, pseudonym: str | None
