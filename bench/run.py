@@ -9,7 +9,7 @@ alternating rounds, all servers up, and each target's ratio is taken from the st
 the drift of a shared machine weighs on both sides alike (each round's own value is reported
 too). Then times each stage of a Score in process (bench/stages.py), to show where the server's
 time goes. Writes bench/results.json and bench/latency.png and prints the steps, the targets of
-issues 14 and 15 with PASS/MISS (TARGETS) and the other ratios to the ceilings.
+issues 14, 15 and 18 with PASS/MISS (TARGETS) and the other ratios to the ceilings.
 
 To measure one change's effect, before and after in one window: bench/ab.py.
 
@@ -17,6 +17,16 @@ Last, when PostgreSQL is reachable, the scale-out part (bench/scale_out.py): Sco
 callers on the file log against PostgreSQL, and `--workers 2` against one worker; its results
 go under `scale_out` in the same JSON. `--only scale-out` runs that part alone, `--skip
 scale-out` leaves it out.
+
+The shadow's cost (issue 18): two more servers, alike but for a challenger, take Score at 32
+callers in the same alternating rounds (their order swapped each round). Both serve a copy of
+the bundled artifact signed with a throwaway Ed25519 key made for the run (the model team's
+private key is not needed) and trust only that key; one also runs a second copy, under another
+model version, in shadow (`--challenger-dir`). The bench then reads both audit logs: every
+Score record of the one holds the challenger's score in its `shadow`, none of the other's, or
+the run fails (a challenger that fails leaves no score, and would look cheap). `--skip shadow`
+leaves this out, `--only shadow` runs it alone (written to `--out` with the same keys, without
+the other steps).
 """
 
 from __future__ import annotations
@@ -40,7 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import DataLayout
+from model_export.sign import generate_keypair, sign_artifact
+from service.audit import iter_records
+from service.config import DEFAULT_MODEL_DIR, DataLayout
 from service.privacy.admin import init_keys
 from service.security.certs import init_certs
 
@@ -52,6 +64,12 @@ SCALE_OUT = "scale-out"  # the part in bench/scale_out.py, when PostgreSQL is re
 MTLS_ECHO, PLAIN_ECHO = "mtls-echo", "plaintext-echo"  # the two echo ceilings' step targets
 METRICS_ON = "privscore-metrics"  # the same server with --metrics-port, scraped every second
 SCRAPE_SECONDS = 1.0
+SHADOW = "shadow"  # the part that measures a challenger in shadow (issue 18)
+# Its two servers' step targets: the same signed champion, without and with a challenger.
+CHAMPION_ONLY, WITH_SHADOW = "privscore-champion", "privscore-shadow"
+SCORE_RPC = "/privscore.v1.ScoringService/Score"  # an audit record's `rpc`
+# The shadow's ratios, with/without: (the ratio's name part, the step's measure).
+SHADOW_MEASURES = (("rps", "rps"), ("server_cpu", "server_cpu_us_per_call"), ("p99", "p99_ms"))
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,21 @@ TARGETS = (
         "Score at 32 callers: requests/s with metrics on (scraped every second) vs off",
         ">=",
         0.95,
+        "x",
+    ),
+    # issue 18: what a challenger in shadow costs. It adds, per batch of concurrent calls, one
+    # more model run of the same rows (no reasons: those are the champion's alone) with its
+    # wake of the event loop, and a few fields to each audit record; not the per-call gRPC,
+    # field opening, sealing or audit work, which make up most of a Score's CPU (the stages
+    # below). So it should cost well under a fifth of the throughput; a fifth or more means the
+    # shadow does more than a second model's share of the work. (Doubling all model work,
+    # reasons included, would still leave far more than 0.6x: that floor would miss a shadow
+    # costing several times what it should.)
+    Target(
+        "score_c32_rps_shadow_on_vs_off",
+        "Score at 32 callers: requests/s with a challenger in shadow vs without",
+        ">=",
+        0.8,
         "x",
     ),
 )
@@ -334,10 +367,69 @@ def table_row(step: dict[str, Any]) -> str:
     )
 
 
+def shadow_artifacts(root: Path) -> tuple[list[str], list[str]]:
+    """The serve flags of the shadow's two servers, made under `root`: (the champion's, added
+    for the one with a challenger). A throwaway Ed25519 keypair signs two copies of the
+    bundled artifact, the second under another model version (the challenger), so the bench
+    needs no key of the model team's and both servers verify their models as in production."""
+    root.mkdir()
+    private, public = root / "bench-model-team.key", root / "bench-model-team.pub"
+    generate_keypair(private, public)
+    made = []
+    for name in ("champion", "challenger"):
+        artifact = root / name
+        shutil.copytree(DEFAULT_MODEL_DIR, artifact)
+        if name == "challenger":
+            manifest = artifact / "manifest.json"
+            document = json.loads(manifest.read_text())
+            document["model_version"] = f"{document['model_version']}-bench-challenger"
+            manifest.write_text(json.dumps(document, indent=2) + "\n")
+        sign_artifact(artifact, private)
+        made.append(artifact)
+    champion, challenger = made
+    return (
+        ["--model-dir", str(champion), "--model-public-key", str(public)],
+        ["--challenger-dir", str(challenger)],
+    )
+
+
+def check_shadowed(data_dirs: Mapping[str, Path]) -> dict[str, int]:
+    """Score records whose `shadow` holds the challenger's score, in each shadow server's audit
+    log (read after it stopped), or exit: every one of WITH_SHADOW's must have it and none of
+    CHAMPION_ONLY's, or the two would not differ by the challenger's work alone (a challenger
+    that fails, or skips a row, records no score and would look cheap)."""
+    counts = {}
+    for target, data_dir in data_dirs.items():
+        scored = [
+            "score" in (stored.record.get("shadow") or {})
+            for stored in iter_records(DataLayout(data_dir).audit_dir)
+            if stored.record.get("rpc") == SCORE_RPC
+        ]
+        expected = target == WITH_SHADOW
+        if not scored or any(shadowed != expected for shadowed in scored):
+            missed = sum(shadowed != expected for shadowed in scored)
+            raise SystemExit(
+                f"{target}: {missed} of {len(scored)} Score records "
+                + ("lack the challenger's shadow" if expected else "carry a shadow")
+            )
+        counts[target] = len(scored)
+    return counts
+
+
 def run(
-    warmup: float, duration: float, out: Path, plot: Path, rounds: int = ROUNDS
+    warmup: float,
+    duration: float,
+    out: Path,
+    plot: Path,
+    rounds: int = ROUNDS,
+    *,
+    shadow: bool = True,
+    only_shadow: bool = False,
 ) -> dict[str, Any]:
+    """The bench's steps (with the shadow's unless `shadow` is false; the shadow's alone if
+    `only_shadow`), written to `out` and plotted to `plot` (not when only the shadow's)."""
     steps: list[dict[str, Any]] = []
+    shadow = shadow or only_shadow
 
     def step(
         target: str,
@@ -368,66 +460,95 @@ def run(
         )
         print(table_row(steps[-1]), flush=True)
 
+    extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="privscore-bench-") as temp:
         data_dir, unsynced_dir = Path(temp) / "var", Path(temp) / "var-no-fsync"
         metered_dir = Path(temp) / "var-metrics"
+        shadow_dirs = {
+            CHAMPION_ONLY: Path(temp) / "var-champion",
+            WITH_SHADOW: Path(temp) / "var-shadow",
+        }
         layout = DataLayout(data_dir)
         init_keys(layout, layout.keyring, layout.dev_kek)
         init_certs(layout.certs_dir)
-        shutil.copytree(data_dir, unsynced_dir)  # same keys, its own audit log
-        shutil.copytree(data_dir, metered_dir)
+        for copy in ([] if only_shadow else [unsynced_dir, metered_dir]) + (
+            list(shadow_dirs.values()) if shadow else []
+        ):
+            shutil.copytree(data_dir, copy)  # same keys, its own audit log
         reply_bytes = 240  # a ScoreResponse with reasons is about this size
         servers: list[Server] = []
+        privscores: dict[str, Server] = {}  # by step target, for their peak RSS
         try:
-            server = start_privscore(data_dir)
-            servers.append(server)
-            unsynced = start_privscore(unsynced_dir, "--audit-fsync", "off")
-            servers.append(unsynced)
-            metered = start_privscore(metered_dir, "--metrics-port", "0")
-            servers.append(metered)
-            scraper = Scraper(metered.metrics_port())
-            echo = start_echo(data_dir, reply_bytes)
-            servers.append(echo)
-            plain_echo = start_echo(data_dir, reply_bytes, plaintext=True)
-            servers.append(plain_echo)
-            for concurrency in (1, 8):
-                step("privscore", "score", server, data_dir, concurrency=concurrency)
-            for batch in (1, 16):
-                step("privscore", "score_batch", server, data_dir, concurrency=4, batch=batch)
-            step("privscore", "adjust_limit", server, data_dir, concurrency=8)
-            step("privscore", "evaluate_event", server, data_dir, concurrency=8)
-            for concurrency in (1, 8):
-                step(MTLS_ECHO, "echo", echo, data_dir, concurrency=concurrency)
-            step("onnxruntime", "onnxruntime", None, data_dir, batch=1)
+            if shadow:
+                champion, challenger = shadow_artifacts(Path(temp) / "models")
+                for target, flags in ((CHAMPION_ONLY, []), (WITH_SHADOW, challenger)):
+                    privscores[target] = start_privscore(shadow_dirs[target], *champion, *flags)
+                    servers.append(privscores[target])
+            if not only_shadow:
+                server = start_privscore(data_dir)
+                servers.append(server)
+                unsynced = start_privscore(unsynced_dir, "--audit-fsync", "off")
+                servers.append(unsynced)
+                metered = start_privscore(metered_dir, "--metrics-port", "0")
+                servers.append(metered)
+                privscores.update(
+                    {"privscore": server, "privscore-no-fsync": unsynced, METRICS_ON: metered}
+                )
+                scraper = Scraper(metered.metrics_port())
+                echo = start_echo(data_dir, reply_bytes)
+                servers.append(echo)
+                plain_echo = start_echo(data_dir, reply_bytes, plaintext=True)
+                servers.append(plain_echo)
+                for concurrency in (1, 8):
+                    step("privscore", "score", server, data_dir, concurrency=concurrency)
+                for batch in (1, 16):
+                    step("privscore", "score_batch", server, data_dir, concurrency=4, batch=batch)
+                step("privscore", "adjust_limit", server, data_dir, concurrency=8)
+                step("privscore", "evaluate_event", server, data_dir, concurrency=8)
+                for concurrency in (1, 8):
+                    step(MTLS_ECHO, "echo", echo, data_dir, concurrency=concurrency)
+                step("onnxruntime", "onnxruntime", None, data_dir, batch=1)
             rss_by_round: list[float] = []  # the privscore servers' peak so far, each round
             for n in range(1, rounds + 1):
-                step("privscore", "score", server, data_dir, n, concurrency=32)
-                step("privscore-no-fsync", "score", unsynced, unsynced_dir, n, concurrency=32)
-                step(METRICS_ON, "score", metered, metered_dir, n, concurrency=32)
-                step(MTLS_ECHO, "echo", echo, data_dir, n, concurrency=32)
-                step(PLAIN_ECHO, "echo", plain_echo, data_dir, n, concurrency=32)
-                step("privscore", "score_batch", server, data_dir, n, concurrency=4, batch=128)
-                step("onnxruntime", "onnxruntime", None, data_dir, n, batch=128)
-                rss_by_round.append(max(server.peak_rss_mb(), unsynced.peak_rss_mb()))
-            memory = {
-                "privscore": server.peak_rss_mb(),
-                "privscore-no-fsync": unsynced.peak_rss_mb(),
-                METRICS_ON: metered.peak_rss_mb(),
-            }
-            scrapes = scraper.stop()
+                if not only_shadow:
+                    step("privscore", "score", server, data_dir, n, concurrency=32)
+                    step("privscore-no-fsync", "score", unsynced, unsynced_dir, n, concurrency=32)
+                    step(METRICS_ON, "score", metered, metered_dir, n, concurrency=32)
+                    step(MTLS_ECHO, "echo", echo, data_dir, n, concurrency=32)
+                    step(PLAIN_ECHO, "echo", plain_echo, data_dir, n, concurrency=32)
+                    step("privscore", "score_batch", server, data_dir, n, concurrency=4, batch=128)
+                    step("onnxruntime", "onnxruntime", None, data_dir, n, batch=128)
+                if shadow:  # the pair's order swapped each round, as bench/ab.py does
+                    pair = (CHAMPION_ONLY, WITH_SHADOW) if n % 2 else (WITH_SHADOW, CHAMPION_ONLY)
+                    for target in pair:
+                        step(
+                            target,
+                            "score",
+                            privscores[target],
+                            shadow_dirs[target],
+                            n,
+                            concurrency=32,
+                        )
+                rss_by_round.append(max(s.peak_rss_mb() for s in privscores.values()))
+            memory = {target: s.peak_rss_mb() for target, s in privscores.items()}
+            if not only_shadow:
+                extra["metrics_scrapes"] = scraper.stop()
         finally:
             for running in servers:
                 running.stop()
-        stages = json.loads(
-            subprocess.run(
-                [sys.executable, "-m", "bench.stages", "--data-dir", str(data_dir)],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=True,
-            ).stdout.splitlines()[-1]
-        )
+        if shadow:
+            extra["shadow_score_records"] = check_shadowed(shadow_dirs)
+        if not only_shadow:
+            extra["score_stages"] = json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "bench.stages", "--data-dir", str(data_dir)],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                    check=True,
+                ).stdout.splitlines()[-1]
+            )
 
     measured = ratios(steps)
     # Each round's own ratios: their spread shows how much the machine moved.
@@ -438,17 +559,19 @@ def run(
         "duration_s": duration,
         "rounds": rounds,
         "cpus": os.cpu_count(),
+        "parts": (["main"] if not only_shadow else []) + ([SHADOW] if shadow else []),
         "peak_rss_mb": {k: round(v, 1) for k, v in memory.items()},
         "steps": steps,
         "ratios": measured,
         "ratios_by_round": by_round,
         "targets": target_table(steps, measured, by_round, max(memory.values()), rss_by_round),
-        "cpu_budget": cpu_budget(steps, os.cpu_count() or 1),
-        "score_stages": stages,
-        "metrics_scrapes": scrapes,
+        **({"shadow": shadow_summary(steps, by_round)} if shadow else {}),
+        **({} if only_shadow else {"cpu_budget": cpu_budget(steps, os.cpu_count() or 1)}),
+        **extra,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
-    draw(steps, plot)
+    if not only_shadow:
+        draw(steps, plot)
     return report
 
 
@@ -475,7 +598,45 @@ def find_step(steps: list[dict[str, Any]], target: str, rpc: str, **shape: int) 
 
 def ratios(steps: list[dict[str, Any]]) -> dict[str, float]:
     """The targets' measures and the other ratios to the ceilings, from the medians of the
-    rounds (or from `steps` of one round)."""
+    rounds (or from `steps` of one round); of the parts whose steps ran."""
+    ran = {s["target"] for s in steps}
+    measured = main_ratios(steps) if "privscore" in ran else {}
+    if WITH_SHADOW in ran:
+        measured.update(shadow_ratios(steps))
+    return measured
+
+
+def shadow_ratios(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """With a challenger in shadow vs without: the target's req/s, and CPU per call and p99."""
+    on = find_step(steps, WITH_SHADOW, "score", concurrency=32)
+    off = find_step(steps, CHAMPION_ONLY, "score", concurrency=32)
+    return {
+        f"score_c32_{key}_shadow_on_vs_off": round(on[measure] / off[measure], 3)
+        for key, measure in SHADOW_MEASURES
+    }
+
+
+def shadow_summary(steps: list[dict[str, Any]], by_round: list[dict[str, float]]) -> dict[str, Any]:
+    """Score at 32 callers with and without a challenger: each side's medians (and how busy
+    the machine was meanwhile), the ratio with/without of the medians, and each round's."""
+    on = find_step(steps, WITH_SHADOW, "score", concurrency=32)
+    off = find_step(steps, CHAMPION_ONLY, "score", concurrency=32)
+    keys = [measure for _, measure in SHADOW_MEASURES] + ["machine_busy_cores"]
+    return {
+        "without": {key: off[key] for key in keys},
+        "with": {key: on[key] for key in keys},
+        "with_vs_without": {
+            measure: {
+                "ratio": round(on[measure] / off[measure], 3),
+                "rounds": [r[f"score_c32_{key}_shadow_on_vs_off"] for r in by_round],
+            }
+            for key, measure in SHADOW_MEASURES
+        },
+    }
+
+
+def main_ratios(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """The ratios of the main part: to the ceilings, fsync and metrics on vs off."""
     score32 = find_step(steps, "privscore", "score", concurrency=32)
     echo32 = find_step(steps, MTLS_ECHO, "echo", concurrency=32)
     plain32 = find_step(steps, PLAIN_ECHO, "echo", concurrency=32)
@@ -515,13 +676,48 @@ def target_table(
     peak_rss_mb: float,
     rss_by_round: list[float],
 ) -> list[dict[str, Any]]:
-    """Each of TARGETS: the measured value (ratio of the rounds' medians), each round's value,
-    what it was computed from, and whether it is met."""
+    """Each of TARGETS whose steps ran: the measured value (ratio of the rounds' medians), each
+    round's value, what it was computed from, and whether it is met."""
+    ran = {s["target"] for s in steps}
+    inputs = main_inputs(steps) if "privscore" in ran else {}
+    if WITH_SHADOW in ran:
+        inputs["score_c32_rps_shadow_on_vs_off"] = {
+            "with_shadow_rps": find_step(steps, WITH_SHADOW, "score", concurrency=32)["rps"],
+            "without_rps": find_step(steps, CHAMPION_ONLY, "score", concurrency=32)["rps"],
+        }
+    values = {**measured, "peak_rss_mb": round(peak_rss_mb, 1)}
+    table = []
+    for target in TARGETS:
+        if target.measure not in values:
+            continue
+        value = values[target.measure]
+        rounds = (
+            [round(mb, 1) for mb in rss_by_round]  # the peak so far after each round
+            if target.measure == "peak_rss_mb"
+            else [r[target.measure] for r in by_round]
+        )
+        table.append(
+            {
+                "measure": target.measure,
+                "what": target.what,
+                "target": target.text(),
+                "measured": value,
+                "unit": target.unit,
+                "rounds": rounds,
+                "from_medians": inputs.get(target.measure, {}),
+                "met": target.met(value),
+            }
+        )
+    return table
+
+
+def main_inputs(steps: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """What the main part's targets are computed from (medians)."""
     score32 = find_step(steps, "privscore", "score", concurrency=32)
     echo32 = find_step(steps, MTLS_ECHO, "echo", concurrency=32)
     no_fsync = find_step(steps, "privscore-no-fsync", "score", concurrency=32)
     batch128 = find_step(steps, "privscore", "score_batch", batch_size=128)
-    inputs = {
+    return {
         "score_c32_server_cpu_vs_mtls_echo": {
             "score_server_cpu_us_per_call": score32["server_cpu_us_per_call"],
             "mtls_echo_server_cpu_us_per_call": echo32["server_cpu_us_per_call"],
@@ -542,28 +738,6 @@ def target_table(
             "metrics_off_rps": score32["rps"],
         },
     }
-    values = {**measured, "peak_rss_mb": round(peak_rss_mb, 1)}
-    table = []
-    for target in TARGETS:
-        value = values[target.measure]
-        rounds = (
-            [round(mb, 1) for mb in rss_by_round]  # the peak so far after each round
-            if target.measure == "peak_rss_mb"
-            else [r[target.measure] for r in by_round]
-        )
-        table.append(
-            {
-                "measure": target.measure,
-                "what": target.what,
-                "target": target.text(),
-                "measured": value,
-                "unit": target.unit,
-                "rounds": rounds,
-                "from_medians": inputs.get(target.measure, {}),
-                "met": target.met(value),
-            }
-        )
-    return table
 
 
 def cpu_budget(steps: list[dict[str, Any]], cores: int) -> dict[str, float]:
@@ -672,10 +846,12 @@ def soak(seconds: float, out: Path) -> dict[str, Any]:
 
 
 def print_targets(report: dict[str, Any]) -> None:
-    """The targets of issues 14 and 15, then the other ratios, each with every round's value."""
+    """The targets of issues 14, 15 and 18, then the other ratios, each with every round's
+    value."""
     print(
-        f"\ntargets (issues 14 and 15): the ratio of the medians of {report['rounds']} alternating "
-        "rounds, then each round's own value (peak RSS: the peak so far after each round)"
+        f"\ntargets (issues 14, 15 and 18): the ratio of the medians of {report['rounds']} "
+        "alternating rounds, then each round's own value (peak RSS: the peak so far after each "
+        "round)"
     )
     for row in report["targets"]:
         unit = "x" if row["unit"] == "x" else f" {row['unit']}"
@@ -695,6 +871,31 @@ def print_targets(report: dict[str, Any]) -> None:
             print(f"  {name:<36} {value:>7.3f}   rounds: {spread}")
 
 
+def print_shadow(report: dict[str, Any]) -> None:
+    """Score at 32 callers with a challenger in shadow and without: medians, ratio, rounds."""
+    shadow = report["shadow"]
+    print(
+        f"\nthe shadow's cost (issue 18): Score at 32 callers, the same signed champion without "
+        f"and with a challenger, medians of {report['rounds']} alternating rounds"
+    )
+    print(f"  {'measure':<26}{'without':>10}{'with':>10}{'ratio':>9}   rounds")
+    for _, measure in SHADOW_MEASURES:
+        compared = shadow["with_vs_without"][measure]
+        print(
+            f"  {measure:<26}{shadow['without'][measure]:>10.5g}{shadow['with'][measure]:>10.5g}"
+            f"{compared['ratio']:>8.3f}x   " + ", ".join(f"{r:.3f}" for r in compared["rounds"])
+        )
+    print(
+        f"  {'machine busy cores':<26}{shadow['without']['machine_busy_cores']:>10.3g}"
+        f"{shadow['with']['machine_busy_cores']:>10.3g}"
+    )
+    records = report["shadow_score_records"]
+    print(
+        f"  Score records with a shadow: {records[WITH_SHADOW]} of {records[WITH_SHADOW]} "
+        f"(with), 0 of {records[CHAMPION_ONLY]} (without)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per step")
@@ -712,12 +913,17 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=(SCALE_OUT,),
-        help="run only this part: Score on the file log vs PostgreSQL, --workers 2 vs 1 "
-        "(bench/scale_out.py; added to --out under its name)",
+        choices=(SCALE_OUT, SHADOW),
+        help="run only this part: scale-out, Score on the file log vs PostgreSQL, --workers 2 "
+        "vs 1 (bench/scale_out.py; added to --out under its name); shadow, Score with a "
+        "challenger in shadow vs without (written to --out, its steps alone)",
     )
     parser.add_argument(
-        "--skip", choices=(SCALE_OUT,), action="append", default=[], help="leave this part out"
+        "--skip",
+        choices=(SCALE_OUT, SHADOW),
+        action="append",
+        default=[],
+        help="leave this part out",
     )
     args = parser.parse_args()
     from bench import scale_out  # it builds on this module
@@ -725,6 +931,18 @@ def main() -> None:
     if args.only == SCALE_OUT:
         scale_out.write(scale_out.run(args.warmup, args.duration, args.rounds), args.out)
         print(f"\nwrote the key scale_out of {args.out}")
+        return
+    if args.only == SHADOW:
+        print(
+            f"privscore bench, the shadow alone: {args.warmup:g} s warm-up + {args.duration:g} s "
+            f"per step, {args.rounds} alternating rounds (#n), ratios of their medians"
+        )
+        print(TABLE_HEADER, flush=True)
+        report = run(args.warmup, args.duration, args.out, args.plot, args.rounds, only_shadow=True)
+        print("\npeak RSS (MB):", report["peak_rss_mb"])
+        print_targets(report)
+        print_shadow(report)
+        print(f"\nwrote {args.out}")
         return
     if args.soak:
         report = soak(args.soak, args.out)
@@ -739,7 +957,9 @@ def main() -> None:
         f"the ratios' steps in {args.rounds} alternating rounds (#n), ratios of their medians"
     )
     print(TABLE_HEADER, flush=True)
-    report = run(args.warmup, args.duration, args.out, args.plot, args.rounds)
+    report = run(
+        args.warmup, args.duration, args.out, args.plot, args.rounds, shadow=SHADOW not in args.skip
+    )
     stages = report["score_stages"]
     print(
         f"\none Score's stages in process (median us; {stages['fields_per_request']} fields, "
@@ -757,6 +977,8 @@ def main() -> None:
         f"{budget['score_server_cpu_us_measured']:.0f} (the mTLS echo server: "
         f"{budget['echo_server_cpu_us_measured']:.0f})"
     )
+    if "shadow" in report:
+        print_shadow(report)
     if SCALE_OUT not in args.skip:  # skipped, saying why, when no PostgreSQL answers
         scale_out.write(scale_out.run(args.warmup, args.duration, args.rounds), args.out)
     print(f"\nwrote {args.out} and {args.plot}")

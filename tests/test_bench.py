@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from service.db import connect
 from tests.conftest import REPO_ROOT, PostgresServer
@@ -59,13 +60,15 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         ("privscore", "evaluate_event"),
         ("privscore-no-fsync", "score"),
         ("privscore-metrics", "score"),
+        ("privscore-champion", "score"),
+        ("privscore-shadow", "score"),
         ("mtls-echo", "echo"),
         ("plaintext-echo", "echo"),
         ("onnxruntime", "onnxruntime"),
     }
     assert all(step["errors"] == 0 and step["count"] > 0 for step in report["steps"])
     rounds = [(s["target"], s["round"]) for s in report["steps"] if "round" in s]
-    assert sorted(rounds).count(("mtls-echo", 2)) == 1 and len(rounds) == 14  # 7 steps, 2 rounds
+    assert sorted(rounds).count(("mtls-echo", 2)) == 1 and len(rounds) == 18  # 9 steps, 2 rounds
     assert set(report["ratios"]) == {
         "score_c32_server_cpu_vs_mtls_echo",
         "score_c32_rps_vs_mtls_echo",
@@ -78,10 +81,13 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         "audit_fsync_on_vs_off_rps",
         "mtls_echo_vs_plaintext_rps",
         "mtls_echo_vs_plaintext_server_cpu",
+        "score_c32_rps_shadow_on_vs_off",
+        "score_c32_server_cpu_shadow_on_vs_off",
+        "score_c32_p99_shadow_on_vs_off",
     }
     assert report["peak_rss_mb"]["privscore"] > 0
     assert [set(r) for r in report["ratios_by_round"]] == [set(report["ratios"])] * 2
-    # Issues 14 and 15's targets: each measured, with every round's value and a verdict.
+    # Issues 14, 15 and 18's targets: each measured, with every round's value and a verdict.
     targets = {t["measure"]: t for t in report["targets"]}
     assert list(targets) == [
         "score_c32_server_cpu_vs_mtls_echo",
@@ -90,6 +96,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         "batch128_server_cpu_us_per_row",
         "peak_rss_mb",
         "score_c32_rps_metrics_on_vs_off",
+        "score_c32_rps_shadow_on_vs_off",
     ]
     assert all(t["measured"] > 0 and len(t["rounds"]) == 2 for t in targets.values())
     assert all(isinstance(t["met"], bool) for t in targets.values())
@@ -97,7 +104,7 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     cpu = targets["score_c32_server_cpu_vs_mtls_echo"]["from_medians"]
     assert cpu["score_server_cpu_us_per_call"] > cpu["mtls_echo_server_cpu_us_per_call"] > 0
     printed = done.stdout
-    assert printed.count("PASS") + printed.count("MISS") >= 6 and "mTLS echo" in printed
+    assert printed.count("PASS") + printed.count("MISS") >= 7 and "mTLS echo" in printed
     assert report["metrics_scrapes"] >= 1  # the metrics server was scraped while measured
     served = [s for s in report["steps"] if s["target"] != "onnxruntime"]
     assert all(s["server_cpu_us_per_call"] > 0 and s["client_cpu_us_per_call"] > 0 for s in served)
@@ -115,6 +122,70 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert all(micros > 0 for micros in stages["stages_us"].values())
     assert stages["fields_per_request"] == 18 and 0 < stages["adverse_share"] < 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _check_shadow(report, rounds=2)
+    assert "the shadow's cost" in printed
+
+
+def _check_shadow(report: dict[str, Any], rounds: int) -> None:
+    """The shadow's part of a report: both sides measured in every round, in swapped order, the
+    challenger's score recorded for every Score of the one server and none of the other's."""
+    champion, shadow = "privscore-champion", "privscore-shadow"
+    pair = [(s["target"], s["round"]) for s in report["steps"] if s["target"] in (champion, shadow)]
+    assert pair == [(champion, 1), (shadow, 1), (shadow, 2), (champion, 2)][: 2 * rounds]
+    summary = report["shadow"]
+    measures = {"rps", "server_cpu_us_per_call", "p99_ms"}
+    assert set(summary["with_vs_without"]) == measures
+    assert all(summary[side][m] > 0 for side in ("with", "without") for m in measures)
+    assert all(len(r["rounds"]) == rounds for r in summary["with_vs_without"].values())
+    records = report["shadow_score_records"]
+    assert records[champion] > 0 and records[shadow] > 0
+    assert report["peak_rss_mb"][shadow] > 0
+
+
+def test_the_shadow_part_runs_alone(tmp_path: Path) -> None:
+    """`--only shadow`: the two servers with and without a challenger, one short round; the
+    report has the same keys as the whole bench's, with the shadow's steps, ratios and target
+    alone, and no plot."""
+    out, plot = tmp_path / "results.json", tmp_path / "latency.png"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--only",
+            "shadow",
+            "--warmup",
+            "0.2",
+            "--duration",
+            "0.8",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+            "--plot",
+            str(plot),
+        ],
+        cwd=REPO_ROOT,
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(out.read_text())
+    assert report["parts"] == ["shadow"] and not plot.exists()
+    assert {s["target"] for s in report["steps"]} == {"privscore-champion", "privscore-shadow"}
+    assert all(s["errors"] == 0 and s["round"] == 1 for s in report["steps"])
+    assert set(report["ratios"]) == {
+        "score_c32_rps_shadow_on_vs_off",
+        "score_c32_server_cpu_shadow_on_vs_off",
+        "score_c32_p99_shadow_on_vs_off",
+    }
+    assert [t["measure"] for t in report["targets"]] == [
+        "peak_rss_mb",
+        "score_c32_rps_shadow_on_vs_off",
+    ]
+    _check_shadow(report, rounds=1)
+    assert "the shadow's cost" in done.stdout
 
 
 def _worktrees() -> set[str]:
