@@ -7,8 +7,10 @@
     privscore-model drift-reference DIR --data CSV
     privscore-model keygen --out PRIVATE --public-out PUBLIC
     privscore-model infer-schema --data CSV --label COLUMN --bad VALUE --out FILE
+    privscore-model report --outcomes FILE --out DIR [--definition D] [--bootstrap N] [--seed S]
 
-Exit status: 0 success, 1 a check or step failed (message on stderr), 2 bad usage.
+Exit status: 0 success, 1 a check or step failed (message on stderr), 2 bad usage. `report`
+also exits 1 when it wrote a report with no verdict (AUC undefined: one outcome class only).
 """
 
 from __future__ import annotations
@@ -141,6 +143,41 @@ def _infer_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from model_export.report import ReportOptions, run_report
+
+    # Options not given keep ReportOptions' defaults: one place states them.
+    given = {
+        name: getattr(args, name)
+        for name in ("bootstrap", "seed", "min_group_size")
+        if getattr(args, name) is not None
+    }
+    report = run_report(
+        ReportOptions(
+            outcomes=args.outcomes,
+            out=args.out,
+            definition=args.definition,
+            champion_version=args.champion_version,
+            challenger_version=args.challenger_version,
+            **given,
+        )
+    )
+    document = report.document
+    for role in ("champion", "challenger"):
+        metrics = document[role]
+        auc = "undefined" if metrics["auc"] is None else f"{metrics['auc']:.4f}"
+        print(
+            f"{role:<10} {metrics['model_version']}: auc {auc} brier {metrics['brier']:.4f} "
+            f"approval {metrics['approval_rate']:.1%} on {document['counts']['compared']} decisions"
+        )
+    print(document["comparison"]["verdict_text"])
+    print(f"wrote {', '.join(str(path) for path in report.paths)}")
+    if not report.comparable:
+        print("privscore-model report: no verdict: AUC is undefined", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="privscore-model", description="Train, export, sign and verify privscore models."
@@ -207,6 +244,27 @@ def _parser() -> argparse.ArgumentParser:
     _data_arguments(infer)
     infer.add_argument("--out", type=Path, required=True, help="schema JSON to write")
     infer.set_defaults(run=_infer_schema)
+
+    report = commands.add_parser(
+        "report", help="compare champion and challenger on the same decisions' outcomes"
+    )
+    report.add_argument(
+        "--outcomes", type=Path, required=True, help="`privscore audit outcomes` file (JSONL)"
+    )
+    report.add_argument("--out", type=Path, required=True, help="directory for report.*")
+    report.add_argument("--definition", help="outcome definition (default: the file's only one)")
+    report.add_argument("--bootstrap", type=int, help="bootstrap replicates (default 1000)")
+    report.add_argument("--seed", type=int, help="bootstrap seed (default 42)")
+    report.add_argument(
+        "--min-group-size",
+        type=int,
+        help="age groups with fewer decisions are listed, not compared (default 30)",
+    )
+    report.add_argument(
+        "--champion-version", help="compare this champion (default: the pair with most decisions)"
+    )
+    report.add_argument("--challenger-version", help="compare this challenger")
+    report.set_defaults(run=_report)
     return parser
 
 
