@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from privscore.v1 import model_service_pb2_grpc, outcome_service_pb2_grpc
 from privscore.v1 import outcome_service_pb2 as outcomes_pb
 from service.audit import iter_records
 from service.config import DEFAULT_MODEL_DIR, DataLayout
-from tests.conftest import ServerProcess, applicants, privscore_cli
+from tests.conftest import REPO_ROOT, ServerProcess, applicants, privscore_cli
 from tests.test_closed_loop import account
 from tests.test_server import error_reason
 
@@ -298,6 +300,22 @@ def test_outcomes_export_joins_champion_shadow_and_age_group(team: dict[str, Any
         assert n == 2 or line["age_group"] in {"under_25", "25_34", "35_49", "50_plus"}
     text = out.read_text()
     assert all(client.subject("t", f"export-{n}").pseudonym not in text for n in range(4))
+    # The model team's report reads it as it is.
+    report_dir = team["root"] / "report"
+    reported = subprocess.run(
+        [
+            *(sys.executable, "-m", "model_export", "report", "--outcomes", str(out)),
+            *("--out", str(report_dir), "--bootstrap", "200"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    assert json.dumps(report).count("german-credit-challenger-1") >= 1
 
 
 def test_the_cli_changes_models_and_records_outcomes(team: dict[str, Any]) -> None:

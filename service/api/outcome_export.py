@@ -65,25 +65,34 @@ def latest_outcomes(
     return found
 
 
+def _decision(value: object) -> str | None:
+    return value.removeprefix(_DECISION) if isinstance(value, str) and value else None
+
+
 def _champion(record: dict[str, Any]) -> dict[str, Any]:
+    """What the record says the champion decided; a value the record lacks is null, never a
+    plausible zero the report would count."""
     outputs = record.get("outputs") or {}
+    probability = recorded_probability(outputs, -1.0)
     return {
         "model_version": record.get("model_version"),
-        "pd": recorded_probability(outputs, 0.0),
-        "score": outputs.get("score", 0),
-        "decision": str(outputs.get("decision", "")).removeprefix(_DECISION),
+        "pd": probability if probability >= 0 else None,
+        "score": outputs.get("score"),
+        "decision": _decision(outputs.get("decision")),
     }
 
 
 def _challenger(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The shadow's assessment, or null when none ran or the row was not shadowed."""
     shadow = record.get("shadow")
-    if not isinstance(shadow, dict):
+    if not isinstance(shadow, dict) or "skipped" in shadow:
         return None
+    ppb = shadow.get(PD_PPB)
     return {
         "model_version": shadow.get("model_version"),
-        "pd": float(shadow.get(PD_PPB, 0)) / PPB,
-        "score": shadow.get("score", 0),
-        "decision": str(shadow.get("decision", "")).removeprefix(_DECISION),
+        "pd": float(ppb) / PPB if isinstance(ppb, int) else None,
+        "score": shadow.get("score"),
+        "decision": _decision(shadow.get("decision")),
     }
 
 
