@@ -490,7 +490,9 @@ class PrivscoreServer:
             store.close()
             raise
         ledger = EmbeddedLedger(
-            store, FailClosedAudit(audit_log, self._audit_failed, self.metrics.records)
+            store,
+            FailClosedAudit(audit_log, self._audit_failed, self.metrics.records),
+            on_failure=self._audit_failed,
         )
         prove = file_prover(self.settings.layout.audit_dir, audit_log.verifier, audit_log.origin)
         return ledger, prove, AlertSource(ledger)

@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import secrets
+import sqlite3
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -286,9 +287,17 @@ class GroupCommit(Generic[K, V]):
 class EmbeddedLedger:
     """SQLite and the file log: the record first, then the row (module doc)."""
 
-    def __init__(self, store: DecisionStore, audit: FailClosedAudit) -> None:
+    def __init__(
+        self,
+        store: DecisionStore,
+        audit: FailClosedAudit,
+        on_failure: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """`on_failure` is awaited when the store cannot be written (a full disk, an I/O
+        error): the server turns NOT_SERVING, as for the audit log."""
         self._store = store
         self._audit = audit
+        self._on_failure = on_failure
         # SQLite is used from this one thread only: it serialises writers, keeps the loop free.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         # Subject keys in use, by (tenant, pseudonym, period): most Score calls find theirs here.
@@ -310,6 +319,16 @@ class EmbeddedLedger:
             return await loop.run_in_executor(self._thread, call, *args)
         except StoreTampered as error:
             raise tampered(error) from None
+        except sqlite3.OperationalError as error:
+            # Fail closed, as the audit log does: no decision leaves on state the store could
+            # not keep. The class only: SQLite's message may quote a statement.
+            _log.error("store.write_failed", error=type(error).__name__)
+            if self._on_failure is not None:
+                await self._on_failure()
+            raise Unavailable(
+                "the decision store cannot be written; no decision is made",
+                reason="STORE_UNAVAILABLE",
+            ) from None
 
     async def limit_decision(self, tenant: str, request_id: str) -> StoredLimitDecision | None:
         return await self._in_store(self._store.limit_decision, tenant, request_id)
