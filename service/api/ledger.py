@@ -284,6 +284,13 @@ class GroupCommit(Generic[K, V]):
             self._writer = None
 
 
+def _store_unavailable() -> Unavailable:
+    return Unavailable(
+        "the decision store cannot be written; no decision is made until the server restarts",
+        reason="STORE_UNAVAILABLE",
+    )
+
+
 class EmbeddedLedger:
     """SQLite and the file log: the record first, then the row (module doc)."""
 
@@ -298,6 +305,7 @@ class EmbeddedLedger:
         self._store = store
         self._audit = audit
         self._on_failure = on_failure
+        self._broken = False
         # SQLite is used from this one thread only: it serialises writers, keeps the loop free.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         # Subject keys in use, by (tenant, pseudonym, period): most Score calls find theirs here.
@@ -314,21 +322,23 @@ class EmbeddedLedger:
         return self._audit
 
     async def _in_store(self, call: Callable[..., T], *args: Any) -> T:
+        if self._broken:
+            raise _store_unavailable()
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._thread, call, *args)
         except StoreTampered as error:
             raise tampered(error) from None
         except sqlite3.OperationalError as error:
-            # Fail closed, as the audit log does: no decision leaves on state the store could
-            # not keep. The class only: SQLite's message may quote a statement.
+            # Fail closed, as the audit log does, and for good: a decision whose record is in
+            # the log may lack its row, so a retry could decide it again. The next start
+            # rebuilds the row from the log. The class only: SQLite's message may quote a
+            # statement.
+            self._broken = True
             _log.error("store.write_failed", error=type(error).__name__)
             if self._on_failure is not None:
                 await self._on_failure()
-            raise Unavailable(
-                "the decision store cannot be written; no decision is made",
-                reason="STORE_UNAVAILABLE",
-            ) from None
+            raise _store_unavailable() from None
 
     async def limit_decision(self, tenant: str, request_id: str) -> StoredLimitDecision | None:
         return await self._in_store(self._store.limit_decision, tenant, request_id)

@@ -175,6 +175,12 @@ class DecisionStore:
         # 0600 before SQLite opens it: SQLite gives its -wal and -shm files the database's mode.
         private_file(path)
         self._rows = RowSealer(state_key)
+        # Before SQLite opens anything: closing a descriptor of a file drops every POSIX lock
+        # this process holds on it, and SQLite's on the -shm file are what tell another
+        # process (a reviewer's `audit replay` beside the server) it is not alone, which
+        # would otherwise reset the shared index under it (SIGBUS). SQLite's "How To Corrupt".
+        for leftover in ("-wal", "-shm"):  # kept from an older server's crash, maybe 0644
+            private_file(path.with_name(path.name + leftover), create=False)
         # autocommit off (isolation_level=None + explicit BEGIN) so each change is one transaction
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.text_factory = _text
@@ -182,8 +188,6 @@ class DecisionStore:
         self._db.execute("PRAGMA synchronous=FULL")  # a committed decision survives power loss
         # What erasure and retention delete is overwritten, not left in free pages.
         self._db.execute("PRAGMA secure_delete=ON")
-        for leftover in ("-wal", "-shm"):  # kept from an older server's crash, maybe 0644
-            private_file(path.with_name(path.name + leftover), create=False)
         try:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version == 2:
