@@ -7,6 +7,7 @@ or the encrypted inputs in clear, whatever the schema allows."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import sqlite3
@@ -18,8 +19,10 @@ import jsonschema
 import pytest
 import rfc8785
 
+from model_export.sign import generate_keypair
 from privscore.v1 import alert_service_pb2 as alert_pb
 from privscore.v1 import limit_service_pb2 as limit_pb
+from privscore.v1 import outcome_service_pb2 as outcome_pb
 from service.api.ledger import new_key
 from service.audit import iter_records
 from service.audit.record import RECORD_FORMAT
@@ -29,6 +32,7 @@ from service.privacy.digest import derive_state_key
 from tests.conftest import REPO_ROOT, ServerProcess, applicants, init_dev_keys, privscore_cli
 from tests.test_alerts import cny, event
 from tests.test_audit_sealed_amounts import server_secret
+from tests.test_model_lifecycle import artifact
 from tests.test_server import error_reason
 
 SCHEMA = json.loads((REPO_ROOT / "docs" / "audit-record.schema.json").read_text())
@@ -98,7 +102,21 @@ def test_every_record_of_every_kind_fits_the_schema_and_is_rfc_8785(tmp_path: Pa
     data_dir = tmp_path / "var"
     seed_an_old_subject_key(data_dir)
     customers = [f"schema-{n}" for n in range(12)]
-    server = ServerProcess(data_dir, "--retention-days", "30")
+    # The model lifecycle's records need a challenger the server trusts: both artifacts signed
+    # by a throwaway model-team key (the bundled model, re-signed; the challenger renamed).
+    team_key, team_public = tmp_path / "team.key", tmp_path / "team.pub"
+    generate_keypair(team_key, team_public)
+    champion = artifact(tmp_path, "champion", team_key)
+    challenger = artifact(tmp_path, "challenger", team_key, "german-credit-challenger-1")
+    server = ServerProcess(
+        data_dir,
+        "--retention-days",
+        "30",
+        "--model-dir",
+        str(champion),
+        "--model-public-key",
+        str(team_public),
+    )
     try:
         server.wait_for_record(lambda r: r.get("event") == "retention.expired", timeout=30)
         with server.channel() as channel:
@@ -140,6 +158,18 @@ def test_every_record_of_every_kind_fits_the_schema_and_is_rfc_8785(tmp_path: Pa
             client.export_subject(TENANT, customer_id=customers[0])
             client.export_subject(TENANT, customer_id="schema-never-seen")  # names the tenant
             client.erase_subject(TENANT, customer_id=customers[1])
+            # A challenger in shadow, promoted, rolled back and unloaded; an outcome.
+            client.change_models("load", model_dir=str(challenger))
+            client.score(TENANT, "schema-shadowed", applicants()[5])
+            client.change_models("promote", model_version="german-credit-challenger-1")
+            client.change_models("rollback")
+            client.change_models("unload")
+            client.record_outcome(
+                scored[0].metadata.decision_id,
+                outcome_pb.OUTCOME_BAD,
+                dt.datetime.now(dt.UTC),
+                "DPD90_WITHIN_12M",
+            )
             pseudonyms = {
                 client.subject(TENANT, c).pseudonym
                 for c in [*customers, "schema-b1", "schema-b2", "schema-l1", "schema-l2"]
@@ -172,6 +202,8 @@ def test_every_record_of_every_kind_fits_the_schema_and_is_rfc_8785(tmp_path: Pa
     assert set(seen) == set(KINDS), seen
     assert seen["score"] >= 13 and seen["refusal"] >= 3 and seen["rotation"] == 1
     assert seen["alert_update"] == 2 and seen["expire"] == 1 and seen["reconcile"] == 1
+    assert seen["model_change"] == 4 and seen["outcome"] == 1
+    assert any("score" in record.get("shadow", {}) for record in records)
     assert any("offer" in record for record in records)  # an initial-limit offer was recorded
     limits = [r for r in records if r["rpc"].endswith("/AdjustLimit") and "outputs" in r]
     assert {r["score_source"] for r in limits} == {"IN_CALL", "CALLER_STATED", "RECORDED"}
