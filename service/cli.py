@@ -479,6 +479,28 @@ def _cmd_audit_outcomes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_ids_of(data_dir: Path, secret: bytes, source: Any, pseudonym: str) -> set[str]:
+    """The ids of the subject keys of a pseudonym: how format-3 records name it."""
+    from service.audit.pg.review import DatabaseLog
+    from service.decisions.store import DecisionStore
+    from service.privacy.digest import derive_state_key
+
+    if isinstance(source, DatabaseLog):
+        from service.db.connect import connect
+        from service.decisions.pg_store import key_ids_of_pseudonym
+
+        with connect(source.kwargs) as conn:
+            return set(key_ids_of_pseudonym(conn, derive_state_key(secret), pseudonym))
+    path = DataLayout(data_dir).decision_store
+    if not path.exists():
+        return set()
+    store = DecisionStore(path, derive_state_key(secret))
+    try:
+        return set(store.key_ids_of_pseudonym(pseudonym))
+    finally:
+        store.close()
+
+
 @contextlib.contextmanager
 def _subject_keys(
     data_dir: Path, secret: bytes, source: Any = None
@@ -544,11 +566,7 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
         return 2
     secret = keyring.server_secret()
     key = derive_record_key(secret)
-    equals = {
-        name: value
-        for name, value in (("decision_id", args.decision), ("subject", args.subject))
-        if value is not None
-    }
+    equals = {"decision_id": args.decision} if args.decision is not None else {}
     unopened = 0
     try:
         source = log_source(args)
@@ -556,6 +574,8 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
         print(f"privscore audit show: {error}", file=sys.stderr)
         return 2
     try:
+        # A subject is named in clear by records before format 3, and by its keys' ids since.
+        keys = _key_ids_of(data_dir, secret, source, args.subject) if args.subject else set()
         with (
             source.directory() as directory,
             _subject_keys(data_dir, secret, source) as subject_key,
@@ -564,6 +584,10 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
                 directory, equals=equals, since=args.since, until=args.until
             ):
                 record: dict[str, Any] = dict(stored.record)
+                if args.subject and not (
+                    record.get("subject") == args.subject or record.get("subject_key") in keys
+                ):
+                    continue
                 if SEALED in record:
                     try:
                         record["opened"] = open_personal(

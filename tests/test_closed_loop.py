@@ -203,6 +203,14 @@ def test_the_whole_loop(server: ServerProcess) -> None:
         assert document["open_alerts"] == []
         assert document["accesses"], "the explanation given is part of the subject's trail"
 
+        # A reviewer with the keys finds the subject's records by its pseudonym.
+        pseudonym = client.subject(TENANT, CUSTOMER).pseudonym
+        shown = privscore_cli(server.data_dir, "audit", "show", "--open", "--subject", pseudonym)
+        assert shown.returncode == 0, shown.stderr
+        found = [json.loads(line)["record"] for line in shown.stdout.splitlines()]
+        assert len(found) >= 10 and all(r["opened"]["subject"] == pseudonym for r in found)
+        assert scored.metadata.decision_id in {r["decision_id"] for r in found}
+
         # 6. Erased: the store forgets, the log keeps decisions nobody can read the person in.
         erased = client.erase_subject(TENANT, customer_id=CUSTOMER)
         assert erased.erased and erased.events_deleted == 3

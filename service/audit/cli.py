@@ -415,7 +415,12 @@ def add_audit_commands(
 
     show = command("show", _cmd_show, "print matching records", key=False, reads_database=True)
     show.add_argument("--decision", metavar="ID", help="decision_id equals")
-    show.add_argument("--subject", metavar="PSEUDONYM", help="subject equals")
+    show.add_argument(
+        "--subject",
+        metavar="PSEUDONYM",
+        help="subject equals (records before format 3 name it in clear; with --open, format-3 "
+        "records too, through the subject's keys)",
+    )
     show.add_argument("--since", type=_iso_time, metavar="ISO", help="time at or after")
     show.add_argument("--until", type=_iso_time, metavar="ISO", help="time before")
 

@@ -123,6 +123,21 @@ def subject_key_by_id(conn: psycopg.Connection[Any], state_key: bytes, key_id: s
     return RowSealer(state_key).open(_to_row(SubjectKeyRow, found[:-1]), bytes(found[-1]))
 
 
+def key_ids_of_pseudonym(
+    conn: psycopg.Connection[Any], state_key: bytes, pseudonym: str
+) -> list[str]:
+    """The ids of every key of a pseudonym, whatever its tenant, each row authenticated."""
+    sealer = RowSealer(state_key)
+    found = conn.execute(
+        f"SELECT {_select_list(SubjectKeyRow)} FROM subject_keys WHERE pseudonym = %s",
+        (pseudonym,),
+    ).fetchall()
+    rows = [_to_row(SubjectKeyRow, values[:-1]) for values in found]
+    for row, values in zip(rows, found, strict=True):
+        sealer.open(row, bytes(values[-1]))
+    return [row.key_id for row in rows]
+
+
 def raised_state_row(sequence: int, alert: bytes, raised_at: dt.datetime) -> AlertStateRow:
     """A raised alert's state row: open, under the subject and severity its message names
     (the row the SQLite store writes for it)."""

@@ -529,6 +529,11 @@ class DecisionStore:
                     found[(tenant, pseudonym, period)] = (key_id, key)
         return [found[key] for key in wanted]
 
+    def key_ids_of_pseudonym(self, pseudonym: str) -> list[str]:
+        """The ids of every key of a pseudonym, whatever its tenant (`audit show --subject`)."""
+        rows = self._opened(SubjectKeyRow, "pseudonym=?", (pseudonym,), "ORDER BY period")
+        return [row.key_id for row, _ in rows]
+
     def subjects_of_keys(self) -> dict[str, tuple[str, str]]:
         """Every subject key's id with its (tenant, pseudonym), each row authenticated: how
         the start-up reconciliation names the subject of a record."""
