@@ -1,16 +1,36 @@
-"""The model card (markdown), rendered from the manifest so the two never disagree."""
+"""The model card (markdown), rendered from the manifest so the two never disagree.
+
+The LDA search's full candidate table lives in `lda.json` beside the card (its hash pinned in
+the signed manifest); the manifest itself keeps the search's summary.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from model_export.plots import CALIBRATION_FILE, ROC_FILE
-from service.model.manifest import Manifest
+from model_export.plots import CALIBRATION_FILE, FRONTIER_FILE, ROC_FILE
+from service.model.manifest import Manifest, check_file_hash
 
 CARD_FILE = "model_card.md"
+LDA_FILE = "lda.json"
+LDA_KEY = "lda_search"  # the manifest's verification entry pinning LDA_FILE
 
 
-def render_card(manifest: Manifest) -> str:
+def read_lda_document(artifact_dir: str | Path, manifest: Manifest) -> dict[str, Any] | None:
+    """The artifact's LDA search table, if the manifest pins one (its hash checked first)."""
+    entry = manifest.verification.get(LDA_KEY)
+    if not isinstance(entry, dict):
+        return None
+    path = check_file_hash(artifact_dir, entry["file"], entry["sha256"])
+    document: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return document
+
+
+def render_card(manifest: Manifest, lda: Mapping[str, Any] | None = None) -> str:
+    """The card; `lda` is the search's document (lda.json) when the run searched."""
     metrics = manifest.metrics
     champion = manifest.champion
     fairness = metrics["fairness"]
@@ -55,12 +75,15 @@ def render_card(manifest: Manifest) -> str:
     excluded = manifest.schema.excluded_features
     if not excluded:
         lines.append("None.")
+    search = manifest.training.get("lda_search") or {}
+    lda_dropped = set((search.get("shipped_candidate") or {}).get("dropped_features", ()))
     for spec in excluded:
-        why = (
-            "a sensitive attribute a lender must not base a credit decision on"
-            if spec.sensitive
-            else "excluded for this training run"
-        )
+        if spec.name in lda_dropped:
+            why = "dropped by the LDA search (below), as a sensitive input or a proxy"
+        elif spec.sensitive:
+            why = "a sensitive attribute a lender must not base a credit decision on"
+        else:
+            why = "excluded for this training run"
         detail = f" ({spec.description})" if spec.description else ""
         lines.append(f"- `{spec.name}`{detail}: {why}. It is not an input of the ONNX model.")
     lines += [
@@ -77,6 +100,15 @@ def render_card(manifest: Manifest) -> str:
         "development rows with sigmoid calibration, scored once on the holdout. The shipped "
         "model is the champion's calibrated fit; its holdout numbers describe exactly it.",
         "",
+    ]
+    if metrics.get("selection", "").startswith("LDA search"):
+        lines += [
+            f"The shipped model, **{champion}**, is the LDA search's choice (see below), not "
+            "necessarily the family with the highest mean CV AUC; its row went through the same "
+            "cross-validation and holdout steps.",
+            "",
+        ]
+    lines += [
         "| Family | CV AUC mean | CV AUC std | Holdout AUC | Holdout KS | Holdout Brier |",
         "|---|---|---|---|---|---|",
     ]
@@ -103,6 +135,7 @@ def render_card(manifest: Manifest) -> str:
         )
     lines += ["", f"![Calibration on the holdout split]({CALIBRATION_FILE})", ""]
     lines += _fairness_section(fairness)
+    lines += _lda_section(manifest, lda)
     scaling = manifest.scaling
     lines += [
         "## Scorecard scaling and reason codes",
@@ -130,6 +163,7 @@ def render_card(manifest: Manifest) -> str:
             "scores and can surface as reason codes; the decision policy must decide whether "
             "that is acceptable where the service runs."
         )
+    lines += _lda_limitations(manifest)
     lines += [
         "- Trained on a small, historical sample; outcomes exist only for applicants who were "
         "granted credit (no reject inference), so risk for profiles unlike past approvals is "
@@ -196,4 +230,137 @@ def _fairness_section(fairness: dict[str, Any]) -> list[str]:
                 f"{group['observed_bad_rate']:.3f} |"
             )
         lines.append("")
+    return lines
+
+
+def _lda_section(manifest: Manifest, lda: Mapping[str, Any] | None) -> list[str]:
+    search = manifest.training.get("lda_search")
+    if search is None:
+        return []  # trained before the search existed: the card stays as it was
+    lines = ["## Less discriminatory alternative (LDA) search", ""]
+    summary = manifest.metrics.get("lda")
+    if not search.get("enabled") or summary is None:
+        return [
+            *lines,
+            "**Not run for this model** (`--no-lda-search`): nothing here says whether a model "
+            "about as accurate would treat the groups more evenly.",
+            "",
+        ]
+    lines += [
+        "Excluding a sensitive attribute does not stop proxies from carrying it, so training "
+        "searches a documented space of alternatives (`model_export/lda.py`: each family as "
+        "compared above, regularised, monotone, without sensitive inputs, reweighed by group x "
+        "label, without the strongest proxies) and picks one by a stated rule.",
+        "",
+        f"**Rule:** {summary['rule']}.",
+        "",
+        f"**Result:** {summary['statement']}",
+        "",
+    ]
+    if summary["meets_rule"]:
+        lines.append(f"**Shipped:** {summary['shipped']}, the search's choice.")
+    else:
+        lines.append(
+            f"**Shipped:** {summary['shipped']}, the champion, unchanged: the four-fifths "
+            "rule is NOT met by any candidate within the accuracy band."
+        )
+    lines.append("")
+    if lda is None:
+        return [*lines, f"The candidate table is in `{summary['file']}`.", ""]
+    method = lda["method"]
+    confidence = f"{method['confidence']:.0%}"
+    lines += [
+        f"Measured on the {method['rows']} development rows (the holdout is not used): "
+        f"stratified {method['folds']}-fold CV, each fold fitting the calibrated pipeline; "
+        f"every row's out-of-fold P(bad) approved when below {method['approval_cutoff']:.4f} "
+        f"({method['cutoff_rule']}). Ratio = lowest / highest group approval rate. "
+        f"Intervals: {confidence} percentile bootstrap ({method['bootstrap_samples']} "
+        "resamples of the out-of-fold rows within fold and label; the same resamples for every "
+        "candidate, so the gap to the best is paired); they show the evaluation rows' noise, "
+        "not refits'.",
+        "",
+        f"Groups with fewer than {method['min_group_size']} development rows are listed but "
+        "not used in a ratio; an attribute with fewer than two usable groups is not measured. "
+        "A candidate's ratio is its lowest over the measured attributes.",
+        "",
+        "| Attribute | Group | Development rows | Used in the ratio | Strongest proxies "
+        "(bias-corrected Cramer's V) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, attribute in lda["attributes"].items():
+        proxies = ", ".join(
+            f"`{p['feature']}` {p['cramers_v']:.3f}" for p in attribute["proxies"][:3]
+        )
+        for index, group in enumerate(attribute["groups"]):
+            shown = (proxies or "not measured") if index == 0 else ""
+            lines.append(
+                f"| `{name}` | {group['group']} | {group['n']} | "
+                f"{'yes' if group['used'] else 'no (too few rows)'} | {shown} |"
+            )
+    measured = [name for name, a in lda["attributes"].items() if a["measured"]]
+    header = "".join(f" Ratio `{name}` [CI] |" for name in measured)
+    lines += [
+        "",
+        f"| Candidate | Change | CV AUC [{confidence} CI] | Gap to best [CI] | Approval rate |"
+        + header
+        + f" Within {method['auc_tolerance']:g} |",
+        "|---|---|---|---|---|" + "---|" * len(measured) + "---|",
+    ]
+    chosen = summary["chosen"]
+    for row in lda["candidates"]:
+        name = f"**{row['name']}** (chosen)" if row["name"] == chosen else row["name"]
+        ratios = "".join(
+            f" {_ratio_text(row['attributes'][attribute])} |" for attribute in measured
+        )
+        lines.append(
+            f"| {name} | {row['description']} | {row['cv_auc_mean']:.4f} "
+            f"{_interval_text(row['cv_auc_ci'], 4)} | {row['auc_gap_to_best']:.4f} "
+            f"{_interval_text(row['auc_gap_ci'], 4)} | {row['approval_rate']:.3f} |"
+            f"{ratios} {'yes' if row['eligible'] else 'no'} |"
+        )
+    best = next(row for row in lda["candidates"] if row["name"] == summary["best"])
+    low, high = best["cv_auc_ci"]
+    lines.append("")
+    if high - low > method["auc_tolerance"]:
+        lines += [
+            f"The best candidate's CV AUC interval ({_interval_text(best['cv_auc_ci'], 4)}) is "
+            f"wider than the accuracy band ({method['auc_tolerance']:g}): the candidates inside "
+            "the band are ones cross-validation cannot tell apart on accuracy.",
+            "",
+        ]
+    lines += [
+        f"![LDA frontier: CV AUC against approval-rate ratio]({FRONTIER_FILE})",
+        "",
+    ]
+    return lines
+
+
+def _ratio_text(report: Mapping[str, Any]) -> str:
+    low, high = report["ratio_ci"]
+    return f"{report['ratio']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _interval_text(interval: list[float], digits: int) -> str:
+    return f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def _lda_limitations(manifest: Manifest) -> list[str]:
+    search = manifest.training.get("lda_search") or {}
+    shipped = search.get("shipped_candidate")
+    if not shipped:
+        return []
+    lines = []
+    if shipped.get("reweighed_by"):
+        lines.append(
+            f"- Training weighted rows by `{shipped['reweighed_by']}` group x label "
+            "(reweighing, to even out approval rates). The attribute is not a model input, but "
+            "it was used in training: some jurisdictions treat any such use as disparate "
+            "treatment; check before shipping there."
+        )
+    if shipped.get("dropped_features"):
+        dropped = ", ".join(f"`{name}`" for name in shipped["dropped_features"])
+        lines.append(
+            f"- The LDA search dropped {dropped} from the model: the schema version changed, "
+            "and callers must stop sending those features."
+        )
     return lines

@@ -1,7 +1,7 @@
 """`privscore-model`: the model team's command line.
 
     privscore-model train --data CSV --label COLUMN --bad VALUE --out DIR
-                          [--exclude COL ...] [--schema FILE] [--seed N]
+                          [--exclude COL ...] [--schema FILE] [--seed N] [--no-lda-search]
     privscore-model verify DIR --data CSV [--public-key FILE]
     privscore-model sign DIR --key KEYFILE
     privscore-model drift-reference DIR --data CSV
@@ -63,6 +63,7 @@ def _train(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         citation=args.citation,
         scaling=ScorecardScaling(args.base_score, args.base_odds, args.pdo),
+        lda_search=not args.no_lda_search,
     )
     try:
         manifest = train(options, Progress(enabled=not args.quiet))
@@ -77,6 +78,12 @@ def _train(args: argparse.Namespace) -> int:
             f"{values['cv_auc_std']:.4f}  holdout auc {values['holdout_auc']:.4f} "
             f"ks {values['holdout_ks']:.4f} brier {values['holdout_brier']:.4f}"
         )
+    lda = manifest.metrics.get("lda")
+    if lda is None:
+        print("LDA search: not run (--no-lda-search)")
+    else:
+        print(f"LDA search ({lda['candidates']} candidates): {lda['statement']}")
+        print(f"shipped: {lda['shipped']}")
     print(f"{manifest.model_version} -> {args.out} (unsigned)")
     return 0
 
@@ -212,6 +219,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--base-score", type=float, default=600.0, help="points at base odds")
     train.add_argument("--base-odds", type=float, default=50.0, help="good:bad odds at base score")
     train.add_argument("--pdo", type=float, default=20.0, help="points to double the odds")
+    train.add_argument(
+        "--no-lda-search",
+        action="store_true",
+        help="skip the search for a less discriminatory alternative (on by default: every "
+        "shipped model should carry its answer; skip it only for quick iterations)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress on stderr")
     train.set_defaults(run=_train)
 

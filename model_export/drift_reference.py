@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.model_selection import train_test_split
 
-from model_export.card import CARD_FILE, render_card
+from model_export.card import CARD_FILE, read_lda_document, render_card
 from model_export.dataset import (
     DataError,
     Table,
@@ -164,5 +164,6 @@ def add_drift_reference(artifact_dir: str | Path, data_path: str | Path) -> Drif
     (artifact_dir / SIGNATURE_FILE).unlink(missing_ok=True)  # it would vouch for nothing
     text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False)
     (artifact_dir / MANIFEST_FILE).write_text(text + "\n", encoding="utf-8")
-    (artifact_dir / CARD_FILE).write_text(render_card(updated), encoding="utf-8")
+    lda = read_lda_document(artifact_dir, updated)
+    (artifact_dir / CARD_FILE).write_text(render_card(updated, lda), encoding="utf-8")
     return reference

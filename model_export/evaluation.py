@@ -61,6 +61,26 @@ def calibration_table(y: IntArray, p_bad: FloatArray, bins: int = 10) -> list[di
     return table
 
 
+def group_labels(
+    spec: FeatureSpec, values: Sequence[str], *, numeric_split: float | None
+) -> tuple[npt.NDArray[np.object_], list[str]]:
+    """Each row's group of a sensitive attribute, and the groups present in report order.
+
+    Numeric attributes split at `numeric_split` into `<t` and `>=t`; categorical ones group by
+    category, in the schema's order. One definition for the holdout report and the LDA search.
+    """
+    if spec.is_numeric:
+        if numeric_split is None:
+            raise ValueError(f"{spec.name}: a numeric attribute needs a split value")
+        numbers = np.array([float(v) for v in values])
+        below = f"<{_number_text(numeric_split)}"
+        at_or_above = f">={_number_text(numeric_split)}"
+        groups = np.where(numbers < numeric_split, below, at_or_above).astype(object)
+        return groups, [name for name in (below, at_or_above) if (groups == name).any()]
+    present = set(values)
+    return np.array(values, dtype=object), [c for c in spec.categories or () if c in present]
+
+
 def fairness_report(
     spec: FeatureSpec,
     values: Sequence[str],
@@ -74,17 +94,7 @@ def fairness_report(
     Numeric attributes split at `numeric_split` into `<t` and `>=t`; categorical ones group by
     category. A ratio under 0.8 fails the "four-fifths" rule of thumb for disparate impact.
     """
-    if spec.is_numeric:
-        if numeric_split is None:
-            raise ValueError(f"{spec.name}: a numeric attribute needs a split value")
-        numbers = np.array([float(v) for v in values])
-        below = f"<{_number_text(numeric_split)}"
-        at_or_above = f">={_number_text(numeric_split)}"
-        groups = np.where(numbers < numeric_split, below, at_or_above)
-        names = [below, at_or_above]
-    else:
-        groups = np.array(values, dtype=object)
-        names = [c for c in spec.categories or () if c in set(values)]
+    groups, names = group_labels(spec, values, numeric_split=numeric_split)
     rows: list[dict[str, Any]] = []
     for name in names:
         members = groups == name
@@ -113,6 +123,18 @@ def fairness_report(
     if numeric_split is not None:
         report["split"] = numeric_split
     return report
+
+
+def numeric_split(
+    spec: FeatureSpec, column: Sequence[str], rows: npt.NDArray[np.intp]
+) -> float | None:
+    """For numeric attributes: the schema's fairness threshold, else the median over `rows`
+    (the development sample); None for categorical ones."""
+    if not spec.is_numeric:
+        return None
+    if spec.fairness_threshold is not None:
+        return spec.fairness_threshold
+    return float(np.median([float(column[i]) for i in rows]))
 
 
 def _number_text(number: float) -> str:

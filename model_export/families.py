@@ -9,6 +9,7 @@ raw values keep it near 1e-7).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sklearn.calibration import CalibratedClassifierCV
@@ -39,24 +40,51 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def build(family: str, schema: FeatureSchema, seed: int) -> Pipeline:
-    """An unfitted, uncalibrated pipeline (what cross-validation compares)."""
-    return Pipeline([("features", _features(family, schema)), ("model", _estimator(family, seed))])
+def build(
+    family: str, schema: FeatureSchema, seed: int, params: Mapping[str, Any] | None = None
+) -> Pipeline:
+    """An unfitted, uncalibrated pipeline (what cross-validation compares).
+
+    `params` override the family's HYPERPARAMETERS (the LDA search's regularised and monotone
+    variants); None keeps them.
+    """
+    estimator = _estimator(family, seed, params)
+    return Pipeline([("features", _features(family, schema)), ("model", estimator)])
 
 
-def build_calibrated(family: str, schema: FeatureSchema, seed: int) -> Pipeline:
+def build_calibrated(
+    family: str, schema: FeatureSchema, seed: int, params: Mapping[str, Any] | None = None
+) -> Pipeline:
     """The pipeline with Platt (sigmoid) calibration fitted on out-of-fold predictions.
 
     ensemble=False keeps one base model plus one monotone calibrator: the artifact stays small
-    and the calibrated score ranks applicants exactly as the base model does.
+    and the calibrated score ranks applicants exactly as the base model does. Sample weights
+    reach both through `fit(x, y, model__sample_weight=w)`.
     """
     calibrated = CalibratedClassifierCV(
-        _estimator(family, seed),
+        _estimator(family, seed, params),
         method="sigmoid",
         cv=StratifiedKFold(CALIBRATION_FOLDS, shuffle=True, random_state=seed),
         ensemble=False,
     )
     return Pipeline([("features", _features(family, schema)), ("model", calibrated)])
+
+
+def monotone_constraints(schema: FeatureSchema, directions: Mapping[str, int]) -> list[int]:
+    """`monotonic_cst` for the estimator behind `_features`: one entry per encoded column.
+
+    `directions` maps numeric model features to +1 (P(bad) may only rise with the value) or
+    -1 (only fall); features not named, and every one-hot column, are unconstrained (0). The
+    order follows `_features`: numeric columns in schema order, then each categorical
+    feature's one-hot block.
+    """
+    specs = schema.model_features
+    unknown = sorted(set(directions) - {spec.name for spec in specs if spec.is_numeric})
+    if unknown:
+        raise ValueError(f"monotone constraints name no numeric model feature: {unknown}")
+    numeric = [directions.get(spec.name, 0) for spec in specs if spec.is_numeric]
+    width = sum(len(spec.categories or ()) for spec in specs if not spec.is_numeric)
+    return numeric + [0] * width
 
 
 def _features(family: str, schema: FeatureSchema) -> ColumnTransformer:
@@ -78,8 +106,10 @@ def _features(family: str, schema: FeatureSchema) -> ColumnTransformer:
     return ColumnTransformer(transformers, sparse_threshold=0.0)
 
 
-def _estimator(family: str, seed: int) -> Any:
-    params = HYPERPARAMETERS[family]
+def _estimator(family: str, seed: int, overrides: Mapping[str, Any] | None = None) -> Any:
+    if family not in HYPERPARAMETERS:
+        raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
+    params = {**HYPERPARAMETERS[family], **(overrides or {})}
     if family == LOGISTIC_REGRESSION:
         return LogisticRegression(**params)
     if family == RANDOM_FOREST:

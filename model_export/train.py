@@ -8,9 +8,18 @@ metrics):
 3. Each family is refit on the whole development sample with sigmoid calibration and scored once
    on the holdout (AUC, KS, Brier, calibration deciles). The champion's calibrated fit is the
    shipped model, so its holdout metrics describe exactly what the service runs.
-4. Fairness at an approval cut-off, reference values, ONNX export, a parity check on every row,
+4. The search for a less discriminatory alternative (`model_export.lda`, on by default; off
+   with --no-lda-search): a documented space of candidates on the development rows, picked by
+   the stated rule. Its choice ships instead of the champion only if it meets the rule; it is
+   then cross-validated and scored on the holdout exactly as the families were.
+5. Fairness at an approval cut-off, reference values, ONNX export, a parity check on every row,
    then the drift reference (the development rows' distribution, `model_export.drift_reference`),
    manifest, model card and plots. The artifact is left unsigned: `privscore-model sign`.
+
+The search is on by default because the question it answers (is there a model as accurate that
+treats groups more evenly?) belongs to every model a lender ships, and a default that skips it
+would let an artifact leave without the answer; the switch exists for quick iterations and for
+tests about other things. A run records in `training.lda_search` whether it searched.
 """
 
 from __future__ import annotations
@@ -28,17 +37,17 @@ import joblib
 import numpy as np
 import numpy.typing as npt
 from joblib import Parallel, delayed
-from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from model_export.card import CARD_FILE, render_card
+from model_export.card import CARD_FILE, LDA_FILE, LDA_KEY, render_card
 from model_export.dataset import Table, feature_matrix, labels, onnx_feeds, read_csv
 from model_export.drift_reference import compute_drift_reference, development_split
 from model_export.evaluation import (
     calibration_table,
     fairness_report,
     holdout_metrics,
+    numeric_split,
     rounded,
 )
 from model_export.export import ONNX_ML_OPSET, ONNX_OPSET, ExportedModel, export_onnx
@@ -46,10 +55,24 @@ from model_export.families import (
     CALIBRATION_FOLDS,
     FAMILIES,
     HYPERPARAMETERS,
-    build,
     build_calibrated,
 )
-from model_export.plots import CALIBRATION_FILE, ROC_FILE, calibration_plot, roc_plot
+from model_export.lda import (
+    Candidate,
+    SearchInputs,
+    SearchResult,
+    attributes_for,
+    fit_candidate,
+    run_search,
+)
+from model_export.plots import (
+    CALIBRATION_FILE,
+    FRONTIER_FILE,
+    ROC_FILE,
+    calibration_plot,
+    frontier_plot,
+    roc_plot,
+)
 from model_export.progress import Progress
 from model_export.reference import METHOD as REFERENCE_METHOD
 from model_export.reference import reference_values
@@ -69,7 +92,7 @@ from service.model.manifest import (
     ScorecardScaling,
     file_sha256,
 )
-from service.model.schema import FeatureSchema, FeatureSpec, SchemaError
+from service.model.schema import FeatureSchema, SchemaError
 
 ONNX_FILE = "model.onnx"
 PIPELINE_FILE = "pipeline.joblib"
@@ -96,6 +119,7 @@ class TrainOptions:
     approval_cutoff: float | None = None
     jobs: int = 1
     citation: str = ""
+    lda_search: bool = True
     scaling: ScorecardScaling = field(default_factory=ScorecardScaling)
 
 
@@ -135,7 +159,7 @@ def train(options: TrainOptions, progress: Progress | None = None) -> Manifest:
 
     dev, hold = development_split(y, options.holdout, options.seed)
     cv_scores = {
-        family: _cross_validate(family, schema, x[dev], y[dev], options, progress)
+        family: _cross_validate(_plain(family), schema, x[dev], y[dev], {}, options, progress)
         for family in options.families
     }
     champion = max(options.families, key=lambda family: float(np.mean(cv_scores[family])))
@@ -153,18 +177,61 @@ def train(options: TrainOptions, progress: Progress | None = None) -> Manifest:
             **holdout_metrics(y[hold], holdout_p[family]),
         }
         progress.log(f"{family}: {json.dumps(family_metrics[family])}")
-    model = fitted[champion]
     progress.log(f"champion: {champion} (highest mean CV AUC)")
+    cutoff, cutoff_rule = _approval_cutoff(options, y[dev])
 
-    fairness = _fairness(options, schema, table, y, dev, hold, holdout_p[champion])
+    search: SearchResult | None = None
+    selection = "highest cv_auc_mean"
+    shipped_candidate: dict[str, Any] | None = None
+    if options.lda_search:
+        search = run_search(
+            SearchInputs(
+                schema=schema,
+                table=table,
+                x=x,
+                y=y,
+                dev=dev,
+                cutoff=cutoff,
+                cutoff_rule=cutoff_rule,
+                families=options.families,
+                seed=options.seed,
+                folds=options.folds,
+                jobs=options.jobs,
+            ),
+            progress,
+        )
+        chosen = search.selection.chosen
+        if search.selection.meets_rule and chosen is not None:
+            candidate = search.candidate(chosen)
+            selection = f"LDA search: {search.selection.statement}"
+            if candidate.is_plain:
+                champion = candidate.family  # a family as the comparison trained it
+            else:
+                champion = candidate.name
+                x = x[:, candidate.columns(schema)]
+                schema = candidate.schema(schema)
+                shipped = _fit_candidate_as_shipped(
+                    candidate, schema, table, x, y, dev, hold, options, progress
+                )
+                fitted[champion], holdout_p[champion] = shipped.model, shipped.holdout_p
+                family_metrics[champion] = shipped.metrics
+                shipped_candidate = shipped.record
+            progress.log(f"shipping the LDA search's choice: {champion}")
+        else:
+            progress.log(f"the champion ships: {search.selection.statement}")
+    model = fitted[champion]
+
+    fairness = _fairness(schema, table, y, dev, hold, holdout_p[champion], cutoff, cutoff_rule)
     calibration = {family: calibration_table(y[hold], p) for family, p in holdout_p.items()}
-    metrics = {
+    metrics: dict[str, Any] = {
         "champion": champion,
-        "selection": "highest cv_auc_mean",
+        "selection": selection,
         "families": family_metrics,
         "calibration": calibration[champion],
         "fairness": fairness,
     }
+    if search is not None:
+        metrics["lda"] = _lda_summary(search, champion)
 
     progress.log("computing reference values for reason codes")
     references = reference_values(model, schema, x[dev])
@@ -193,6 +260,18 @@ def train(options: TrainOptions, progress: Progress | None = None) -> Manifest:
     (out / SIGNATURE_FILE).unlink(missing_ok=True)  # a stale signature would vouch for nothing
     (out / ONNX_FILE).write_bytes(exported.onnx_bytes)
     joblib.dump(model, out / PIPELINE_FILE, compress=3)
+    verification: dict[str, Any] = {
+        PIPELINE_KEY: {"file": PIPELINE_FILE, "sha256": file_sha256(out / PIPELINE_FILE)},
+        "parity_max_abs_diff": float(f"{parity:.3g}"),
+        "parity_rows": len(y),
+    }
+    (out / LDA_FILE).unlink(missing_ok=True)
+    (out / FRONTIER_FILE).unlink(missing_ok=True)
+    if search is not None:
+        lda_text = json.dumps(search.document, indent=2, ensure_ascii=False, allow_nan=False)
+        (out / LDA_FILE).write_text(lda_text + "\n", encoding="utf-8")
+        # Pinned in the signed manifest: the signature vouches for the search's table too.
+        verification[LDA_KEY] = {"file": LDA_FILE, "sha256": file_sha256(out / LDA_FILE)}
 
     created = _created_at()
     onnx_sha = file_sha256(out / ONNX_FILE)
@@ -215,73 +294,151 @@ def train(options: TrainOptions, progress: Progress | None = None) -> Manifest:
         reference_values=references,
         reference_method=REFERENCE_METHOD,
         metrics=metrics,
-        training=_training_record(options, len(dev), len(hold)),
-        verification={
-            PIPELINE_KEY: {"file": PIPELINE_FILE, "sha256": file_sha256(out / PIPELINE_FILE)},
-            "parity_max_abs_diff": float(f"{parity:.3g}"),
-            "parity_rows": len(y),
-        },
+        training=_training_record(options, len(dev), len(hold), shipped_candidate),
+        verification=verification,
         drift_reference=drift,
     )
     document = manifest.to_dict()
     Manifest.from_dict(document)  # the server's parser must accept what we write
     text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False)
     (out / MANIFEST_FILE).write_text(text + "\n", encoding="utf-8")
-    (out / CARD_FILE).write_text(render_card(manifest), encoding="utf-8")
+    lda_document = None if search is None else search.document
+    (out / CARD_FILE).write_text(render_card(manifest, lda_document), encoding="utf-8")
     aucs = {family: values["holdout_auc"] for family, values in family_metrics.items()}
     roc_plot(out / ROC_FILE, y[hold], holdout_p, aucs, champion)
     calibration_plot(out / CALIBRATION_FILE, calibration, champion)
+    if search is not None:
+        frontier_plot(out / FRONTIER_FILE, search.document)
     progress.log(f"wrote {out} ({manifest.model_version}); unsigned: run `privscore-model sign`")
     return manifest
 
 
+def _plain(family: str) -> Candidate:
+    """A family exactly as the comparison trains it (the LDA search's reference point)."""
+    return Candidate(family, family, "as the family comparison trains it")
+
+
+def _development_groups(
+    schema: FeatureSchema, table: Table, dev: npt.NDArray[np.intp]
+) -> dict[str, npt.NDArray[np.object_]]:
+    """Each sensitive attribute's group per development row (what reweighing weighs by)."""
+    return {name: a.groups for name, a in attributes_for(schema, table, dev).items()}
+
+
 def _cross_validate(
-    family: str,
+    candidate: Candidate,
     schema: FeatureSchema,
     x: npt.NDArray[np.object_],
     y: npt.NDArray[np.int64],
+    groups: dict[str, npt.NDArray[np.object_]],
     options: TrainOptions,
     progress: Progress,
 ) -> list[float]:
+    """Repeated stratified k-fold AUC of the uncalibrated model (the family comparison)."""
     splitter = RepeatedStratifiedKFold(
         n_splits=options.folds, n_repeats=options.repeats, random_state=options.seed
     )
-    estimator = build(family, schema, options.seed)
     total = options.folds * options.repeats
     jobs = (
-        delayed(_fold_auc)(estimator, x, y, train_rows, test_rows)
+        delayed(_fold_auc)(candidate, schema, x, y, groups, options.seed, train_rows, test_rows)
         for train_rows, test_rows in splitter.split(x, y)
     )
     scores: list[float] = []
     # Results come back in fold order whatever the worker count, so metrics do not depend on it.
     for score in Parallel(n_jobs=options.jobs, return_as="generator")(jobs):
         scores.append(score)
-        progress.tick(f"cv {family}", len(scores), total, f"mean AUC {np.mean(scores):.4f}")
+        label = f"cv {candidate.name}"
+        progress.tick(label, len(scores), total, f"mean AUC {np.mean(scores):.4f}")
     return scores
 
 
 def _fold_auc(
-    estimator: Any,
+    candidate: Candidate,
+    schema: FeatureSchema,
     x: npt.NDArray[np.object_],
     y: npt.NDArray[np.int64],
+    groups: dict[str, npt.NDArray[np.object_]],
+    seed: int,
     train_rows: npt.NDArray[np.intp],
     test_rows: npt.NDArray[np.intp],
 ) -> float:
-    model = clone(estimator).fit(x[train_rows], y[train_rows])
+    fold_groups = {name: values[train_rows] for name, values in groups.items()}
+    model, _ = fit_candidate(
+        candidate, schema, x[train_rows], y[train_rows], fold_groups, seed, calibrated=False
+    )
     return float(roc_auc_score(y[test_rows], sklearn_bad_probability(model, x[test_rows])))
 
 
-def _fairness(
+@dataclass(frozen=True)
+class _ShippedCandidate:
+    model: Any
+    holdout_p: npt.NDArray[np.float64]
+    metrics: dict[str, float]
+    record: dict[str, Any]
+
+
+def _fit_candidate_as_shipped(
+    candidate: Candidate,
+    schema: FeatureSchema,
+    table: Table,
+    x: npt.NDArray[np.object_],
+    y: npt.NDArray[np.int64],
+    dev: npt.NDArray[np.intp],
+    hold: npt.NDArray[np.intp],
     options: TrainOptions,
+    progress: Progress,
+) -> _ShippedCandidate:
+    """An LDA candidate through the families' own steps: repeated CV (uncalibrated), then the
+    calibrated fit on the development rows, scored once on the holdout. `schema` and `x` are
+    the candidate's own (its dropped features gone)."""
+    groups = _development_groups(schema, table, dev)
+    cv = _cross_validate(candidate, schema, x[dev], y[dev], groups, options, progress)
+    progress.log(f"fitting calibrated {candidate.name} on {len(dev)} development rows")
+    model, record = fit_candidate(candidate, schema, x[dev], y[dev], groups, options.seed)
+    holdout_p = sklearn_bad_probability(model, x[hold])
+    metrics = {
+        "cv_auc_mean": rounded(float(np.mean(cv))),
+        "cv_auc_std": rounded(float(np.std(cv))),
+        **holdout_metrics(y[hold], holdout_p),
+    }
+    progress.log(f"{candidate.name}: {json.dumps(metrics)}")
+    return _ShippedCandidate(model, holdout_p, metrics, candidate.to_dict() | record)
+
+
+def _lda_summary(search: SearchResult, shipped: str) -> dict[str, Any]:
+    """What the manifest says of the search; the whole table is in lda.json (pinned)."""
+    selection = search.selection
+    chosen = next(
+        (row for row in search.document["candidates"] if row["name"] == selection.chosen), None
+    )
+    return {
+        "file": LDA_FILE,
+        "candidates": len(search.candidates),
+        "rule": search.document["selection"]["rule"],
+        "best": selection.best,
+        "best_cv_auc": selection.best_cv_auc,
+        "chosen": selection.chosen,
+        "chosen_cv_auc": None if chosen is None else chosen["cv_auc_mean"],
+        "chosen_ratio": selection.chosen_ratio,
+        "chosen_ratio_ci": None if chosen is None else chosen["ratio_ci"],
+        "chosen_ratio_attribute": None if chosen is None else chosen["ratio_attribute"],
+        "meets_rule": selection.meets_rule,
+        "shipped": shipped,
+        "statement": selection.statement,
+    }
+
+
+def _fairness(
     schema: FeatureSchema,
     table: Table,
     y: npt.NDArray[np.int64],
     dev: npt.NDArray[np.intp],
     hold: npt.NDArray[np.intp],
     p_bad_hold: npt.NDArray[np.float64],
+    cutoff: float,
+    cutoff_rule: str,
 ) -> dict[str, Any]:
     """Approval rates per group of every sensitive attribute (excluded ones too) on the holdout."""
-    cutoff, cutoff_rule = _approval_cutoff(options, y[dev])
     approved = p_bad_hold < cutoff
     attributes = {}
     for spec in schema.sensitive_features:
@@ -291,7 +448,7 @@ def _fairness(
             [column[i] for i in hold],
             y[hold],
             approved,
-            numeric_split=_numeric_split(spec, column, dev),
+            numeric_split=numeric_split(spec, column, dev),
         )
     return {
         "sample": "holdout",
@@ -326,15 +483,6 @@ def _approval_cutoff(options: TrainOptions, y_dev: npt.NDArray[np.int64]) -> tup
     )
 
 
-def _numeric_split(spec: FeatureSpec, column: list[str], dev: npt.NDArray[np.intp]) -> float | None:
-    """For numeric attributes: the schema's fairness threshold, else the development median."""
-    if not spec.is_numeric:
-        return None
-    if spec.fairness_threshold is not None:
-        return spec.fairness_threshold
-    return float(np.median([float(column[i]) for i in dev]))
-
-
 def _clip(schema: FeatureSchema, name: str, value: float | str) -> float | str:
     """Keep a float32-rounded reference inside the schema's range (0.1 rounds above 0.1)."""
     spec = schema.feature(name)
@@ -353,8 +501,19 @@ def _created_at() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def _training_record(options: TrainOptions, dev_rows: int, hold_rows: int) -> dict[str, Any]:
+def _training_record(
+    options: TrainOptions,
+    dev_rows: int,
+    hold_rows: int,
+    shipped_candidate: dict[str, Any] | None,
+) -> dict[str, Any]:
     packages = ("numpy", "scikit-learn", "skl2onnx", "onnx", "onnxruntime", "joblib")
+    search: dict[str, Any] = {"enabled": options.lda_search}
+    if options.lda_search:
+        search |= {"file": LDA_FILE, "folds": options.folds, "repeats": 1}
+        # The configuration that ships, with what its fit resolved (monotone directions,
+        # reweighing weights); absent when the champion ships.
+        search["shipped_candidate"] = shipped_candidate
     return {
         "seed": options.seed,
         "cv": {"folds": options.folds, "repeats": options.repeats, "sample": "development"},
@@ -365,6 +524,7 @@ def _training_record(options: TrainOptions, dev_rows: int, hold_rows: int) -> di
         "hyperparameters": {family: HYPERPARAMETERS[family] for family in options.families},
         "onnx_target_opsets": {"ai.onnx": ONNX_OPSET, "ai.onnx.ml": ONNX_ML_OPSET},
         "parity_tolerance": PARITY_TOLERANCE,
+        "lda_search": search,
         "citation": options.citation,
         "versions": {"python": platform.python_version()}
         | {package: version(package) for package in packages},

@@ -93,6 +93,7 @@ def test_same_data_and_seed_give_the_same_metrics(synthetic_csv: Path, tmp_path:
             str(out),
             "--families",
             "logistic_regression,random_forest",
+            "--no-lda-search",  # the search's own determinism: test_lda.py
         ]
         jobs = ["--jobs", "2" if run == "b" else "1"]  # worker count must not matter
         assert main([*args, *FAST_TRAIN, *jobs]) == 0
@@ -112,6 +113,8 @@ def test_retraining_the_default_reproduces_the_committed_metrics(tmp_path: Path)
     committed = load_verified_manifest(DEFAULT_ARTIFACT, DEFAULT_ARTIFACT.parent / "trusted_keys"
                                        / "model-team.pub")  # fmt: skip
     seed = str(committed.training["seed"])
+    # Trained as the committed artifact was: with the LDA search only if its record says so.
+    searched = bool((committed.training.get("lda_search") or {}).get("enabled"))
     out = tmp_path / "retrained"
     args = [
         "train",
@@ -128,6 +131,7 @@ def test_retraining_the_default_reproduces_the_committed_metrics(tmp_path: Path)
         "--seed",
         seed,
         "--quiet",
+        *([] if searched else ["--no-lda-search"]),
     ]
     assert main(args) == 0
     retrained = json.loads((out / MANIFEST_FILE).read_text())
@@ -139,6 +143,9 @@ def test_retraining_the_default_reproduces_the_committed_metrics(tmp_path: Path)
     assert committed.drift_reference is not None
     assert retrained["drift_reference"] == committed.drift_reference.to_dict()
     assert retrained["verification"]["parity_max_abs_diff"] <= 1e-5
+    if searched:  # the search's whole table is reproduced too
+        lda_table = json.loads((out / "lda.json").read_text())
+        assert_same_numbers(lda_table, json.loads((DEFAULT_ARTIFACT / "lda.json").read_text()))
 
 
 @pytest.mark.parametrize("flag", [["--folds", "1"], ["--families", "svm"]])
