@@ -249,9 +249,10 @@ def test_altered_records_say_why_they_cannot_be_replayed(
         ({**latest, "sealed": from_features["sealed"]}, "do not open"),
         ({**from_features, "sealed": latest["sealed"]}, "do not open"),
         ({**latest, "subject_key": from_features["subject_key"]}, "do not open"),
-        # Without its key id the record passes for one of before format 3: the record key
-        # does not open what the subject key sealed.
-        (without(latest, "subject_key"), "do not open"),
+        # Without its key id the record is refused by its format; passed off as one of before
+        # format 3, the record key does not open what the subject key sealed.
+        (without(latest, "subject_key"), "names no subject key"),
+        (without(without(latest, "subject_key"), "format"), "do not open"),
         ({**latest, "subject_key": "sk-" + "0" * 24}, "destroyed subject key"),
         (without(latest, "outputs"), "no outputs"),
         ({**latest, "rpc": "/privscore.v1.AuditService/GetDecisionRecord"}, "not decisions"),

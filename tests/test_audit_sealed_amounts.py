@@ -427,12 +427,17 @@ def test_personal_fields_do_not_open_as_another_subjects(decided: Decisions) -> 
             "sealed": limit_record["sealed"],
             "subject_key": limit_record["subject_key"],
         },
-        # Made to look like a record of before format 3, to be opened with the record key.
-        {k: v for k, v in limit_record.items() if k != "subject_key"},
     ]
     for attack in attacks:
         with pytest.raises(RecordSealError, match="do not open"):
             personal(decided.data_dir, attack)
+    # Made to look like a record of before format 3, to be opened with the record key: its
+    # format says otherwise, and it is refused before any key is tried.
+    stripped = {k: v for k, v in limit_record.items() if k != "subject_key"}
+    with pytest.raises(RecordSealError, match="names no subject key"):
+        personal(decided.data_dir, stripped)
+    with pytest.raises(RecordSealError, match="do not open"):  # and with the format gone too
+        personal(decided.data_dir, {k: v for k, v in stripped.items() if k != "format"})
     with pytest.raises(Shredded):  # a key id the store never made opens nothing either
         personal(decided.data_dir, {**limit_record, "subject_key": "sk-" + "0" * 24})
 

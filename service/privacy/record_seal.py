@@ -105,6 +105,12 @@ def open_personal(
     None once destroyed: Shredded); earlier formats kept the first three in clear and sealed
     the payload under the server's record key."""
     key_id = record.get("subject_key")
+    if key_id is None and isinstance(record.get("format"), int) and record["format"] >= 3:
+        # The format, not the key's absence, says how to read it: a format-3 record edited
+        # into an older shape must not be read from clear fields.
+        raise RecordSealError(
+            f"the record of decision {record.get('decision_id')} names no subject key"
+        )
     if key_id is None:
         payload = open_record(record_key, record) if SEALED in record else {}
         clear = {
