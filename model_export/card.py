@@ -269,6 +269,7 @@ def _lda_section(manifest: Manifest, lda: Mapping[str, Any] | None) -> list[str]
         return [*lines, f"The candidate table is in `{summary['file']}`.", ""]
     method = lda["method"]
     confidence = f"{method['confidence']:.0%}"
+    lines += _two_samples(manifest, lda, summary["shipped"])
     lines += [
         f"Measured on the {method['rows']} development rows (the holdout is not used): "
         f"stratified {method['folds']}-fold CV, each fold fitting the calibrated pipeline; "
@@ -333,6 +334,30 @@ def _lda_section(manifest: Manifest, lda: Mapping[str, Any] | None) -> list[str]
         "",
     ]
     return lines
+
+
+def _two_samples(manifest: Manifest, lda: Mapping[str, Any], shipped: str) -> list[str]:
+    """The shipped model's ratios here beside the fairness section's: the same model on two
+    samples, so a reader sees how far one sample's ratio can be from another's."""
+    row = next((row for row in lda["candidates"] if row["name"] == shipped), None)
+    holdout = manifest.metrics["fairness"]["attributes"]
+    if row is None:
+        return []
+    pairs = [
+        f"`{name}` {report['ratio']:.3f} here, {holdout[name]['approval_rate_ratio']:.3f} there"
+        for name, report in row["attributes"].items()
+        if name in holdout
+    ]
+    if not pairs:
+        return []
+    return [
+        f"The shipped model measured here (development rows, out-of-fold) and in the fairness "
+        f"section (holdout, every group however small): {'; '.join(pairs)}. "
+        f"{manifest.training['development_rows']} development rows against "
+        f"{manifest.training['holdout_rows']} holdout rows; where the two disagree, the "
+        "intervals below show how far a ratio moves with the sample.",
+        "",
+    ]
 
 
 def _ratio_text(report: Mapping[str, Any]) -> str:

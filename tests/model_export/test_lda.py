@@ -276,6 +276,11 @@ def test_when_no_candidate_meets_the_rule_the_champion_ships_and_everyone_is_tol
     card = (out / "model_card.md").read_text()
     assert lda["statement"] in card
     assert "the four-fifths rule is NOT met by any candidate" in card
+    # The shipped model's ratio in the search beside its holdout ratio in the fairness section.
+    searched = json.loads((out / "lda.json").read_text())["candidates"]
+    here = next(row for row in searched if row["name"] == "logistic_regression")
+    there = document["metrics"]["fairness"]["attributes"]["group"]["approval_rate_ratio"]
+    assert f"`group` {here['ratio']:.3f} here, {there:.3f} there" in card
     assert "![LDA frontier" in card and (out / "lda_frontier.png").exists()
 
 
