@@ -248,6 +248,10 @@ def test_a_candidate_that_meets_the_rule_ships_and_the_signature_covers_the_tabl
     assert "dropped by the LDA search" in card and "callers must stop sending" in card
     assert (out / "lda_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Refreshing the drift reference re-renders the same card, search table included.
+    assert main(["drift-reference", str(out), "--data", str(data)]) == 0
+    assert (out / "model_card.md").read_text() == card
+
     assert main(["sign", str(out), "--key", str(test_key.private)]) == 0
     verify = ["verify", str(out), "--data", str(data), "--public-key", str(test_key.public)]
     assert main(verify) == 0
@@ -256,6 +260,25 @@ def test_a_candidate_that_meets_the_rule_ships_and_the_signature_covers_the_tabl
     )
     (out / "lda.json").write_text((out / "lda.json").read_text().replace("0.", "0.9", 1))
     assert main(["sign", str(out), "--key", str(test_key.private)]) == 1  # table edited
+
+
+def test_a_reweighed_choice_ships_with_its_weights_and_the_card_warns(tmp_path: Path):
+    # A proxy that agrees more with the group and carries more risk: dropping it costs too
+    # much accuracy, reweighing does not.
+    data = write_proxy_lender(tmp_path / "proxy_lender.csv", zip_effect=0.5, agree=0.95)
+    out = tmp_path / "artifact"
+    assert main(train_args(data, out)) == 0
+    document = json.loads((out / MANIFEST_FILE).read_text())
+    assert document["metrics"]["lda"]["meets_rule"]
+    shipped = document["training"]["lda_search"]["shipped_candidate"]
+    assert shipped["reweighed_by"] == "group" and shipped["dropped_features"] == []
+    weights = {(cell["group"], cell["bad"]): cell for cell in shipped["weights"]}
+    assert set(weights) == {("a", False), ("a", True), ("b", False), ("b", True)}
+    rows = sum(cell["rows"] for cell in weights.values())
+    total = sum(cell["rows"] * cell["weight"] for cell in weights.values())
+    assert total == pytest.approx(rows, rel=1e-5)  # the weights keep the sample's size
+    assert "zip_area" in [item["name"] for item in document["onnx"]["inputs"]]
+    assert "group` group x label (reweighing" in (out / "model_card.md").read_text()
 
 
 def test_when_no_candidate_meets_the_rule_the_champion_ships_and_everyone_is_told(
