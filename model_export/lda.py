@@ -640,7 +640,8 @@ def _evaluate(
     for name, attribute in measured.items():
         members = np.stack([attribute.groups == g for g in attribute.names], axis=1).astype(float)
         rates = members.T @ approved / members.sum(axis=0)
-        sampled = (counts @ (members * approved[:, None])) / (counts @ members)
+        with np.errstate(invalid="ignore", divide="ignore"):  # an emptied group: NaN
+            sampled = (counts @ (members * approved[:, None])) / (counts @ members)
         used = [attribute.names.index(g) for g in attribute.used]
         samples[name] = _ratio_rows(sampled[:, used])
         low, high = used[int(np.argmin(rates[used]))], used[int(np.argmax(rates[used]))]
@@ -680,9 +681,11 @@ def _ratio(rates: FloatArray) -> float:
 
 
 def _ratio_rows(rates: FloatArray) -> FloatArray:
+    """`_ratio` per resample; NaN where a resample left a group empty (`_interval` skips it)."""
     highest = rates.max(axis=1)
     safe = np.where(highest > 0, highest, 1.0)
     ratios: FloatArray = np.where(highest > 0, rates.min(axis=1) / safe, 1.0)
+    ratios[np.isnan(highest)] = np.nan
     return ratios
 
 
