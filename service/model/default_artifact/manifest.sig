@@ -1,5 +1,5 @@
 {
   "algorithm": "Ed25519",
-  "key_id": "3c0ca2a8738ece41",
-  "signature": "pu4SzJMXja04ehNBqLZ6PaLf1mV061lqLFvGhgB3DnqUj475zd+0mEy10k6veroliVaQnWSmGek6yAB9EhkdBA=="
+  "key_id": "4164948660f86b3d",
+  "signature": "PrAkKJLXnenXVULFphu2rSEUU3325nA6gzGaLYVCXkdFHRYGlxnAt33q9A9u86U1zvjMmjQEP6IwxYxxZpULBA=="
 }
