@@ -13,12 +13,13 @@ import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
-
-import psycopg_pool
+from typing import TYPE_CHECKING, Any, Protocol
 
 from service.audit import StoredRecord, records_containing
 from service.audit.record import SUBJECT_KEY
+
+if TYPE_CHECKING:  # the embedded default runs without the postgres extra installed
+    import psycopg_pool
 
 
 def decision_needle(decision_id: str) -> bytes:
