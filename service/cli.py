@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -411,7 +412,7 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
                 f"privscore audit replay: no record for decision {args.decision}", file=sys.stderr
             )
             return 1
-        with _subject_keys(data_dir, secret, source) as subject_key:
+        with _subject_keys(data_dir, secret, source) as keys:
             report = replay(
                 found.record,
                 scorer,
@@ -419,7 +420,7 @@ def _cmd_audit_replay(args: argparse.Namespace) -> int:
                 policy,
                 derive_input_digest_key(secret),
                 derive_record_key(secret),
-                subject_key,
+                keys.key,
             )
     except (AuditError, OSError) as error:
         print(f"privscore audit replay: the log cannot be read: {error}", file=sys.stderr)
@@ -462,9 +463,9 @@ def _cmd_audit_outcomes(args: argparse.Namespace) -> int:
     try:
         with (
             source.directory() as directory,
-            _subject_keys(data_dir, secret, source) as subject_key,
+            _subject_keys(data_dir, secret, source) as keys,
         ):
-            ages = AgeReader(scorer, FeatureOpener(keyring), derive_record_key(secret), subject_key)
+            ages = AgeReader(scorer, FeatureOpener(keyring), derive_record_key(secret), keys.key)
             lines = [
                 json.dumps(line, ensure_ascii=False, sort_keys=True)
                 for line in outcome_lines(Path(directory), ages, args.definition)
@@ -479,59 +480,47 @@ def _cmd_audit_outcomes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_ids_of(data_dir: Path, secret: bytes, source: Any, pseudonym: str) -> set[str]:
-    """The ids of the subject keys of a pseudonym: how format-3 records name it."""
-    from service.audit.pg.review import DatabaseLog
-    from service.decisions.store import DecisionStore
-    from service.privacy.digest import derive_state_key
+@dataclasses.dataclass(frozen=True)
+class _SubjectKeys:
+    """How the offline tools find subject keys: by key id (to open a format-3 record's personal
+    fields; None once destroyed) and a pseudonym's key ids (how format-3 records name it)."""
 
-    if isinstance(source, DatabaseLog):
-        from service.db.connect import connect
-        from service.decisions.pg_store import key_ids_of_pseudonym
-
-        with connect(source.kwargs) as conn:
-            return set(key_ids_of_pseudonym(conn, derive_state_key(secret), pseudonym))
-    path = DataLayout(data_dir).decision_store
-    if not path.exists():
-        return set()
-    store = DecisionStore(path, derive_state_key(secret))
-    try:
-        return set(store.key_ids_of_pseudonym(pseudonym))
-    finally:
-        store.close()
+    key: Callable[[str], bytes | None]
+    key_ids_of: Callable[[str], list[str]]
 
 
 @contextlib.contextmanager
-def _subject_keys(
-    data_dir: Path, secret: bytes, source: Any = None
-) -> Iterator[Callable[[str], bytes | None]]:
-    """Subject keys by id, for opening format-3 records' personal fields: from the database
-    when the log read is one (`source`), else from the embedded store under `data_dir` (the
-    server may be running: SQLite serves readers beside it). None for a key destroyed, or
-    with no store there."""
+def _subject_keys(data_dir: Path, secret: bytes, source: Any = None) -> Iterator[_SubjectKeys]:
+    """The subject keys, over one connection: from the database when the log read is one
+    (`source`), else from the embedded store under `data_dir` (the server may be running:
+    SQLite serves readers beside it); none at all with no store there."""
     from service.audit.pg.review import DatabaseLog
     from service.decisions.store import DecisionStore
     from service.privacy.digest import derive_state_key
 
+    state_key = derive_state_key(secret)
     if isinstance(source, DatabaseLog):
         from service.db.connect import connect
-        from service.decisions.pg_store import subject_key_by_id
+        from service.decisions.pg_store import key_ids_of_pseudonym, subject_key_by_id
 
         with connect(source.kwargs) as conn:
-            yield lambda key_id: subject_key_by_id(conn, derive_state_key(secret), key_id)
+            yield _SubjectKeys(
+                lambda key_id: subject_key_by_id(conn, state_key, key_id),
+                lambda pseudonym: key_ids_of_pseudonym(conn, state_key, pseudonym),
+            )
         return
     path = DataLayout(data_dir).decision_store
     if not path.exists():
-        yield lambda key_id: None
+        yield _SubjectKeys(lambda key_id: None, lambda pseudonym: [])
         return
-    store = DecisionStore(path, derive_state_key(secret))
+    store = DecisionStore(path, state_key)
     try:
 
-        def find(key_id: str) -> bytes | None:
+        def key(key_id: str) -> bytes | None:
             found = store.key_by_id(key_id)
             return None if found is None else found[1]
 
-        yield find
+        yield _SubjectKeys(key, store.key_ids_of_pseudonym)
     finally:
         store.close()
 
@@ -575,23 +564,24 @@ def _cmd_audit_show_open(args: argparse.Namespace) -> int:
         return 2
     try:
         # A subject is named in clear by records before format 3, and by its keys' ids since.
-        keys = _key_ids_of(data_dir, secret, source, args.subject) if args.subject else set()
         with (
             source.directory() as directory,
-            _subject_keys(data_dir, secret, source) as subject_key,
+            _subject_keys(data_dir, secret, source) as keys,
         ):
+            subject_keys = set(keys.key_ids_of(args.subject)) if args.subject else set()
             for stored in find_records(
                 directory, equals=equals, since=args.since, until=args.until
             ):
                 record: dict[str, Any] = dict(stored.record)
                 if args.subject and not (
-                    record.get("subject") == args.subject or record.get("subject_key") in keys
+                    record.get("subject") == args.subject
+                    or record.get("subject_key") in subject_keys
                 ):
                     continue
                 if SEALED in record:
                     try:
                         record["opened"] = open_personal(
-                            record, record_key=key, subject_key=subject_key
+                            record, record_key=key, subject_key=keys.key
                         )
                     except RecordSealError as error:
                         print(

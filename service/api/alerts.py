@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from privscore.client.envelope import EVENT_CLEAR_FIELDS, EVENT_MONEY_FIELDS
 from privscore.v1 import alert_service_pb2 as pb
 from privscore.v1 import alert_service_pb2_grpc, common_pb2
 from service.api import validation as check
@@ -37,10 +38,9 @@ class AlertStateConflict(FailedPrecondition):
 
 # Which money field each event kind carries in memory once its sealed figures are opened.
 _EVENT_AMOUNTS = {
-    "purchase": "amount",
-    "repayment": "amount",
-    "missed_payment": "amount_due",
-    "limit_change": "new_limit",
+    kind: EVENT_CLEAR_FIELDS[kind][name]
+    for kind, names in EVENT_MONEY_FIELDS.items()
+    for name in names
 }
 
 

@@ -78,11 +78,11 @@ class _Reader:
             self._v.add(self.where(name), f"field {name} must be a money value")
             return None
         money = common_pb2.Money(currency_code=value.currency_code, minor_units=value.minor_units)
-        before = len(self._v.items)
-        check.check_money(self._v, self.where(name), True, money, allow_zero=allow_zero)
-        if len(self._v.items) > before:
-            # check_money names sub-fields of the clear message; the sealed one has none.
-            del self._v.items[before:]
+        # The clear message's checks, reported as one violation of the sealed field: they name
+        # sub-fields the sealed value does not have.
+        probe = check.Violations()
+        check.check_money(probe, self.where(name), True, money, allow_zero=allow_zero)
+        if probe.items:
             bound = "zero or more" if allow_zero else "positive"
             self._v.add(
                 self.where(name),

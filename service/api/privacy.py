@@ -98,11 +98,36 @@ class _Opened:
         return self.stored.record
 
 
-async def _open(runtime: Runtime, stored: StoredRecord) -> _Opened:
+class _LogView:
+    """One call's reads of the log and the keys: each subject key fetched once, and the records
+    the call holds already (an export's) found by decision id without searching the log again
+    (a limit decision names the Score decision it used)."""
+
+    def __init__(self, runtime: Runtime, held: Sequence[StoredRecord] = ()) -> None:
+        self.runtime = runtime
+        self._keys: dict[str, bytes | None] = {}
+        self._held = {
+            str(s.record.get("decision_id")): s
+            for s in held
+            if s.record.get("outcome") != "refused"
+        }
+
+    async def key(self, key_id: str) -> bytes | None:
+        if key_id not in self._keys:
+            self._keys[key_id] = await self.runtime.ledger.key_by_id(key_id)
+        return self._keys[key_id]
+
+    async def decision(self, decision_id: str) -> StoredRecord | None:
+        held = self._held.get(decision_id)
+        return held if held is not None else await self.runtime.records.by_decision(decision_id)
+
+
+async def _open(view: _LogView, stored: StoredRecord) -> _Opened:
     """The record's personal fields; SubjectErased once its subject key is destroyed."""
+    runtime = view.runtime
     record = stored.record
     key_id = record.get("subject_key")
-    key = await runtime.ledger.key_by_id(str(key_id)) if key_id is not None else None
+    key = await view.key(str(key_id)) if key_id is not None else None
     try:
         personal = open_personal(record, record_key=runtime.record_key, subject_key=lambda _: key)
     except Shredded:
@@ -125,20 +150,21 @@ def _decided_at(record: dict[str, Any]) -> dt.datetime:
     return moment
 
 
-async def _recorded_row(runtime: Runtime, opened: _Opened) -> Row | None:
+async def _recorded_row(view: _LogView, opened: _Opened) -> Row | None:
     """The features the decision was scored on, opened as the server opened them then; None
     when the record holds none or they no longer open here (a retired key, another schema)."""
+    runtime = view.runtime
     recorded = opened.personal.get("encrypted_inputs")
     record = opened.record
     if not recorded:
         source = record.get("score_decision_id")
         if record.get("rpc") != ADJUST_LIMIT_METHOD or not source:
             return None
-        scored = await runtime.records.by_decision(str(source))
+        scored = await view.decision(str(source))
         if scored is None:
             return None
         try:
-            return await _recorded_row(runtime, await _open(runtime, scored))
+            return await _recorded_row(view, await _open(view, scored))
         except ServiceError:
             return None
     try:
@@ -156,9 +182,10 @@ async def _recorded_row(runtime: Runtime, opened: _Opened) -> Row | None:
         return None
 
 
-async def explained(runtime: Runtime, catalogue: Catalogue, opened: _Opened) -> ExplainedDecision:
+async def explained(view: _LogView, catalogue: Catalogue, opened: _Opened) -> ExplainedDecision:
     """What the customer is told about a Score or AdjustLimit decision: from its record, and,
     for a declined, reviewed or reduced one, counterfactuals from the served model."""
+    runtime = view.runtime
     record = opened.record
     rpc = record.get("rpc")
     if rpc not in _EXPLAINABLE or record.get("outcome") == "refused":
@@ -179,7 +206,7 @@ async def explained(runtime: Runtime, catalogue: Catalogue, opened: _Opened) -> 
         adverse = outcome in _REDUCED
     found = []
     if adverse:
-        row = await _recorded_row(runtime, opened)
+        row = await _recorded_row(view, opened)
         if row is not None:
             scorer = runtime.scorer
             with stage("model"):
@@ -220,8 +247,9 @@ class PrivacyServicer(privacy_service_pb2_grpc.PrivacyServiceServicer):
         stored = await runtime.records.by_decision(request.decision_id)
         if stored is None:
             raise DecisionNotFound(f"no decision {request.decision_id} is in the audit log")
-        opened = await _open(runtime, stored)
-        decision = await explained(runtime, self._catalogue, opened)
+        view = _LogView(runtime)
+        opened = await _open(view, stored)
+        decision = await explained(view, self._catalogue, opened)
         now = runtime.clock()
         metadata = runtime.metadata(request.request_id, now)
         (seal,) = await runtime.subject_seals([opened.subject], now)
@@ -281,8 +309,9 @@ class PrivacyServicer(privacy_service_pb2_grpc.PrivacyServiceServicer):
             "alerts": [],
             "accesses": [],
         }
+        view = _LogView(runtime, records)
         for stored in records:
-            opened = await _open(runtime, stored)
+            opened = await _open(view, stored)
             record = opened.record
             rpc = record.get("rpc")
             entry: dict[str, Any] = {
@@ -295,7 +324,7 @@ class PrivacyServicer(privacy_service_pb2_grpc.PrivacyServiceServicer):
             personal = opened.personal
             if rpc in _EXPLAINABLE:
                 entry["outcome"] = record.get("outputs")
-                decision = await explained(runtime, self._catalogue, opened)
+                decision = await explained(view, self._catalogue, opened)
                 entry["explanation"] = [
                     json_format.MessageToDict(text, preserving_proto_field_name=True)
                     for text in explanations(self._catalogue, decision)

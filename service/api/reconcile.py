@@ -33,6 +33,7 @@ from typing import Any
 from privscore.v1 import alert_service_pb2, limit_service_pb2
 from service.api.alerts import EVALUATE_EVENT_METHOD, UPDATE_ALERT_STATE_METHOD
 from service.api.limits import ADJUST_LIMIT_METHOD
+from service.api.privacy import ERASE_SUBJECT_METHOD
 from service.audit import StoredRecord, records_containing
 from service.audit.record import SUBJECT_KEY
 from service.audit.verify import parse_time
@@ -43,10 +44,12 @@ from service.privacy.record_seal import open_personal
 # The audit record of a reconciliation at start: what was rebuilt, or why the start was refused.
 STORE_RECONCILE = "privscore.store/Reconcile"
 _ACTION_PREFIX = "LIMIT_ACTION_"
-# The erasure's record (its RPC's name, written by service/api/privacy.py, which imports this
-# room's neighbours; named here so the reconciliation does not import the servicer).
-_ERASE_SUBJECT = "/privscore.v1.PrivacyService/EraseSubject"
-_RPCS = (ADJUST_LIMIT_METHOD, EVALUATE_EVENT_METHOD, UPDATE_ALERT_STATE_METHOD, _ERASE_SUBJECT)
+_RPCS = (
+    ADJUST_LIMIT_METHOD,
+    EVALUATE_EVENT_METHOD,
+    UPDATE_ALERT_STATE_METHOD,
+    ERASE_SUBJECT_METHOD,
+)
 _NEEDLES = tuple(b'"rpc":"' + rpc.encode() + b'"' for rpc in _RPCS)
 # How a format-3 record's subject is held until the store names it: by its key's id.
 _BY_KEY = "key:"
@@ -155,12 +158,13 @@ class Subjects:
     not to hold its rows, and nothing is rebuilt from it."""
 
     def __init__(self, store: DecisionStore) -> None:
-        self._by_key = store.subjects_of_keys()
+        # (tenant, pseudonym) by key id: every key row, opened once for the whole pass.
+        self.by_key = store.subjects_of_keys()
 
     def pseudonym(self, ref: str) -> str | None:
         if not ref.startswith(_BY_KEY):
             return ref
-        found = self._by_key.get(ref.removeprefix(_BY_KEY))
+        found = self.by_key.get(ref.removeprefix(_BY_KEY))
         return None if found is None else found[1]
 
 
@@ -202,7 +206,7 @@ class LoggedDecisions:
                 (stored.sequence, str(record.get("decision_id")), _subject_ref(record))
             )
             return
-        if record["rpc"] == _ERASE_SUBJECT:
+        if record["rpc"] == ERASE_SUBJECT_METHOD:
             erased = record.get("erased") or {}
             self.erasures.append((stored.sequence, [str(k) for k in erased.get("key_ids", [])]))
             return
@@ -293,7 +297,7 @@ def compare(logged: LoggedDecisions, store: DecisionStore, retention_days: int) 
         for sequence, decision_id, ref in logged.alert_changes
         if decision_id not in alert_decisions and subjects.pseudonym(ref) is not None
     ]
-    keys_left = store.subjects_of_keys()
+    keys_left = subjects.by_key
     report.unfinished_erasures = [
         (sequence, [key for key in key_ids if key in keys_left])
         for sequence, key_ids in logged.erasures
@@ -392,9 +396,12 @@ def restore(
         )
         written += 1
     # Last: an erasure the log records takes whatever was rebuilt for its subject too.
+    # (An erasure finished here destroys its keys; a later one of the same subject then finds
+    # nothing left to delete.)
     for _, key_ids in report.unfinished_erasures:
-        by_key = store.subjects_of_keys()
-        for tenant, pseudonym in sorted({by_key[k] for k in key_ids if k in by_key}):
+        for tenant, pseudonym in sorted(
+            {subjects.by_key[k] for k in key_ids if k in subjects.by_key}
+        ):
             written += sum(store.erase_subject(tenant, pseudonym).values())
     return written
 

@@ -570,22 +570,24 @@ class DecisionStore:
             }
             for table in (EVENTS, LIMIT_DECISIONS, "scores", "alert_states", "subject_keys"):
                 self._db.execute(f"DELETE FROM {table} WHERE {where}", subject)
-            for state, _ in states:
-                counts["alerts"] += self._erase_alerts(state.alert_sequence)
+            counts["alerts"] = self._erase_alerts({state.alert_sequence for state, _ in states})
         # Deleted pages are overwritten in the database file; the write-ahead log still holds
         # their last contents until it is checkpointed, so checkpoint it now.
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return counts
 
-    def _erase_alerts(self, alert_sequence: int) -> int:
-        """Blank an alert and its state changes in place (a change names its alert by
-        `alert_sequence`, which needs opening, so changes are found from the raised one on)."""
+    def _erase_alerts(self, alert_sequences: set[int]) -> int:
+        """Blank alerts and their state changes in place, in one pass from the oldest (a change
+        names its alert by `alert_sequence`, which needs opening, so changes are found by
+        reading every row from the first raised one on)."""
+        if not alert_sequences:
+            return 0
         blanked = 0
-        for row, blob in self._opened(AlertRow, "sequence >= ?", (alert_sequence,)):
+        for row, blob in self._opened(AlertRow, "sequence >= ?", (min(alert_sequences),)):
             if not blob:
                 continue
             alert = alert_service_pb2.Alert.FromString(blob)
-            if row.sequence == alert_sequence or alert.alert_sequence == alert_sequence:
+            if row.sequence in alert_sequences or alert.alert_sequence in alert_sequences:
                 self._db.execute("DELETE FROM alerts WHERE sequence=?", (row.sequence,))
                 self._insert(row, ERASED_ALERT)
                 blanked += 1
@@ -613,8 +615,8 @@ class DecisionStore:
             self._opened(ScoreRow, "scored_at_us < ?", cut)
             self._db.execute("DELETE FROM scores WHERE scored_at_us < ?", cut)
             old = self._opened(AlertStateRow, "changed_at_us < ? AND state = ?", (*cut, RESOLVED))
+            self._erase_alerts({state.alert_sequence for state, _ in old})
             for state, _ in old:
-                self._erase_alerts(state.alert_sequence)
                 self._db.execute(
                     "DELETE FROM alert_states WHERE alert_sequence=?", (state.alert_sequence,)
                 )
